@@ -1,0 +1,293 @@
+"""Decoding loops: greedy, sampling and beam search with the rules of transformers 4.24 (the
+version the adapters were evaluated with), over eP-ALM's cached decoder or, as a baseline, the
+original uncached algorithm that re-runs the whole sequence every step.
+
+Returned ids follow the original `generate`: input ids (with their padding) then new tokens;
+`max_length` counts input ids plus new tokens; at least one token is always generated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Iterator, Protocol
+
+import torch
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from .model import EPALM, DecodeState, Prefix
+
+
+@dataclass(frozen=True)
+class DecodingOptions:
+    """How to generate. The defaults are the paper's: 3 beams, max_length 30."""
+
+    num_beams: int = 3
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    max_length: int | None = 30  # input ids + new tokens, as the original counts
+    max_new_tokens: int | None = None  # when set, replaces max_length
+    length_penalty: float = 1.0
+    eos_token_id: int = 2
+    pad_token_id: int = 1
+    seed: int | None = None
+    use_cache: bool = True  # False: the original algorithm, the whole sequence re-run each step
+
+    def __post_init__(self) -> None:
+        if self.num_beams < 1:
+            raise ValueError("num_beams must be >= 1")
+        if self.do_sample and self.num_beams > 1:
+            raise ValueError("beam sampling is not supported: use num_beams=1 with do_sample")
+        if self.max_length is None and self.max_new_tokens is None:
+            raise ValueError("set max_length or max_new_tokens")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError("need temperature > 0, 0 < top_p <= 1 and top_k >= 0")
+
+    def length_limit(self, input_length: int) -> int:
+        if self.max_new_tokens is not None:
+            return input_length + self.max_new_tokens
+        return self.max_length
+
+    @property
+    def streams(self) -> bool:
+        """Greedy and sampling produce one token per step and can stream; beam search cannot."""
+        return self.num_beams == 1
+
+
+PRESETS: dict[str, DecodingOptions] = {
+    "paper": DecodingOptions(),
+    "fast": DecodingOptions(num_beams=1),
+    "sampling": DecodingOptions(num_beams=1, do_sample=True, temperature=0.7, top_p=0.9),
+}
+
+
+@dataclass
+class GenerationOutput:
+    sequences: torch.Tensor  # [B, L] input ids then generated ids
+    sequence_scores: torch.Tensor | None = None  # [B], beam search only (4.24 normalisation)
+
+
+class Session(Protocol):
+    """One batch being decoded: next-token logits as tokens are appended."""
+
+    def start(self) -> torch.Tensor: ...
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor: ...
+
+    def reorder(self, index: torch.Tensor) -> None: ...
+
+
+class CachedSession:
+    """eP-ALM's exact cached decoder: prefill once, then one token (plus the refresh) per step."""
+
+    def __init__(self, model: EPALM, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix: Prefix) -> None:
+        self.model, self.input_ids, self.attention_mask, self.prefix = model, input_ids, attention_mask, prefix
+        self.state: DecodeState | None = None
+
+    def start(self) -> torch.Tensor:
+        logits, self.state = self.model.prefill(self.input_ids, self.attention_mask, self.prefix)
+        return logits
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.step(self.state, tokens)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.state.reorder(index)
+
+
+class UncachedSession:
+    """The original algorithm: every step re-runs prompt, injection and all tokens so far."""
+
+    def __init__(self, model: EPALM, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix: Prefix) -> None:
+        self.model, self.ids, self.mask, self.prefix = model, input_ids, attention_mask, prefix
+
+    def start(self) -> torch.Tensor:
+        return self.model(self.ids, self.mask, self.prefix)[:, -1]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.ids = torch.cat([self.ids, tokens[:, None]], dim=1)
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(tokens), 1)], dim=1)
+        return self.start()
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.ids, self.mask = self.ids.index_select(0, index), self.mask.index_select(0, index)
+        self.prefix = replace(
+            self.prefix, visual=self.prefix.visual.index_select(1, index), prompt=self.prefix.prompt.index_select(0, index)
+        )
+
+
+def _session(model: EPALM, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix: Prefix, options: DecodingOptions) -> Session:
+    kind = CachedSession if options.use_cache else UncachedSession
+    return kind(model, input_ids, attention_mask, prefix)
+
+
+def stream_tokens(
+    model: EPALM, prefix: Prefix, input_ids: torch.Tensor, attention_mask: torch.Tensor, options: DecodingOptions
+) -> Iterator[torch.Tensor]:
+    """Greedy or sampling, one step at a time: yields the new token of every row ([B]).
+
+    Rows that emitted EOS get `pad_token_id` afterwards; decoding stops when every row is done or
+    the length limit is reached.
+    """
+    if not options.streams:
+        raise ValueError("beam search does not stream; use generate()")
+    warpers = LogitsProcessorList()
+    if options.do_sample:
+        if options.temperature != 1.0:
+            warpers.append(TemperatureLogitsWarper(options.temperature))
+        if options.top_k:
+            warpers.append(TopKLogitsWarper(options.top_k))
+        if options.top_p < 1.0:
+            warpers.append(TopPLogitsWarper(options.top_p))
+    generator = None
+    if options.seed is not None:
+        generator = torch.Generator(device=input_ids.device).manual_seed(options.seed)
+    session = _session(model, input_ids, attention_mask, prefix, options)
+    limit = options.length_limit(input_ids.shape[1])
+    ids = input_ids
+    unfinished = torch.ones(len(input_ids), dtype=torch.bool, device=input_ids.device)
+    logits = session.start()
+    while True:
+        scores = logits.float()
+        if options.do_sample:
+            probs = torch.softmax(warpers(ids, scores), dim=-1)
+            tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        else:
+            tokens = scores.argmax(-1)
+        tokens = torch.where(unfinished, tokens, options.pad_token_id)
+        ids = torch.cat([ids, tokens[:, None]], dim=1)
+        yield tokens
+        unfinished &= tokens != options.eos_token_id
+        if not unfinished.any() or ids.shape[1] >= limit:
+            return
+        logits = session.step(tokens)
+
+
+class _Hypotheses:
+    """Finished hypotheses of one batch item, scored as transformers 4.24 did: the sum of
+    log-probs divided by the length of the *whole* id sequence (input ids and pads included)."""
+
+    def __init__(self, num_beams: int, length_penalty: float) -> None:
+        self.num_beams, self.length_penalty = num_beams, length_penalty
+        self.beams: list[tuple[float, torch.Tensor]] = []
+        self.worst_score = 1e9
+
+    def add(self, ids: torch.Tensor, sum_logprobs: float) -> None:
+        score = sum_logprobs / (ids.shape[-1] ** self.length_penalty)
+        if len(self.beams) < self.num_beams or score > self.worst_score:
+            self.beams.append((score, ids))
+            if len(self.beams) > self.num_beams:
+                ranked = sorted((s, i) for i, (s, _) in enumerate(self.beams))
+                del self.beams[ranked[0][1]]
+                self.worst_score = ranked[1][0]
+            else:
+                self.worst_score = min(score, self.worst_score)
+
+    def is_done(self, best_sum_logprobs: float, cur_len: int) -> bool:
+        if len(self.beams) < self.num_beams:
+            return False
+        return self.worst_score >= best_sum_logprobs / cur_len**self.length_penalty
+
+
+def beam_search(
+    model: EPALM, prefix: Prefix, input_ids: torch.Tensor, attention_mask: torch.Tensor, options: DecodingOptions
+) -> GenerationOutput:
+    """Beam search as transformers 4.24 ran it (length_penalty, early_stopping False, 2k candidates)."""
+    k, batch = options.num_beams, input_ids.shape[0]
+    eos, pad = options.eos_token_id, options.pad_token_id
+    device = input_ids.device
+    ids = input_ids.repeat_interleave(k, dim=0)
+    session = _session(model, ids, attention_mask.repeat_interleave(k, dim=0), prefix.repeat_interleave(k), options)
+    limit = options.length_limit(input_ids.shape[1])
+    beam_scores = torch.zeros(batch, k, device=device)
+    beam_scores[:, 1:] = -1e9
+    beam_scores = beam_scores.view(-1)
+    hyps = [_Hypotheses(k, options.length_penalty) for _ in range(batch)]
+    done = [False] * batch
+    logits = session.start()
+    while True:
+        cur_len = ids.shape[1]
+        scores = torch.log_softmax(logits.float(), dim=-1) + beam_scores[:, None]
+        vocab = scores.shape[-1]
+        top_scores, top_ids = torch.topk(scores.view(batch, k * vocab), 2 * k, dim=1, largest=True, sorted=True)
+        top_beams, top_tokens = top_ids // vocab, top_ids % vocab
+        next_scores = torch.zeros(batch, k, device=device)
+        next_tokens = torch.full((batch, k), pad, dtype=torch.long, device=device)
+        next_rows = torch.zeros(batch, k, dtype=torch.long, device=device)
+        for b in range(batch):
+            if done[b]:
+                continue
+            filled = 0
+            for rank, (token, score, beam) in enumerate(zip(top_tokens[b].tolist(), top_scores[b].tolist(), top_beams[b].tolist())):
+                row = b * k + beam
+                if token == eos:
+                    if rank < k:
+                        hyps[b].add(ids[row].clone(), score)
+                else:
+                    next_scores[b, filled], next_tokens[b, filled], next_rows[b, filled] = score, token, row
+                    filled += 1
+                if filled == k:
+                    break
+            done[b] = done[b] or hyps[b].is_done(top_scores[b].max().item(), cur_len)
+        beam_scores, rows, tokens = next_scores.view(-1), next_rows.view(-1), next_tokens.view(-1)
+        ids = torch.cat([ids.index_select(0, rows), tokens[:, None]], dim=1)
+        if all(done) or ids.shape[1] >= limit:
+            break
+        session.reorder(rows)
+        logits = session.step(tokens)
+    return _finalize(hyps, done, ids, beam_scores, limit, eos, pad, k)
+
+
+def _finalize(
+    hyps: list[_Hypotheses], done: list[bool], ids: torch.Tensor, beam_scores: torch.Tensor, limit: int, eos: int, pad: int, k: int
+) -> GenerationOutput:
+    for b, hyp in enumerate(hyps):
+        if not done[b]:
+            for beam in range(k):
+                hyp.add(ids[b * k + beam], beam_scores[b * k + beam].item())
+    best = [sorted(hyp.beams, key=lambda x: x[0])[-1] for hyp in hyps]
+    lengths = [len(seq) for _, seq in best]
+    width = min(max(lengths) + 1, limit)
+    out = ids.new_full((len(best), width), pad)
+    for i, (_, seq) in enumerate(best):
+        out[i, : len(seq)] = seq
+        if len(seq) < limit:
+            out[i, len(seq)] = eos
+    return GenerationOutput(out, torch.tensor([score for score, _ in best]))
+
+
+def generate(
+    model: EPALM, prefix: Prefix, input_ids: torch.Tensor, attention_mask: torch.Tensor, options: DecodingOptions
+) -> GenerationOutput:
+    """Run the whole decode; ids as the original returns them (inputs included)."""
+    if options.num_beams > 1:
+        return beam_search(model, prefix, input_ids, attention_mask, options)
+    steps = list(stream_tokens(model, prefix, input_ids, attention_mask, options))
+    return GenerationOutput(torch.cat([input_ids, torch.stack(steps, dim=1)], dim=1))
+
+
+def stream_text(tokens: Iterator[torch.Tensor], tokenizer, row: int = 0) -> Iterator[str]:
+    """Partial answers of one row as its tokens arrive: each yielded string extends the last.
+
+    Text is re-decoded from all ids so far (byte-level BPE merges across tokens); a string ending
+    in an incomplete UTF-8 character is held back until the character is complete.
+    """
+    ids: list[int] = []
+    shown = ""
+    for step in tokens:
+        ids.append(int(step[row]))
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if text != shown and not text.endswith("\ufffd") and text.startswith(shown):
+            shown = text
+            yield shown
+    final = tokenizer.decode(ids, skip_special_tokens=True)
+    if final != shown:
+        yield final

@@ -1,0 +1,318 @@
+"""The eP-ALM model: a frozen OPT whose late layers receive projected encoder [CLS] vectors.
+
+Only what eP-ALM adds lives here: the adapter (connectors + soft prompt), the embedding stage
+(prompt without positions, text positions counted from the text mask), the loop over transformers'
+own `OPTDecoderLayer`s with the late injection, and a key/value cache that stays exact.
+
+Why a plain cache is not exact: before layer `start` the visual token is prepended at position 0
+and its query attends to *every* position (later text and pads included). Its output at layer
+`end - 1` feeds layer `end`, so whenever a token is appended the visual state entering layer `end`
+changes, and with it everything from layer `end` on. Layers before `end` see a constant visual
+input (the projected [CLS] is re-injected before each of them), so their cache stays valid. Each
+decoding step therefore (1) runs the new token through the cached layers `< end`, (2) re-runs the
+single visual query of layer `end - 1` over that layer's cached keys/values, and (3) recomputes the
+layers `>= end` (for the paper's OPT-2.7B, `end = 31` of 32 layers: only the visual key/value of the
+last layer changes, which the last layer's cache takes in place).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, replace
+from typing import Iterator
+
+import torch
+from torch import nn
+from transformers import OPTForCausalLM
+
+
+@dataclass(frozen=True)
+class InjectionConfig:
+    """Where and how the encoder features enter the LM (the `epalm` part of a task)."""
+
+    start_layer: int  # first decoder layer that receives a visual token
+    end_layer: int  # exclusive: layers >= end_layer read the visual state, nothing is injected
+    num_features: int  # N: the encoder's last N blocks are injected, shallow to deep
+    shared_connector: bool = False  # one Linear for all N features instead of N
+    prompt_len: int = 10
+    prompt_mlp: bool = True  # soft prompt followed by Linear-Tanh-Linear
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.start_layer < self.end_layer:
+            raise ValueError(f"need 0 <= start_layer < end_layer, got {self.start_layer}, {self.end_layer}")
+        if self.num_features < 1 or self.prompt_len < 0:
+            raise ValueError("num_features must be >= 1 and prompt_len >= 0")
+
+    def feature_index(self, layer: int) -> int | None:
+        """Which of the N projected features is injected before `layer` (None: no injection)."""
+        if not self.start_layer <= layer < self.end_layer:
+            return None
+        span = self.end_layer - self.start_layer
+        step = span // self.num_features if span > self.num_features else 1
+        return min((layer - self.start_layer) // step, self.num_features - 1)
+
+
+class SoftPrompt(nn.Module):
+    """P learned vectors in the LM's word-embedding space, optionally reparametrised by an MLP."""
+
+    def __init__(self, length: int, dim: int, mlp: bool) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Embedding(length, dim)]
+        if mlp:
+            layers += [nn.Linear(dim, dim), nn.Tanh(), nn.Linear(dim, dim)]
+        self.prefix_embedding = nn.Sequential(*layers)  # key names match the original checkpoints
+        self.register_buffer("ids", torch.arange(length), persistent=False)
+
+    def forward(self, batch_size: int) -> torch.Tensor:
+        return self.prefix_embedding(self.ids).unsqueeze(0).expand(batch_size, -1, -1)
+
+
+class Adapter(nn.Module):
+    """The trained part of eP-ALM for one task: connectors and soft prompt (a few million weights).
+
+    Its state dict uses the original key names (`connector.{j}.*`, `prompt_module.prefix_embedding.*`),
+    so an original checkpoint loads with `load_state_dict(strict=True)`.
+    """
+
+    def __init__(self, config: InjectionConfig, encoder_dim: int, hidden_size: int, embed_dim: int) -> None:
+        super().__init__()
+        self.config = config
+        count = 1 if config.shared_connector else config.num_features
+        self.connector = nn.ModuleList(nn.Linear(encoder_dim, hidden_size) for _ in range(count))
+        self.prompt_module = SoftPrompt(config.prompt_len, embed_dim, config.prompt_mlp)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """[N, B, encoder_dim] [CLS] features (shallow to deep) -> [N, B, hidden_size]."""
+        weights = self.connector[0].weight
+        features = features.to(weights.dtype)
+        return torch.stack([self.connector[0 if len(self.connector) == 1 else j](f) for j, f in enumerate(features)])
+
+    def prompt(self, batch_size: int) -> torch.Tensor:
+        """[B, P, embed_dim]: identical for every row and independent of the input."""
+        return self.prompt_module(batch_size)
+
+    def prefix(self, features: torch.Tensor) -> "Prefix":
+        """Everything the LM needs from the encoder side for one batch."""
+        return Prefix(self.project(features), self.prompt(features.shape[1]), self.config)
+
+
+@dataclass
+class Prefix:
+    """Per-call inputs of the injected LM: projected features, soft prompt and injection settings."""
+
+    visual: torch.Tensor  # [N, B, hidden_size]
+    prompt: torch.Tensor  # [B, P, embed_dim]
+    injection: InjectionConfig
+
+    def repeat_interleave(self, repeats: int) -> "Prefix":
+        """Row b -> rows b*k .. b*k+k-1, the layout beam search uses."""
+        return replace(
+            self,
+            visual=self.visual.repeat_interleave(repeats, dim=1),
+            prompt=self.prompt.repeat_interleave(repeats, dim=0),
+        )
+
+
+class KVCache:
+    """Keys/values per decoder layer, in the interface OPTAttention calls (`update`).
+
+    Besides appending, two modes serve the cache refresh: `read_only` returns what is stored (the
+    visual query of layer end-1 attends to the cached keys, its own key/value is already row 0) and
+    `refresh_first` overwrites row 0 (the visual key/value of the last layer) and appends the rest.
+    """
+
+    def __init__(self) -> None:
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.mode = "append"
+
+    @contextlib.contextmanager
+    def using(self, mode: str) -> Iterator[None]:
+        self.mode = mode
+        try:
+            yield
+        finally:
+            self.mode = "append"
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, **_: object) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer_idx not in self.keys:
+            self.keys[layer_idx], self.values[layer_idx] = key, value
+        elif self.mode == "read_only":
+            pass
+        elif self.mode == "refresh_first":
+            keys, values = self.keys[layer_idx], self.values[layer_idx]
+            self.keys[layer_idx] = torch.cat([key[:, :, :1], keys[:, :, 1:], key[:, :, 1:]], dim=2)
+            self.values[layer_idx] = torch.cat([value[:, :, :1], values[:, :, 1:], value[:, :, 1:]], dim=2)
+        else:
+            self.keys[layer_idx] = torch.cat([self.keys[layer_idx], key], dim=2)
+            self.values[layer_idx] = torch.cat([self.values[layer_idx], value], dim=2)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        for store in (self.keys, self.values):
+            for layer_idx, tensor in store.items():
+                store[layer_idx] = tensor.index_select(0, index)
+
+
+def additive_mask(key_mask: torch.Tensor, queries: int, dtype: torch.dtype) -> torch.Tensor:
+    """Causal + padding additive mask [B, 1, queries, K] for the last `queries` of K positions."""
+    batch, keys = key_mask.shape
+    device = key_mask.device
+    query_pos = torch.arange(keys - queries, keys, device=device)[:, None]
+    allowed = (torch.arange(keys, device=device)[None, :] <= query_pos)[None] & key_mask[:, None, :].bool()
+    mask = torch.zeros(batch, 1, queries, keys, dtype=dtype, device=device)
+    return mask.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+
+
+def with_visual_column(mask: torch.Tensor, visual_row: bool) -> torch.Tensor:
+    """Add the visual token's key column of zeros (every query attends to it) and, for a forward
+    that holds the visual query, its row of zeros (it attends to every position, pads included)."""
+    mask = nn.functional.pad(mask, (1, 0))
+    return nn.functional.pad(mask, (0, 0, 1, 0)) if visual_row else mask
+
+
+@dataclass
+class DecodeState:
+    """What the cached decoder keeps between steps for one (possibly beam-expanded) batch."""
+
+    prefix: Prefix
+    text_mask: torch.Tensor  # [B, T] text attention mask so far (1 per appended token)
+    cache: KVCache
+    late_input: torch.Tensor | None  # [B, 1+P+T, H] input of layer `end` (when layers > end exist)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.prefix = replace(
+            self.prefix,
+            visual=self.prefix.visual.index_select(1, index),
+            prompt=self.prefix.prompt.index_select(0, index),
+        )
+        self.text_mask = self.text_mask.index_select(0, index)
+        self.cache.reorder(index)
+        if self.late_input is not None:
+            self.late_input = self.late_input.index_select(0, index)
+
+
+class EPALM(nn.Module):
+    """A frozen `OPTForCausalLM` driven with eP-ALM's soft prompt and late visual injection.
+
+    It holds no adapter: the adapter's output (a `Prefix`) is passed per call, so one LM serves
+    every task at once.
+    """
+
+    def __init__(self, lm: OPTForCausalLM) -> None:
+        super().__init__()
+        self.lm = lm.eval().requires_grad_(False)
+        self.decoder = lm.model.decoder
+
+    @property
+    def config(self):
+        return self.lm.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder.embed_tokens.weight.dtype
+
+    def _late_start(self, injection: InjectionConfig) -> int:
+        """First layer that must be recomputed each step (= end_layer, or L if no such layer)."""
+        return min(injection.end_layer, len(self.decoder.layers))
+
+    def _embed(self, input_ids: torch.Tensor, text_mask: torch.Tensor, prompt: torch.Tensor | None) -> torch.Tensor:
+        """[prompt ; text] in hidden space; positions on the text part only, from the text mask only.
+
+        With `prompt=None` only the last `input_ids.shape[1]` text positions are embedded (a step).
+        """
+        positions = (text_mask.cumsum(1) * text_mask - 1)[:, -input_ids.shape[1] :]
+        embeds = self.decoder.embed_tokens(input_ids)
+        if prompt is not None:
+            embeds = torch.cat([prompt.to(embeds.dtype), embeds], dim=1)
+        if self.decoder.project_in is not None:
+            embeds = self.decoder.project_in(embeds)
+        pos = self.decoder.embed_positions.weight[positions + self.decoder.embed_positions.offset]
+        return torch.cat([embeds[:, : embeds.shape[1] - pos.shape[1]], embeds[:, -pos.shape[1] :] + pos], dim=1)
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.decoder.final_layer_norm is not None:
+            hidden = self.decoder.final_layer_norm(hidden)
+        if self.decoder.project_out is not None:
+            hidden = self.decoder.project_out(hidden)
+        return self.lm.lm_head(hidden)
+
+    def _visual(self, prefix: Prefix, layer: int) -> torch.Tensor:
+        j = prefix.injection.feature_index(layer)
+        return prefix.visual[j].to(self.dtype).unsqueeze(1)
+
+    def _run(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix: Prefix, cache: KVCache | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The original forward over the whole sequence; returns (hidden before the head,
+        input of layer `end`). With a cache, layers before `end` store their keys/values."""
+        injection = prefix.injection
+        full_mask = torch.cat([attention_mask.new_ones(attention_mask.shape[0], prefix.prompt.shape[1]), attention_mask], 1)
+        mask = additive_mask(full_mask, full_mask.shape[1], self.dtype)
+        hidden = self._embed(input_ids, attention_mask, prefix.prompt)
+        late_start, late_input = self._late_start(injection), None
+        for idx, layer in enumerate(self.decoder.layers):
+            if idx == injection.start_layer:
+                hidden = torch.cat([self._visual(prefix, idx), hidden], dim=1)
+                mask = with_visual_column(mask, visual_row=True)
+            elif injection.start_layer < idx < injection.end_layer:
+                hidden = torch.cat([self._visual(prefix, idx), hidden[:, 1:]], dim=1)
+            if idx == late_start:
+                late_input = hidden
+            use_cache = cache is not None and (idx < late_start or idx == self._cached_late_layer(injection))
+            hidden = layer(hidden, attention_mask=mask, cache=cache if use_cache else None)
+        return hidden, late_input
+
+    def _cached_late_layer(self, injection: InjectionConfig) -> int | None:
+        """When `end` is the last layer, its cache stays valid but for row 0 (refreshed in place)."""
+        return injection.end_layer if injection.end_layer == len(self.decoder.layers) - 1 else None
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix: Prefix) -> torch.Tensor:
+        """Logits [B, 1+P+T, V] exactly as the original `evaluate` forward returns them."""
+        hidden, _ = self._run(input_ids, attention_mask, prefix, cache=None)
+        return self._head(hidden)
+
+    def prefill(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix: Prefix
+    ) -> tuple[torch.Tensor, DecodeState]:
+        """Run the prompt once, filling the cache; returns the next-token logits [B, V] and the state."""
+        cache = KVCache()
+        hidden, late_input = self._run(input_ids, attention_mask, prefix, cache)
+        if self._cached_late_layer(prefix.injection) is not None:
+            late_input = None
+        state = DecodeState(prefix, attention_mask, cache, late_input)
+        return self._head(hidden[:, -1]), state
+
+    def step(self, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
+        """Append one token per row ([B]) and return the next-token logits [B, V]."""
+        injection, prefix = state.prefix.injection, state.prefix
+        state.text_mask = torch.cat([state.text_mask, state.text_mask.new_ones(len(tokens), 1)], dim=1)
+        full_mask = torch.cat([state.text_mask.new_ones(len(tokens), prefix.prompt.shape[1]), state.text_mask], 1)
+        mask = additive_mask(full_mask, 1, self.dtype)
+        hidden = self._embed(tokens[:, None], state.text_mask, prompt=None)
+        late_start = self._late_start(injection)
+        for idx in range(late_start):
+            if idx == injection.start_layer:
+                mask = with_visual_column(mask, visual_row=False)
+            hidden = self.decoder.layers[idx](hidden, attention_mask=mask, cache=state.cache)
+        if late_start == len(self.decoder.layers):
+            return self._head(hidden[:, -1])
+        # Refresh: the visual query of layer end-1 over that layer's keys/values, new token included.
+        refresh_layer = late_start - 1
+        with state.cache.using("read_only"):
+            visual_out = self.decoder.layers[refresh_layer](
+                self._visual(prefix, refresh_layer), attention_mask=torch.zeros_like(mask), cache=state.cache
+            )
+        if self._cached_late_layer(injection) is not None:
+            rows_mask = torch.cat([torch.zeros_like(mask), mask], dim=2)
+            with state.cache.using("refresh_first"):
+                hidden = self.decoder.layers[late_start](
+                    torch.cat([visual_out, hidden], dim=1), attention_mask=rows_mask, cache=state.cache
+                )
+            return self._head(hidden[:, -1])
+        state.late_input = torch.cat([visual_out, state.late_input[:, 1:], hidden], dim=1)
+        hidden = state.late_input
+        mask = with_visual_column(additive_mask(full_mask, full_mask.shape[1], self.dtype), visual_row=True)
+        for layer in self.decoder.layers[late_start:]:
+            hidden = layer(hidden, attention_mask=mask)
+        return self._head(hidden[:, -1])

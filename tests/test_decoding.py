@@ -1,0 +1,120 @@
+"""Decoding loops: cached == original uncached ids, 4.24 beam rules, sampling, streaming."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from epalm.decoding import PRESETS, DecodingOptions, generate, stream_text, stream_tokens
+from epalm.model import InjectionConfig
+
+from test_model import make, padded_batch
+
+SETTINGS = {
+    "greedy": DecodingOptions(num_beams=1, max_length=20),
+    "beam3": DecodingOptions(num_beams=3, max_length=20),
+    "beam2_new_tokens": DecodingOptions(num_beams=2, max_length=None, max_new_tokens=9),
+}
+LAYOUTS = {
+    "end_is_last": InjectionConfig(1, 5, 2, prompt_len=3),
+    "late_recomputed": InjectionConfig(1, 3, 2, prompt_len=3),
+    "post_ln": InjectionConfig(0, 4, 3, prompt_len=2),
+}
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("batch", [1, 2])
+def test_cached_ids_equal_the_original_uncached_ids(setting, layout, batch):
+    overrides = {"do_layer_norm_before": False} if layout == "post_ln" else {}
+    lm, prefix = make(LAYOUTS[layout], batch=batch, seed=3, **overrides)
+    ids, mask = padded_batch(seed=batch)
+    ids, mask = ids[:batch], mask[:batch]
+    options = SETTINGS[setting]
+    with torch.inference_mode():
+        fast = generate(lm, prefix, ids, mask, options)
+        slow = generate(lm, prefix, ids, mask, DecodingOptions(**{**options.__dict__, "use_cache": False}))
+    assert torch.equal(fast.sequences, slow.sequences)
+    assert torch.equal(fast.sequences[:, : ids.shape[1]], ids), "returned ids start with the input ids"
+    limit = options.length_limit(ids.shape[1])
+    assert fast.sequences.shape[1] <= limit
+    if options.num_beams > 1:
+        torch.testing.assert_close(fast.sequence_scores, slow.sequence_scores, atol=1e-5, rtol=0)
+
+
+def test_eos_stops_rows_and_pads_finished_ones():
+    lm, prefix = make(LAYOUTS["end_is_last"], batch=2, seed=3)
+    ids, mask = padded_batch()
+    with torch.inference_mode():
+        free = generate(lm, prefix, ids, mask, DecodingOptions(num_beams=1, max_length=20)).sequences
+    eos = int(free[0, ids.shape[1]])  # make the first new token of row 0 the EOS
+    with torch.inference_mode():
+        out = generate(lm, prefix, ids, mask, DecodingOptions(num_beams=1, max_length=20, eos_token_id=eos)).sequences
+    row0 = out[0, ids.shape[1] :].tolist()
+    assert row0[0] == eos and all(t == 1 for t in row0[1:])
+    if eos not in out[1, ids.shape[1] :].tolist():
+        assert out.shape[1] == 20
+
+
+def test_at_least_one_token_even_past_max_length():
+    lm, prefix = make(LAYOUTS["end_is_last"])
+    ids = torch.tensor([[2, 40, 41, 42, 43]])
+    with torch.inference_mode():
+        out = generate(lm, prefix, ids, torch.ones_like(ids), DecodingOptions(num_beams=1, max_length=3))
+    assert out.sequences.shape == (1, 6)
+
+
+def test_beam_length_normalisation_counts_input_ids():
+    """4.24 divides a hypothesis' log-prob sum by its whole length, input ids included.
+    (end = L, so one forward of the hypothesis gives the logits each step saw.)"""
+    lm, prefix = make(InjectionConfig(1, 6, 2, prompt_len=3), seed=5)
+    ids = torch.tensor([[2, 40, 41, 42]])
+    options = DecodingOptions(num_beams=3, max_length=12)
+    with torch.inference_mode():
+        out = generate(lm, prefix, ids, torch.ones_like(ids), options)
+        seq = out.sequences[0]
+        ends_with_eos = seq[-1].item() == options.eos_token_id and len(seq) < 12
+        hyp = seq[:-1] if ends_with_eos else seq
+        logits = lm(hyp[None], torch.ones_like(hyp[None]), prefix)[0, 1 + 3 :]  # text positions
+        logprobs = torch.log_softmax(logits.float(), -1)
+        total = sum(logprobs[t, hyp[t + 1]].item() for t in range(ids.shape[1] - 1, len(hyp) - 1))
+        if ends_with_eos:
+            total += logprobs[len(hyp) - 1, options.eos_token_id].item()
+    assert out.sequence_scores[0].item() == pytest.approx(total / len(hyp), abs=1e-4)
+
+
+def test_sampling_is_seeded_and_respects_top_k():
+    lm, prefix = make(LAYOUTS["end_is_last"])
+    ids = torch.tensor([[2, 40]])
+    options = DecodingOptions(num_beams=1, do_sample=True, top_k=1, max_new_tokens=6, max_length=None, seed=7)
+    with torch.inference_mode():
+        greedy = generate(lm, prefix, ids, torch.ones_like(ids), DecodingOptions(num_beams=1, max_new_tokens=6, max_length=None))
+        top1 = generate(lm, prefix, ids, torch.ones_like(ids), options)
+        hot = DecodingOptions(num_beams=1, do_sample=True, temperature=5.0, max_new_tokens=6, max_length=None, seed=11)
+        first, second = (generate(lm, prefix, ids, torch.ones_like(ids), hot).sequences for _ in range(2))
+    assert torch.equal(top1.sequences, greedy.sequences)
+    assert torch.equal(first, second)
+
+
+def test_streaming_yields_growing_prefixes_that_end_in_the_final_text(tokenizer):
+    lm, prefix = make(LAYOUTS["end_is_last"])
+    ids = torch.tensor([[2, 40]])
+    options = DecodingOptions(num_beams=1, max_new_tokens=12, max_length=None)
+    with torch.inference_mode():
+        parts = list(stream_text(stream_tokens(lm, prefix, ids, torch.ones_like(ids), options), tokenizer))
+        final = generate(lm, prefix, ids, torch.ones_like(ids), options).sequences[0, 2:]
+    assert len(parts) >= 2
+    assert all(b.startswith(a) and len(b) > len(a) for a, b in zip(parts, parts[1:]))
+    assert parts[-1] == tokenizer.decode(final, skip_special_tokens=True)
+
+
+def test_options_are_validated():
+    with pytest.raises(ValueError):
+        DecodingOptions(num_beams=2, do_sample=True)
+    with pytest.raises(ValueError):
+        DecodingOptions(max_length=None, max_new_tokens=None)
+    with pytest.raises(ValueError):
+        DecodingOptions(temperature=0)
+    assert PRESETS["paper"].num_beams == 3 and PRESETS["paper"].max_length == 30
+    with pytest.raises(ValueError):
+        next(stream_tokens(None, None, torch.zeros(1, 1), torch.zeros(1, 1), PRESETS["paper"]))

@@ -1,0 +1,69 @@
+"""The reference fixtures made with the original eP-ALM code, checked end to end."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from epalm.parity import load_case, main, run_case
+
+from conftest import PARITY_CASES, ROOT
+
+
+def test_parity_command_passes_on_every_case(parity_cases):
+    result = subprocess.run(
+        [sys.executable, "-m", "epalm.parity", *map(str, parity_cases), str(parity_cases[0].parent / "README.md")],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith(("PASS", "FAIL"))]
+    assert lines and all(line.startswith("PASS") for line in lines)
+    for case in parity_cases:  # every case printed its feature, logits and generation checks
+        names = {line.split()[2] for line in lines if line.split()[1] == case.name}
+        assert {"cls_features", "projected", "prompt_embeds", "logits", "greedy_ids", "beam3_ids"} <= names
+
+
+def test_parity_fails_when_an_adapter_weight_is_off(tmp_path, parity_cases):
+    case = shutil.copytree(parity_cases[0], tmp_path / parity_cases[0].name)
+    state = torch.load(case / "adapters.pth", weights_only=True)
+    state["model"]["connector.0.weight"] += 0.1 * torch.randn_like(state["model"]["connector.0.weight"])
+    torch.save(state, case / "adapters.pth")
+    failed = [c.name for c in run_case(case) if not c.passed]
+    assert "projected" in failed and "logits" in failed
+    assert main([str(case)]) == 1
+
+
+def test_parity_reports_a_directory_without_manifest(tmp_path, capsys):
+    assert main([str(tmp_path)]) == 1
+    assert "no manifest.json" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case", PARITY_CASES, ids=lambda p: p.name)
+def test_layer_inputs_and_masks_match_the_original(case):
+    """Every decoder layer's input (after injection) and the 4-D masks equal the original's."""
+    manifest, lm, encoder, adapter = load_case(case)
+    inputs, debug = load_file(case / "inputs.safetensors"), load_file(case / "debug.safetensors")
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    hooks = [
+        layer.register_forward_pre_hook(
+            lambda module, args, kwargs, i=i: seen.__setitem__(i, (args[0], kwargs["attention_mask"])), with_kwargs=True
+        )
+        for i, layer in enumerate(lm.decoder.layers)
+    ]
+    x = inputs[manifest["inputs"]["encoder_input_key"]]
+    if x.dim() == 5:
+        x = x.permute(0, 2, 1, 3, 4)
+    with torch.inference_mode():
+        lm(inputs["input_ids"], inputs["attention_mask"], adapter.prefix(encoder(x, adapter.config.num_features)))
+    for handle in hooks:
+        handle.remove()
+    for i, (hidden, mask) in seen.items():
+        torch.testing.assert_close(hidden, debug[f"decoder_layer_input.{i}"], atol=2e-5, rtol=0)
+        if f"decoder_additive_mask.{i}" in debug:
+            want = debug[f"decoder_additive_mask.{i}"]
+            assert torch.equal(mask == 0, want == 0), f"layer {i}: attended positions differ"
