@@ -8,6 +8,8 @@ fbanks), so the media layer and the pipeline run unchanged on them.
 from __future__ import annotations
 
 import functools
+import zlib
+from dataclasses import replace
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -17,6 +19,7 @@ from timm.models.vision_transformer import VisionTransformer
 from .encoders import Encoder, wrap_encoder
 from .model import Adapter, InjectionConfig
 
+TINY_WIDTH = 32  # hidden size of the tiny LM and encoders
 TOKENIZER_VOCAB = 500  # byte-level BPE: 256 bytes + 4 specials + merges
 ANSWER_TOKEN = "</a>"
 
@@ -55,8 +58,8 @@ def tiny_lm(seed: int = 0, **overrides: object) -> OPTForCausalLM:
     """A 6-layer OPT with a vocabulary that covers the tiny tokenizer (and `</a>`)."""
     config = dict(
         vocab_size=len(tiny_tokenizer()) + 8,
-        hidden_size=32,
-        word_embed_proj_dim=32,
+        hidden_size=TINY_WIDTH,
+        word_embed_proj_dim=TINY_WIDTH,
         num_hidden_layers=6,
         ffn_dim=64,
         num_attention_heads=4,
@@ -75,16 +78,16 @@ def tiny_encoder(modality: str, seed: int = 0) -> Encoder:
     """A random 4-block encoder of the given modality with the real models' input sizes."""
     torch.manual_seed(seed)
     if modality == "image":
-        model = VisionTransformer(img_size=224, patch_size=32, embed_dim=32, depth=4, num_heads=2, num_classes=0)
+        model = VisionTransformer(img_size=224, patch_size=32, embed_dim=TINY_WIDTH, depth=4, num_heads=2, num_classes=0)
     elif modality == "video":
         config = TimesformerConfig(
-            image_size=224, patch_size=32, num_frames=8, hidden_size=32, num_hidden_layers=4,
+            image_size=224, patch_size=32, num_frames=8, hidden_size=TINY_WIDTH, num_hidden_layers=4,
             num_attention_heads=2, intermediate_size=64, layer_norm_eps=1e-6, attn_implementation="eager",
         )
         model = TimesformerModel(config)
     elif modality == "audio":
         config = ASTConfig(
-            hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, layer_norm_eps=1e-6,
+            hidden_size=TINY_WIDTH, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, layer_norm_eps=1e-6,
             max_length=1024, num_mel_bins=128, attn_implementation="eager",
         )
         model = ASTModel(config)
@@ -96,11 +99,39 @@ def tiny_encoder(modality: str, seed: int = 0) -> Encoder:
 TINY_INJECTION = InjectionConfig(start_layer=2, end_layer=5, num_features=3, prompt_len=4, prompt_mlp=True)
 
 
-def tiny_adapter(encoder: Encoder, lm: OPTForCausalLM, injection: InjectionConfig = TINY_INJECTION, seed: int = 0) -> Adapter:
-    """Random connectors and prompt sized for `encoder` and `lm`, scaled to move the LM visibly."""
+def tiny_adapter(injection: InjectionConfig = TINY_INJECTION, seed: int = 0) -> Adapter:
+    """Random connectors and prompt for the tiny encoders and LM, scaled to move the LM visibly."""
     torch.manual_seed(seed)
-    adapter = Adapter(injection, encoder.dim, lm.config.hidden_size, lm.config.word_embed_proj_dim)
+    adapter = Adapter(injection, TINY_WIDTH, TINY_WIDTH, TINY_WIDTH)
     with torch.no_grad():
         for linear in adapter.connector:
             linear.weight.normal_(0, 0.5)
     return adapter.eval()
+
+
+class TinyModels:
+    """The model source of `--tiny`: same interface as `hub.HubModels`, random tiny weights.
+
+    Every task keeps its shared-connector and prompt-MLP settings but injects into the tiny LM's
+    layers; adapters are random, seeded by the task id, so answers are stable but meaningless.
+    """
+
+    tiny = True
+
+    def adapt(self, task):
+        injection = replace(
+            TINY_INJECTION, shared_connector=task.injection.shared_connector, prompt_mlp=task.injection.prompt_mlp
+        )
+        return replace(task, injection=injection)
+
+    def lm(self, ref, dtype: torch.dtype):
+        return tiny_lm(seed=zlib.crc32(ref.id.encode()) % 1000).to(dtype), tiny_tokenizer()
+
+    def encoder(self, ref, modality: str, dtype: torch.dtype) -> Encoder:
+        return tiny_encoder(modality, seed=zlib.crc32(ref.id.encode()) % 1000).to(dtype)
+
+    def adapter_state(self, task, progress=None) -> dict[str, torch.Tensor]:
+        return tiny_adapter(task.injection, seed=zlib.crc32(task.id.encode())).state_dict()
+
+    def cached(self, task) -> dict[str, bool]:
+        return {"adapter": True, "lm": True, "encoder": True}

@@ -1,0 +1,306 @@
+"""One object that serves every task: media in, text (streamed or whole) out, with timings.
+
+It loads lazily and keeps exactly one instance of each LM and each encoder however many tasks use
+it; per-task adapters (a few MB each) are passed to the shared LM per call, never swapped into
+it, so concurrent calls for different tasks cannot mix them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterator
+
+import torch
+
+from .audio import prepare_audio
+from .decoding import PRESETS, DecodingOptions, generate, stream_text, stream_tokens
+from .encoders import Encoder
+from .hub import HubModels, Progress, load_adapter
+from .image import prepare_image
+from .media import MediaLimits
+from .model import EPALM, Adapter
+from .tasks import Task, get_task, load_registry
+from .video import prepare_video
+
+log = logging.getLogger(__name__)
+
+MAX_QUESTION_CHARS = 300
+MAX_QUESTION_TOKENS = 64
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_PREPARE: dict[str, Callable[..., torch.Tensor]] = {"image": prepare_image, "video": prepare_video, "audio": prepare_audio}
+
+
+class InputError(ValueError):
+    """A request the user can fix: unknown task, missing or overlong question, bad settings."""
+
+
+class OutOfMemory(RuntimeError):
+    """The device ran out of memory; the message says what to try."""
+
+
+@dataclass
+class Timings:
+    encode_s: float = 0.0  # media decoding + preprocessing + encoder + adapter
+    first_token_s: float = 0.0  # prefill: from the start of decoding to the first token
+    decode_s: float = 0.0  # everything after the first token
+    new_tokens: int = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return (self.new_tokens - 1) / self.decode_s if self.new_tokens > 1 and self.decode_s > 0 else 0.0
+
+    def summary(self) -> str:
+        return (
+            f"encode {self.encode_s:.2f} s · first token {self.first_token_s:.2f} s · "
+            f"{self.new_tokens} tokens at {self.tokens_per_s:.1f} tokens/s"
+        )
+
+
+@dataclass
+class Answer:
+    """A (partial) answer: `done` is False while streaming, True for the final text."""
+
+    text: str
+    task: str
+    done: bool
+    timings: Timings = field(default_factory=Timings)
+    device: str = "cpu"
+    dtype: str = "float32"
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("CUDA was requested but no GPU is available; use --device cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise InputError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if DTYPES[dtype] is torch.float16 and device.type == "cpu":
+        raise InputError("float16 is for GPUs; on CPU use float32 or bfloat16")
+    return DTYPES[dtype]
+
+
+class Pipeline:
+    """Serve every registry task from shared models.
+
+    >>> pipe = Pipeline(tiny=True)
+    >>> pipe.caption("examples/image/cat.jpg", task="image-caption").text  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        device: str = "auto",
+        dtype: str | torch.dtype | None = None,
+        tiny: bool = False,
+        registry: dict[str, Task] | None = None,
+        limits: MediaLimits | None = None,
+        progress: Progress | None = None,
+        models: Any = None,
+    ) -> None:
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        if models is None:
+            if tiny:
+                from .tiny import TinyModels
+
+                models = TinyModels()
+            else:
+                models = HubModels()
+        self.models = models
+        tasks = registry if registry is not None else load_registry()
+        self.tasks: dict[str, Task] = {k: models.adapt(t) for k, t in tasks.items()} if models.tiny else dict(tasks)
+        self.limits = limits or MediaLimits()
+        self.progress = progress
+        self._loaded: dict[tuple, Any] = {}
+        self._locks: dict[tuple, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    # -- loading ---------------------------------------------------------------------------
+
+    def _report(self, message: str, progress: Progress | None) -> None:
+        log.info(message)
+        for callback in {progress, self.progress} - {None}:
+            callback(message)
+
+    def _get(self, key: tuple, what: str, loader: Callable[[], Any], progress: Progress | None) -> Any:
+        with self._guard:
+            if key in self._loaded:
+                return self._loaded[key]
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:  # one thread loads, the others wait for it instead of loading a second copy
+            if key not in self._loaded:
+                self._report(f"Loading {what}…", progress)
+                started = time.perf_counter()
+                self._loaded[key] = loader()
+                self._report(f"Loaded {what} in {time.perf_counter() - started:.1f} s", progress)
+        return self._loaded[key]
+
+    def task(self, task_id: str) -> Task:
+        try:
+            return get_task(task_id, self.tasks)
+        except KeyError as exc:
+            raise InputError(str(exc.args[0])) from exc
+
+    def lm(self, task: Task, progress: Progress | None = None) -> tuple[EPALM, Any]:
+        def load() -> tuple[EPALM, Any]:
+            lm, tokenizer = self.models.lm(task.lm, self.dtype)
+            return EPALM(lm.to(self.device, self.dtype)), tokenizer
+
+        return self._get(("lm", task.lm), f"language model {task.lm.id}", load, progress)
+
+    def encoder(self, task: Task, progress: Progress | None = None) -> Encoder:
+        def load() -> Encoder:
+            return self.models.encoder(task.encoder, task.modality, self.dtype).to(self.device)
+
+        return self._get(("encoder", task.encoder, task.modality), f"{task.modality} encoder {task.encoder.id}", load, progress)
+
+    def adapter(self, task: Task, progress: Progress | None = None) -> Adapter:
+        lm, _ = self.lm(task, progress)
+        encoder = self.encoder(task, progress)
+
+        def load() -> Adapter:
+            state = self.models.adapter_state(task, progress)
+            adapter = load_adapter(task, state, encoder.dim, lm.config.hidden_size, lm.config.word_embed_proj_dim)
+            return adapter.to(self.device)  # stays float32: a few MB, and the precision matters
+
+        return self._get(("adapter", task.id), f"adapter for {task.id}", load, progress)
+
+    def preload(self, task_ids: list[str], progress: Progress | None = None) -> None:
+        for task_id in task_ids:
+            self.adapter(self.task(task_id), progress)
+
+    def loaded(self) -> list[str]:
+        """Human-readable names of what is in memory now."""
+        names = []
+        for key in list(self._loaded):
+            kind, ref = key[0], key[1]
+            names.append(f"{kind} {ref if isinstance(ref, str) else ref.id}")
+        return names
+
+    def cached(self, task_id: str) -> dict[str, bool]:
+        return self.models.cached(self.task(task_id))
+
+    # -- answering -------------------------------------------------------------------------
+
+    def decoding_options(self, task: Task, tokenizer: Any, preset: str | None = None, **overrides: Any) -> DecodingOptions:
+        if preset is not None and preset not in PRESETS:
+            raise InputError(f"unknown decoding preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        base = task.generation if preset in (None, "paper") else PRESETS[preset]
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        try:
+            return replace(base, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **overrides)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"invalid decoding settings: {exc}") from exc
+
+    def _text_ids(self, task: Task, question: str | None, tokenizer: Any) -> torch.Tensor:
+        if task.needs_question:
+            question = (question or "").strip()
+            if not question:
+                raise InputError(f"Please type a question: '{task.title}' answers questions about the {task.modality}.")
+            if len(question) > MAX_QUESTION_CHARS:
+                raise InputError(f"The question is {len(question)} characters long; the limit is {MAX_QUESTION_CHARS}.")
+        text = task.text.render(question)
+        ids = [tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False).input_ids
+        if len(ids) > MAX_QUESTION_TOKENS:
+            raise InputError(f"The question is {len(ids)} tokens long; the limit is {MAX_QUESTION_TOKENS}. Please shorten it.")
+        return torch.tensor([ids], device=self.device)
+
+    def stream(
+        self,
+        media: Any,
+        task: str,
+        question: str | None = None,
+        preset: str | None = None,
+        num_frames: int | None = None,
+        progress: Progress | None = None,
+        **overrides: Any,
+    ) -> Iterator[Answer]:
+        """Partial answers as they are generated (greedy and sampling), then the final one.
+        Beam search yields only the final answer."""
+        spec = self.task(task)
+        lm, tokenizer = self.lm(spec, progress)
+        input_ids = self._text_ids(spec, question, tokenizer)
+        options = self.decoding_options(spec, tokenizer, preset, **overrides)
+        adapter, encoder = self.adapter(spec, progress), self.encoder(spec, progress)
+        transform = spec.preprocess
+        if num_frames is not None and spec.modality == "video":
+            if not 1 <= num_frames <= 64:
+                raise InputError("frames to sample must be between 1 and 64")
+            transform = replace(transform, num_frames=num_frames)
+        timings = Timings()
+        dtype = str(self.dtype).replace("torch.", "")
+        with self._out_of_memory(spec), torch.inference_mode():
+            started = time.perf_counter()
+            pixels = _PREPARE[spec.modality](media, transform, self.limits)
+            features = encoder(pixels[None].to(self.device), spec.injection.num_features)
+            prefix = adapter.prefix(features)
+            timings.encode_s = time.perf_counter() - started
+            mask = torch.ones_like(input_ids)
+            started = time.perf_counter()
+            if options.streams:
+                ids: list[int] = []
+                for text in stream_text(self._timed(stream_tokens(lm, prefix, input_ids, mask, options), timings, started, ids), tokenizer):
+                    yield Answer(text.strip(), spec.id, False, timings, self.device.type, dtype)
+                text = tokenizer.decode(ids, skip_special_tokens=True)
+            else:
+                output = generate(lm, prefix, input_ids, mask, options).sequences[0, input_ids.shape[1] :]
+                timings.first_token_s = time.perf_counter() - started  # beams: the whole search
+                timings.new_tokens = int((output != options.pad_token_id).sum())
+                text = tokenizer.decode(output, skip_special_tokens=True)
+        yield Answer(text.strip(), spec.id, True, timings, self.device.type, dtype)
+
+    @staticmethod
+    def _timed(tokens: Iterator[torch.Tensor], timings: Timings, started: float, ids: list[int]) -> Iterator[torch.Tensor]:
+        for step in tokens:
+            now = time.perf_counter()
+            if not ids:
+                timings.first_token_s = now - started
+            else:
+                timings.decode_s = now - started - timings.first_token_s
+            ids.append(int(step[0]))
+            timings.new_tokens = len(ids)
+            yield step
+
+    @contextlib.contextmanager
+    def _out_of_memory(self, task: Task) -> Iterator[None]:
+        try:
+            yield
+        except (RuntimeError, MemoryError) as exc:
+            if not _is_oom(exc):
+                raise
+            raise OutOfMemory(
+                f"Out of memory on {self.device.type} while running '{task.id}'. Try a smaller model (the OPT-2.7B "
+                f"tasks instead of -L), --dtype bfloat16, fewer video frames, or a machine with more memory."
+            ) from exc
+
+    def caption(self, media: Any, task: str = "image-caption", **kwargs: Any) -> Answer:
+        """The final caption (see `stream` for the keyword arguments)."""
+        return _last(self.stream(media, task, None, **kwargs))
+
+    def answer(self, media: Any, question: str, task: str = "image-vqa", **kwargs: Any) -> Answer:
+        """The final answer to `question` about `media`."""
+        return _last(self.stream(media, task, question, **kwargs))
+
+
+def _is_oom(exc: BaseException) -> bool:
+    message = str(exc).lower()
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in message or "can't allocate memory" in message
+
+
+def _last(answers: Iterator[Answer]) -> Answer:
+    final = None
+    for final in answers:
+        pass
+    return final

@@ -1,0 +1,165 @@
+"""The task registry: what each released adapter needs, read from `checkpoints/tasks.yaml`.
+
+A task names its LM, its encoder, the preprocessing, the injection and prompt settings, the text
+format, the paper's decoding defaults and where its adapter lives on the Hub. Users add tasks or
+point one at their own adapter by editing the YAML (or passing another file); no code changes.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import yaml
+
+from .audio import AudioTransform
+from .decoding import DecodingOptions
+from .image import ImageTransform
+from .model import InjectionConfig
+from .video import VideoTransform
+
+DEFAULT_REGISTRY = Path(__file__).resolve().parents[1] / "checkpoints" / "tasks.yaml"
+MODALITIES = ("image", "video", "audio")
+KINDS = ("caption", "qa")
+Transform = Union[ImageTransform, VideoTransform, AudioTransform]
+_TRANSFORMS = {"image": ImageTransform, "video": VideoTransform, "audio": AudioTransform}
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A pretrained model on the Hub (an OPT LM, or a transformers encoder)."""
+
+    id: str
+    revision: str = "main"
+
+
+@dataclass(frozen=True)
+class EncoderRef:
+    """`library: timm` -> `id` is a timm name with its pretrained tag; `transformers` -> a Hub id.
+    `config` holds config overrides (AST's layer-norm epsilon)."""
+
+    library: str
+    id: str
+    revision: str = "main"
+    config: tuple[tuple[str, object], ...] = ()
+
+
+@dataclass(frozen=True)
+class AdapterSource:
+    """Where the adapter file is: `filename` in a Hub repo, or a local path when `repo_id` is empty."""
+
+    filename: str
+    repo_id: str = ""
+    repo_type: str = "model"
+    revision: str = "main"
+
+
+@dataclass(frozen=True)
+class TextFormat:
+    """How the LM input is written. Captions start from BOS alone (`prompt: ""`); questions are
+    `{question}?</a>` as in the original, whose questions already ended with "?" (so the model saw
+    "...??</a>"): with `question_mark`, a question typed without "?" gets one first."""
+
+    prompt: str = ""
+    answer_token: str | None = None
+    question_mark: bool = False
+
+    def render(self, question: str | None) -> str:
+        if "{question}" not in self.prompt:
+            return self.prompt
+        question = (question or "").strip()
+        if self.question_mark and not question.endswith("?"):
+            question += "?"
+        return self.prompt.format(question=question)
+
+
+@dataclass(frozen=True)
+class Task:
+    id: str
+    title: str
+    modality: str
+    kind: str
+    lm: ModelRef
+    encoder: EncoderRef
+    preprocess: Transform
+    injection: InjectionConfig
+    text: TextFormat
+    generation: DecodingOptions
+    adapter: AdapterSource
+
+    @property
+    def needs_question(self) -> bool:
+        return self.kind == "qa"
+
+
+class RegistryError(ValueError):
+    """The registry file is malformed; the message names the task and the field."""
+
+
+def _build(task_id: str, entry: dict, base_dir: Path) -> Task:
+    def section(name: str) -> dict:
+        value = entry.get(name)
+        if not isinstance(value, dict):
+            raise RegistryError(f"task {task_id!r}: '{name}' must be a mapping")
+        return value
+
+    try:
+        modality, kind = entry["modality"], entry["kind"]
+        if modality not in MODALITIES or kind not in KINDS:
+            raise RegistryError(f"task {task_id!r}: modality must be one of {MODALITIES} and kind one of {KINDS}")
+        lm = ModelRef(**section("lm"))
+        encoder = dict(section("encoder"))
+        encoder["config"] = tuple(sorted(encoder.get("config", {}).items()))
+        adapter = dict(section("adapter"))
+        if not adapter.get("repo_id"):  # a local file, relative to the registry
+            adapter["filename"] = str((base_dir / os.path.expanduser(adapter["filename"])).resolve())
+        return Task(
+            id=task_id,
+            title=entry.get("title", task_id),
+            modality=modality,
+            kind=kind,
+            lm=lm,
+            encoder=EncoderRef(**encoder),
+            preprocess=_TRANSFORMS[modality](**section("preprocess")),
+            injection=InjectionConfig(**section("injection")),
+            text=TextFormat(**section("text")),
+            generation=DecodingOptions(**section("generation")),
+            adapter=AdapterSource(**adapter),
+        )
+    except RegistryError:
+        raise
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RegistryError(f"task {task_id!r} in the registry: {exc}") from exc
+
+
+def load_registry(path: str | Path | None = None) -> dict[str, Task]:
+    """All tasks of a registry file (default: the project's `checkpoints/tasks.yaml`, or the
+    file named by the EPALM_TASKS environment variable)."""
+    path = Path(path or os.environ.get("EPALM_TASKS") or DEFAULT_REGISTRY)
+    return _load(path.resolve())
+
+
+@functools.lru_cache(maxsize=8)
+def _load(path: Path) -> dict[str, Task]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise RegistryError(f"cannot read the task registry {path}: {exc}") from exc
+    entries = (data or {}).get("tasks")
+    if not isinstance(entries, dict) or not entries:
+        raise RegistryError(f"{path}: no 'tasks' mapping")
+    for task_id in entries:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", str(task_id)):
+            raise RegistryError(f"{path}: task id {task_id!r} must be letters, digits, '-', '_' or '.'")
+    return {str(k): _build(str(k), v, path.parent) for k, v in entries.items()}
+
+
+def get_task(task_id: str, registry: dict[str, Task] | None = None) -> Task:
+    tasks = registry if registry is not None else load_registry()
+    if task_id not in tasks:
+        raise KeyError(f"unknown task {task_id!r}; known tasks: {', '.join(tasks)}")
+    return tasks[task_id]

@@ -1,0 +1,118 @@
+"""Adapters and weights through huggingface_hub: download, cache, offline, formats, safety."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+from epalm.hub import ADAPTER_CONFIG, AdapterError, WeightsUnavailable, convert, fetch, is_cached, load_adapter, read_adapter
+from epalm.parity import load_case
+from epalm.tasks import AdapterSource, load_registry
+
+from conftest import PARITY_CASES, ROOT
+
+
+def fixture_task(case):
+    """A registry task whose injection is the fixture's (the adapter file is the fixture's)."""
+    manifest, lm, encoder, adapter = load_case(case)
+    task = replace(load_registry()["image-caption"], id=f"fixture-{case.name}", injection=adapter.config)
+    return task, lm, encoder, adapter
+
+
+def test_download_then_cache_then_offline(fake_hub, monkeypatch):
+    import huggingface_hub.constants as constants
+
+    data = (PARITY_CASES[0] / "adapters.pth").read_bytes()
+    fake_hub.add("someone/epalm", "checkpoints/a/checkpoint_best.pth", data, repo_type="space")
+    source = AdapterSource("checkpoints/a/checkpoint_best.pth", "someone/epalm", repo_type="space")
+    assert not is_cached(source)
+    messages = []
+    first = fetch(source, progress=messages.append)
+    assert first.read_bytes() == data and len(fake_hub.downloads) == 1 and is_cached(source)
+    assert messages and "MB" in messages[-1]
+    assert fetch(source) == first and len(fake_hub.downloads) == 1, "second call is served from the cache"
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    fake_hub.server.shutdown()
+    assert fetch(source) == first, "offline mode works from the cache"
+    with pytest.raises(WeightsUnavailable, match=r"someone/epalm.*not in the local Hugging Face cache.*hf download"):
+        fetch(AdapterSource("checkpoints/b/checkpoint_best.pth", "someone/epalm", repo_type="space"))
+
+
+def test_offline_environment_variable_is_honoured_in_a_fresh_process(fake_hub, tmp_path):
+    fake_hub.add("someone/epalm", "x.pth", b"not used")
+    code = (
+        "from epalm.hub import fetch, WeightsUnavailable\nfrom epalm.tasks import AdapterSource\n"
+        "try:\n    fetch(AdapterSource('x.pth', 'someone/epalm'))\nexcept WeightsUnavailable as e:\n    print('REFUSED', e)\n"
+    )
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert "REFUSED" in out.stdout and "someone/epalm" in out.stdout, out.stderr
+    assert fake_hub.downloads == [], "no request was made while offline"
+
+
+def test_missing_file_names_the_repo_and_file(fake_hub):
+    with pytest.raises(WeightsUnavailable, match=r"'nope.pth'.*someone/epalm.*not in the repository"):
+        fetch(AdapterSource("nope.pth", "someone/epalm"))
+
+
+@pytest.mark.parametrize("case", PARITY_CASES, ids=lambda p: p.name)
+def test_original_pth_and_converted_format_give_identical_outputs(case, tmp_path):
+    task, lm, encoder, _ = fixture_task(case)
+    out = convert(case / "adapters.pth", task, tmp_path / "converted")
+    original, converted = read_adapter(case / "adapters.pth"), read_adapter(out)
+    assert original.keys() == converted.keys()
+    config = json.loads((out / ADAPTER_CONFIG).read_text())
+    assert config["injection"]["num_features"] == task.injection.num_features and (out / "README.md").is_file()
+    features = torch.randn(task.injection.num_features, 2, encoder.dim)
+    dims = (encoder.dim, lm.config.hidden_size, lm.config.word_embed_proj_dim)
+    a, b = (load_adapter(task, state, *dims).prefix(features) for state in (original, converted))
+    assert torch.equal(a.visual, b.visual) and torch.equal(a.prompt, b.prompt)
+
+
+class _Payload:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_malicious_pickle_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "checkpoint_best.pth"
+    torch.save({"model": {"connector.0.weight": torch.zeros(2, 2)}, "config": _Payload(str(marker))}, path)
+    with pytest.raises(AdapterError, match="Refused to load checkpoint_best.pth"):
+        read_adapter(path)
+    assert not marker.exists()
+
+
+def test_a_real_style_checkpoint_with_numpy_scalars_loads(tmp_path):
+    import numpy as np
+
+    state = torch.load(PARITY_CASES[0] / "adapters.pth", weights_only=True)
+    state.update(config={"lr": 2e-5, "num_beams": 3}, epoch=7, best_valid=np.float64(1.23), best_epoch=np.int64(5))
+    torch.save(state, tmp_path / "real.pth")
+    assert read_adapter(tmp_path / "real.pth").keys() == state["model"].keys()
+
+
+def test_wrong_shapes_name_the_task_key_and_both_shapes():
+    case = PARITY_CASES[0]
+    task, lm, encoder, _ = fixture_task(case)
+    state = read_adapter(case / "adapters.pth")
+    state["connector.1.weight"] = torch.zeros(7, 5)
+    with pytest.raises(AdapterError, match=r"fixture-.*connector\.1\.weight.*\(7, 5\).*need \("):
+        load_adapter(task, state, encoder.dim, lm.config.hidden_size, lm.config.word_embed_proj_dim)
+    del state["connector.1.weight"]
+    with pytest.raises(AdapterError, match="missing keys.*connector.1.weight"):
+        load_adapter(task, state, encoder.dim, lm.config.hidden_size, lm.config.word_embed_proj_dim)
+
+
+def test_corrupt_file_is_a_clear_error(tmp_path):
+    (tmp_path / "bad.pth").write_bytes(b"\x00garbage")
+    with pytest.raises(AdapterError, match="not a readable PyTorch checkpoint"):
+        read_adapter(tmp_path / "bad.pth")
