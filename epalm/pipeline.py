@@ -194,25 +194,29 @@ class Pipeline:
 
     # -- answering -------------------------------------------------------------------------
 
-    def decoding_options(self, task: Task, tokenizer: Any, preset: str | None = None, **overrides: Any) -> DecodingOptions:
+    def decoding_options(self, task: Task, preset: str | None = None, **overrides: Any) -> DecodingOptions:
+        """The task's decoding (the paper's), or a preset, with the given fields replaced."""
         if preset is not None and preset not in PRESETS:
             raise InputError(f"unknown decoding preset {preset!r}; choose one of {', '.join(PRESETS)}")
         base = task.generation if preset in (None, "paper") else PRESETS[preset]
-        overrides = {k: v for k, v in overrides.items() if v is not None}
         try:
-            return replace(base, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **overrides)
+            return replace(base, **{k: v for k, v in overrides.items() if v is not None})
         except (TypeError, ValueError) as exc:
             raise InputError(f"invalid decoding settings: {exc}") from exc
 
+    def _check_question(self, task: Task, question: str | None) -> str | None:
+        if not task.needs_question:
+            return None
+        question = (question or "").strip()
+        if not question:
+            raise InputError(f"Please type a question: '{task.title}' answers questions about the {task.modality}.")
+        if len(question) > MAX_QUESTION_CHARS:
+            raise InputError(f"The question is {len(question)} characters long; the limit is {MAX_QUESTION_CHARS}.")
+        return question
+
     def _text_ids(self, task: Task, question: str | None, tokenizer: Any) -> torch.Tensor:
-        if task.needs_question:
-            question = (question or "").strip()
-            if not question:
-                raise InputError(f"Please type a question: '{task.title}' answers questions about the {task.modality}.")
-            if len(question) > MAX_QUESTION_CHARS:
-                raise InputError(f"The question is {len(question)} characters long; the limit is {MAX_QUESTION_CHARS}.")
-        text = task.text.render(question)
-        ids = [tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False).input_ids
+        """BOS then the task's text, as the original tokenizer call produced them."""
+        ids = [tokenizer.bos_token_id] + tokenizer(task.text.render(question), add_special_tokens=False).input_ids
         if len(ids) > MAX_QUESTION_TOKENS:
             raise InputError(f"The question is {len(ids)} tokens long; the limit is {MAX_QUESTION_TOKENS}. Please shorten it.")
         return torch.tensor([ids], device=self.device)
@@ -228,25 +232,29 @@ class Pipeline:
         **overrides: Any,
     ) -> Iterator[Answer]:
         """Partial answers as they are generated (greedy and sampling), then the final one.
-        Beam search yields only the final answer."""
+        Beam search yields only the final answer. Bad input fails before any model loads."""
         spec = self.task(task)
-        lm, tokenizer = self.lm(spec, progress)
-        input_ids = self._text_ids(spec, question, tokenizer)
-        options = self.decoding_options(spec, tokenizer, preset, **overrides)
-        adapter, encoder = self.adapter(spec, progress), self.encoder(spec, progress)
+        question = self._check_question(spec, question)
+        options = self.decoding_options(spec, preset, **overrides)
         transform = spec.preprocess
         if num_frames is not None and spec.modality == "video":
             if not 1 <= num_frames <= 64:
                 raise InputError("frames to sample must be between 1 and 64")
             transform = replace(transform, num_frames=num_frames)
         timings = Timings()
+        started = time.perf_counter()
+        pixels = _PREPARE[spec.modality](media, transform, self.limits)
+        timings.encode_s = time.perf_counter() - started
+        lm, tokenizer = self.lm(spec, progress)
+        input_ids = self._text_ids(spec, question, tokenizer)
+        options = replace(options, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        adapter, encoder = self.adapter(spec, progress), self.encoder(spec, progress)
         dtype = str(self.dtype).replace("torch.", "")
         with self._out_of_memory(spec), torch.inference_mode():
             started = time.perf_counter()
-            pixels = _PREPARE[spec.modality](media, transform, self.limits)
             features = encoder(pixels[None].to(self.device), spec.injection.num_features)
             prefix = adapter.prefix(features)
-            timings.encode_s = time.perf_counter() - started
+            timings.encode_s += time.perf_counter() - started
             mask = torch.ones_like(input_ids)
             started = time.perf_counter()
             if options.streams:

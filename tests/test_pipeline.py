@@ -36,7 +36,7 @@ def test_every_modality_answers(pipe, media_files, task, modality, question):
 def test_paper_preset_is_the_default_and_is_beam_search(pipe, media_files):
     answers = list(pipe.stream(media_files["image"], "image-caption"))
     assert len(answers) == 1 and answers[0].done, "beam search shows only the final answer"
-    assert pipe.decoding_options(pipe.task("image-caption"), pipe.lm(pipe.task("image-caption"))[1]).num_beams == 3
+    assert pipe.decoding_options(pipe.task("image-caption")).num_beams == 3
 
 
 def test_streaming_gives_growing_prefixes_ending_in_the_final_text(pipe, media_files):
@@ -110,6 +110,12 @@ def test_user_errors_are_clear(pipe, media_files, tmp_path):
     empty.write_bytes(b"")
     with pytest.raises(MediaError):
         pipe.caption(empty, "image-caption")
+    fresh = Pipeline(device="cpu", tiny=True)
+    with pytest.raises(MediaError):
+        fresh.caption(empty, "image-caption")
+    with pytest.raises(InputError):
+        fresh.answer(media_files["image"], "", "image-vqa")
+    assert fresh.loaded() == [], "bad input fails before any model loads"
 
 
 def test_out_of_memory_is_named(pipe, media_files, monkeypatch):
