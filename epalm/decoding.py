@@ -8,7 +8,7 @@ Returned ids follow the original `generate`: input ids (with their padding) then
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Iterator, Protocol
 
 import torch
@@ -119,9 +119,7 @@ class UncachedSession:
 
     def reorder(self, index: torch.Tensor) -> None:
         self.ids, self.mask = self.ids.index_select(0, index), self.mask.index_select(0, index)
-        self.prefix = replace(
-            self.prefix, visual=self.prefix.visual.index_select(1, index), prompt=self.prefix.prompt.index_select(0, index)
-        )
+        self.prefix = self.prefix.select(index)
 
 
 def _session(model: EPALM, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix: Prefix, options: DecodingOptions) -> Session:

@@ -104,13 +104,13 @@ class Prefix:
     prompt: torch.Tensor  # [B, P, embed_dim]
     injection: InjectionConfig
 
+    def select(self, index: torch.Tensor) -> "Prefix":
+        """The rows `index` of the batch (beam expansion and reordering)."""
+        return replace(self, visual=self.visual.index_select(1, index), prompt=self.prompt.index_select(0, index))
+
     def repeat_interleave(self, repeats: int) -> "Prefix":
         """Row b -> rows b*k .. b*k+k-1, the layout beam search uses."""
-        return replace(
-            self,
-            visual=self.visual.repeat_interleave(repeats, dim=1),
-            prompt=self.prompt.repeat_interleave(repeats, dim=0),
-        )
+        return self.select(torch.arange(self.prompt.shape[0], device=self.prompt.device).repeat_interleave(repeats))
 
 
 class KVCache:
@@ -181,11 +181,7 @@ class DecodeState:
     late_input: torch.Tensor | None  # [B, 1+P+T, H] input of layer `end` (when layers > end exist)
 
     def reorder(self, index: torch.Tensor) -> None:
-        self.prefix = replace(
-            self.prefix,
-            visual=self.prefix.visual.index_select(1, index),
-            prompt=self.prefix.prompt.index_select(0, index),
-        )
+        self.prefix = self.prefix.select(index)
         self.text_mask = self.text_mask.index_select(0, index)
         self.cache.reorder(index)
         if self.late_input is not None:
