@@ -70,7 +70,7 @@ def load_case(case_dir: Path) -> tuple[dict, EPALM, Encoder, Adapter]:
     return manifest, lm, encoder.eval(), adapter.eval()
 
 
-def _encoder_input(manifest: dict, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+def encoder_input(manifest: dict, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     key = manifest["inputs"]["encoder_input_key"]
     x = inputs[key]
     if key == "video":  # fixtures keep the original [B, 3, T, H, W]; TimesformerModel wants [B, T, 3, H, W]
@@ -93,7 +93,7 @@ def run_case(case_dir: Path) -> list[Check]:
     expected = load_file(case_dir / manifest["expected"].get("file", "expected.safetensors"))
     input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
     with torch.inference_mode():
-        features = encoder(_encoder_input(manifest, inputs), adapter.config.num_features)
+        features = encoder(encoder_input(manifest, inputs), adapter.config.num_features)
         prefix = adapter.prefix(features)
         logits = lm(input_ids, attention_mask, prefix)
         checks = [

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from epalm.encoders import build_encoder, wrap_encoder
-from epalm.parity import load_case
+from epalm.parity import encoder_input, load_case
 from epalm.tiny import tiny_encoder
 
 from conftest import PARITY_CASES
@@ -17,9 +17,7 @@ from conftest import PARITY_CASES
 def test_features_match_the_original_blocks(case):
     manifest, _, encoder, adapter = load_case(case)
     inputs, debug = load_file(case / "inputs.safetensors"), load_file(case / "debug.safetensors")
-    x = inputs[manifest["inputs"]["encoder_input_key"]]
-    if x.dim() == 5:
-        x = x.permute(0, 2, 1, 3, 4)
+    x = encoder_input(manifest, inputs)
     depth = encoder.depth
     with torch.inference_mode():
         every_block = encoder(x, depth)

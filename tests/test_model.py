@@ -32,7 +32,8 @@ def padded_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def capture_layer_inputs(lm: EPALM) -> tuple[dict, list]:
+def run_capturing(lm: EPALM, ids: torch.Tensor, mask: torch.Tensor, prefix: Prefix) -> tuple[torch.Tensor, dict]:
+    """The full forward's logits and, per decoder layer, its (input hidden states, 4-D mask)."""
     seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     hooks = [
         layer.register_forward_pre_hook(
@@ -40,7 +41,12 @@ def capture_layer_inputs(lm: EPALM) -> tuple[dict, list]:
         )
         for i, layer in enumerate(lm.decoder.layers)
     ]
-    return seen, hooks
+    try:
+        with torch.inference_mode():
+            return lm(ids, mask, prefix), seen
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 @pytest.mark.parametrize(
@@ -63,10 +69,7 @@ def test_sequence_order_prepend_then_replace_and_late_layers():
     injection = InjectionConfig(start_layer=2, end_layer=5, num_features=3, prompt_len=4)
     lm, prefix = make(injection)
     ids = torch.tensor([[2, 10, 11, 12]])
-    seen, hooks = capture_layer_inputs(lm)
-    with torch.inference_mode():
-        lm(ids, torch.ones_like(ids), prefix)
-    [h.remove() for h in hooks]
+    _, seen = run_capturing(lm, ids, torch.ones_like(ids), prefix)
     P, T = 4, 4
     for i in (0, 1):  # before the first injection: [prompt ; text]
         assert seen[i][0].shape[1] == P + T
@@ -83,10 +86,7 @@ def test_visual_row_and_column_attend_everything_even_pads():
     injection = InjectionConfig(start_layer=1, end_layer=4, num_features=2, prompt_len=3)
     lm, prefix = make(injection, batch=2)
     ids, mask = padded_batch()
-    seen, hooks = capture_layer_inputs(lm)
-    with torch.inference_mode():
-        lm(ids, mask, prefix)
-    [h.remove() for h in hooks]
+    _, seen = run_capturing(lm, ids, mask, prefix)
     before, at_start = seen[0][1], seen[1][1]
     assert before.shape[-1] == 3 + 7 and at_start.shape[-1] == 1 + 3 + 7
     assert (at_start[:, :, 0, :] == 0).all(), "the visual query attends to every position, pads included"
@@ -101,10 +101,7 @@ def test_prompt_has_no_positions_and_text_positions_count_from_the_text_mask():
     injection = InjectionConfig(start_layer=2, end_layer=4, num_features=1, prompt_len=5)
     lm, prefix = make(injection, batch=2)
     ids, mask = padded_batch()
-    seen, hooks = capture_layer_inputs(lm)
-    with torch.inference_mode():
-        lm(ids, mask, prefix)
-    [h.remove() for h in hooks]
+    _, seen = run_capturing(lm, ids, mask, prefix)
     layer0 = seen[0][0]
     torch.testing.assert_close(layer0[:, :5], prefix.prompt, atol=0, rtol=0)
     table = lm.decoder.embed_positions.weight
@@ -118,10 +115,7 @@ def test_project_in_and_out_when_word_embed_dim_differs():
     lm, prefix = make(injection, word_embed_proj_dim=16)
     assert lm.decoder.project_in is not None and prefix.prompt.shape[-1] == 16 and prefix.visual.shape[-1] == 32
     ids = torch.tensor([[2, 40, 41]])
-    seen, hooks = capture_layer_inputs(lm)
-    with torch.inference_mode():
-        logits = lm(ids, torch.ones_like(ids), prefix)
-    [h.remove() for h in hooks]
+    logits, seen = run_capturing(lm, ids, torch.ones_like(ids), prefix)
     torch.testing.assert_close(seen[0][0][:, :3], lm.decoder.project_in(prefix.prompt))
     assert logits.shape == (1, 1 + 3 + 3, lm.config.vocab_size)
 

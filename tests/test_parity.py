@@ -10,9 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from epalm.parity import load_case, main, run_case
+from epalm.parity import encoder_input, load_case, main, run_case
 
 from conftest import PARITY_CASES, ROOT
+from test_model import run_capturing
 
 
 def test_parity_command_passes_on_every_case(parity_cases):
@@ -48,20 +49,9 @@ def test_layer_inputs_and_masks_match_the_original(case):
     """Every decoder layer's input (after injection) and the 4-D masks equal the original's."""
     manifest, lm, encoder, adapter = load_case(case)
     inputs, debug = load_file(case / "inputs.safetensors"), load_file(case / "debug.safetensors")
-    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    hooks = [
-        layer.register_forward_pre_hook(
-            lambda module, args, kwargs, i=i: seen.__setitem__(i, (args[0], kwargs["attention_mask"])), with_kwargs=True
-        )
-        for i, layer in enumerate(lm.decoder.layers)
-    ]
-    x = inputs[manifest["inputs"]["encoder_input_key"]]
-    if x.dim() == 5:
-        x = x.permute(0, 2, 1, 3, 4)
     with torch.inference_mode():
-        lm(inputs["input_ids"], inputs["attention_mask"], adapter.prefix(encoder(x, adapter.config.num_features)))
-    for handle in hooks:
-        handle.remove()
+        prefix = adapter.prefix(encoder(encoder_input(manifest, inputs), adapter.config.num_features))
+    _, seen = run_capturing(lm, inputs["input_ids"], inputs["attention_mask"], prefix)
     for i, (hidden, mask) in seen.items():
         torch.testing.assert_close(hidden, debug[f"decoder_layer_input.{i}"], atol=2e-5, rtol=0)
         if f"decoder_additive_mask.{i}" in debug:
