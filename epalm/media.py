@@ -1,0 +1,178 @@
+"""What the image, video and audio loaders share: the one error type, the limits, and turning a
+source (a path, bytes or a file object) into a file a decoder can open.
+
+Every decoding failure reaches the caller as `MediaError`, whose message a person can act on;
+decoder exceptions are chained to it (`raise MediaError(...) from exc`) for the logs, never shown
+raw. `MediaLimits` bounds what one request may cost in memory and time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Iterator, Union
+
+import av
+
+log = logging.getLogger(__name__)
+
+PLAYLIST_FORMATS = {"hls", "dash", "concat"}  # FFmpeg demuxers that open further files named inside the file
+Source = Union[str, os.PathLike, bytes, bytearray, memoryview, IO[bytes]]
+
+
+class MediaError(ValueError):
+    """A file or array that cannot be turned into model input; the message says why."""
+
+
+@dataclass(frozen=True)
+class MediaLimits:
+    """What one input may cost. Durations are read from the file's header (and enforced while
+    decoding); only the part of a long clip that the model sees is decoded, so a long file within
+    the limit costs about what a short one does."""
+
+    max_file_bytes: int = 200 * 2**20  # 200 MB
+    max_pixels: int = 100_000_000  # an image's width × height, checked before its pixels are decoded
+    max_frame_pixels: int = 4096 * 2304  # a video frame's width × height (4K fits; the sampled frames stay in memory)
+    max_video_seconds: float = 3600.0
+    max_audio_seconds: float = 3600.0
+
+
+def describe_bytes(size: float) -> str:
+    """'1.5 GB', '250 MB', '12 KB' (binary units, as file managers and upload limits use)."""
+    for unit, scale in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
+        if size >= scale:
+            value = size / scale
+            return f"{value:.1f} {unit}" if value < 10 else f"{value:.0f} {unit}"
+    return f"{size:.0f} bytes"
+
+
+def describe_seconds(seconds: float) -> str:
+    """'9.5 seconds', '20 minutes', '2.0 hours'."""
+    if seconds < 120:
+        return f"{seconds:.1f} seconds" if seconds < 10 else f"{seconds:.0f} seconds"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} minutes"
+    return f"{seconds / 3600:.1f} hours"
+
+
+def check_duration(seconds: float | None, limit: float, what: str) -> None:
+    """Refuse a clip longer than `limit`; `what` names it in the message ("video", "recording")."""
+    if seconds is not None and seconds > limit:
+        raise MediaError(f"This {what} is {describe_seconds(seconds)} long; the limit is {describe_seconds(limit)}.")
+
+
+def _check_size(size: int, limits: MediaLimits) -> None:
+    if size == 0:
+        raise MediaError("The file is empty.")
+    if size > limits.max_file_bytes:
+        raise MediaError(f"The file is {describe_bytes(size)}; the limit is {describe_bytes(limits.max_file_bytes)}.")
+
+
+def _is_path(src: Any) -> bool:
+    return isinstance(src, (str, os.PathLike))
+
+
+def check_file(path: str | os.PathLike, limits: MediaLimits) -> Path:
+    """The path, once it is known to be a readable, non-empty file within the size limit."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise MediaError(f"File not found: {path}")
+    if not path.is_file():
+        raise MediaError(f"This is a folder, not a file: {path}")
+    _check_size(path.stat().st_size, limits)
+    return path
+
+
+def read_bytes(src: Any, limits: MediaLimits) -> bytes:
+    """The content of in-memory bytes or a file object, within the size limit."""
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        data = bytes(src)
+    elif hasattr(src, "read"):
+        try:
+            data = src.read(limits.max_file_bytes + 1)
+        except (OSError, ValueError) as exc:
+            raise MediaError(f"Could not read the uploaded file: {exc}") from exc
+        if not isinstance(data, (bytes, bytearray)):
+            raise MediaError("The file object must be opened in binary mode ('rb').")
+    else:
+        raise MediaError(f"Expected a file path, bytes or a binary file object, not {type(src).__name__}.")
+    _check_size(len(data), limits)
+    return bytes(data)
+
+
+def open_binary(src: Any, limits: MediaLimits) -> IO[bytes] | Path:
+    """A path (checked) or an in-memory stream: what Pillow can open lazily."""
+    if _is_path(src):
+        return check_file(src, limits)
+    return io.BytesIO(read_bytes(src, limits))
+
+
+@contextlib.contextmanager
+def local_path(src: Any, limits: MediaLimits) -> Iterator[str]:
+    """A file path for decoders that need one (decord): the path itself, or a temporary copy of
+    bytes / a file object, removed afterwards."""
+    if _is_path(src):
+        yield str(check_file(src, limits))
+        return
+    data = read_bytes(src, limits)
+    handle, name = tempfile.mkstemp(prefix="epalm-", suffix=".media")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+        yield name
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(name)
+
+
+def open_container(path: str, what: str) -> av.container.InputContainer:
+    """Open a local file with PyAV (FFmpeg); `what` ("a video", "audio") completes the error
+    message. FFmpeg may only read local files, and playlists, which would make it open other
+    files, are refused."""
+    try:
+        container = av.open(path, mode="r", options={"protocol_whitelist": "file"})
+    except (av.error.FFmpegError, OSError, UnicodeDecodeError, ValueError) as exc:
+        raise MediaError(
+            f"Could not read this file as {what}: it is damaged, truncated, or not a format FFmpeg knows ({_reason(exc)})."
+        ) from exc
+    if set(container.format.name.split(",")) & PLAYLIST_FORMATS:
+        container.close()
+        raise MediaError("Playlists (HLS, DASH, concat lists) are not accepted; please upload the video or audio file itself.")
+    return container
+
+
+def _reason(exc: BaseException) -> str:
+    """The decoder's own words, without error numbers and file names."""
+    if isinstance(exc, av.error.FFmpegError):
+        return exc.strerror or type(exc).__name__
+    return str(exc) or type(exc).__name__
+
+
+def container_duration(container: av.container.InputContainer) -> float | None:
+    """Seconds, from the container header or else its longest stream; None when unknown."""
+    if container.duration is not None and container.duration > 0:
+        return container.duration / av.time_base
+    durations = [float(s.duration * s.time_base) for s in container.streams if s.duration and s.time_base]
+    return max(durations) if durations else None
+
+
+def media_duration(src: Any, limits: MediaLimits = MediaLimits()) -> float | None:
+    """Length in seconds of a video or audio file, or of a Gradio microphone tuple (rate, samples);
+    None when it cannot be told cheaply (images, unreadable or oversized files: the loaders say why)."""
+    if isinstance(src, tuple) and len(src) == 2:
+        rate, samples = src
+        try:
+            return len(samples) / float(rate) if float(rate) > 0 else None
+        except TypeError:
+            return None
+    try:
+        with local_path(src, limits) as path, open_container(path, "a video or audio") as container:
+            return container_duration(container)
+    except MediaError as exc:
+        log.debug("no duration for %r: %s", src, exc)
+        return None
