@@ -99,7 +99,7 @@ class Demo:
         report = lambda message: progress(None, desc=message)  # noqa: E731
         try:
             for answer in self.pipeline.stream(media, task, question, preset=preset, progress=report, **decoding):
-                info = f"{answer.timings.summary()} · {answer.device}/{answer.dtype}" if answer.done else "generating…"
+                info = f"`{answer.task}` · {answer.timings.summary()} · {answer.device}/{answer.dtype}" if answer.done else "generating…"
                 yield answer.text, info
         except USER_ERRORS as exc:
             raise gr.Error(str(exc)) from exc
@@ -150,9 +150,9 @@ def _examples(modality: str) -> list[list[str]]:
 
 def _tab(demo: Demo, modality: str, concurrency: int, status: gr.Markdown) -> None:
     media_input = {
-        "image": lambda: gr.Image(label="Image", sources=["upload", "webcam", "clipboard"], type="filepath"),
-        "video": lambda: gr.Video(label="Video", sources=["upload", "webcam"]),
-        "audio": lambda: gr.Audio(label="Audio", sources=["upload", "microphone"], type="filepath"),
+        "image": lambda: gr.Image(label="Image", sources=["upload", "webcam", "clipboard"], type="filepath", elem_id="image-input"),
+        "video": lambda: gr.Video(label="Video", sources=["upload", "webcam"], elem_id="video-input"),
+        "audio": lambda: gr.Audio(label="Audio", sources=["upload", "microphone"], type="filepath", elem_id="audio-input"),
     }[modality]
     has_qa = modality in QA_TASKS
     with gr.Row():
@@ -161,7 +161,9 @@ def _tab(demo: Demo, modality: str, concurrency: int, status: gr.Markdown) -> No
             mode = gr.Radio([("Caption", "caption"), ("Ask a question", "qa")], value="caption", label="Task", visible=has_qa)
             caption_task = gr.Dropdown(CAPTION_TASKS[modality], value=CAPTION_TASKS[modality][0][1], label="Model")
             qa_task = gr.Dropdown(QA_TASKS.get(modality, [("", "")]), value=QA_TASKS.get(modality, [("", "")])[0][1], label="Model", visible=False)
-            question = gr.Textbox(label="Question", placeholder="e.g. What is the dog doing?", max_length=300, visible=False)
+            question = gr.Textbox(
+                label="Question", placeholder="e.g. What is the dog doing?", max_length=300, visible=False, elem_id=f"{modality}-question"
+            )
             with gr.Accordion("Advanced", open=False):
                 preset = gr.Radio(PRESETS, value="paper", label="Decoding")
                 temperature = gr.Slider(0.1, 2.0, value=0.7, step=0.05, label="Temperature (sampling)")
@@ -171,8 +173,8 @@ def _tab(demo: Demo, modality: str, concurrency: int, status: gr.Markdown) -> No
             caption_button = gr.Button("Caption", variant="primary")
             answer_button = gr.Button("Answer", variant="primary", visible=False)
         with gr.Column():
-            answer = gr.Textbox(label="Answer", lines=3, buttons=["copy"])
-            info = gr.Markdown()
+            answer = gr.Textbox(label="Answer", lines=3, buttons=["copy"], elem_id=f"{modality}-answer")
+            info = gr.Markdown(elem_id=f"{modality}-info")
     settings = [preset, max_new_tokens, temperature, top_p, frames]
     events = dict(concurrency_id="model", concurrency_limit=concurrency, show_progress="minimal")
     caption_event = caption_button.click(
@@ -233,7 +235,7 @@ def build(pipeline: Pipeline, max_duration: float = 1800, concurrency: int | Non
             gr.Markdown("⚠️ **Smoke mode (`--tiny`)**: tiny random models, nothing downloaded. The answers are meaningless.", elem_id="tiny-banner")
         status = gr.Markdown(demo.status(), elem_id="status")
         for modality in ("image", "video", "audio"):
-            with gr.Tab(modality.capitalize(), id=modality):
+            with gr.Tab(modality.capitalize(), id=modality, elem_id=f"{modality}-tab"):
                 _tab(demo, modality, concurrency, status)
         blocks.load(demo.status, None, status, api_visibility="private")
     return blocks

@@ -127,6 +127,7 @@ def _session(model: EPALM, input_ids: torch.Tensor, attention_mask: torch.Tensor
     return kind(model, input_ids, attention_mask, prefix)
 
 
+@torch.inference_mode()  # as a decorator: entered per step, so a consumer may resume it in any thread
 def stream_tokens(
     model: EPALM, prefix: Prefix, input_ids: torch.Tensor, attention_mask: torch.Tensor, options: DecodingOptions
 ) -> Iterator[torch.Tensor]:
@@ -195,6 +196,7 @@ class _Hypotheses:
         return self.worst_score >= best_sum_logprobs / cur_len**self.length_penalty
 
 
+@torch.inference_mode()
 def beam_search(
     model: EPALM, prefix: Prefix, input_ids: torch.Tensor, attention_mask: torch.Tensor, options: DecodingOptions
 ) -> GenerationOutput:

@@ -45,18 +45,18 @@ class OutOfMemory(RuntimeError):
 @dataclass
 class Timings:
     encode_s: float = 0.0  # media decoding + preprocessing + encoder + adapter
-    first_token_s: float = 0.0  # prefill: from the start of decoding to the first token
-    decode_s: float = 0.0  # everything after the first token
+    first_token_s: float = 0.0  # from the start of decoding to the first token shown (beams: the whole search)
+    generate_s: float = 0.0  # the whole decoding
     new_tokens: int = 0
 
     @property
     def tokens_per_s(self) -> float:
-        return (self.new_tokens - 1) / self.decode_s if self.new_tokens > 1 and self.decode_s > 0 else 0.0
+        return self.new_tokens / self.generate_s if self.generate_s > 0 else 0.0
 
     def summary(self) -> str:
         return (
             f"encode {self.encode_s:.2f} s · first token {self.first_token_s:.2f} s · "
-            f"{self.new_tokens} tokens at {self.tokens_per_s:.1f} tokens/s"
+            f"{self.new_tokens} tokens in {self.generate_s:.2f} s ({self.tokens_per_s:.1f} tokens/s)"
         )
 
 
@@ -221,6 +221,7 @@ class Pipeline:
             raise InputError(f"The question is {len(ids)} tokens long; the limit is {MAX_QUESTION_TOKENS}. Please shorten it.")
         return torch.tensor([ids], device=self.device)
 
+    @torch.inference_mode()  # as a decorator: entered per step, never held across a yield
     def stream(
         self,
         media: Any,
@@ -250,7 +251,7 @@ class Pipeline:
         options = replace(options, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         adapter, encoder = self.adapter(spec, progress), self.encoder(spec, progress)
         dtype = str(self.dtype).replace("torch.", "")
-        with self._out_of_memory(spec), torch.inference_mode():
+        with self._out_of_memory(spec):
             started = time.perf_counter()
             features = encoder(pixels[None].to(self.device), spec.injection.num_features)
             prefix = adapter.prefix(features)
@@ -264,7 +265,7 @@ class Pipeline:
                 text = tokenizer.decode(ids, skip_special_tokens=True)
             else:
                 output = generate(lm, prefix, input_ids, mask, options).sequences[0, input_ids.shape[1] :]
-                timings.first_token_s = time.perf_counter() - started  # beams: the whole search
+                timings.first_token_s = timings.generate_s = time.perf_counter() - started
                 timings.new_tokens = int((output != options.pad_token_id).sum())
                 text = tokenizer.decode(output, skip_special_tokens=True)
         yield Answer(text.strip(), spec.id, True, timings, self.device.type, dtype)
@@ -275,8 +276,7 @@ class Pipeline:
             now = time.perf_counter()
             if not ids:
                 timings.first_token_s = now - started
-            else:
-                timings.decode_s = now - started - timings.first_token_s
+            timings.generate_s = now - started
             ids.append(int(step[0]))
             timings.new_tokens = len(ids)
             yield step

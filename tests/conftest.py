@@ -18,7 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("EPALM_SHARED", ROOT.parent / "shared"))
 PARITY_CASES = sorted(p for p in (SHARED / "parity").glob("*") if (p / "manifest.json").is_file())
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# tiny models gain nothing from threads, and idle OpenMP workers spin against any other load
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # for the subprocesses the tests start
 
 
 @pytest.fixture(scope="session")

@@ -170,3 +170,17 @@ def test_bfloat16_pipeline_runs(media_files):
     assert pipe.adapter(pipe.task("audio-caption")).connector[0].weight.dtype == torch.float32
     with pytest.raises(InputError, match="float16 is for GPUs"):
         Pipeline(device="cpu", dtype="float16", tiny=True)
+
+
+def test_a_stream_can_be_resumed_from_other_threads(pipe, media_files):
+    """Web servers pull each partial answer in whichever worker thread is free."""
+    stream = pipe.stream(media_files["image"], "image-caption", preset="fast", max_new_tokens=8, max_length=None)
+    pulled: list = []
+    while not pulled or not pulled[-1].done:
+        worker = threading.Thread(target=lambda: pulled.append(next(stream)))
+        worker.start()
+        worker.join()
+        assert len(pulled) < 20
+    assert not torch.is_inference_mode_enabled(), "the inference mode does not leak into the caller"
+    same = pipe.caption(media_files["image"], "image-caption", preset="fast", max_new_tokens=8, max_length=None)
+    assert pulled[-1].text == same.text
