@@ -181,20 +181,20 @@ def _tab(demo: Demo, modality: str, concurrency: int, status: gr.Markdown) -> No
         _handler(demo, modality, False), [media, caption_task, *settings], [answer, info], api_name=f"caption_{modality}",
         validator=demo.check_duration if modality != "image" else None, **events,
     )
-    caption_event.then(demo.status, None, status, api_visibility="private")
+    caption_event.then(demo.status, None, status, api_visibility="private", queue=False)
     if has_qa:
         answer_event = answer_button.click(
             _handler(demo, modality, True), [media, question, qa_task, *settings], [answer, info], api_name=f"answer_{modality}",
             validator=demo.check_duration if modality != "image" else None, **events,
         )
-        answer_event.then(demo.status, None, status, api_visibility="private")
+        answer_event.then(demo.status, None, status, api_visibility="private", queue=False)
         question.submit(
             _handler(demo, modality, True), [media, question, qa_task, *settings], [answer, info], api_visibility="private", **events
         )
         mode.change(
-            lambda m: [gr.update(visible=m == "caption"), gr.update(visible=m == "qa")] * 2,
-            mode, [caption_task, qa_task, caption_button, answer_button], api_visibility="private",
-        ).then(lambda m: gr.update(visible=m == "qa"), mode, question, api_visibility="private")
+            lambda m: [gr.update(visible=(m == "caption") == shows_caption) for shows_caption in (True, False, True, False, False)],
+            mode, [caption_task, qa_task, caption_button, answer_button, question], api_visibility="private", queue=False,
+        )
     examples = _examples(modality)
     if examples:
         gr.Examples(
@@ -237,7 +237,7 @@ def build(pipeline: Pipeline, max_duration: float = 1800, concurrency: int | Non
         for modality in ("image", "video", "audio"):
             with gr.Tab(modality.capitalize(), id=modality, elem_id=f"{modality}-tab"):
                 _tab(demo, modality, concurrency, status)
-        blocks.load(demo.status, None, status, api_visibility="private")
+        blocks.load(demo.status, None, status, api_visibility="private", queue=False)
     return blocks
 
 
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.preload:  # in the background: the page is served at once
         threading.Thread(target=pipeline.preload, args=(args.preload,), daemon=True).start()
     blocks = build(pipeline, args.max_duration, args.concurrency)
-    blocks.queue(max_size=args.queue_size).launch(
+    blocks.queue(max_size=args.queue_size, default_concurrency_limit=args.concurrency or 1).launch(
         server_name=args.host, server_port=args.port, share=args.share, max_file_size=f"{args.max_file_size:g}mb",
         allowed_paths=[str(EXAMPLES)],
     )

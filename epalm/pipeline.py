@@ -50,6 +50,11 @@ class Timings:
     new_tokens: int = 0
 
     @property
+    def decode_s(self) -> float:
+        """Decoding after the first token (0 for beam search, whose answer comes at once)."""
+        return self.generate_s - self.first_token_s
+
+    @property
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.generate_s if self.generate_s > 0 else 0.0
 
