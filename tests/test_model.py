@@ -192,3 +192,20 @@ def test_bf16_runs_and_stays_close_to_fp32():
         step_logits = session.step(session.start().argmax(-1))
     assert low.dtype == torch.bfloat16 and torch.isfinite(step_logits).all()
     assert (low.float() - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+def test_packed_weights_give_the_same_logits_and_ids():
+    from epalm.decoding import DecodingOptions, generate
+    from epalm.model import PackedLinear, pack_linear_weights
+
+    injection = InjectionConfig(1, 5, 2, prompt_len=3)
+    lm, prefix = make(injection, batch=2)
+    ids, mask = padded_batch()
+    options = DecodingOptions(num_beams=2, max_length=15)
+    with torch.inference_mode():
+        dense_logits, dense_ids = lm(ids, mask, prefix), generate(lm, prefix, ids, mask, options).sequences
+    packed = pack_linear_weights(lm)
+    assert packed == 6 * 6 + 1 and isinstance(lm.decoder.layers[0].fc1, PackedLinear)
+    with torch.inference_mode():
+        torch.testing.assert_close(lm(ids, mask, prefix), dense_logits, atol=1e-5, rtol=1e-5)
+        assert torch.equal(generate(lm, prefix, ids, mask, options).sequences, dense_ids)

@@ -184,3 +184,14 @@ def test_a_stream_can_be_resumed_from_other_threads(pipe, media_files):
     assert not torch.is_inference_mode_enabled(), "the inference mode does not leak into the caller"
     same = pipe.caption(media_files["image"], "image-caption", preset="fast", max_new_tokens=8, max_length=None)
     assert pulled[-1].text == same.text
+
+
+def test_cpu_weights_are_packed_unless_asked_not_to(media_files):
+    from epalm.model import PackedLinear
+
+    settings = dict(preset="fast", max_new_tokens=8, max_length=None)
+    packed, dense = Pipeline(device="cpu", tiny=True), Pipeline(device="cpu", tiny=True, pack_weights=False)
+    task = packed.task("image-caption")
+    assert isinstance(packed.lm(task)[0].decoder.layers[0].fc1, PackedLinear)
+    assert not isinstance(dense.lm(task)[0].decoder.layers[0].fc1, PackedLinear)
+    assert packed.caption(media_files["image"], "image-caption", **settings).text == dense.caption(media_files["image"], "image-caption", **settings).text
