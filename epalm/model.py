@@ -10,9 +10,10 @@ and its query attends to *every* position (later text and pads included). Its ou
 changes, and with it everything from layer `end` on. Layers before `end` see a constant visual
 input (the projected [CLS] is re-injected before each of them), so their cache stays valid. Each
 decoding step therefore (1) runs the new token through the cached layers `< end`, (2) re-runs the
-single visual query of layer `end - 1` over that layer's cached keys/values, and (3) recomputes the
-layers `>= end` (for the paper's OPT-2.7B, `end = 31` of 32 layers: only the visual key/value of the
-last layer changes, which the last layer's cache takes in place).
+single visual query of layer `end - 1` over that layer's keys/values (in the same pass as the new
+token, so that layer's weights are read once), and (3) recomputes the layers `>= end` (for the
+paper's OPT-2.7B, `end = 31` of 32 layers: only the visual key/value of the last layer changes,
+which the last layer's cache takes in place).
 """
 
 from __future__ import annotations
@@ -116,9 +117,10 @@ class Prefix:
 class KVCache:
     """Keys/values per decoder layer, in the interface OPTAttention calls (`update`).
 
-    Besides appending, two modes serve the cache refresh: `read_only` returns what is stored (the
-    visual query of layer end-1 attends to the cached keys, its own key/value is already row 0) and
-    `refresh_first` overwrites row 0 (the visual key/value of the last layer) and appends the rest.
+    Besides appending, two modes serve the cache refresh: `append_after_first` appends all but the
+    first query's key/value (layer end-1 runs the visual query, whose key/value is already row 0,
+    together with the new token) and `refresh_first` overwrites row 0 (the visual key/value of the
+    last layer) and appends the rest.
     """
 
     def __init__(self) -> None:
@@ -137,8 +139,9 @@ class KVCache:
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, **_: object) -> tuple[torch.Tensor, torch.Tensor]:
         if layer_idx not in self.keys:
             self.keys[layer_idx], self.values[layer_idx] = key, value
-        elif self.mode == "read_only":
-            pass
+        elif self.mode == "append_after_first":
+            self.keys[layer_idx] = torch.cat([self.keys[layer_idx], key[:, :, 1:]], dim=2)
+            self.values[layer_idx] = torch.cat([self.values[layer_idx], value[:, :, 1:]], dim=2)
         elif self.mode == "refresh_first":
             keys, values = self.keys[layer_idx], self.values[layer_idx]
             self.keys[layer_idx] = torch.cat([key[:, :, :1], keys[:, :, 1:], key[:, :, 1:]], dim=2)
@@ -287,20 +290,23 @@ class EPALM(nn.Module):
         mask = additive_mask(full_mask, 1, self.dtype)
         hidden = self._embed(tokens[:, None], state.text_mask, prompt=None)
         late_start = self._late_start(injection)
+        refresh_layer = late_start - 1 if late_start < len(self.decoder.layers) else None
         for idx in range(late_start):
             if idx == injection.start_layer:
                 mask = with_visual_column(mask, visual_row=False)
-            hidden = self.decoder.layers[idx](hidden, attention_mask=mask, cache=state.cache)
-        if late_start == len(self.decoder.layers):
+            if idx != refresh_layer:
+                hidden = self.decoder.layers[idx](hidden, attention_mask=mask, cache=state.cache)
+        if refresh_layer is None:
             return self._head(hidden[:, -1])
-        # Refresh: the visual query of layer end-1 over that layer's keys/values, new token included.
-        refresh_layer = late_start - 1
-        with state.cache.using("read_only"):
-            visual_out = self.decoder.layers[refresh_layer](
-                self._visual(prefix, refresh_layer), attention_mask=torch.zeros_like(mask), cache=state.cache
+        # Refresh: the visual query of layer end-1 attends to every key/value of that layer, the new
+        # token's included; it runs as an extra row next to the new token (mask row of zeros).
+        rows_mask = torch.cat([torch.zeros_like(mask), mask], dim=2)
+        with state.cache.using("append_after_first"):
+            both = self.decoder.layers[refresh_layer](
+                torch.cat([self._visual(prefix, refresh_layer), hidden], dim=1), attention_mask=rows_mask, cache=state.cache
             )
+        visual_out, hidden = both[:, :1], both[:, 1:]
         if self._cached_late_layer(injection) is not None:
-            rows_mask = torch.cat([torch.zeros_like(mask), mask], dim=2)
             with state.cache.using("refresh_first"):
                 hidden = self.decoder.layers[late_start](
                     torch.cat([visual_out, hidden], dim=1), attention_mask=rows_mask, cache=state.cache
@@ -347,11 +353,13 @@ def can_pack(weight: torch.Tensor) -> bool:
 
 
 @torch.no_grad()
-def pack_linear_weights(model: EPALM) -> int:
-    """Swap every Linear of the decoder layers for a `PackedLinear`, one at a time (the dense weight
-    is freed as its packed copy is made: no second copy of the model). CPU, float32/bfloat16 only;
-    a no-op elsewhere. The tied head is left as it is (packing it would duplicate the embedding).
-    Do it last: the packed weights do not follow `.to()`. Returns how many layers were packed."""
+def pack_linear_weights(model: EPALM, head: bool = True) -> int:
+    """Swap every Linear of the decoder layers (and the LM head) for a `PackedLinear`, one at a time:
+    the dense weight is freed as its packed copy is made, so there is no second copy of the model.
+    The head is tied to the token embedding, which keeps its dense weight: packing the head adds
+    one embedding-sized copy (0.5 GB for OPT-2.7B in float32) and saves the slowest product of a
+    beam step (`head=False` keeps the tie). CPU, float32/bfloat16 only; a no-op elsewhere.
+    Do it last: packed weights do not follow `.to()`. Returns how many layers were packed."""
     count = 0
     for layer in model.decoder.layers:
         for parent in list(layer.modules()):
@@ -359,4 +367,7 @@ def pack_linear_weights(model: EPALM) -> int:
                 if type(child) is nn.Linear and can_pack(child.weight):
                     setattr(parent, name, PackedLinear(child))
                     count += 1
+    if head and type(model.lm.lm_head) is nn.Linear and can_pack(model.lm.lm_head.weight):
+        model.lm.lm_head = PackedLinear(model.lm.lm_head)
+        count += 1
     return count
