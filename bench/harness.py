@@ -108,9 +108,9 @@ class _RandomPool:
     """Fills tensors from one pool of N(0, std) numbers at varying offsets: random-looking weights
     at memory speed (torch's normal_ needs ~50 s for 2.7B weights in bfloat16 on 2 cores)."""
 
-    def __init__(self, size: int = 1 << 24, std: float = 0.02, seed: int = 0) -> None:
+    def __init__(self, size: int = 1 << 24, std: float = 0.02, seed: int = 0, device: torch.device | None = None) -> None:
         g = torch.Generator().manual_seed(seed)
-        self.pool = torch.randn(size, generator=g) * std
+        self.pool = (torch.randn(size, generator=g) * std).to(device or "cpu")
         self.offset = 0
 
     @torch.no_grad()
@@ -130,7 +130,8 @@ class _RandomPool:
 @torch.no_grad()
 def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.02) -> torch.nn.Module:
     """Matrices ~ N(0, std), biases 0, LayerNorm weights 1 (a stable random model)."""
-    pool = _RandomPool(std=std, seed=seed)
+    first = next(module.parameters(), None)
+    pool = _RandomPool(std=std, seed=seed, device=first.device if first is not None else None)
     for name, param in module.named_parameters():
         if param.ndim >= 2:
             pool.fill(param)
@@ -230,7 +231,6 @@ class Device:
         """Yields a dict filled on exit: `peak_bytes` (CPU: resident-set high-water mark of the
         process, VmHWM, reset before the block through /proc/self/clear_refs; CUDA:
         max_memory_allocated) and `peak_delta_bytes` (over what was held before the block)."""
-        gc.collect()
         out: dict = {}
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -280,6 +280,61 @@ def reset_rss_peak() -> bool:
         return True
     except OSError:
         return False
+
+
+class CpuMonitor:
+    """CPU time used by *other* processes while a block runs (from /proc/stat minus this process's
+    own CPU time), in cores: with 2 cores and OpenMP, another busy process can slow a decode step
+    tenfold (threads wait for a descheduled sibling), so such runs are detected and repeated."""
+
+    def __init__(self) -> None:
+        self.foreign_cores: float | None = None
+        self.steal_cores: float | None = None
+
+    @staticmethod
+    def _stat() -> tuple[float, float] | None:
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        hz = os.sysconf("SC_CLK_TCK")
+        busy = fields[0] + fields[1] + fields[2] + fields[5] + fields[6]  # user nice system irq softirq
+        steal = fields[7] if len(fields) > 7 else 0
+        return busy / hz, steal / hz
+
+    def __enter__(self) -> "CpuMonitor":
+        self._start = (self._stat(), sum(os.times()[:2]), time.perf_counter())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        stat0, own0, t0 = self._start
+        stat1, own1, t1 = self._stat(), sum(os.times()[:2]), time.perf_counter()
+        self._end = t1
+        if stat0 is None or stat1 is None or t1 <= t0:
+            return
+        self.foreign_cores = max(0.0, (stat1[0] - stat0[0]) - (own1 - own0)) / (t1 - t0)
+        self.steal_cores = (stat1[1] - stat0[1]) / (t1 - t0)
+
+    def disturbed(self, limit: float = 0.3) -> bool:
+        """More than `limit` cores taken by others (blocks under 0.5 s are too short to tell)."""
+        stat0, _, t0 = self._start
+        if self.foreign_cores is None or self._end - t0 < 0.5:
+            return False
+        return self.foreign_cores + (self.steal_cores or 0.0) > limit
+
+
+def wait_for_quiet(limit: float = 0.2, window: float = 0.5, max_wait: float = 300.0) -> float:
+    """Wait (at most `max_wait` s) until other processes use less than `limit` cores over a
+    `window`; returns the seconds waited. Called before each group of runs and before a redo."""
+    waited = 0.0
+    while waited < max_wait:
+        with CpuMonitor() as monitor:
+            time.sleep(window)
+        if monitor.foreign_cores is None or monitor.foreign_cores + (monitor.steal_cores or 0.0) < limit:
+            break
+        waited += window
+    return waited
 
 
 def summary(values: list[float]) -> dict:
@@ -339,13 +394,17 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
-def memory_bandwidth(dev: Device, gib: float = 2.0, repeats: int = 5) -> dict:
-    """Copy and read of a `gib` GiB buffer. `read_gbps` (a sum over the buffer) is what a decode
-    step needs: every weight read once."""
-    n = int(gib * (1 << 30)) // 4
-    src = torch.empty(n, dtype=torch.float32, device=dev.device).uniform_()
-    dst = torch.empty_like(src)
+def memory_bandwidth(dev: Device, gib: float = 2.0, repeats: int = 3, copy: bool = True) -> dict:
+    """Read (and copy) rates over a `gib` GiB buffer. `read_gbps`, the best of a sum over the buffer
+    and (CPU) a one-row oneDNN matrix-vector product over it, is what a decode step needs: every
+    weight read once. The matrix-vector product has a decode step's access pattern and reads
+    faster than the sum here; the best of the two is a lower estimate of the memory's bandwidth.
+    This machine's rate drifts by a third over minutes, so runs take a small sample next to them."""
+    from epalm.model import can_pack
+
+    n = max(1, int(gib * (1 << 30)) // 4 // 2048) * 2048  # whole rows of 2048 for the product
     nbytes = n * 4
+    src = torch.empty(n, dtype=torch.float32, device=dev.device).uniform_()
 
     def best(fn: Callable[[], object]) -> float:
         fn()
@@ -356,16 +415,27 @@ def memory_bandwidth(dev: Device, gib: float = 2.0, repeats: int = 5) -> dict:
             times.append(dev.now() - t0)
         return min(times)
 
-    copy_s = best(lambda: dst.copy_(src))
-    read_s = best(lambda: src.sum())
-    del src, dst
-    gc.collect()
-    return {
-        "buffer_bytes": nbytes,
-        "copy_s": copy_s,
-        "copy_gbps": 2 * nbytes / copy_s / 1e9,  # read + write
-        "read_gbps": nbytes / read_s / 1e9,
-    }
+    out = {"buffer_bytes": nbytes}
+    if copy:
+        dst = torch.empty_like(src)
+        out["copy_gbps"] = 2 * nbytes / best(lambda: dst.copy_(src)) / 1e9  # read + write
+        del dst
+    out["sum_gbps"] = nbytes / best(lambda: src.sum()) / 1e9
+    if can_pack(src):
+        packed = torch.ops.mkldnn._reorder_linear_weight(src.view(-1, 2048), 1)
+        del src
+        v = torch.randn(1, 2048)
+        out["gemv_gbps"] = nbytes / best(lambda: torch.ops.mkldnn._linear_pointwise(v, packed, None, "none", [], "")) / 1e9
+        del packed
+    else:
+        del src
+    out["read_gbps"] = max(out["sum_gbps"], out.get("gemv_gbps", 0.0))
+    return out
+
+
+def bandwidth_probe(dev: Device, mib: int = 512) -> dict:
+    """The quick sample of `memory_bandwidth` taken around each group of runs."""
+    return memory_bandwidth(dev, gib=mib / 1024, copy=False)
 
 
 def decode_weight_bytes(lm: OPTForCausalLM) -> int:
@@ -462,6 +532,8 @@ class Workload:
     adapters: dict[str, Adapter]  # family -> adapter
     inputs: dict[str, torch.Tensor]  # input name -> encoder input
     new_tokens: int = 29
+    probe_mib: int = 512  # buffer of the bandwidth sample taken around each group of runs
+    quiet_wait_s: float = 300.0  # longest wait for other processes to leave the CPU before a group
 
     def options(self, setting: str, use_cache: bool, new_tokens: int | None = None) -> DecodingOptions:
         n = self.new_tokens if new_tokens is None else new_tokens
@@ -476,6 +548,7 @@ def measure_encoder(work: Workload, name: str, repeats: int, warmup: int = 1) ->
     family, _ = INPUTS[name]
     encoder, x = work.encoders[family], work.inputs[name]
     times = []
+    wait_for_quiet(max_wait=work.quiet_wait_s)
     with torch.inference_mode():
         for i in range(warmup + repeats):
             t0 = work.dev.now()
@@ -485,15 +558,74 @@ def measure_encoder(work: Workload, name: str, repeats: int, warmup: int = 1) ->
     return {"input": name, "shape": list(x.shape), "seconds": summary(times)}
 
 
-def run_epalm(work: Workload, name: str, setting: str, use_cache: bool, repeats: int, warmup: int = 1) -> dict:
-    """Encoder -> adapter -> eP-ALM decoding, end to end, `repeats` times after `warmup` short
-    runs (2 new tokens: enough to touch every weight and code path)."""
+@dataclass
+class Group:
+    """Repetitions of one measurement (`once(short)` -> one run's numbers)."""
+
+    mode: str
+    input: str | None
+    setting: str
+    once: Callable[[bool], dict]
+    repeats: int
+    retries: int = 2  # disturbed repetitions redone, at most, before one is kept (flagged)
+    runs: list[dict] = field(default_factory=list)
+    discarded: list[float] = field(default_factory=list)
+    waited: float = 0.0
+
+    @property
+    def done(self) -> bool:
+        return len(self.runs) >= self.repeats
+
+    def result(self) -> dict:
+        out = aggregate(self.runs)
+        out.update(mode=self.mode, input=self.input, setting=self.setting)
+        out["per_token_runs_s"] = [r["per_token_s"] for r in self.runs]
+        out["bandwidth_gbps"] = [r["bandwidth_gbps"] for r in self.runs]
+        out["discarded_disturbed_e2e_s"] = self.discarded
+        out["kept_disturbed"] = sum(r["disturbed"] for r in self.runs)
+        out["foreign_cores_max"] = max((r["foreign_cores"] or 0.0) for r in self.runs)
+        out["waited_for_quiet_s"] = self.waited
+        return out
+
+
+def interleave(work: "Workload", groups: list[Group], warmup: int = 1, log: Callable[[str], None] | None = None) -> list[dict]:
+    """Warm every group up (short runs), then time them round-robin, one repetition of each per
+    round, so that the machine's drifts (this one's memory bandwidth moves between ~45 and ~80 GB/s
+    over minutes) fall on every group alike. Before each repetition, wait for other processes to
+    leave the CPU; a repetition they disturbed anyway is redone later (`retries` times at most).
+    A read-bandwidth sample is taken at the start of each round."""
+    for group in groups:
+        group.waited += wait_for_quiet(max_wait=work.quiet_wait_s)
+        for _ in range(warmup):
+            group.once(True)
+    while not all(group.done for group in groups):
+        rate = bandwidth_probe(work.dev, work.probe_mib)["read_gbps"]
+        for group in groups:
+            if group.done:
+                continue
+            group.waited += wait_for_quiet(max_wait=work.quiet_wait_s)
+            with CpuMonitor() as monitor:
+                run = group.once(False)
+            run.update(foreign_cores=monitor.foreign_cores, disturbed=monitor.disturbed(), bandwidth_gbps=rate)
+            if run["disturbed"] and group.retries > 0:
+                group.retries -= 1
+                group.discarded.append(run["e2e_s"])
+                continue
+            group.runs.append(run)
+            if log:
+                log(f"{group.mode:<18} {group.input or '-':<8} {group.setting:<6} run {len(group.runs)}: "
+                    f"e2e {run['e2e_s']:.2f}s per-token {run['per_token_s'] * 1e3:.0f}ms")
+    return [group.result() for group in groups]
+
+
+def epalm_group(work: Workload, name: str, setting: str, use_cache: bool, repeats: int, retries: int = 2, mode: str | None = None) -> Group:
+    """Encoder -> adapter -> eP-ALM decoding, end to end; warm-up runs make 2 new tokens (enough
+    to touch every weight and code path)."""
     family, _ = INPUTS[name]
     encoder, adapter, x = work.encoders[family], work.adapters[family], work.inputs[name]
     ids, mask = work.text()
-    runs = []
-    for i in range(warmup + repeats):
-        short = i < warmup
+
+    def once(short: bool) -> dict:
         options = work.options(setting, use_cache, new_tokens=min(2, work.new_tokens) if short else None)
         with work.dev.peak_memory() as mem, timed_sessions(work.dev) as sessions, torch.inference_mode():
             t0 = work.dev.now()
@@ -503,27 +635,24 @@ def run_epalm(work: Workload, name: str, setting: str, use_cache: bool, repeats:
             t2 = work.dev.now()
             out = generate(work.lm, prefix, ids, mask, options)
             t3 = work.dev.now()
-        if short:
-            continue
         session = sessions[0]
         new = out.sequences.shape[1] - ids.shape[1]
-        runs.append(
-            dict(
-                encoder_s=t1 - t0,
-                adapter_s=t2 - t1,
-                prefill_s=session.prefill_s,
-                first_token_s=(t2 - t0) + session.prefill_s,
-                generate_s=t3 - t2,
-                e2e_s=t3 - t0,
-                new_tokens=new,
-                per_token_s=(t3 - t2 - session.prefill_s) / max(new - 1, 1),
-                step_median_s=statistics.median(session.steps_s) if session.steps_s else None,
-                peak_bytes=mem["peak_bytes"],
-                peak_delta_bytes=mem["peak_delta_bytes"],
-                ids=out.sequences[0].tolist(),
-            )
+        return dict(
+            encoder_s=t1 - t0,
+            adapter_s=t2 - t1,
+            prefill_s=session.prefill_s,
+            first_token_s=(t2 - t0) + session.prefill_s,
+            generate_s=t3 - t2,
+            e2e_s=t3 - t0,
+            new_tokens=new,
+            per_token_s=(t3 - t2 - session.prefill_s) / max(new - 1, 1),
+            step_median_s=statistics.median(session.steps_s) if session.steps_s else None,
+            peak_bytes=mem["peak_bytes"],
+            peak_delta_bytes=mem["peak_delta_bytes"],
+            ids=out.sequences[0].tolist(),
         )
-    return aggregate(runs)
+
+    return Group(mode or ("cached" if use_cache else "uncached"), name, setting, once, repeats, retries)
 
 
 def aggregate(runs: list[dict]) -> dict:
@@ -564,14 +693,13 @@ def hf_input(work: Workload) -> torch.Tensor:
     return ids.to(work.dev.device)
 
 
-def run_hf_generate(work: Workload, setting: str, repeats: int, warmup: int = 1) -> dict:
+def hf_group(work: Workload, setting: str, repeats: int, retries: int = 2, mode: str = "hf_generate") -> Group:
     """transformers `OPTForCausalLM.generate` with its KV cache on the same weights object, same
     dtype, beams and number of new tokens (EOS suppressed by min_new_tokens)."""
     ids = hf_input(work)
     beams = SETTINGS[setting]["num_beams"]
-    runs = []
-    for i in range(warmup + repeats):
-        short = i < warmup
+
+    def once(short: bool) -> dict:
         n = min(2, work.new_tokens) if short else work.new_tokens
         clock = _StepClock(work.dev)
         with work.dev.peak_memory() as mem, torch.inference_mode():
@@ -588,26 +716,23 @@ def run_hf_generate(work: Workload, setting: str, repeats: int, warmup: int = 1)
                 logits_processor=LogitsProcessorList([clock]),
             )
             t1 = work.dev.now()
-        if short:
-            continue
         new = out.shape[1] - ids.shape[1]
         prefill = clock.stamps[0] - t0
         steps = [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]
-        runs.append(
-            dict(
-                prefill_s=prefill,
-                first_token_s=prefill,
-                generate_s=t1 - t0,
-                e2e_s=t1 - t0,
-                new_tokens=new,
-                per_token_s=(t1 - t0 - prefill) / max(new - 1, 1),
-                step_median_s=statistics.median(steps) if steps else None,
-                peak_bytes=mem["peak_bytes"],
-                peak_delta_bytes=mem["peak_delta_bytes"],
-                ids=out[0].tolist(),
-            )
+        return dict(
+            prefill_s=prefill,
+            first_token_s=prefill,
+            generate_s=t1 - t0,
+            e2e_s=t1 - t0,
+            new_tokens=new,
+            per_token_s=(t1 - t0 - prefill) / max(new - 1, 1),
+            step_median_s=statistics.median(steps) if steps else None,
+            peak_bytes=mem["peak_bytes"],
+            peak_delta_bytes=mem["peak_delta_bytes"],
+            ids=out[0].tolist(),
         )
-    return aggregate(runs)
+
+    return Group(mode, None, setting, once, repeats, retries)
 
 
 @torch.inference_mode()

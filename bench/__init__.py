@@ -1,0 +1,1 @@
+"""eP-ALM benchmark (see run.py)."""

@@ -1,0 +1,128 @@
+"""The benchmark harness on tiny shapes: it runs end to end, writes the JSON and the markdown with
+the expected fields, and the cached ids it measures equal the uncached original's."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT))
+
+from bench import harness as H  # noqa: E402
+from bench import report  # noqa: E402
+from bench import run as bench_run  # noqa: E402
+
+TINY = ["--lm", "tiny", "--encoders", "tiny", "--dtype", "float32", "--repeats", "1", "--new-tokens", "5",
+        "--bandwidth-gib", "0.03", "--probe-mib", "8", "--quiet-wait", "0"]
+
+
+@pytest.fixture(scope="module")
+def bench_output(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    args = TINY + ["--modalities", "image", "audio", "--baseline-inputs", "image", "audio", "--in-process", "--out", str(out / "results.json"),
+                   "--markdown", str(out / "RESULTS.md")]
+    assert bench_run.main(args) == 0
+    return json.loads((out / "results.json").read_text()), (out / "RESULTS.md").read_text()
+
+
+def test_results_json_has_every_measurement(bench_output):
+    results, _ = bench_output
+    assert {"machine", "configurations", "targets", "command", "wall_s"} <= set(results)
+    assert {"cpu", "cpu_count", "torch", "torch_threads"} <= set(results["machine"])
+    [config] = results["configurations"]
+    assert "error" not in config
+    assert config["bandwidth"]["read_gbps"] > 0 and config["bandwidth"]["copy_gbps"] > 0
+    assert config["weights"]["decode_weight_bytes"] > 0
+    assert set(config["encoders"]) == {"image", "audio"}
+    modes = {(r["mode"], r["input"], r["setting"]) for r in config["runs"]}
+    for setting in ("paper", "greedy"):
+        assert ("hf_generate", None, setting) in modes
+        for name in ("image", "audio"):
+            assert {("uncached", name, setting), ("cached", name, setting), ("cached_packed", name, setting)} <= modes
+    for run in config["runs"]:
+        assert run["new_tokens"] == 5, "decoding is forced to the full length"
+        for key in ("first_token_s", "per_token_s", "e2e_s", "tokens_per_s"):
+            assert run[key]["median"] > 0 and run[key]["min"] <= run[key]["median"] <= run[key]["max"]
+        assert run["peak_bytes"] > 0 and len(run["bandwidth_gbps"]) == len(run["per_token_runs_s"]) == run["repeats"]
+        if run["mode"] != "hf_generate" and run["mode"] != "hf_generate_packed":
+            assert run["encoder_s"]["median"] > 0 and run["prefill_s"]["median"] > 0
+    assert config["adapters"]["all_tasks_bytes"] > config["adapters"]["one_task_bytes"]
+    assert len(config["adapters"]["tasks"]) == 7
+    assert {p["kernels"] for p in config["profiles"]} == {"default", "packed"}
+    assert all(p["ops"] for p in config["profiles"])
+
+
+def test_cached_ids_equal_uncached_ids_in_the_bench(bench_output):
+    results, _ = bench_output
+    checks = results["configurations"][0]["checks"]
+    assert len(checks) == 8  # (cached, packed) x (image, audio) x (paper, greedy)
+    assert all(c["identical"] for c in checks), checks
+    runs = results["configurations"][0]["runs"]
+    hf = [r for r in runs if r["mode"] == "hf_generate"]
+    assert all(len(r["ids"]) == 12 + 5 for r in hf), "plain generate: prompt as long as eP-ALM's prefill + new tokens"
+
+
+def test_markdown_has_machine_targets_and_tables(bench_output, tmp_path):
+    results, md = bench_output
+    for text in ("## Machine", "## Targets", "## Results", "per token ms", "ids = uncached", "bandwidth",
+                 "Profile of one cached decode step", report.NOTES_START, "one task"):
+        assert text in md
+    assert len(results["targets"]) >= 4
+    # hand-written notes survive a regeneration
+    edited = md.replace("(none yet)", "kept by hand")
+    assert "kept by hand" in report.markdown(results, report.kept_notes(edited))
+
+
+def test_packed_weights_give_the_same_ids_and_close_logits():
+    from epalm.decoding import DecodingOptions, generate
+    from epalm.model import EPALM, pack_linear_weights
+
+    lm = EPALM(H.build_lm("tiny", torch.float32, torch.device("cpu"), seed=1))
+    injection = H.injection_for(lm.config.num_hidden_layers, "tiny")
+    adapter = H.build_adapter(injection, 16, lm.lm, torch.float32, torch.device("cpu"))
+    prefix = adapter.prefix(torch.randn(injection.num_features, 2, 16))
+    ids = torch.tensor([[2, 50, 60], [2, 70, 1]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    options = DecodingOptions(num_beams=3, max_length=12, eos_token_id=-1)
+    with torch.inference_mode():
+        logits = lm(ids, mask, prefix)
+        dense = generate(lm, prefix, ids, mask, options).sequences
+        assert pack_linear_weights(lm) == 6 * lm.config.num_hidden_layers + 1  # + the head
+        torch.testing.assert_close(lm(ids, mask, prefix), logits, atol=1e-5, rtol=1e-5)
+        packed = generate(lm, prefix, ids, mask, options).sequences
+    assert torch.equal(dense, packed) and dense.shape[1] == 12
+
+
+def test_random_lm_is_built_without_a_second_copy_and_tied():
+    lm = H.build_lm("tiny", torch.bfloat16, torch.device("cpu"))
+    assert lm.lm_head.weight is lm.model.decoder.embed_tokens.weight
+    assert all(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in lm.parameters())
+    weights = lm.model.decoder.layers[0].fc1.weight.float()
+    assert 0.01 < weights.std() < 0.03 and weights.abs().sum() > 0
+    assert torch.equal(lm.model.decoder.layers[0].final_layer_norm.weight, torch.ones_like(lm.model.decoder.layers[0].final_layer_norm.weight))
+
+
+def test_cli_defaults_and_quick_plan():
+    args = bench_run.parse_args(["--quick"])
+    [config] = bench_run.plan(args)
+    assert config["lm"] == "opt-125m" and config["encoders"] == "small" and config["dtype"] == "float32"
+    assert config["inputs"] == ["image", "video8", "video16", "audio"] and config["baseline_inputs"] == ["image"]
+    full = bench_run.plan(bench_run.parse_args([]))
+    assert [(c["lm"], c["dtype"]) for c in full] == [("opt-2.7b", "float32"), ("opt-2.7b", "bfloat16")]
+    assert full[0]["baseline_inputs"] == ["image"]
+    cuda = bench_run.parse_args(["--device", "cuda"])
+    assert cuda.dtype == ["float16", "bfloat16"]
+
+
+def test_device_helpers_do_not_touch_cuda_on_cpu():
+    dev = H.Device(torch.device("cpu"))
+    dev.sync()
+    with dev.peak_memory() as mem:
+        x = torch.ones(1 << 20)
+    assert mem["peak_bytes"] >= mem["base_bytes"] > 0
+    del x
