@@ -111,21 +111,17 @@ def test_user_errors_become_clear_messages(client, media_files, tmp_path, args, 
     assert message in shown and "Traceback" not in shown and len(shown) > 10
 
 
-def test_too_large_and_too_long_uploads_are_refused(media_files, tmp_path):
-    pipeline = Pipeline(device="cpu", tiny=True)
-    long_video = write_video(tmp_path / "long.mp4", frames=40, fps=8)  # 5 s
-    blocks, url = serve(pipeline, max_duration=2.0, max_file_size=20_000)
+@pytest.mark.parametrize(
+    "limits, message",
+    [({"max_file_size": 20_000}, "(?i)size|large|limit"), ({}, "This clip is 5 seconds long; the limit is 2 seconds")],
+    ids=["file-size", "duration"],
+)
+def test_too_large_and_too_long_uploads_are_refused(tmp_path, limits, message):
+    long_video = write_video(tmp_path / "long.mp4", frames=40, fps=8)  # 5 s, about 30 kB
+    blocks, url = serve(Pipeline(device="cpu", tiny=True), max_duration=2.0, **limits)
     try:
-        client = Client(url, verbose=False)
-        with pytest.raises(Exception, match="(?i)size|large|limit"):
-            client.predict(handle_file(str(long_video)), api_name="/caption_video")
-    finally:
-        blocks.close()
-    blocks, url = serve(pipeline, max_duration=2.0)
-    try:
-        client = Client(url, verbose=False)
-        with pytest.raises(Exception, match="This clip is 5 seconds long; the limit is 2 seconds"):
-            client.predict(handle_file(str(long_video)), api_name="/caption_video")
+        with pytest.raises(Exception, match=message):
+            Client(url, verbose=False).predict(handle_file(str(long_video)), api_name="/caption_video")
     finally:
         blocks.close()
 
