@@ -17,6 +17,7 @@ MODE_LABELS = {
     "cached_packed": "eP-ALM cached, packed weights",
     "cached": "eP-ALM cached",
     "uncached": "eP-ALM uncached (original algorithm)",
+    "uncached_packed": "eP-ALM uncached, packed weights",
     "hf_generate": "transformers generate (plain OPT)",
     "hf_generate_packed": "transformers generate, packed weights",
 }
@@ -68,25 +69,33 @@ def targets(results: dict) -> list[dict]:
         tag = f"{config['lm']} {config['dtype']}"
         name = (config.get("config") or {}).get("baseline_inputs", ["image"])[:1] or ["image"]
         name = name[0]
-        ours_paper = _ours(config, "paper", name)
-        unc = _find(config, "uncached", "paper", name)
-        if ours_paper and unc:
-            for mode in OURS:
-                run = _find(config, mode, "paper", name)
-                if not run:
-                    continue
-                ratio = _med(unc, "e2e_s") / _med(run, "e2e_s")
-                check = next(
-                    (c for c in config.get("checks", []) if (c["mode"], c["input"], c["setting"]) == (mode, name, "paper")), None
+        # user-facing (our fastest against the original as it ran), then the same kernels on both sides
+        ours = _ours(config, "paper", name)
+        for mode, reference in (("cached_packed", "uncached"), ("cached", "uncached"), ("cached_packed", "uncached_packed")):
+            run, unc = _find(config, mode, "paper", name), _find(config, reference, "paper", name)
+            if not run or not unc:
+                continue
+            # the target compares our decoding with the original as it ran; the other pairs (same
+            # kernels on both sides) say how much of it the algorithm gives
+            diagnostic = not (run is ours and reference == "uncached")
+            ratio = _med(unc, "e2e_s") / _med(run, "e2e_s")
+            check = next(
+                (c for c in config.get("checks", [])
+                 if (c["mode"], c.get("reference", "uncached"), c["input"], c["setting"]) == (mode, reference, name, "paper")),
+                None,
+            )
+            identical = check["identical"] if check else None
+            out.append(
+                dict(
+                    config=tag,
+                    target="paper caption >= 10x faster than uncached, identical ids"
+                    + (" (same kernels both sides; not the target)" if diagnostic else ""),
+                    mode=mode, reference=reference, value=ratio, unit="x",
+                    met=bool(ratio >= SPEEDUP_TARGET and identical), identical=identical, diagnostic=diagnostic,
+                    detail=f"vs {MODE_LABELS[reference]}: {_med(unc, 'e2e_s'):.1f} s -> {_med(run, 'e2e_s'):.2f} s; "
+                    f"ids {'identical' if identical else 'differ'}",
                 )
-                identical = check["identical"] if check else None
-                out.append(
-                    dict(
-                        config=tag, target="paper caption >= 10x faster than uncached, identical ids", mode=mode,
-                        value=ratio, unit="x", met=bool(ratio >= SPEEDUP_TARGET and identical), identical=identical,
-                        detail=f"{_med(unc, 'e2e_s'):.1f} s -> {_med(run, 'e2e_s'):.2f} s",
-                    )
-                )
+            )
         for setting in ("paper", "greedy"):
             ours, hf = _ours(config, setting, name), _find(config, "hf_generate", setting, None)
             if ours and hf:
@@ -212,10 +221,15 @@ def config_section(config: dict) -> list[str]:
         lines.append("Matrix products alone, one decode step: " + "; ".join(parts) + ".")
     lines.append("")
     rows = []
-    checks = {(c["mode"], c["input"], c["setting"]): c for c in config.get("checks", [])}
     for run in config["runs"]:
-        check = checks.get((run["mode"], run["input"], run["setting"]))
-        same = "-" if not check else ("yes" if check["identical"] else f"no (from id {check['first_difference']})")
+        found = [
+            c for c in config.get("checks", []) if (c["mode"], c["input"], c["setting"]) == (run["mode"], run["input"], run["setting"])
+        ]
+        same = ", ".join(
+            ("yes" if c["identical"] else f"no (from id {c['first_difference']})")
+            + (" (packed)" if c.get("reference") == "uncached_packed" else "")
+            for c in found
+        ) or "-"
         bw = sorted(run.get("bandwidth_gbps") or [])
         redone = len(run.get("discarded_disturbed_e2e_s") or [])
         flags = f"{run.get('repeats')}" + (f" (+{redone} redone)" if redone else "") + (
@@ -294,7 +308,7 @@ def markdown(results: dict, notes: str | None = None) -> str:
     ]
     rows = [
         [t["config"], t["target"], MODE_LABELS.get(t["mode"], t["mode"]), f"{t['value']:.2f} {t['unit']}", t["detail"],
-         "**met**" if t["met"] else "missed"]
+         "-" if t.get("diagnostic") else ("**met**" if t["met"] else "missed")]
         for t in results.get("targets", [])
     ]
     lines += _table(["configuration", "target", "decoding", "value", "detail", ""], rows) if rows else ["(no targets measured)"]

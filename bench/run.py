@@ -1,8 +1,8 @@
 """eP-ALM benchmark: latency, throughput and memory at the real model sizes, cached decoding against
 the original uncached algorithm, plain transformers `generate`, and the machine's bandwidth bound.
 
-    python bench/run.py                  # full CPU run: OPT-2.7B, fp32 + bf16, every modality (~30 min)
-    python bench/run.py --quick          # small shapes only (about a minute)
+    python bench/run.py                  # full CPU run: OPT-2.7B, fp32 + bf16, every modality (~25 min)
+    python bench/run.py --quick          # small shapes only (OPT-125m shape, small encoders; ~2 min)
     python bench/run.py --device cuda --dtype float16 bfloat16
 
 Each (LM shape, dtype) runs in its own subprocess (peak memory per process, no two models held at
@@ -218,6 +218,11 @@ def run_configuration(config: dict, save) -> dict:
         log(f"packed {packed} linear layers")
         result["linear_floor"]["packed"] = [H.linear_floor(lm.lm, dev, rows) for rows in beams]
         groups = [
+            H.epalm_group(work, name, setting, False, config["uncached_repeats"], retries=1, mode="uncached_packed")
+            for name in config["baseline_inputs"]
+            for setting in settings
+        ]
+        groups += [
             H.epalm_group(work, name, setting, True, reps, mode="cached_packed")
             for name in config["inputs"]
             for setting in settings
@@ -234,19 +239,25 @@ def run_configuration(config: dict, save) -> dict:
     return result
 
 
+ID_PAIRS = [("cached", "uncached"), ("cached_packed", "uncached"), ("cached_packed", "uncached_packed")]
+
+
 def id_checks(runs: list[dict]) -> list[dict]:
-    """Cached ids against the uncached original's, same input and setting."""
+    """Cached ids against the uncached original's, same input and setting (and same kernels, or the
+    original's default ones)."""
     out = []
-    for ref in (r for r in runs if r["mode"] == "uncached"):
-        for run in runs:
-            if run["mode"] in ("cached", "cached_packed") and (run["input"], run["setting"]) == (ref["input"], ref["setting"]):
-                a, b = run["ids"], ref["ids"]
-                diff = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
-                if diff is None and len(a) != len(b):
-                    diff = min(len(a), len(b))
-                out.append(
-                    dict(mode=run["mode"], input=run["input"], setting=run["setting"], identical=diff is None, first_difference=diff)
-                )
+    for mode, reference in ID_PAIRS:
+        for ref in (r for r in runs if r["mode"] == reference):
+            for run in runs:
+                if run["mode"] == mode and (run["input"], run["setting"]) == (ref["input"], ref["setting"]):
+                    a, b = run["ids"], ref["ids"]
+                    diff = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+                    if diff is None and len(a) != len(b):
+                        diff = min(len(a), len(b))
+                    out.append(
+                        dict(mode=mode, reference=reference, input=run["input"], setting=run["setting"],
+                             identical=diff is None, first_difference=diff)
+                    )
     return out
 
 

@@ -43,7 +43,8 @@ def test_results_json_has_every_measurement(bench_output):
     for setting in ("paper", "greedy"):
         assert ("hf_generate", None, setting) in modes
         for name in ("image", "audio"):
-            assert {("uncached", name, setting), ("cached", name, setting), ("cached_packed", name, setting)} <= modes
+            assert {("uncached", name, setting), ("cached", name, setting), ("cached_packed", name, setting),
+                    ("uncached_packed", name, setting)} <= modes
     for run in config["runs"]:
         assert run["new_tokens"] == 5, "decoding is forced to the full length"
         for key in ("first_token_s", "per_token_s", "e2e_s", "tokens_per_s"):
@@ -60,7 +61,7 @@ def test_results_json_has_every_measurement(bench_output):
 def test_cached_ids_equal_uncached_ids_in_the_bench(bench_output):
     results, _ = bench_output
     checks = results["configurations"][0]["checks"]
-    assert len(checks) == 8  # (cached, packed) x (image, audio) x (paper, greedy)
+    assert len(checks) == 12  # (cached, packed vs default, packed vs packed) x (image, audio) x (paper, greedy)
     assert all(c["identical"] for c in checks), checks
     runs = results["configurations"][0]["runs"]
     hf = [r for r in runs if r["mode"] == "hf_generate"]
