@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from epalm.model import EPALM
-from epalm.tiny import tiny_encoder, tiny_lm, tiny_tokenizer
+from epalm.tiny import tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("EPALM_SHARED", ROOT.parent / "shared"))
@@ -32,16 +31,6 @@ def parity_cases() -> list[Path]:
 @pytest.fixture(scope="session")
 def tokenizer():
     return tiny_tokenizer()
-
-
-@pytest.fixture(scope="session")
-def tiny_lm_model() -> EPALM:
-    return EPALM(tiny_lm(seed=0))
-
-
-@pytest.fixture(scope="session", params=["image", "video", "audio"])
-def tiny_encoder_model(request):
-    return tiny_encoder(request.param, seed=0)
 
 
 class FakeHub:

@@ -79,26 +79,6 @@ def test_markdown_has_machine_targets_and_tables(bench_output, tmp_path):
     assert "kept by hand" in report.markdown(results, report.kept_notes(edited))
 
 
-def test_packed_weights_give_the_same_ids_and_close_logits():
-    from epalm.decoding import DecodingOptions, generate
-    from epalm.model import EPALM, pack_linear_weights
-
-    lm = EPALM(H.build_lm("tiny", torch.float32, torch.device("cpu"), seed=1))
-    injection = H.injection_for(lm.config.num_hidden_layers, "tiny")
-    adapter = H.build_adapter(injection, 16, lm.lm, torch.float32, torch.device("cpu"))
-    prefix = adapter.prefix(torch.randn(injection.num_features, 2, 16))
-    ids = torch.tensor([[2, 50, 60], [2, 70, 1]])
-    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
-    options = DecodingOptions(num_beams=3, max_length=12, eos_token_id=-1)
-    with torch.inference_mode():
-        logits = lm(ids, mask, prefix)
-        dense = generate(lm, prefix, ids, mask, options).sequences
-        assert pack_linear_weights(lm) == 6 * lm.config.num_hidden_layers + 1  # + the head
-        torch.testing.assert_close(lm(ids, mask, prefix), logits, atol=1e-5, rtol=1e-5)
-        packed = generate(lm, prefix, ids, mask, options).sequences
-    assert torch.equal(dense, packed) and dense.shape[1] == 12
-
-
 def test_random_lm_is_built_without_a_second_copy_and_tied():
     lm = H.build_lm("tiny", torch.bfloat16, torch.device("cpu"))
     assert lm.lm_head.weight is lm.model.decoder.embed_tokens.weight

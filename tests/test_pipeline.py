@@ -93,6 +93,11 @@ def test_loading_happens_once_and_reports_progress(media_files):
     assert len(loads) == 3 and any("language model" in m for m in loads)
     pipe.caption(media_files["image"], "image-caption", preset="fast", max_new_tokens=2, max_length=None)
     assert len([m for m in messages if m.startswith("Loading")]) == 3
+    pipe.preload(["image-vqa", "audio-caption"])  # what app.py --preload runs in the background
+    assert sorted(pipe.loaded()) == sorted(
+        ["lm facebook/opt-2.7b", "encoder vit_base_patch16_224.augreg_in21k_ft_in1k", "adapter image-caption",
+         "adapter image-vqa", "encoder MIT/ast-finetuned-audioset-10-10-0.4593", "adapter audio-caption"]
+    )
 
 
 def test_user_errors_are_clear(pipe, media_files, tmp_path):
