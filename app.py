@@ -80,7 +80,7 @@ class Demo:
 
     def status(self) -> str:
         loaded = ", ".join(self.pipeline.loaded()) or "nothing yet (models load on first use)"
-        mode = " · **tiny random models**" if self.pipeline.models.tiny else ""
+        mode = " · **tiny random models**" if self.pipeline.random_weights else ""
         return f"Device **{self.pipeline.device.type}** · dtype **{str(self.pipeline.dtype).replace('torch.', '')}**{mode} · loaded: {loaded}"
 
     def run(
@@ -231,7 +231,7 @@ def build(pipeline: Pipeline, max_duration: float = 1800, concurrency: int | Non
             "A frozen OPT language model reads frozen image, video and audio encoders through a few million trained "
             "parameters ([paper](https://arxiv.org/abs/2303.11403), ICCV 2023). Upload a file, ask for a caption or a question."
         )
-        if pipeline.models.tiny:
+        if pipeline.random_weights:
             gr.Markdown("⚠️ **Smoke mode (`--tiny`)**: tiny random models, nothing downloaded. The answers are meaningless.", elem_id="tiny-banner")
         status = gr.Markdown(demo.status(), elem_id="status")
         for modality in ("image", "video", "audio"):

@@ -229,9 +229,12 @@ def push_to_hub(folder: str | Path, repo_id: str) -> str:
 
 
 class HubModels:
-    """Loads the real pretrained models, each from the Hub cache (downloading once)."""
+    """The real pretrained models (a `store.ModelSource`), each from the Hub cache (downloading once)."""
 
-    tiny = False
+    random_weights = False
+
+    def tasks(self, registry: dict[str, Task]) -> dict[str, Task]:
+        return dict(registry)
 
     def lm(self, ref: ModelRef, dtype: torch.dtype) -> tuple[OPTForCausalLM, PreTrainedTokenizerBase]:
         try:
