@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 
 import gradio as gr
 
-from epalm import AdapterError, InputError, MediaError, MediaLimits, OutOfMemory, Pipeline, WeightsUnavailable
+from epalm import MediaLimits, Pipeline, UserError
 from epalm.media import media_duration
 
 try:  # ZeroGPU on Hugging Face Spaces: model calls get a GPU only inside @spaces.GPU
@@ -30,7 +30,6 @@ except ImportError:
 
 log = logging.getLogger("epalm.app")
 EXAMPLES = Path(__file__).resolve().parent / "examples"
-USER_ERRORS = (MediaError, InputError, WeightsUnavailable, AdapterError, OutOfMemory)
 
 PRESETS = [("Paper: 3 beams", "paper"), ("Fast: greedy, streamed", "fast"), ("Sampling", "sampling")]
 CAPTION_TASKS = {
@@ -101,7 +100,7 @@ class Demo:
             for answer in self.pipeline.stream(media, task, question, preset=preset, progress=report, **decoding):
                 info = f"`{answer.task}` · {answer.timings.summary()} · {answer.device}/{answer.dtype}" if answer.done else "generating…"
                 yield answer.text, info
-        except USER_ERRORS as exc:
+        except UserError as exc:
             raise gr.Error(str(exc)) from exc
         except Exception as exc:
             log.exception("request failed")

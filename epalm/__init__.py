@@ -9,7 +9,7 @@
 """
 
 from .decoding import PRESETS, DecodingOptions
-from .errors import InputError
+from .errors import InputError, UserError
 from .hub import AdapterError, WeightsUnavailable
 from .media import MediaError, MediaLimits
 from .pipeline import Answer, OutOfMemory, Pipeline, Timings
@@ -18,5 +18,5 @@ from .tasks import Task, load_registry
 
 __all__ = [
     "PRESETS", "AdapterError", "Answer", "DecodingOptions", "InputError", "MediaError", "MediaLimits",
-    "ModelSource", "OutOfMemory", "Pipeline", "Task", "Timings", "WeightsUnavailable", "load_registry",
+    "ModelSource", "OutOfMemory", "Pipeline", "Task", "Timings", "UserError", "WeightsUnavailable", "load_registry",
 ]

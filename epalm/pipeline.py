@@ -18,7 +18,7 @@ import torch
 from .audio import prepare_audio
 from .decoding import PRESETS, DecodingOptions, generate, stream_text, stream_tokens
 from .encoders import Encoder
-from .errors import InputError
+from .errors import InputError, UserError
 from .hub import HubModels, Progress
 from .image import prepare_image
 from .media import MediaLimits
@@ -34,7 +34,7 @@ MAX_QUESTION_TOKENS = 64
 _PREPARE: dict[str, Callable[..., torch.Tensor]] = {"image": prepare_image, "video": prepare_video, "audio": prepare_audio}
 
 
-class OutOfMemory(RuntimeError):
+class OutOfMemory(UserError, RuntimeError):
     """The device ran out of memory; the message says what to try."""
 
 
