@@ -116,7 +116,8 @@ def test_callback_sees_every_step_and_changes_nothing(beams):
     seen: list[torch.Tensor] = []
     with torch.inference_mode():
         plain = generate(lm, prefix, ids, mask, options).sequences
-        watched = generate(lm, prefix, ids, mask, options, callback=lambda tokens: seen.append(tokens.clone())).sequences
+        watched = generate(lm, prefix, ids, mask, options, callback=lambda tokens: seen.append(tokens.clone()))
+    watched = watched.sequences
     assert torch.equal(plain, watched)
     assert len(seen) == 20 - ids.shape[1] and all(t.shape == (len(ids) * beams,) for t in seen)
     if beams == 1:
