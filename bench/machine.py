@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import os
 import platform
+
 import torch
+from torch import nn
 from transformers import OPTForCausalLM
 
 from bench.timing import Device, best_seconds
+from epalm.model import PackedLinear, can_pack
 
 
 def machine_info(device: torch.device) -> dict:
@@ -59,8 +62,6 @@ def memory_bandwidth(dev: Device, gib: float = 2.0, repeats: int = 3, copy: bool
     weight read once. The matrix-vector product has a decode step's access pattern and reads
     faster than the sum on some machines; the best of the two is a lower estimate of the memory's
     bandwidth. Where the rate drifts over minutes, runs take a small sample next to them."""
-    from epalm.model import can_pack
-
     n = max(1, int(gib * (1 << 30)) // 4 // 2048) * 2048  # whole rows of 2048 for the product
     nbytes = n * 4
     src = torch.empty(n, dtype=torch.float32, device=dev.device).uniform_()
@@ -71,14 +72,15 @@ def memory_bandwidth(dev: Device, gib: float = 2.0, repeats: int = 3, copy: bool
         out["copy_gbps"] = 2 * nbytes / best_seconds(dev, lambda: dst.copy_(src), repeats) / 1e9  # read + write
         del dst
     out["sum_gbps"] = nbytes / best_seconds(dev, lambda: src.sum(), repeats) / 1e9
+    packed = None
     if can_pack(src):
-        packed = torch.ops.mkldnn._reorder_linear_weight(src.view(-1, 2048), 1)
-        del src
+        linear = nn.Linear(2048, n // 2048, bias=False, device="meta")
+        linear.weight = nn.Parameter(src.view(-1, 2048), requires_grad=False)
+        packed = PackedLinear.checked(linear)
+    if packed is not None:
         v = torch.randn(1, 2048)
-        out["gemv_gbps"] = nbytes / best_seconds(dev, lambda: torch.ops.mkldnn._linear_pointwise(v, packed, None, "none", [], ""), repeats) / 1e9
+        out["gemv_gbps"] = nbytes / best_seconds(dev, lambda: packed(v), repeats) / 1e9
         del packed
-    else:
-        del src
     out["read_gbps"] = max(out["sum_gbps"], out.get("gemv_gbps", 0.0))
     return out
 

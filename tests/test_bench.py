@@ -36,6 +36,7 @@ def test_results_json_has_every_measurement(bench_output):
     [config] = results["configurations"]
     assert "error" not in config
     assert config["bandwidth"]["read_gbps"] > 0 and config["bandwidth"]["copy_gbps"] > 0
+    assert config["packing"]["linears"] == 6 * 6 + 1 and config["bandwidth"]["gemv_gbps"] > 0, "packing works here"
     assert config["weights"]["decode_weight_bytes"] > 0
     assert set(config["encoders"]) == {"image", "audio"}
     modes = {(r["mode"], r["input"], r["setting"]) for r in config["runs"]}
