@@ -78,7 +78,7 @@ def tiny_lm(seed: int = 0, **overrides: object) -> OPTForCausalLM:
 
 class _RandomPool:
     """N(0, std) numbers drawn once and copied into tensors at shifting offsets: random-looking
-    weights at memory speed, where torch's `normal_` takes most of a minute for billions of them."""
+    weights at memory speed (drawing billions of them with torch's `normal_` is compute-bound)."""
 
     def __init__(self, std: float, seed: int, device: torch.device, size: int = 1 << 24) -> None:
         generator = torch.Generator().manual_seed(seed)
