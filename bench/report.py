@@ -45,8 +45,8 @@ def _ours(config: dict, setting: str, name: str = "image") -> dict | None:
 
 def best_bandwidth(config: dict) -> float | None:
     """The best read rate (GB/s) measured in this configuration: over 2 GiB at start and end, and
-    the samples taken around every group of runs. (Here the rate of a buffer is either ~45 or
-    ~72 GB/s, depending on where its pages land; the best is the machine's limit.)"""
+    the samples taken around every group of runs. (On a VM the rate of a buffer can depend on where
+    its pages land, see the notes; the best is the machine's limit.)"""
     rates = [config[k]["read_gbps"] for k in ("bandwidth", "bandwidth_end") if config.get(k)]
     rates += [b for run in config.get("runs", []) for b in run.get("bandwidth_gbps") or []]
     return max(rates) if rates else None

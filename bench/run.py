@@ -28,8 +28,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from bench import harness as H  # noqa: E402
-from bench import report  # noqa: E402
+from bench import machine, models, report, runs, timing  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -39,10 +38,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="small shapes only (OPT-125m shape, small encoders)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", nargs="+", choices=list(DTYPES), help="default: float32 bfloat16 (cpu), float16 bfloat16 (cuda)")
-    p.add_argument("--lm", nargs="+", choices=list(H.LM_SHAPES), help="LM shapes (default opt-2.7b; --quick opt-125m)")
-    p.add_argument("--encoders", choices=list(H.ENCODER_SHAPES), help="encoder sizes (default real; --quick small)")
-    p.add_argument("--modalities", nargs="+", default=["image", "video", "audio"], choices=list(H.MODALITY_INPUTS))
-    p.add_argument("--settings", nargs="+", default=list(H.SETTINGS), choices=list(H.SETTINGS))
+    p.add_argument("--lm", nargs="+", choices=list(models.LM_SHAPES), help="LM shapes (default opt-2.7b; --quick opt-125m)")
+    p.add_argument("--encoders", choices=list(models.ENCODER_FAMILIES), help="encoder sizes (default real; --quick small)")
+    p.add_argument("--modalities", nargs="+", default=["image", "video", "audio"], choices=list(models.MODALITY_INPUTS))
+    p.add_argument("--settings", nargs="+", default=list(runs.SETTINGS), choices=list(runs.SETTINGS))
     p.add_argument("--repeats", type=int, help="timed repetitions per run (default 3; --quick 2)")
     p.add_argument("--uncached-repeats", type=int, default=1, help="repetitions of the slow uncached runs")
     p.add_argument(
@@ -83,7 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def plan(args: argparse.Namespace) -> list[dict]:
-    inputs = [name for m in args.modalities for name in H.MODALITY_INPUTS[m]]
+    inputs = [name for m in args.modalities for name in models.MODALITY_INPUTS[m]]
     baselines = args.baseline_inputs or [inputs[0]]
     return [
         dict(
@@ -103,9 +102,7 @@ def plan(args: argparse.Namespace) -> list[dict]:
 
 
 def fits_in_memory(lm_name: str, dtype: torch.dtype, device: torch.device) -> tuple[bool, str]:
-    config = {**H._OPT_COMMON, **H.LM_SHAPES[lm_name]}
-    h, L, f, V = config["hidden_size"], config["num_hidden_layers"], config["ffn_dim"], config["vocab_size"]
-    need = (L * (4 * h * h + 2 * h * f) + V * config["word_embed_proj_dim"]) * torch.tensor([], dtype=dtype).element_size()
+    need = models.weight_bytes_estimate(lm_name, dtype)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
     else:
@@ -128,9 +125,9 @@ def run_configuration(config: dict, save) -> dict:
     device, dtype = torch.device(config["device"]), DTYPES[config["dtype"]]
     if config.get("threads"):
         torch.set_num_threads(config["threads"])
-    dev = H.Device(device)
+    dev = timing.Device(device)
     result: dict = {"lm": config["lm"], "dtype": config["dtype"], "device": config["device"], "config": config}
-    result["machine"] = H.machine_info(device)
+    result["machine"] = machine.machine_info(device)
     result["notes"] = []
     ok, why = fits_in_memory(config["lm"], dtype, device)
     if not ok:
@@ -140,100 +137,102 @@ def run_configuration(config: dict, save) -> dict:
     log = lambda msg: print(f"[{config['lm']} {config['dtype']}] {msg}", flush=True)  # noqa: E731
 
     log("memory bandwidth")
-    result["bandwidth"] = H.memory_bandwidth(dev, gib=config.get("bandwidth_gib", 2.0))
+    result["bandwidth"] = machine.memory_bandwidth(dev, gib=config.get("bandwidth_gib", 2.0))
     save(result)
 
     log("building models")
     gc.collect()
-    rss0, t0 = H.rss_bytes(), time.perf_counter()
-    lm = EPALM(H.build_lm(config["lm"], dtype, device))
-    result["build"] = {"lm_s": time.perf_counter() - t0, "lm_rss_delta_bytes": H.rss_bytes() - rss0}
-    injection = H.injection_for(lm.config.num_hidden_layers, config["lm"])
-    families = sorted({H.INPUTS[name][0] for name in config["inputs"]})
+    rss0, t0 = timing.rss_bytes(), time.perf_counter()
+    lm = EPALM(models.build_lm(config["lm"], dtype, device))
+    result["build"] = {"lm_s": time.perf_counter() - t0, "lm_rss_delta_bytes": timing.rss_bytes() - rss0}
+    injection = models.injection_for(config["lm"])
+    modalities = sorted({models.INPUTS[name][0] for name in config["inputs"]})
     encoders, adapters = {}, {}
-    for i, family in enumerate(families):
-        rss0 = H.rss_bytes()
-        encoders[family] = H.build_encoder(config["encoders"], family, dtype, device, seed=i)
-        adapters[family] = H.build_adapter(injection, encoders[family].dim, lm.lm, dtype, device, seed=i)
-        result["build"][f"{family}_rss_delta_bytes"] = H.rss_bytes() - rss0
-    inputs = {name: H.encoder_input(name, 1, dtype, device, encoders[H.INPUTS[name][0]]) for name in config["inputs"]}
-    work = H.Workload(
-        lm, dev, injection, encoders, adapters, inputs, new_tokens=config["new_tokens"], probe_mib=config.get("probe_mib", 512),
-        quiet_wait_s=config.get("quiet_wait_s", 300.0),
+    for i, modality in enumerate(modalities):
+        rss0 = timing.rss_bytes()
+        encoders[modality] = models.build_encoder_for(config["encoders"], modality, dtype, device, seed=i)
+        adapters[modality] = models.build_adapter(injection, encoders[modality].dim, lm.lm, dtype, device, seed=i)
+        result["build"][f"{modality}_rss_delta_bytes"] = timing.rss_bytes() - rss0
+    inputs = {
+        name: models.encoder_input(name, 1, dtype, device, encoders[models.INPUTS[name][0]]) for name in config["inputs"]
+    }
+    work = runs.Workload(
+        lm, dev, injection, encoders, adapters, inputs, new_tokens=config["new_tokens"],
+        probe_mib=config.get("probe_mib", 512), quiet_wait_s=config.get("quiet_wait_s", 300.0),
     )
     result["injection"] = injection.__dict__
     result["weights"] = {
-        "lm_param_bytes": H.param_bytes(lm),
-        "decode_weight_bytes": H.decode_weight_bytes(lm.lm),
-        "encoder_param_bytes": {f: H.param_bytes(e) for f, e in encoders.items()},
-        "adapter_param_bytes": {f: H.param_bytes(a) for f, a in adapters.items()},
+        "lm_param_bytes": models.param_bytes(lm),
+        "decode_weight_bytes": models.decode_weight_bytes(lm.lm),
+        "encoder_param_bytes": {f: models.param_bytes(e) for f, e in encoders.items()},
+        "adapter_param_bytes": {f: models.param_bytes(a) for f, a in adapters.items()},
     }
     result["encoders"], result["runs"], result["linear_floor"], result["profiles"] = {}, [], {}, []
     save(result)
 
     reps, settings = config["repeats"], config["settings"]
-    beams = sorted({H.SETTINGS[s]["num_beams"] for s in settings})
+    beams = sorted({runs.SETTINGS[s]["num_beams"] for s in settings})
 
     def measure(groups: list) -> None:
-        for run in H.interleave(work, groups, log=log):
+        for run in runs.interleave(work, groups, log=log):
             result["runs"].append(run)
             log(f"{run['mode']:<18} {run['input'] or '-':<8} {run['setting']:<6} median e2e {run['e2e_s']['median']:.2f}s "
                 f"per-token {run['per_token_s']['median'] * 1e3:.0f}ms")
         save(result)
 
     for name in config["inputs"]:
-        result["encoders"][name] = H.measure_encoder(work, name, reps)
+        result["encoders"][name] = runs.measure_encoder(work, name, reps)
         save(result)
         log(f"encoder {name}: {result['encoders'][name]['seconds']['median']:.3f}s")
-    result["linear_floor"]["default"] = [H.linear_floor(lm.lm, dev, rows) for rows in beams]
+    result["linear_floor"]["default"] = [machine.linear_floor(lm.lm, dev, rows) for rows in beams]
 
     # Default kernels: the original algorithm, our cache and plain transformers generate, interleaved.
-    groups = [H.hf_group(work, setting, reps) for setting in settings] if config["hf"] else []
+    groups = [runs.hf_group(work, setting, reps) for setting in settings] if config["hf"] else []
     for name in config["baseline_inputs"]:
         for setting in settings:
-            groups.append(H.epalm_group(work, name, setting, False, config["uncached_repeats"], retries=1))
-            groups.append(H.epalm_group(work, name, setting, True, reps))
+            groups.append(runs.epalm_group(work, name, setting, False, config["uncached_repeats"], retries=1))
+            groups.append(runs.epalm_group(work, name, setting, True, reps))
     measure(groups)
     if config["profile"]:
-        result["profiles"] += [dict(H.profile_step(work, s), kernels="default") for s in settings]
+        result["profiles"] += [dict(runs.profile_step(work, s), kernels="default") for s in settings]
         save(result)
 
-    result["adapters"] = H.adapter_memory(work, H.base_tasks(config["lm"], injection), dtype, device)
+    result["adapters"] = runs.adapter_memory(work, models.base_tasks(config["lm"]), dtype, device)
     save(result)
 
     packed = 0
     if config["pack"]:
         gc.collect()
-        rss0, t0 = H.rss_bytes(), time.perf_counter()
+        rss0, t0 = timing.rss_bytes(), time.perf_counter()
         packed = pack_linear_weights(lm)
         gc.collect()
         result["packing"] = {
-            "linears": packed, "seconds": time.perf_counter() - t0, "rss_delta_bytes": H.rss_bytes() - rss0,
-            "head_bytes": H.param_bytes(lm.decoder.embed_tokens),
+            "linears": packed, "seconds": time.perf_counter() - t0, "rss_delta_bytes": timing.rss_bytes() - rss0,
+            "head_bytes": models.param_bytes(lm.decoder.embed_tokens),
         }
         if not packed:
             result["notes"].append("weight packing unavailable here (needs CPU + oneDNN, float32/bfloat16)")
     if packed:
         # Packed weights: every input, and transformers generate on the same packed modules.
         log(f"packed {packed} linear layers")
-        result["linear_floor"]["packed"] = [H.linear_floor(lm.lm, dev, rows) for rows in beams]
+        result["linear_floor"]["packed"] = [machine.linear_floor(lm.lm, dev, rows) for rows in beams]
         groups = [
-            H.epalm_group(work, name, setting, False, config["uncached_repeats"], retries=1, mode="uncached_packed")
+            runs.epalm_group(work, name, setting, False, config["uncached_repeats"], retries=1, mode="uncached_packed")
             for name in config["baseline_inputs"]
             for setting in settings
         ]
         groups += [
-            H.epalm_group(work, name, setting, True, reps, mode="cached_packed")
+            runs.epalm_group(work, name, setting, True, reps, mode="cached_packed")
             for name in config["inputs"]
             for setting in settings
         ]
         if config["hf"]:
-            groups += [H.hf_group(work, setting, reps, mode="hf_generate_packed") for setting in settings]
+            groups += [runs.hf_group(work, setting, reps, mode="hf_generate_packed") for setting in settings]
         measure(groups)
         if config["profile"]:
-            result["profiles"] += [dict(H.profile_step(work, s), kernels="packed") for s in settings]
+            result["profiles"] += [dict(runs.profile_step(work, s), kernels="packed") for s in settings]
     result["checks"] = id_checks(result["runs"])
-    result["bandwidth_end"] = H.memory_bandwidth(dev, gib=config.get("bandwidth_gib", 2.0))
+    result["bandwidth_end"] = machine.memory_bandwidth(dev, gib=config.get("bandwidth_gib", 2.0))
     save(result)
     log("done")
     return result
@@ -303,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {
         "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
         "command": " ".join(["python", "bench/run.py", *(argv if argv is not None else sys.argv[1:])]),
-        "machine": H.machine_info(torch.device(args.device)),
+        "machine": machine.machine_info(torch.device(args.device)),
         "load_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "configurations": [],
     }

@@ -12,9 +12,9 @@ with zeros at the end or crop to `target_length` frames → (fbank - mean) / (2 
 - Decoding uses PyAV (FFmpeg): WAV of any bit depth, MP3, FLAC, Ogg/Opus, M4A/AAC and the audio
   track of video files. Only the start that the model sees (1024 frames ≈ 10.3 s) is decoded,
   so a 10-minute file costs what a 10-second one does. decord's AudioReader is not used: it
-  decodes the whole file when opened (measured: 2 s and 40 MB for 10 minutes of 16 kHz mono,
-  growing with length and rate), reports the native rate as -1, and gave NaN samples for an AAC
-  file; `torchaudio.load` needs torchcodec.
+  decodes the whole file when opened (time and memory grow with length and rate; bench/RESULTS.md
+  has a measurement), reports the native rate as -1, and gave NaN samples for an AAC file;
+  `torchaudio.load` needs torchcodec.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ Returned ids follow the original `generate`: input ids (with their padding) then
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 import torch
 from transformers.generation.logits_process import (
@@ -67,6 +67,11 @@ PRESETS: dict[str, DecodingOptions] = {
     "fast": DecodingOptions(num_beams=1),
     "sampling": DecodingOptions(num_beams=1, do_sample=True, temperature=0.7, top_p=0.9),
 }
+
+
+# Called once per decoding step with the tokens just chosen ([B], or [B * num_beams] in beam search),
+# right after the forward that scored them: a hook for timing and progress (gpt-fast's `callback`).
+StepCallback = Callable[[torch.Tensor], None]
 
 
 @dataclass
@@ -129,7 +134,12 @@ def _session(model: EPALM, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
 @torch.inference_mode()  # as a decorator: entered per step, so a consumer may resume it in any thread
 def stream_tokens(
-    model: EPALM, prefix: Prefix, input_ids: torch.Tensor, attention_mask: torch.Tensor, options: DecodingOptions
+    model: EPALM,
+    prefix: Prefix,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    options: DecodingOptions,
+    callback: StepCallback | None = None,
 ) -> Iterator[torch.Tensor]:
     """Greedy or sampling, one step at a time: yields the new token of every row ([B]).
 
@@ -163,6 +173,8 @@ def stream_tokens(
             tokens = scores.argmax(-1)
         tokens = torch.where(unfinished, tokens, options.pad_token_id)
         ids = torch.cat([ids, tokens[:, None]], dim=1)
+        if callback is not None:
+            callback(tokens)
         yield tokens
         unfinished &= tokens != options.eos_token_id
         if not unfinished.any() or ids.shape[1] >= limit:
@@ -198,7 +210,12 @@ class _Hypotheses:
 
 @torch.inference_mode()
 def beam_search(
-    model: EPALM, prefix: Prefix, input_ids: torch.Tensor, attention_mask: torch.Tensor, options: DecodingOptions
+    model: EPALM,
+    prefix: Prefix,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    options: DecodingOptions,
+    callback: StepCallback | None = None,
 ) -> GenerationOutput:
     """Beam search as transformers 4.24 ran it (length_penalty, early_stopping False, 2k candidates)."""
     k, batch = options.num_beams, input_ids.shape[0]
@@ -239,6 +256,8 @@ def beam_search(
             done[b] = done[b] or hyps[b].is_done(top_scores[b].max().item(), cur_len)
         beam_scores, rows, tokens = next_scores.view(-1), next_rows.view(-1), next_tokens.view(-1)
         ids = torch.cat([ids.index_select(0, rows), tokens[:, None]], dim=1)
+        if callback is not None:
+            callback(tokens)
         if all(done) or ids.shape[1] >= limit:
             break
         session.reorder(rows)
@@ -265,12 +284,18 @@ def _finalize(
 
 
 def generate(
-    model: EPALM, prefix: Prefix, input_ids: torch.Tensor, attention_mask: torch.Tensor, options: DecodingOptions
+    model: EPALM,
+    prefix: Prefix,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    options: DecodingOptions,
+    callback: StepCallback | None = None,
 ) -> GenerationOutput:
-    """Run the whole decode; ids as the original returns them (inputs included)."""
+    """Run the whole decode; ids as the original returns them (inputs included). `callback`, if
+    given, is called after each step with its tokens (see `StepCallback`)."""
     if options.num_beams > 1:
-        return beam_search(model, prefix, input_ids, attention_mask, options)
-    steps = list(stream_tokens(model, prefix, input_ids, attention_mask, options))
+        return beam_search(model, prefix, input_ids, attention_mask, options, callback)
+    steps = list(stream_tokens(model, prefix, input_ids, attention_mask, options, callback))
     return GenerationOutput(torch.cat([input_ids, torch.stack(steps, dim=1)], dim=1))
 
 

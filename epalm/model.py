@@ -19,12 +19,15 @@ which the last layer's cache takes in place).
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass, replace
 from typing import Iterator
 
 import torch
 from torch import nn
 from transformers import OPTForCausalLM
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -324,11 +327,14 @@ class PackedLinear(nn.Module):
     """A frozen `nn.Linear` whose weight is stored in oneDNN's blocked layout (CPU inference).
 
     A decode step multiplies one row (or one per beam) by every weight matrix, so it is bound by
-    how fast the weights are read. On CPU, torch's default path (MKL GEMV) reads them at about half
-    the machine's bandwidth and barely better with 2 threads or 3 rows; the pre-packed oneDNN
-    kernel (the one `torch.compile`'s freezing uses) gets close to it. Same maths, other summation
-    order: outputs differ from `nn.Linear` by float rounding (~1e-6 relative in float32).
+    how fast the weights are read. On CPU, torch's default path (MKL GEMV) reads them well below
+    the machine's bandwidth; the pre-packed oneDNN kernel (the one `torch.compile`'s freezing uses)
+    gets closer (bench/RESULTS.md has the measurements). Same maths, other summation order: outputs
+    differ from `nn.Linear` by float rounding. The oneDNN calls are private to torch, so `checked`
+    builds one only after comparing it with the dense layer.
     """
+
+    TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}  # relative error of a product, rounding only
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -339,17 +345,36 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
+    @classmethod
+    @torch.no_grad()
+    def checked(cls, linear: nn.Linear) -> "PackedLinear | None":
+        """The packed layer if, on a 3-row input (a beam step), it gives the dense layer's outputs up
+        to rounding; None (logged) if this torch's oneDNN calls are missing, fail or disagree."""
+        weight = linear.weight
+        generator = torch.Generator(device=weight.device).manual_seed(0)
+        x = torch.randn(3, linear.in_features, generator=generator, device=weight.device).to(weight.dtype)
+        try:
+            packed = cls(linear)
+            got = packed(x).float()
+        except (RuntimeError, AttributeError, TypeError, ValueError) as exc:
+            logger.warning("oneDNN weight packing fails in torch %s (%s); keeping the dense layers", torch.__version__, exc)
+            return None
+        want = linear(x).float()
+        error = ((got - want).norm() / want.norm().clamp_min(1e-12)).item() if got.shape == want.shape else float("inf")
+        if not error <= cls.TOLERANCE.get(weight.dtype, 0.0):  # NaN fails too
+            logger.warning(
+                "oneDNN packed weights disagree with the dense layer in torch %s (relative error %.3g); keeping the "
+                "dense layers", torch.__version__, error,
+            )
+            return None
+        return packed
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
 def can_pack(weight: torch.Tensor) -> bool:
-    return (
-        weight.device.type == "cpu"
-        and weight.dtype in (torch.float32, torch.bfloat16)
-        and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-    )
+    return weight.device.type == "cpu" and weight.dtype in PackedLinear.TOLERANCE and torch.backends.mkldnn.is_available()
 
 
 @torch.no_grad()
@@ -359,15 +384,22 @@ def pack_linear_weights(model: EPALM, head: bool = True) -> int:
     The head is tied to the token embedding, which keeps its dense weight: packing the head adds
     one embedding-sized copy (0.5 GB for OPT-2.7B in float32) and saves the slowest product of a
     beam step (`head=False` keeps the tie). CPU, float32/bfloat16 only; a no-op elsewhere.
-    Do it last: packed weights do not follow `.to()`. Returns how many layers were packed."""
+    Do it last: packed weights do not follow `.to()`. Each layer is checked against its dense
+    self as it is packed; at the first that fails, packing stops and the rest stay dense.
+    Returns how many layers were packed."""
     count = 0
     for layer in model.decoder.layers:
         for parent in list(layer.modules()):
             for name, child in list(parent.named_children()):
                 if type(child) is nn.Linear and can_pack(child.weight):
-                    setattr(parent, name, PackedLinear(child))
+                    packed = PackedLinear.checked(child)
+                    if packed is None:
+                        return count
+                    setattr(parent, name, packed)
                     count += 1
     if head and type(model.lm.lm_head) is nn.Linear and can_pack(model.lm.lm_head.weight):
-        model.lm.lm_head = PackedLinear(model.lm.lm_head)
-        count += 1
+        packed = PackedLinear.checked(model.lm.lm_head)
+        if packed is not None:
+            model.lm.lm_head = packed
+            count += 1
     return count

@@ -1,5 +1,7 @@
 """Tiny random models and a locally built OPT-like tokenizer: for tests and the `--tiny` smoke
-mode. Nothing is downloaded; answers are meaningless but every code path runs.
+mode. Nothing is downloaded; answers are meaningless but every code path runs. The builders take
+shape overrides too, and `random_lm` builds an OPT of any size quickly: the benchmark measures the
+real shapes with them.
 
 The tiny encoders take the same inputs as the real ones (224 px images and frames, 1024 x 128
 fbanks), so the media layer and the pipeline run unchanged on them.
@@ -76,6 +78,53 @@ def tiny_lm(seed: int = 0, **overrides: object) -> OPTForCausalLM:
     return OPTForCausalLM(OPTConfig(**config)).eval()
 
 
+class _RandomPool:
+    """N(0, std) numbers drawn once and copied into tensors at shifting offsets: random-looking
+    weights at memory speed (drawing billions of them with torch's `normal_` is compute-bound)."""
+
+    def __init__(self, std: float, seed: int, device: torch.device, size: int = 1 << 24) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.pool = (torch.randn(size, generator=generator) * std).to(device)
+        self.offset = 0
+
+    def fill_(self, tensor: torch.Tensor) -> None:
+        flat, size, done = tensor.view(-1), len(self.pool), 0
+        while done < flat.numel():
+            start = self.offset % size
+            n = min(size - start, flat.numel() - done)
+            flat[done : done + n].copy_(self.pool[start : start + n])
+            done += n
+            self.offset += n + 7919  # a prime stride: consecutive tensors do not line up
+        self.offset = (self.offset * 31 + 104729) % size
+
+
+@torch.no_grad()
+def random_lm(
+    config: OPTConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0
+) -> OPTForCausalLM:
+    """An OPT of any shape with random weights as OPT initialises them (matrices ~ N(0, init_std),
+    biases 0, LayerNorm weights 1), built on the meta device and filled in place: no float32 copy
+    when another dtype is asked for, and no slow per-module initialisation."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            lm = OPTForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    lm.to_empty(device=device)
+    lm.tie_weights()  # to_empty unties lm_head from embed_tokens
+    pool = _RandomPool(config.init_std, seed, torch.device(device))
+    for name, param in lm.named_parameters():
+        if param.ndim >= 2:
+            pool.fill_(param)
+        elif "layer_norm" in name and name.endswith("weight"):
+            param.fill_(1.0)
+        else:
+            param.zero_()
+    return lm.eval().requires_grad_(False)
+
+
 def tiny_encoder(modality: str, seed: int = 0) -> Encoder:
     """A random 4-block encoder of the given modality with the real models' input sizes."""
     torch.manual_seed(seed)
@@ -101,10 +150,17 @@ def tiny_encoder(modality: str, seed: int = 0) -> Encoder:
 TINY_INJECTION = InjectionConfig(start_layer=2, end_layer=5, num_features=3, prompt_len=4, prompt_mlp=True)
 
 
-def tiny_adapter(injection: InjectionConfig = TINY_INJECTION, seed: int = 0) -> Adapter:
-    """Random connectors and prompt for the tiny encoders and LM, scaled to move the LM visibly."""
+def tiny_adapter(
+    injection: InjectionConfig = TINY_INJECTION,
+    seed: int = 0,
+    encoder_dim: int = TINY_WIDTH,
+    hidden_size: int = TINY_WIDTH,
+    embed_dim: int = TINY_WIDTH,
+) -> Adapter:
+    """Random connectors and prompt (for the tiny encoders and LM unless other widths are given),
+    scaled to move the LM visibly."""
     torch.manual_seed(seed)
-    adapter = Adapter(injection, TINY_WIDTH, TINY_WIDTH, TINY_WIDTH)
+    adapter = Adapter(injection, encoder_dim, hidden_size, embed_dim)
     with torch.no_grad():
         for linear in adapter.connector:
             linear.weight.normal_(0, 0.5)

@@ -13,8 +13,7 @@ from conftest import ROOT
 
 sys.path.insert(0, str(ROOT))
 
-from bench import harness as H  # noqa: E402
-from bench import report  # noqa: E402
+from bench import models, report, timing  # noqa: E402
 from bench import run as bench_run  # noqa: E402
 
 TINY = ["--lm", "tiny", "--encoders", "tiny", "--dtype", "float32", "--repeats", "1", "--new-tokens", "5",
@@ -37,6 +36,7 @@ def test_results_json_has_every_measurement(bench_output):
     [config] = results["configurations"]
     assert "error" not in config
     assert config["bandwidth"]["read_gbps"] > 0 and config["bandwidth"]["copy_gbps"] > 0
+    assert config["packing"]["linears"] == 6 * 6 + 1 and config["bandwidth"]["gemv_gbps"] > 0, "packing works here"
     assert config["weights"]["decode_weight_bytes"] > 0
     assert set(config["encoders"]) == {"image", "audio"}
     modes = {(r["mode"], r["input"], r["setting"]) for r in config["runs"]}
@@ -79,13 +79,24 @@ def test_markdown_has_machine_targets_and_tables(bench_output, tmp_path):
     assert "kept by hand" in report.markdown(results, report.kept_notes(edited))
 
 
-def test_random_lm_is_built_without_a_second_copy_and_tied():
-    lm = H.build_lm("tiny", torch.bfloat16, torch.device("cpu"))
-    assert lm.lm_head.weight is lm.model.decoder.embed_tokens.weight
-    assert all(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in lm.parameters())
-    weights = lm.model.decoder.layers[0].fc1.weight.float()
-    assert 0.01 < weights.std() < 0.03 and weights.abs().sum() > 0
-    assert torch.equal(lm.model.decoder.layers[0].final_layer_norm.weight, torch.ones_like(lm.model.decoder.layers[0].final_layer_norm.weight))
+def test_models_come_from_the_registry_at_the_measured_depth():
+    from epalm.tasks import load_registry
+
+    registry = load_registry()
+    assert models.injection_for("opt-2.7b") == registry["image-caption"].injection
+    assert models.injection_for("opt-6.7b") == registry["image-caption-L"].injection
+    small = models.injection_for("opt-125m")
+    assert (small.start_layer, small.end_layer, small.num_features) == (0, 11, 6), "end stays the last-but-one layer"
+    tasks = models.base_tasks("tiny")
+    assert [t.id for t in tasks] == [k for k, t in registry.items() if t.lm.id == models.BASE_LM]
+    assert all(t.injection.end_layer == 5 for t in tasks)
+    ast = models.encoder_spec("real", "audio")
+    assert ast == ("transformers", "ASTModel", dict(registry["audio-caption"].encoder.config))
+    assert models.encoder_spec("real", "image") == ("timm", "vit_base_patch16_224", {"num_classes": 0})
+    lm = models.build_lm("tiny", torch.bfloat16, torch.device("cpu"))
+    assert lm.config.num_hidden_layers == 6 and lm.dtype == torch.bfloat16
+    positions = (lm.config.max_position_embeddings + 2) * 64 * 2  # OPT offsets positions by 2; bf16: 2 bytes
+    assert models.decode_weight_bytes(lm) == models.param_bytes(lm) - positions
 
 
 def test_cli_defaults_and_quick_plan():
@@ -101,7 +112,7 @@ def test_cli_defaults_and_quick_plan():
 
 
 def test_device_helpers_do_not_touch_cuda_on_cpu():
-    dev = H.Device(torch.device("cpu"))
+    dev = timing.Device(torch.device("cpu"))
     dev.sync()
     with dev.peak_memory() as mem:
         x = torch.ones(1 << 20)

@@ -108,6 +108,25 @@ def test_streaming_yields_growing_prefixes_that_end_in_the_final_text(tokenizer)
     assert parts[-1] == tokenizer.decode(final, skip_special_tokens=True)
 
 
+@pytest.mark.parametrize("beams", [1, 3])
+def test_callback_sees_every_step_and_changes_nothing(beams):
+    lm, prefix = make(LAYOUTS["late_recomputed"], batch=2, seed=3)
+    ids, mask = padded_batch()
+    options = DecodingOptions(num_beams=beams, max_length=20, eos_token_id=-1)  # no EOS: every step runs
+    seen: list[torch.Tensor] = []
+    with torch.inference_mode():
+        plain = generate(lm, prefix, ids, mask, options).sequences
+        watched = generate(lm, prefix, ids, mask, options, callback=lambda tokens: seen.append(tokens.clone()))
+    watched = watched.sequences
+    assert torch.equal(plain, watched)
+    assert len(seen) == 20 - ids.shape[1] and all(t.shape == (len(ids) * beams,) for t in seen)
+    if beams == 1:
+        assert torch.equal(torch.stack(seen, dim=1), plain[:, ids.shape[1] :])
+    else:  # the kept hypothesis of each item ends with one of its beams' last tokens
+        for b in range(len(ids)):
+            assert plain[b, -1] in seen[-1][b * beams : (b + 1) * beams]
+
+
 def test_options_are_validated():
     with pytest.raises(ValueError):
         DecodingOptions(num_beams=2, do_sample=True)

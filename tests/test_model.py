@@ -209,3 +209,34 @@ def test_packed_weights_give_the_same_logits_and_ids():
     with torch.inference_mode():
         torch.testing.assert_close(lm(ids, mask, prefix), dense_logits, atol=1e-5, rtol=1e-5)
         assert torch.equal(generate(lm, prefix, ids, mask, options).sequences, dense_ids)
+
+
+def _failing_reorder(weight, batch_size):
+    raise RuntimeError("mkldnn::_reorder_linear_weight: no such operator")
+
+
+def _wrong_linear(x, weight, bias, attr, scalars, algorithm):
+    return torch.zeros(*x.shape[:-1], len(bias) if bias is not None else 1, dtype=x.dtype)
+
+
+@pytest.mark.parametrize(
+    "op, replacement", [("_reorder_linear_weight", _failing_reorder), ("_linear_pointwise", _wrong_linear)],
+    ids=["broken_op", "wrong_result"],
+)
+def test_packing_falls_back_to_dense_layers_when_onednn_changes(monkeypatch, caplog, op, replacement):
+    from torch import nn
+
+    from epalm.model import pack_linear_weights
+
+    lm, prefix = make(InjectionConfig(1, 5, 2, prompt_len=3), batch=2)
+    ids, mask = padded_batch()
+    with torch.inference_mode():
+        dense_logits = lm(ids, mask, prefix)
+    monkeypatch.setattr(torch.ops.mkldnn, op, replacement)
+    with caplog.at_level("WARNING", logger="epalm.model"):
+        assert pack_linear_weights(lm) == 0
+    assert [r.getMessage() for r in caplog.records if "keeping the dense layers" in r.getMessage()], caplog.text
+    assert len(caplog.records) == 1, "one log line, not one per layer"
+    assert type(lm.decoder.layers[0].fc1) is nn.Linear and type(lm.lm.lm_head) is nn.Linear
+    with torch.inference_mode():
+        assert torch.equal(lm(ids, mask, prefix), dense_logits)

@@ -1,0 +1,38 @@
+"""Random models: `random_lm` builds any OPT shape in place, tied and initialised as OPT does."""
+
+from __future__ import annotations
+
+import torch
+from transformers import OPTConfig
+
+from epalm.model import EPALM, InjectionConfig
+from epalm.tiny import random_lm, tiny_adapter
+
+SMALL_OPT = OPTConfig(
+    hidden_size=64, num_hidden_layers=3, ffn_dim=128, num_attention_heads=4, word_embed_proj_dim=64, vocab_size=512,
+    max_position_embeddings=64, attn_implementation="eager",
+)
+
+
+def test_random_lm_is_built_in_the_asked_dtype_tied_and_initialised_like_opt():
+    lm = random_lm(SMALL_OPT, torch.bfloat16, seed=1)
+    assert lm.lm_head.weight is lm.model.decoder.embed_tokens.weight
+    assert all(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in lm.parameters())
+    layer = lm.model.decoder.layers[0]
+    assert 0.015 < layer.fc1.weight.float().std() < 0.025
+    assert not torch.equal(layer.fc1.weight, layer.fc2.weight.T), "tensors are not copies of each other"
+    assert torch.equal(layer.final_layer_norm.weight, torch.ones_like(layer.final_layer_norm.weight))
+    assert not layer.fc1.bias.any() and not layer.final_layer_norm.bias.any()
+    assert torch.equal(random_lm(SMALL_OPT, torch.bfloat16, seed=1).lm_head.weight, lm.lm_head.weight), "seeded"
+    assert not torch.equal(random_lm(SMALL_OPT, torch.bfloat16, seed=2).lm_head.weight, lm.lm_head.weight)
+
+
+def test_random_lm_runs_under_epalm_and_tiny_adapter_takes_other_widths():
+    lm = EPALM(random_lm(SMALL_OPT))
+    injection = InjectionConfig(start_layer=0, end_layer=2, num_features=2, prompt_len=3)
+    adapter = tiny_adapter(injection, encoder_dim=48, hidden_size=64, embed_dim=64)
+    prefix = adapter.prefix(torch.randn(2, 1, 48))
+    ids = torch.tensor([[2, 40, 41]])
+    with torch.inference_mode():
+        logits = lm(ids, torch.ones_like(ids), prefix)
+    assert logits.shape == (1, 1 + 3 + 3, 512) and torch.isfinite(logits).all()
