@@ -9,7 +9,7 @@ Returned ids follow the original `generate`: input ids (with their padding) then
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 import torch
 from transformers.generation.logits_process import (
@@ -73,6 +73,13 @@ PRESETS: dict[str, DecodingOptions] = {
 class GenerationOutput:
     sequences: torch.Tensor  # [B, L] input ids then generated ids
     sequence_scores: torch.Tensor | None = None  # [B], beam search only (4.24 normalisation)
+    hypotheses: list[list[tuple[float, torch.Tensor]]] | None = None  # beam search: every item's final (score, ids)
+
+
+Trace = Callable[[torch.Tensor, torch.Tensor], None]
+"""Called at every step, when asked for, with the ids so far [rows, L] and the model's next-token
+log-probabilities for them [rows, vocab] (float32, before any sampling warper): what
+`epalm.inspection` reads token confidences from. Decoding does the same with or without it."""
 
 
 class Session(Protocol):
@@ -129,7 +136,8 @@ def _session(model: EPALM, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
 @torch.inference_mode()  # as a decorator: entered per step, so a consumer may resume it in any thread
 def stream_tokens(
-    model: EPALM, prefix: Prefix, input_ids: torch.Tensor, attention_mask: torch.Tensor, options: DecodingOptions
+    model: EPALM, prefix: Prefix, input_ids: torch.Tensor, attention_mask: torch.Tensor, options: DecodingOptions,
+    trace: Trace | None = None,
 ) -> Iterator[torch.Tensor]:
     """Greedy or sampling, one step at a time: yields the new token of every row ([B]).
 
@@ -156,6 +164,8 @@ def stream_tokens(
     logits = session.start()
     while True:
         scores = logits.float()
+        if trace is not None:
+            trace(ids, torch.log_softmax(scores, dim=-1))
         if options.do_sample:
             probs = torch.softmax(warpers(ids, scores), dim=-1)
             tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
@@ -198,7 +208,8 @@ class _Hypotheses:
 
 @torch.inference_mode()
 def beam_search(
-    model: EPALM, prefix: Prefix, input_ids: torch.Tensor, attention_mask: torch.Tensor, options: DecodingOptions
+    model: EPALM, prefix: Prefix, input_ids: torch.Tensor, attention_mask: torch.Tensor, options: DecodingOptions,
+    trace: Trace | None = None,
 ) -> GenerationOutput:
     """Beam search as transformers 4.24 ran it (length_penalty, early_stopping False, 2k candidates)."""
     k, batch = options.num_beams, input_ids.shape[0]
@@ -215,7 +226,10 @@ def beam_search(
     logits = session.start()
     while True:
         cur_len = ids.shape[1]
-        scores = torch.log_softmax(logits.float(), dim=-1) + beam_scores[:, None]
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        if trace is not None:
+            trace(ids, logprobs)
+        scores = logprobs + beam_scores[:, None]
         vocab = scores.shape[-1]
         top_scores, top_ids = torch.topk(scores.view(batch, k * vocab), 2 * k, dim=1, largest=True, sorted=True)
         top_beams, top_tokens = top_ids // vocab, top_ids % vocab
@@ -261,16 +275,17 @@ def _finalize(
         out[i, : len(seq)] = seq
         if len(seq) < limit:
             out[i, len(seq)] = eos
-    return GenerationOutput(out, torch.tensor([score for score, _ in best]))
+    return GenerationOutput(out, torch.tensor([score for score, _ in best]), [hyp.beams for hyp in hyps])
 
 
 def generate(
-    model: EPALM, prefix: Prefix, input_ids: torch.Tensor, attention_mask: torch.Tensor, options: DecodingOptions
+    model: EPALM, prefix: Prefix, input_ids: torch.Tensor, attention_mask: torch.Tensor, options: DecodingOptions,
+    trace: Trace | None = None,
 ) -> GenerationOutput:
     """Run the whole decode; ids as the original returns them (inputs included)."""
     if options.num_beams > 1:
-        return beam_search(model, prefix, input_ids, attention_mask, options)
-    steps = list(stream_tokens(model, prefix, input_ids, attention_mask, options))
+        return beam_search(model, prefix, input_ids, attention_mask, options, trace)
+    steps = list(stream_tokens(model, prefix, input_ids, attention_mask, options, trace))
     return GenerationOutput(torch.cat([input_ids, torch.stack(steps, dim=1)], dim=1))
 
 
