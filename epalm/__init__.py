@@ -6,15 +6,17 @@
     pipe.answer("cat.jpg", "What is the cat doing?", task="image-vqa").text
     for partial in pipe.stream("clip.mp4", "video-caption", preset="fast"):
         print(partial.text)
+    pipe.caption("cat.jpg", task="image-caption", inspect=True).inspection  # what the model saw, how sure it was
 """
 
 from .decoding import PRESETS, DecodingOptions
 from .hub import AdapterError, WeightsUnavailable
+from .inspection import Inspection
 from .media import MediaError, MediaLimits
 from .pipeline import Answer, InputError, OutOfMemory, Pipeline, Timings
 from .tasks import Task, load_registry
 
 __all__ = [
-    "PRESETS", "AdapterError", "Answer", "DecodingOptions", "InputError", "MediaError", "MediaLimits",
+    "PRESETS", "AdapterError", "Answer", "DecodingOptions", "Inspection", "InputError", "MediaError", "MediaLimits",
     "OutOfMemory", "Pipeline", "Task", "Timings", "WeightsUnavailable", "load_registry",
 ]

@@ -159,9 +159,13 @@ def spectrogram_picture(fbank: torch.Tensor) -> np.ndarray:
 
 def decoding_settings(options: DecodingOptions) -> dict[str, Any]:
     """The settings that shaped the answer, by strategy."""
-    limit = {"max_new_tokens": options.max_new_tokens} if options.max_new_tokens is not None else {"max_length": options.max_length}
+    if options.max_new_tokens is not None:
+        limit: dict[str, Any] = {"max_new_tokens": options.max_new_tokens}
+    else:
+        limit = {"max_length": options.max_length}
     if options.num_beams > 1:
-        return {"strategy": "beam search", "num_beams": options.num_beams, "length_penalty": options.length_penalty, **limit}
+        beams = {"num_beams": options.num_beams, "length_penalty": options.length_penalty}
+        return {"strategy": "beam search", **beams, **limit}
     if options.do_sample:
         return {
             "strategy": "sampling", "temperature": options.temperature, "top_p": options.top_p, "top_k": options.top_k,
@@ -206,7 +210,8 @@ class Inspector:
         needed = round(window_seconds(transform) * rate)  # samples behind target_length frames
         duration = len(wave) / rate
         if len(wave) > needed:  # the window was filled: how long is the whole clip?
-            duration = max(np.shape(media)) / rate if isinstance(media, (np.ndarray, torch.Tensor)) else media_duration(media, limits)
+            is_array = isinstance(media, (np.ndarray, torch.Tensor))
+            duration = max(np.shape(media)) / rate if is_array else media_duration(media, limits)
         self.seen = Seen(
             "audio", [spectrogram_picture(fbank)], [], duration=duration, heard_seconds=min(len(wave), needed) / rate,
             cut=len(wave) > needed, padded=len(wave) < needed, spectrogram=fbank.numpy(),
@@ -216,7 +221,8 @@ class Inspector:
 
     def read_prompt(self, input_ids: torch.Tensor, tokenizer: Any) -> None:
         """The LM's text input, from the ids it receives."""
-        self.prompt = f"[P×{self.task.injection.prompt_len}]" + tokenizer.decode(input_ids[0].tolist(), skip_special_tokens=False)
+        text = tokenizer.decode(input_ids[0].tolist(), skip_special_tokens=False)
+        self.prompt = f"[P×{self.task.injection.prompt_len}]{text}"
 
     def trace(self, ids: torch.Tensor, logprobs: torch.Tensor) -> None:
         """`decoding.Trace`: keep each step's ids and next-token log-probabilities (read at the end)."""
@@ -255,6 +261,7 @@ class Inspector:
             ids, logprobs = self.steps[len(seq) - len(context)]
             rows = (ids == torch.tensor(seq, device=ids.device)).all(dim=1).nonzero()
             logprob = logprobs[int(rows[0, 0]), token].item()
-            tokens.append(TokenProb(token, tokenizer.decode([token], skip_special_tokens=False), math.exp(logprob), logprob))
+            text = tokenizer.decode([token], skip_special_tokens=False)
+            tokens.append(TokenProb(token, text, math.exp(logprob), logprob))
             seq.append(token)
         return tokens

@@ -19,6 +19,9 @@ from epalm.video import frame_indices
 from conftest import write_video, write_wav
 
 
+FAST = dict(preset="fast", max_length=None, inspect=True)
+
+
 @pytest.fixture(scope="module")
 def pipe() -> Pipeline:
     return Pipeline(device="cpu", tiny=True)
@@ -40,7 +43,7 @@ def test_the_seen_image_is_exactly_what_the_encoder_received(pipe, tmp_path):
     rgba = np.random.default_rng(1).integers(0, 255, (90, 160, 4), dtype=np.uint8)  # transparent, not square
     Image.fromarray(rgba, "RGBA").save(tmp_path / "wide.png")
     received = encoder_inputs(pipe, "image-caption")
-    answer = pipe.caption(tmp_path / "wide.png", "image-caption", preset="fast", max_new_tokens=3, max_length=None, inspect=True)
+    answer = pipe.caption(tmp_path / "wide.png", "image-caption", max_new_tokens=3, **FAST)
     seen = answer.inspection.seen
     assert seen.modality == "image" and seen.source_size == (160, 90) and len(seen.images) == 1
     assert seen.images[0].shape == (224, 224, 3) and seen.images[0].dtype == np.uint8
@@ -51,7 +54,7 @@ def test_the_seen_image_is_exactly_what_the_encoder_received(pipe, tmp_path):
 def test_the_seen_frames_are_exactly_what_the_encoder_received(pipe, tmp_path):
     clip = write_video(tmp_path / "clip.mp4", frames=20, fps=10)
     received = encoder_inputs(pipe, "video-qa-msvd")
-    answer = pipe.answer(clip, "what happens", "video-qa-msvd", preset="fast", max_new_tokens=3, max_length=None, inspect=True)
+    answer = pipe.answer(clip, "what happens", "video-qa-msvd", max_new_tokens=3, **FAST)
     seen = answer.inspection.seen
     frames = received[-1][0]
     assert len(seen.images) == len(frames) == 8
@@ -66,8 +69,7 @@ def test_the_seen_frames_are_exactly_what_the_encoder_received(pipe, tmp_path):
 @pytest.mark.parametrize("seconds, cut, padded", [(1.0, False, True), (12.0, True, False)])
 def test_the_seen_spectrogram_says_what_was_cut_or_padded(pipe, tmp_path, seconds, cut, padded):
     received = encoder_inputs(pipe, "audio-caption")
-    wav = write_wav(tmp_path / "tone.wav", seconds=seconds)
-    answer = pipe.caption(wav, "audio-caption", preset="fast", max_new_tokens=2, max_length=None, inspect=True)
+    answer = pipe.caption(write_wav(tmp_path / "tone.wav", seconds=seconds), "audio-caption", max_new_tokens=2, **FAST)
     seen = answer.inspection.seen
     assert np.array_equal(seen.spectrogram, received[-1][0].numpy())
     assert seen.images[0].shape == (256, 1024, 3), "128 mel bins drawn 2 px tall, 1024 frames wide"
@@ -78,8 +80,8 @@ def test_the_seen_spectrogram_says_what_was_cut_or_padded(pipe, tmp_path, second
 
 
 def test_the_prompt_shows_the_soft_prompt_and_the_question_format(pipe, media_files):
-    vqa = pipe.answer(media_files["image"], "what is it", "image-vqa", preset="fast", max_new_tokens=2, max_length=None, inspect=True)
-    caption = pipe.caption(media_files["image"], "image-caption", preset="fast", max_new_tokens=2, max_length=None, inspect=True)
+    vqa = pipe.answer(media_files["image"], "what is it", "image-vqa", max_new_tokens=2, **FAST)
+    caption = pipe.caption(media_files["image"], "image-caption", max_new_tokens=2, **FAST)
     prompt_len = pipe.task("image-vqa").injection.prompt_len
     assert vqa.inspection.prompt == f"[P×{prompt_len}]</s>what is it??</a>"
     assert caption.inspection.prompt == f"[P×{prompt_len}]</s>"
@@ -87,17 +89,18 @@ def test_the_prompt_shows_the_soft_prompt_and_the_question_format(pipe, media_fi
 
 @pytest.mark.parametrize("preset", ["paper", "fast", "sampling"])
 def test_inspecting_changes_nothing_and_is_off_by_default(pipe, media_files, preset):
-    plain = list(pipe.stream(media_files["image"], "image-caption", preset=preset, seed=3, max_new_tokens=8, max_length=None))
-    inspected = list(pipe.stream(media_files["image"], "image-caption", preset=preset, seed=3, max_new_tokens=8, max_length=None, inspect=True))
+    settings = dict(preset=preset, seed=3, max_new_tokens=8, max_length=None)
+    plain = list(pipe.stream(media_files["image"], "image-caption", **settings))
+    inspected = list(pipe.stream(media_files["image"], "image-caption", **settings, inspect=True))
     assert [a.text for a in plain] == [a.text for a in inspected]
     assert all(a.inspection is None for a in plain)
-    assert all(a.inspection.seen is inspected[-1].inspection.seen for a in inspected), "partial answers show the media too"
+    assert all(a.inspection.seen is inspected[-1].inspection.seen for a in inspected), "partials show the media too"
 
 
 def test_greedy_token_probabilities_are_the_models(pipe, media_files):
     task = pipe.task("image-vqa")
     received = encoder_inputs(pipe, "image-vqa")
-    answer = pipe.answer(media_files["image"], "what color", "image-vqa", preset="fast", max_new_tokens=6, max_length=None, inspect=True)
+    answer = pipe.answer(media_files["image"], "what color", "image-vqa", max_new_tokens=6, **FAST)
     tokens = answer.inspection.tokens
     lm, tokenizer = pipe.lm(task)
     prompt = [tokenizer.bos_token_id] + tokenizer(task.text.render("what color"), add_special_tokens=False).input_ids
@@ -129,7 +132,8 @@ def test_beams_are_ranked_and_their_scores_add_up(pipe, media_files):
 
 
 def test_sampling_reports_its_settings(pipe, media_files):
-    answer = pipe.caption(media_files["image"], "image-caption", preset="sampling", seed=5, max_new_tokens=4, max_length=None, inspect=True)
+    settings = {**FAST, "preset": "sampling", "seed": 5, "max_new_tokens": 4}
+    answer = pipe.caption(media_files["image"], "image-caption", **settings)
     assert answer.inspection.decoding == {
         "strategy": "sampling", "temperature": 0.7, "top_p": 0.9, "top_k": 0, "seed": 5, "max_new_tokens": 4
     }
@@ -154,7 +158,7 @@ def test_a_trace_does_not_change_beam_search():
 
 
 def test_save_writes_the_pictures_and_the_json(pipe, media_files, tmp_path):
-    answer = pipe.caption(media_files["video"], "video-caption", preset="fast", max_new_tokens=3, max_length=None, inspect=True)
+    answer = pipe.caption(media_files["video"], "video-caption", max_new_tokens=3, **FAST)
     paths = answer.inspection.save(tmp_path / "out", answer.text)
     assert [p.name for p in paths] == [f"frame{i:02d}.png" for i in range(1, 17)] + ["inspection.json"]
     assert np.array_equal(np.asarray(Image.open(paths[3])), answer.inspection.seen.images[3])
