@@ -6,17 +6,19 @@
     pipe.answer("cat.jpg", "What is the cat doing?", task="image-vqa").text
     for partial in pipe.stream("clip.mp4", "video-caption", preset="fast"):
         print(partial.text)
+    pipe.caption("cat.jpg", task="image-caption", inspect=True).inspection  # what the model saw, how sure it was
 """
 
 from .decoding import PRESETS, DecodingOptions
 from .errors import InputError, UserError
 from .hub import AdapterError, WeightsUnavailable
+from .inspection import Inspection
 from .media import MediaError, MediaLimits
 from .pipeline import Answer, OutOfMemory, Pipeline, Timings
 from .store import ModelSource
 from .tasks import Task, load_registry
 
 __all__ = [
-    "PRESETS", "AdapterError", "Answer", "DecodingOptions", "InputError", "MediaError", "MediaLimits",
+    "PRESETS", "AdapterError", "Answer", "DecodingOptions", "InputError", "Inspection", "MediaError", "MediaLimits",
     "ModelSource", "OutOfMemory", "Pipeline", "Task", "Timings", "UserError", "WeightsUnavailable", "load_registry",
 ]

@@ -39,6 +39,10 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames", dest="num_frames", type=int, help="video frames to sample (default: the task's)")
     parser.add_argument("--max-file-size", type=float, default=None, help="refuse media files larger than this many MB")
     parser.add_argument("--jsonl", action="store_true", help="one JSON object per path")
+    parser.add_argument(
+        "--save-inputs", type=Path, metavar="DIR",
+        help="write what the model saw (PNGs) and its prompt, token probabilities and beams (JSON) to DIR/<file name>/",
+    )
     parser.add_argument("paths", nargs="+", help="image, video or audio files")
 
 
@@ -83,19 +87,26 @@ def _run(args: argparse.Namespace, question: str | None) -> int:
     decoding = {k: getattr(args, k) for k in ("num_beams", "do_sample", "temperature", "top_p", "top_k", "seed", "max_new_tokens", "max_length")}
     if args.max_new_tokens is not None and args.max_length is None:
         decoding["max_length"] = None
-    failed = 0
+    failed, folders = 0, set()
     try:
         pipeline = Pipeline(device=args.device, dtype=args.dtype, tiny=args.tiny, registry=load_registry(args.registry) if args.registry else None, limits=limits)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    inspect = args.save_inputs is not None
     for path in args.paths:
         try:
-            answer = pipeline.caption(path, args.task, preset=args.preset, num_frames=args.num_frames, **decoding) if question is None else (
-                pipeline.answer(path, question, args.task, preset=args.preset, num_frames=args.num_frames, **decoding)
-            )
+            settings = dict(preset=args.preset, num_frames=args.num_frames, inspect=inspect, **decoding)
+            if question is None:
+                answer = pipeline.caption(path, args.task, **settings)
+            else:
+                answer = pipeline.answer(path, question, args.task, **settings)
             record = {"path": path, "answer": answer.text, "timings": vars(answer.timings)}
             line = f"{path}\t{answer.text}"
+            if inspect:
+                folder = _inputs_folder(args.save_inputs, path, folders)
+                answer.inspection.save(folder, answer.text)
+                record["inputs"] = str(folder)
         except UserError as exc:
             failed += 1
             record, line = {"path": path, "error": str(exc)}, f"{path}\tERROR: {exc}"
@@ -105,6 +116,17 @@ def _run(args: argparse.Namespace, question: str | None) -> int:
             record, line = {"path": path, "error": f"{type(exc).__name__}: {exc}"}, f"{path}\tERROR: {type(exc).__name__}: {exc}"
         print(json.dumps(record) if args.jsonl else line, flush=True)
     return 2 if failed else 0
+
+
+def _inputs_folder(root: Path, path: str, taken: set[Path]) -> Path:
+    """DIR/<file name>, or DIR/<file name>-2, -3... when a batch has several files of that name."""
+    name, number = Path(path).name, 1
+    folder = root / name
+    while folder in taken:
+        number += 1
+        folder = root / f"{name}-{number}"
+    taken.add(folder)
+    return folder
 
 
 def _convert(args: argparse.Namespace) -> int:

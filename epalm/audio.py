@@ -179,7 +179,12 @@ def audio_fbank(waveform: torch.Tensor, transform: AudioTransform = AudioTransfo
     return (fbank - transform.norm_mean) / (transform.norm_std * 2)
 
 
+def load_window(src: Any, transform: AudioTransform = AudioTransform(), limits: MediaLimits = MediaLimits()) -> torch.Tensor:
+    """`load_audio` of only the start the model hears (plus the resampling margin): longer than
+    `window_seconds` exactly when the clip is cut."""
+    return load_audio(src, transform.sample_rate, limits, max_seconds=window_seconds(transform) + RESAMPLE_MARGIN_S)
+
+
 def prepare_audio(src: Any, transform: AudioTransform = AudioTransform(), limits: MediaLimits = MediaLimits()) -> torch.Tensor:
-    """`load_audio` (only the model's window) then `audio_fbank`: AST input [target_length, mel_bins]."""
-    wave = load_audio(src, transform.sample_rate, limits, max_seconds=window_seconds(transform) + RESAMPLE_MARGIN_S)
-    return audio_fbank(wave, transform)
+    """`load_window` then `audio_fbank`: AST input [target_length, mel_bins]."""
+    return audio_fbank(load_window(src, transform, limits), transform)

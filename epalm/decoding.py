@@ -78,6 +78,13 @@ StepCallback = Callable[[torch.Tensor], None]
 class GenerationOutput:
     sequences: torch.Tensor  # [B, L] input ids then generated ids
     sequence_scores: torch.Tensor | None = None  # [B], beam search only (4.24 normalisation)
+    hypotheses: list[list[tuple[float, torch.Tensor]]] | None = None  # beam search: every item's final (score, ids)
+
+
+Trace = Callable[[torch.Tensor, torch.Tensor], None]
+"""Called at every step, when asked for, with the ids so far [rows, L] and the model's next-token
+log-probabilities for them [rows, vocab] (float32, before any sampling warper): what
+`epalm.inspection` reads token confidences from. Decoding does the same with or without it."""
 
 
 class Session(Protocol):
@@ -140,6 +147,7 @@ def stream_tokens(
     attention_mask: torch.Tensor,
     options: DecodingOptions,
     callback: StepCallback | None = None,
+    trace: Trace | None = None,
 ) -> Iterator[torch.Tensor]:
     """Greedy or sampling, one step at a time: yields the new token of every row ([B]).
 
@@ -166,6 +174,8 @@ def stream_tokens(
     logits = session.start()
     while True:
         scores = logits.float()
+        if trace is not None:
+            trace(ids, torch.log_softmax(scores, dim=-1))
         if options.do_sample:
             probs = torch.softmax(warpers(ids, scores), dim=-1)
             tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
@@ -216,6 +226,7 @@ def beam_search(
     attention_mask: torch.Tensor,
     options: DecodingOptions,
     callback: StepCallback | None = None,
+    trace: Trace | None = None,
 ) -> GenerationOutput:
     """Beam search as transformers 4.24 ran it (length_penalty, early_stopping False, 2k candidates)."""
     k, batch = options.num_beams, input_ids.shape[0]
@@ -232,7 +243,10 @@ def beam_search(
     logits = session.start()
     while True:
         cur_len = ids.shape[1]
-        scores = torch.log_softmax(logits.float(), dim=-1) + beam_scores[:, None]
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        if trace is not None:
+            trace(ids, logprobs)
+        scores = logprobs + beam_scores[:, None]
         vocab = scores.shape[-1]
         top_scores, top_ids = torch.topk(scores.view(batch, k * vocab), 2 * k, dim=1, largest=True, sorted=True)
         top_beams, top_tokens = top_ids // vocab, top_ids % vocab
@@ -280,7 +294,7 @@ def _finalize(
         out[i, : len(seq)] = seq
         if len(seq) < limit:
             out[i, len(seq)] = eos
-    return GenerationOutput(out, torch.tensor([score for score, _ in best]))
+    return GenerationOutput(out, torch.tensor([score for score, _ in best]), [hyp.beams for hyp in hyps])
 
 
 def generate(
@@ -290,12 +304,13 @@ def generate(
     attention_mask: torch.Tensor,
     options: DecodingOptions,
     callback: StepCallback | None = None,
+    trace: Trace | None = None,
 ) -> GenerationOutput:
     """Run the whole decode; ids as the original returns them (inputs included). `callback`, if
     given, is called after each step with its tokens (see `StepCallback`)."""
     if options.num_beams > 1:
-        return beam_search(model, prefix, input_ids, attention_mask, options, callback)
-    steps = list(stream_tokens(model, prefix, input_ids, attention_mask, options, callback))
+        return beam_search(model, prefix, input_ids, attention_mask, options, callback, trace)
+    steps = list(stream_tokens(model, prefix, input_ids, attention_mask, options, callback, trace))
     return GenerationOutput(torch.cat([input_ids, torch.stack(steps, dim=1)], dim=1))
 
 

@@ -21,6 +21,7 @@ from .encoders import Encoder
 from .errors import InputError, UserError
 from .hub import HubModels, Progress
 from .image import prepare_image
+from .inspection import Inspection, Inspector
 from .media import MediaLimits
 from .model import EPALM, Adapter
 from .store import ModelSource, ModelStore
@@ -71,6 +72,7 @@ class Answer:
     timings: Timings = field(default_factory=Timings)
     device: str = "cpu"
     dtype: str = "float32"
+    inspection: Inspection | None = None  # with `inspect=True`: what the model saw (and, when done, how sure it was)
 
 
 class Pipeline:
@@ -184,10 +186,12 @@ class Pipeline:
         preset: str | None = None,
         num_frames: int | None = None,
         progress: Progress | None = None,
+        inspect: bool = False,
         **overrides: Any,
     ) -> Iterator[Answer]:
         """Partial answers as they are generated (greedy and sampling), then the final one.
-        Beam search yields only the final answer. Bad input fails before any model loads."""
+        Beam search yields only the final answer. Bad input fails before any model loads.
+        `inspect`: answers carry an `Inspection` (see epalm.inspection); off, nothing of it is computed."""
         spec = self.task(task)
         question = self._check_question(spec, question)
         options = self.decoding_options(spec, preset, **overrides)
@@ -198,11 +202,15 @@ class Pipeline:
             transform = replace(transform, num_frames=num_frames)
         timings = Timings()
         started = time.perf_counter()
-        pixels = _PREPARE[spec.modality](media, transform, self.limits)
+        inspector = Inspector(spec) if inspect else None
+        pixels = (inspector.prepare if inspector else _PREPARE[spec.modality])(media, transform, self.limits)
         timings.encode_s = time.perf_counter() - started
         lm, tokenizer = self.lm(spec, progress)
         input_ids = self._text_ids(spec, question, tokenizer)
         options = replace(options, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        trace = inspector.trace if inspector else None
+        if inspector:
+            inspector.read_prompt(input_ids, tokenizer)
         adapter, encoder = self.adapter(spec, progress), self.encoder(spec, progress)
         dtype = self.store.dtype_name
         with self._out_of_memory(spec):
@@ -214,15 +222,21 @@ class Pipeline:
             started = time.perf_counter()
             if options.streams:
                 ids: list[int] = []
-                for text in stream_text(self._timed(stream_tokens(lm, prefix, input_ids, mask, options), timings, started, ids), tokenizer):
-                    yield Answer(text.strip(), spec.id, False, timings, self.device.type, dtype)
+                partial = inspector.partial(options) if inspector else None
+                tokens = stream_tokens(lm, prefix, input_ids, mask, options, trace=trace)
+                for text in stream_text(self._timed(tokens, timings, started, ids), tokenizer):
+                    yield Answer(text.strip(), spec.id, False, timings, self.device.type, dtype, partial)
                 text = tokenizer.decode(ids, skip_special_tokens=True)
+                inspected = inspector.result(tokenizer, input_ids, options, ids) if inspector else None
             else:
-                output = generate(lm, prefix, input_ids, mask, options).sequences[0, input_ids.shape[1] :]
+                generated = generate(lm, prefix, input_ids, mask, options, trace=trace)
+                output = generated.sequences[0, input_ids.shape[1] :]
                 timings.first_token_s = timings.generate_s = time.perf_counter() - started
                 timings.new_tokens = int((output != options.pad_token_id).sum())
                 text = tokenizer.decode(output, skip_special_tokens=True)
-        yield Answer(text.strip(), spec.id, True, timings, self.device.type, dtype)
+                hypotheses = generated.hypotheses[0] if generated.hypotheses else None
+                inspected = inspector.result(tokenizer, input_ids, options, output.tolist(), hypotheses) if inspector else None
+        yield Answer(text.strip(), spec.id, True, timings, self.device.type, dtype, inspected)
 
     @staticmethod
     def _timed(tokens: Iterator[torch.Tensor], timings: Timings, started: float, ids: list[int]) -> Iterator[torch.Tensor]:

@@ -55,6 +55,22 @@ class _Track:
     fps: float
     start: float  # seconds
     rotation: int  # degrees counter-clockwise to display it upright (a multiple of 90)
+    duration: float | None  # seconds, from the header; None when unknown
+
+
+@dataclass(frozen=True)
+class SampledFrames:
+    """The frames a clip gives the model, and where in the clip they are."""
+
+    frames: np.ndarray  # [num_frames, H, W, 3] uint8 RGB, upright
+    indices: tuple[int, ...]  # frame numbers in the clip
+    fps: float
+    duration: float | None  # the clip's length in seconds; None when the file does not say
+
+    @property
+    def timestamps(self) -> list[float]:
+        """Seconds from the start of the clip at which each sampled frame is shown."""
+        return [index / self.fps for index in self.indices]
 
 
 def frame_indices(num_frames: int, vlen: int) -> list[int]:
@@ -71,15 +87,21 @@ def frame_indices(num_frames: int, vlen: int) -> list[int]:
 def load_video_frames(src: Source, num_frames: int = 8, limits: MediaLimits = MediaLimits()) -> np.ndarray:
     """[num_frames, H, W, 3] uint8 RGB frames sampled from a video (path, bytes or file object),
     turned upright when the file says it is rotated."""
+    return sample_frames(src, num_frames, limits).frames
+
+
+def sample_frames(src: Source, num_frames: int = 8, limits: MediaLimits = MediaLimits()) -> SampledFrames:
+    """`load_video_frames` with the frame numbers, frame rate and duration of the clip."""
     with local_path(src, limits) as path:
         track = _probe(path, limits)
         if track.rotation == 0:  # decord ignores rotation and breaks on such files
             try:
-                return _read_decord(path, num_frames, track)
+                return SampledFrames(*_read_decord(path, num_frames, track), track.fps, track.duration)
             except Exception as exc:  # decord raises its own errors (and worse) on files it cannot handle
                 log.info("decord could not decode this video (%s); decoding it with PyAV", str(exc).splitlines()[0][:200])
-        frames = _read_pyav(path, num_frames, track)
-    return np.ascontiguousarray(np.rot90(frames, k=track.rotation // 90, axes=(1, 2)))
+        frames, indices = _read_pyav(path, num_frames, track)
+    upright = np.ascontiguousarray(np.rot90(frames, k=track.rotation // 90, axes=(1, 2)))
+    return SampledFrames(upright, indices, track.fps, track.duration)
 
 
 def _probe(path: str, limits: MediaLimits) -> _Track:
@@ -104,7 +126,7 @@ def _probe(path: str, limits: MediaLimits) -> _Track:
         start = float(stream.start_time * stream.time_base) if stream.start_time is not None and stream.time_base else 0.0
         return _Track(
             index=stream.index, width=first.width, height=first.height, frames=stream.frames or 0, fps=fps,
-            start=start, rotation=round((first.rotation or 0) / 90) % 4 * 90,
+            start=start, rotation=round((first.rotation or 0) / 90) % 4 * 90, duration=duration,
         )
 
 
@@ -113,25 +135,26 @@ def _check_frame_size(width: int, height: int, limits: MediaLimits) -> None:
         raise MediaError(f"The video is {width}×{height} pixels; the limit is {limits.max_frame_pixels / 1e6:.1f} megapixels per frame.")
 
 
-def _read_decord(path: str, num_frames: int, track: _Track) -> np.ndarray:
+def _read_decord(path: str, num_frames: int, track: _Track) -> tuple[np.ndarray, tuple[int, ...]]:
     reader = decord.VideoReader(path, num_threads=1)
     vlen = len(reader)
     if vlen < 1:
         raise RuntimeError("decord found no frames")
-    frames = reader.get_batch(frame_indices(num_frames, vlen)).asnumpy()
+    indices = frame_indices(num_frames, vlen)
+    frames = reader.get_batch(indices).asnumpy()
     if frames.shape != (num_frames, track.height, track.width, 3):
         raise RuntimeError(f"decord returned frames of shape {frames.shape}, expected {track.height}×{track.width}×3")
-    return frames
+    return frames, tuple(indices)
 
 
-def _read_pyav(path: str, num_frames: int, track: _Track) -> np.ndarray:
+def _read_pyav(path: str, num_frames: int, track: _Track) -> tuple[np.ndarray, tuple[int, ...]]:
     vlen = track.frames or _count_frames(path, track.index)
     indices = frame_indices(num_frames, vlen)
     with open_container(path, "a video") as container:
         stream = container.streams[track.index]
         stream.thread_type = "AUTO"
         picked = dict(zip(sorted(set(indices)), _frames_at(container, stream, sorted(set(indices)), track)))
-    return np.stack([picked[i] for i in indices])
+    return np.stack([picked[i] for i in indices]), tuple(indices)
 
 
 def _count_frames(path: str, index: int) -> int:

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 
 from epalm.__main__ import main
 
@@ -38,6 +39,26 @@ def test_ask_jsonl_on_video_and_audio(media_files):
     record = json.loads(out.stdout)
     assert record["path"] == str(media_files["video"]) and isinstance(record["answer"], str) and "timings" in record
     assert main(["caption", "--tiny", "--task", "audio-caption", "--preset", "fast", "--max-new-tokens", "3", str(media_files["audio"])]) == 0
+
+
+def test_save_inputs_writes_what_the_model_saw_per_file(media_files, tmp_path, capsys):
+    out = tmp_path / "seen"
+    paths = [str(media_files["image"]), str(media_files["video"]), str(media_files["image"])]
+    argv = ["ask", "--tiny", "--task", "image-vqa", "-q", "what is it", "--beams", "2", "--max-length", "12", "--jsonl"]
+    assert main([*argv, "--save-inputs", str(out), paths[0], paths[2]]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    name = media_files["image"].name
+    assert [r["inputs"] for r in records] == [str(out / name), str(out / f"{name}-2")], "same name twice: two folders"
+    data = json.loads((out / name / "inspection.json").read_text())
+    assert data["answer"] == records[0]["answer"] and data["prompt"].endswith("what is it??</a>")
+    assert len(data["beams"]) == 2 and data["tokens"] == data["beams"][0]["tokens"]
+    assert data["seen"]["files"] == ["input.png"] and data["decoding"]["strategy"] == "beam search"
+    assert Image.open(out / name / "input.png").size == (224, 224)
+    assert main(["caption", "--tiny", "--task", "video-caption", "--preset", "fast", "--max-new-tokens", "2",
+                 "--frames", "4", "--save-inputs", str(out), paths[1]]) == 0
+    assert sorted(p.name for p in (out / media_files["video"].name).iterdir()) == [
+        "frame01.png", "frame02.png", "frame03.png", "frame04.png", "inspection.json"
+    ]
 
 
 def test_ask_without_question_text_fails_cleanly(media_files, capsys):
