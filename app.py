@@ -18,7 +18,9 @@ from typing import Any, Callable, Iterator
 
 import gradio as gr
 
-from epalm import AdapterError, InputError, MediaError, MediaLimits, OutOfMemory, Pipeline, WeightsUnavailable
+from epalm import (
+    DEFAULT_PRESET, PRESETS, AdapterError, InputError, MediaError, MediaLimits, OutOfMemory, Pipeline, WeightsUnavailable,
+)
 from epalm.media import media_duration
 
 try:  # ZeroGPU on Hugging Face Spaces: model calls get a GPU only inside @spaces.GPU
@@ -32,7 +34,6 @@ log = logging.getLogger("epalm.app")
 EXAMPLES = Path(__file__).resolve().parent / "examples"
 USER_ERRORS = (MediaError, InputError, WeightsUnavailable, AdapterError, OutOfMemory)
 
-PRESETS = [("Paper: 3 beams", "paper"), ("Fast: greedy, streamed", "fast"), ("Sampling", "sampling")]
 CAPTION_TASKS = {
     "image": [("COCO captions · OPT-2.7B + ViT-B", "image-caption"), ("COCO captions · OPT-6.7B + ViT-L", "image-caption-L")],
     "video": [("MSR-VTT captions · OPT-2.7B + TimeSformer", "video-caption")],
@@ -93,7 +94,7 @@ class Demo:
         if preset == "sampling":
             decoding.update(temperature=float(temperature), top_p=float(top_p))
         if max_new_tokens:
-            decoding.update(max_new_tokens=int(max_new_tokens), max_length=None)
+            decoding.update(max_new_tokens=int(max_new_tokens))
         if frames:
             decoding["num_frames"] = int(frames)
         report = lambda message: progress(None, desc=message)  # noqa: E731
@@ -165,7 +166,7 @@ def _tab(demo: Demo, modality: str, concurrency: int, status: gr.Markdown) -> No
                 label="Question", placeholder="e.g. What is the dog doing?", max_length=300, visible=False, elem_id=f"{modality}-question"
             )
             with gr.Accordion("Advanced", open=False):
-                preset = gr.Radio(PRESETS, value="paper", label="Decoding")
+                preset = gr.Radio([(p.label, name) for name, p in PRESETS.items()], value=DEFAULT_PRESET, label="Decoding")
                 temperature = gr.Slider(0.1, 2.0, value=0.7, step=0.05, label="Temperature (sampling)")
                 top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p (sampling)")
                 max_new_tokens = gr.Slider(0, 64, value=0, step=1, label="Max new tokens (0 = the paper's max_length 30)")

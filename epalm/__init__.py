@@ -8,13 +8,13 @@
         print(partial.text)
 """
 
-from .decoding import PRESETS, DecodingOptions
+from .decoding import DEFAULT_PRESET, PRESETS, DecodingOptions, Preset
 from .hub import AdapterError, WeightsUnavailable
 from .media import MediaError, MediaLimits
 from .pipeline import Answer, InputError, OutOfMemory, Pipeline, Timings
 from .tasks import Task, load_registry
 
 __all__ = [
-    "PRESETS", "AdapterError", "Answer", "DecodingOptions", "InputError", "MediaError", "MediaLimits",
-    "OutOfMemory", "Pipeline", "Task", "Timings", "WeightsUnavailable", "load_registry",
+    "DEFAULT_PRESET", "PRESETS", "AdapterError", "Answer", "DecodingOptions", "InputError", "MediaError", "MediaLimits",
+    "OutOfMemory", "Pipeline", "Preset", "Task", "Timings", "WeightsUnavailable", "load_registry",
 ]

@@ -8,8 +8,8 @@ Returned ids follow the original `generate`: input ids (with their padding) then
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterator, Protocol
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterator, Protocol
 
 import torch
 from transformers.generation.logits_process import (
@@ -24,7 +24,8 @@ from .model import EPALM, DecodeState, Prefix
 
 @dataclass(frozen=True)
 class DecodingOptions:
-    """How to generate. The defaults are the paper's: 3 beams, max_length 30."""
+    """How to generate, like transformers' `GenerationConfig`. The defaults are the paper's:
+    3 beams, max_length 30."""
 
     num_beams: int = 3
     do_sample: bool = False
@@ -62,11 +63,26 @@ class DecodingOptions:
         return self.num_beams == 1
 
 
-PRESETS: dict[str, DecodingOptions] = {
-    "paper": DecodingOptions(),
-    "fast": DecodingOptions(num_beams=1),
-    "sampling": DecodingOptions(num_beams=1, do_sample=True, temperature=0.7, top_p=0.9),
+@dataclass(frozen=True)
+class Preset:
+    """A named rule over a task's own generation settings: the fields it sets replace the task's,
+    every other field (length limits, minimum answer, seed) stays the task's."""
+
+    label: str  # for people: what the preset does
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def apply(self, options: DecodingOptions) -> DecodingOptions:
+        return replace(options, **self.overrides)
+
+
+PRESETS: dict[str, Preset] = {
+    "paper": Preset("Paper: the task's settings (3 beams)"),
+    "fast": Preset("Fast: greedy, streamed", {"num_beams": 1, "do_sample": False}),
+    "sampling": Preset(
+        "Sampling: temperature 0.7, top-p 0.9, streamed", {"num_beams": 1, "do_sample": True, "temperature": 0.7, "top_p": 0.9}
+    ),
 }
+DEFAULT_PRESET = "paper"
 
 
 @dataclass

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .audio import prepare_audio
-from .decoding import PRESETS, DecodingOptions, generate, stream_text, stream_tokens
+from .decoding import DEFAULT_PRESET, PRESETS, DecodingOptions, generate, stream_text, stream_tokens
 from .encoders import Encoder
 from .hub import HubModels, Progress, load_adapter
 from .image import prepare_image
@@ -207,12 +207,14 @@ class Pipeline:
     # -- answering -------------------------------------------------------------------------
 
     def decoding_options(self, task: Task, preset: str | None = None, **overrides: Any) -> DecodingOptions:
-        """The task's decoding (the paper's), or a preset, with the given fields replaced."""
-        if preset is not None and preset not in PRESETS:
+        """The task's settings, the preset's rules applied (default: paper, the task's own), then
+        `overrides` (fields of `DecodingOptions`; None means "not given")."""
+        preset = preset or DEFAULT_PRESET
+        if preset not in PRESETS:
             raise InputError(f"unknown decoding preset {preset!r}; choose one of {', '.join(PRESETS)}")
-        base = task.generation if preset in (None, "paper") else PRESETS[preset]
         try:
-            return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+            options = PRESETS[preset].apply(task.generation)
+            return replace(options, **{k: v for k, v in overrides.items() if v is not None})
         except (TypeError, ValueError) as exc:
             raise InputError(f"invalid decoding settings: {exc}") from exc
 

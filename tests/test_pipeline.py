@@ -8,9 +8,11 @@ from dataclasses import replace
 import pytest
 import torch
 
+from epalm.decoding import PRESETS, DecodingOptions
 from epalm.hub import HubModels, WeightsUnavailable
 from epalm.media import MediaError
 from epalm.pipeline import InputError, OutOfMemory, Pipeline
+from epalm.tasks import load_registry
 from epalm.tiny import TinyModels
 
 
@@ -25,7 +27,7 @@ def pipe() -> Pipeline:
      ("video-qa-msvd", "video", "what happens"), ("audio-caption", "audio", None)],
 )
 def test_every_modality_answers(pipe, media_files, task, modality, question):
-    result = pipe.stream(media_files[modality], task, question, preset="fast", max_new_tokens=6, max_length=None)
+    result = pipe.stream(media_files[modality], task, question, preset="fast", max_new_tokens=6)
     answers = list(result)
     final = answers[-1]
     assert final.done and final.task == task and isinstance(final.text, str)
@@ -40,11 +42,11 @@ def test_paper_preset_is_the_default_and_is_beam_search(pipe, media_files):
 
 
 def test_streaming_gives_growing_prefixes_ending_in_the_final_text(pipe, media_files):
-    parts = [a.text for a in pipe.stream(media_files["image"], "image-caption", preset="fast", max_new_tokens=12, max_length=None)]
+    parts = [a.text for a in pipe.stream(media_files["image"], "image-caption", preset="fast", max_new_tokens=12)]
     assert len(parts) >= 3
     assert all(b.startswith(a) for a, b in zip(parts[:-2], parts[1:-1]))
     assert parts[-1] == parts[-2] or parts[-1].startswith(parts[-2])
-    whole = pipe.caption(media_files["image"], "image-caption", preset="fast", max_new_tokens=12, max_length=None)
+    whole = pipe.caption(media_files["image"], "image-caption", preset="fast", max_new_tokens=12)
     assert whole.text == parts[-1]
 
 
@@ -65,7 +67,7 @@ def test_tasks_sharing_an_lm_share_one_object():
 def test_concurrent_calls_for_different_tasks_do_not_mix_adapters(media_files):
     pipe = Pipeline(device="cpu", tiny=True)
     jobs = [("image-caption", None), ("image-vqa", "what is it"), ("image-gqa", "where is it"), ("image-caption", None)]
-    settings = dict(preset="fast", max_new_tokens=8, max_length=None)
+    settings = dict(preset="fast", max_new_tokens=8)
     alone = [list(pipe.stream(media_files["image"], t, q, **settings))[-1].text for t, q in jobs]
     assert len(set(alone[:3])) > 1, "different adapters give different answers"
     results: dict[int, str] = {}
@@ -88,10 +90,10 @@ def test_loading_happens_once_and_reports_progress(media_files):
     messages: list[str] = []
     pipe = Pipeline(device="cpu", tiny=True, progress=messages.append)
     assert pipe.loaded() == []
-    pipe.caption(media_files["image"], "image-caption", preset="fast", max_new_tokens=2, max_length=None)
+    pipe.caption(media_files["image"], "image-caption", preset="fast", max_new_tokens=2)
     loads = [m for m in messages if m.startswith("Loading")]
     assert len(loads) == 3 and any("language model" in m for m in loads)
-    pipe.caption(media_files["image"], "image-caption", preset="fast", max_new_tokens=2, max_length=None)
+    pipe.caption(media_files["image"], "image-caption", preset="fast", max_new_tokens=2)
     assert len([m for m in messages if m.startswith("Loading")]) == 3
     pipe.preload(["image-vqa", "audio-caption"])  # what app.py --preload runs in the background
     assert sorted(pipe.loaded()) == sorted(
@@ -163,14 +165,14 @@ def test_adapter_from_the_hub_drives_the_answer(media_files, fake_hub):
     task = tiny.task("image-caption")
     fake_hub.add(task.adapter.repo_id, task.adapter.filename, buffer.getvalue(), repo_type="space")
     real = Pipeline(device="cpu", models=TinyModelsRealAdapters())
-    settings = dict(preset="fast", max_new_tokens=6, max_length=None)
+    settings = dict(preset="fast", max_new_tokens=6)
     assert real.caption(media_files["image"], "image-caption", **settings).text == tiny.caption(media_files["image"], "image-caption", **settings).text
     assert len(fake_hub.downloads) == 1
 
 
 def test_bfloat16_pipeline_runs(media_files):
     pipe = Pipeline(device="cpu", dtype="bfloat16", tiny=True)
-    answer = pipe.caption(media_files["audio"], "audio-caption", preset="fast", max_new_tokens=4, max_length=None)
+    answer = pipe.caption(media_files["audio"], "audio-caption", preset="fast", max_new_tokens=4)
     assert answer.done and answer.dtype == "bfloat16"
     assert pipe.adapter(pipe.task("audio-caption")).connector[0].weight.dtype == torch.float32
     with pytest.raises(InputError, match="float16 is for GPUs"):
@@ -179,7 +181,7 @@ def test_bfloat16_pipeline_runs(media_files):
 
 def test_a_stream_can_be_resumed_from_other_threads(pipe, media_files):
     """Web servers pull each partial answer in whichever worker thread is free."""
-    stream = pipe.stream(media_files["image"], "image-caption", preset="fast", max_new_tokens=8, max_length=None)
+    stream = pipe.stream(media_files["image"], "image-caption", preset="fast", max_new_tokens=8)
     pulled: list = []
     while not pulled or not pulled[-1].done:
         worker = threading.Thread(target=lambda: pulled.append(next(stream)))
@@ -187,16 +189,29 @@ def test_a_stream_can_be_resumed_from_other_threads(pipe, media_files):
         worker.join()
         assert len(pulled) < 20
     assert not torch.is_inference_mode_enabled(), "the inference mode does not leak into the caller"
-    same = pipe.caption(media_files["image"], "image-caption", preset="fast", max_new_tokens=8, max_length=None)
+    same = pipe.caption(media_files["image"], "image-caption", preset="fast", max_new_tokens=8)
     assert pulled[-1].text == same.text
 
 
 def test_cpu_weights_are_packed_unless_asked_not_to(media_files):
     from epalm.model import PackedLinear
 
-    settings = dict(preset="fast", max_new_tokens=8, max_length=None)
+    settings = dict(preset="fast", max_new_tokens=8)
     packed, dense = Pipeline(device="cpu", tiny=True), Pipeline(device="cpu", tiny=True, pack_weights=False)
     task = packed.task("image-caption")
     assert isinstance(packed.lm(task)[0].decoder.layers[0].fc1, PackedLinear)
     assert not isinstance(dense.lm(task)[0].decoder.layers[0].fc1, PackedLinear)
     assert packed.caption(media_files["image"], "image-caption", **settings).text == dense.caption(media_files["image"], "image-caption", **settings).text
+
+
+def test_presets_keep_the_tasks_own_limits(media_files):
+    """A task whose registry sets a 5-token answer keeps it under every preset."""
+    tasks = load_registry()
+    short = DecodingOptions(num_beams=3, max_new_tokens=5)
+    pipe = Pipeline(device="cpu", tiny=True, registry={**tasks, "image-caption": replace(tasks["image-caption"], generation=short)})
+    task = pipe.task("image-caption")
+    for preset in PRESETS:
+        assert pipe.decoding_options(task, preset).max_new_tokens == 5
+        answer = pipe.caption(media_files["image"], "image-caption", preset=preset)
+        assert 1 <= answer.timings.new_tokens <= 5 + (preset == "paper")  # beam search counts its closing EOS
+    assert pipe.decoding_options(task, "fast", max_new_tokens=7).max_new_tokens == 7

@@ -51,7 +51,7 @@ def test_a_user_registry_adds_a_task_with_a_local_adapter(tmp_path):
     preprocess: {size: 224}
     injection: {start_layer: 2, end_layer: 4, num_features: 2}
     text: {prompt: ""}
-    generation: {num_beams: 1, max_new_tokens: 5, max_length: null}
+    generation: {num_beams: 1, max_new_tokens: 5}
     adapter: {filename: adapters/mine}
 """
     path = tmp_path / "tasks.yaml"
