@@ -23,7 +23,7 @@ from .hub import HubModels, Progress, load_adapter
 from .image import prepare_image
 from .media import MediaLimits
 from .model import EPALM, Adapter, pack_linear_weights
-from .tasks import Task, get_task, load_registry
+from .tasks import Task, answer_tokens, get_task, load_registry
 from .video import prepare_video
 
 log = logging.getLogger(__name__)
@@ -165,6 +165,7 @@ class Pipeline:
     def lm(self, task: Task, progress: Progress | None = None) -> tuple[EPALM, Any]:
         def load() -> tuple[EPALM, Any]:
             lm, tokenizer = self.models.lm(task.lm, self.dtype)
+            tokenizer.add_special_tokens({"additional_special_tokens": answer_tokens(self.tasks.values(), task.lm)})
             model = EPALM(lm.to(self.device, self.dtype))
             if self.pack_weights:
                 log.info("packed %d linear layers of %s", pack_linear_weights(model), task.lm.id)

@@ -12,7 +12,7 @@ from epalm.decoding import PRESETS, DecodingOptions
 from epalm.hub import HubModels, WeightsUnavailable
 from epalm.media import MediaError
 from epalm.pipeline import InputError, OutOfMemory, Pipeline
-from epalm.tasks import load_registry
+from epalm.tasks import TextFormat, load_registry
 from epalm.tiny import TinyModels
 
 
@@ -215,3 +215,16 @@ def test_presets_keep_the_tasks_own_limits(media_files):
         answer = pipe.caption(media_files["image"], "image-caption", preset=preset)
         assert 1 <= answer.timings.new_tokens <= 5 + (preset == "paper")  # beam search counts its closing EOS
     assert pipe.decoding_options(task, "fast", max_new_tokens=7).max_new_tokens == 7
+
+
+def test_answer_tokens_are_the_registrys(media_files):
+    """The tokenizer gains each task's answer token, read from the registry: one id, at the prompt's end."""
+    tasks = load_registry()
+    vqa = tasks["image-vqa"]
+    custom = replace(vqa, text=TextFormat("{question}<ans>", "<ans>"))
+    pipe = Pipeline(device="cpu", tiny=True, registry={"image-vqa": vqa, "custom": replace(custom, id="custom")})
+    tokenizer = pipe.lm(pipe.task("custom"))[1]
+    for token in ("</a>", "<ans>"):
+        assert tokenizer.convert_tokens_to_ids(token) not in (None, tokenizer.unk_token_id)
+        assert tokenizer(f"what{token}", add_special_tokens=False).input_ids[-1] == tokenizer.convert_tokens_to_ids(token)
+    assert pipe.answer(media_files["image"], "what is it", "custom", preset="fast", max_new_tokens=3).done

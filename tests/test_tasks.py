@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from epalm.tasks import RegistryError, TextFormat, get_task, load_registry
+from epalm.tasks import RegistryError, TextFormat, answer_tokens, get_task, load_registry
 
 TASK_IDS = [
     "image-caption", "image-vqa", "image-gqa", "video-caption", "video-qa-msrvtt", "video-qa-msvd",
@@ -78,3 +78,12 @@ def test_malformed_entries_name_the_task(tmp_path, entry, message):
 def test_unknown_task_lists_the_known_ones():
     with pytest.raises(KeyError, match="image-caption"):
         get_task("nope")
+
+
+def test_answer_tokens_come_from_the_registry():
+    tasks = load_registry()
+    lm = tasks["image-vqa"].lm
+    assert answer_tokens(tasks.values(), lm) == ["</a>"], "captions on the same LM need the same tokenizer"
+    assert answer_tokens([tasks["image-caption"]], lm) == []
+    with pytest.raises(ValueError, match="does not occur in the prompt"):
+        TextFormat("{question}?", "</a>")
