@@ -44,25 +44,23 @@ class OutOfMemory(RuntimeError):
 
 @dataclass
 class Timings:
-    encode_s: float = 0.0  # media decoding + preprocessing + encoder + adapter
-    first_token_s: float = 0.0  # from the start of decoding to the first token shown (beams: the whole search)
-    generate_s: float = 0.0  # the whole decoding
-    new_tokens: int = 0
+    """Where the time of one answer went, as of the answer it belongs to."""
 
-    @property
-    def decode_s(self) -> float:
-        """Decoding after the first token (0 for beam search, whose answer comes at once)."""
-        return self.generate_s - self.first_token_s
+    encode_s: float = 0.0  # media decoding + preprocessing + encoder + adapter
+    first_token_s: float | None = None  # start of decoding to the first token shown; None for beam search (none early)
+    generate_s: float = 0.0  # decoding so far
+    new_tokens: int = 0
+    num_beams: int = 1
 
     @property
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.generate_s if self.generate_s > 0 else 0.0
 
     def summary(self) -> str:
-        return (
-            f"encode {self.encode_s:.2f} s · first token {self.first_token_s:.2f} s · "
-            f"{self.new_tokens} tokens in {self.generate_s:.2f} s ({self.tokens_per_s:.1f} tokens/s)"
-        )
+        tokens = f"{self.new_tokens} tokens in {self.generate_s:.2f} s ({self.tokens_per_s:.1f} tokens/s)"
+        if self.first_token_s is None:  # beam search: no token is final before the search ends
+            return f"encode {self.encode_s:.2f} s · {self.num_beams}-beam search: {tokens}, shown when the search ended"
+        return f"encode {self.encode_s:.2f} s · first token {self.first_token_s:.2f} s · {tokens}"
 
 
 @dataclass
@@ -257,7 +255,7 @@ class Pipeline:
             if not 1 <= num_frames <= 64:
                 raise InputError("frames to sample must be between 1 and 64")
             transform = replace(transform, num_frames=num_frames)
-        timings = Timings()
+        timings = Timings(num_beams=options.num_beams)
         started = time.perf_counter()
         pixels = _PREPARE[spec.modality](media, transform, self.limits)
         timings.encode_s = time.perf_counter() - started
@@ -276,11 +274,11 @@ class Pipeline:
             if options.streams:
                 ids: list[int] = []
                 for text in stream_text(self._timed(stream_tokens(lm, prefix, input_ids, mask, options), timings, started, ids), tokenizer):
-                    yield Answer(text.strip(), spec.id, False, timings, self.device.type, dtype)
+                    yield Answer(text.strip(), spec.id, False, replace(timings), self.device.type, dtype)
                 text = tokenizer.decode(ids, skip_special_tokens=True)
             else:
                 output = generate(lm, prefix, input_ids, mask, options).sequences[0, input_ids.shape[1] :]
-                timings.first_token_s = timings.generate_s = time.perf_counter() - started
+                timings.generate_s = time.perf_counter() - started
                 timings.new_tokens = int((output != options.pad_token_id).sum())
                 text = tokenizer.decode(output, skip_special_tokens=True)
         yield Answer(text.strip(), spec.id, True, timings, self.device.type, dtype)

@@ -228,3 +228,19 @@ def test_answer_tokens_are_the_registrys(media_files):
         assert tokenizer.convert_tokens_to_ids(token) not in (None, tokenizer.unk_token_id)
         assert tokenizer(f"what{token}", add_special_tokens=False).input_ids[-1] == tokenizer.convert_tokens_to_ids(token)
     assert pipe.answer(media_files["image"], "what is it", "custom", preset="fast", max_new_tokens=3).done
+
+
+def test_each_partial_answer_has_its_own_timings(pipe, media_files):
+    answers = list(pipe.stream(media_files["image"], "image-caption", preset="fast", max_new_tokens=12))
+    assert len({id(a.timings) for a in answers}) == len(answers)
+    counts = [a.timings.new_tokens for a in answers]
+    assert counts == sorted(counts) and counts[0] < counts[-1], "an early partial keeps the count it was shown with"
+    assert all(a.timings.first_token_s == answers[0].timings.first_token_s for a in answers)
+    assert "first token" in answers[-1].timings.summary()
+
+
+def test_beam_search_timings_claim_no_first_token(pipe, media_files):
+    answer = pipe.caption(media_files["image"], "image-caption")
+    assert answer.timings.first_token_s is None and answer.timings.num_beams == 3
+    summary = answer.timings.summary()
+    assert "first token" not in summary and "3-beam search" in summary and "tokens/s" in summary
