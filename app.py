@@ -19,7 +19,8 @@ from typing import Any, Callable, Iterator
 import gradio as gr
 
 from epalm import (
-    DEFAULT_PRESET, PRESETS, AdapterError, InputError, MediaError, MediaLimits, OutOfMemory, Pipeline, WeightsUnavailable,
+    DEFAULT_PRESET, MAX_QUESTION_CHARS, PRESETS, AdapterError, InputError, MediaError, MediaLimits, OutOfMemory,
+    Pipeline, WeightsUnavailable,
 )
 from epalm.media import media_duration
 
@@ -101,6 +102,7 @@ class Demo:
         try:
             for answer in self.pipeline.stream(media, task, question, preset=preset, progress=report, **decoding):
                 info = f"`{answer.task}` · {answer.timings.summary()} · {answer.device}/{answer.dtype}" if answer.done else "generating…"
+                info += f"  \n{answer.notice} (Advanced › Max new tokens)" if answer.notice else ""
                 yield answer.text, info
         except USER_ERRORS as exc:
             raise gr.Error(str(exc)) from exc
@@ -163,7 +165,8 @@ def _tab(demo: Demo, modality: str, concurrency: int, status: gr.Markdown) -> No
             caption_task = gr.Dropdown(CAPTION_TASKS[modality], value=CAPTION_TASKS[modality][0][1], label="Model")
             qa_task = gr.Dropdown(QA_TASKS.get(modality, [("", "")]), value=QA_TASKS.get(modality, [("", "")])[0][1], label="Model", visible=False)
             question = gr.Textbox(
-                label="Question", placeholder="e.g. What is the dog doing?", max_length=300, visible=False, elem_id=f"{modality}-question"
+                label="Question", placeholder="e.g. What is the dog doing?", max_length=MAX_QUESTION_CHARS,
+                visible=False, elem_id=f"{modality}-question",
             )
             with gr.Accordion("Advanced", open=False):
                 preset = gr.Radio([(p.label, name) for name, p in PRESETS.items()], value=DEFAULT_PRESET, label="Decoding")

@@ -11,10 +11,11 @@
 from .decoding import DEFAULT_PRESET, PRESETS, DecodingOptions, Preset
 from .hub import AdapterError, WeightsUnavailable
 from .media import MediaError, MediaLimits
-from .pipeline import Answer, InputError, OutOfMemory, Pipeline, Timings
+from .pipeline import MAX_QUESTION_CHARS, MAX_QUESTION_TOKENS, Answer, InputError, OutOfMemory, Pipeline, Timings
 from .tasks import Task, load_registry
 
 __all__ = [
-    "DEFAULT_PRESET", "PRESETS", "AdapterError", "Answer", "DecodingOptions", "InputError", "MediaError", "MediaLimits",
-    "OutOfMemory", "Pipeline", "Preset", "Task", "Timings", "WeightsUnavailable", "load_registry",
+    "DEFAULT_PRESET", "MAX_QUESTION_CHARS", "MAX_QUESTION_TOKENS", "PRESETS", "AdapterError", "Answer",
+    "DecodingOptions", "InputError", "MediaError", "MediaLimits", "OutOfMemory", "Pipeline", "Preset", "Task",
+    "Timings", "WeightsUnavailable", "load_registry",
 ]

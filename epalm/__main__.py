@@ -97,8 +97,10 @@ def _run(args: argparse.Namespace, question: str | None) -> int:
             answer = pipeline.caption(path, args.task, preset=args.preset, num_frames=args.num_frames, **decoding) if question is None else (
                 pipeline.answer(path, question, args.task, preset=args.preset, num_frames=args.num_frames, **decoding)
             )
-            record = {"path": path, "answer": answer.text, "timings": vars(answer.timings)}
+            record = {"path": path, "answer": answer.text, "timings": vars(answer.timings), "notice": answer.notice}
             line = f"{path}\t{answer.text}"
+            if answer.notice:
+                print(f"note: {path}: {answer.notice} (--max-new-tokens N sets it)", file=sys.stderr)
         except USER_ERRORS as exc:
             failed += 1
             record, line = {"path": path, "error": str(exc)}, f"{path}\tERROR: {exc}"

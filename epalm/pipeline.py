@@ -28,8 +28,12 @@ from .video import prepare_video
 
 log = logging.getLogger(__name__)
 
+# The question limits, the same in the library, the CLI and the app. The token limit bounds the prompt ids (BOS,
+# question, the task's "?</a>"); the characters, checked first, are the cheap bound: 300 characters of English are
+# about 75 OPT tokens, well inside it, so only densely tokenized text (symbols, non-Latin scripts) meets the token
+# limit. However long the prompt within these limits, the task's `min_answer_tokens` still fit after it.
 MAX_QUESTION_CHARS = 300
-MAX_QUESTION_TOKENS = 64
+MAX_QUESTION_TOKENS = 128
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _PREPARE: dict[str, Callable[..., torch.Tensor]] = {"image": prepare_image, "video": prepare_video, "audio": prepare_audio}
 
@@ -65,7 +69,8 @@ class Timings:
 
 @dataclass
 class Answer:
-    """A (partial) answer: `done` is False while streaming, True for the final text."""
+    """A (partial) answer: `done` is False while streaming, True for the final text. `notice` tells
+    the user about a setting changed for this request (a long question's raised length limit)."""
 
     text: str
     task: str
@@ -73,6 +78,7 @@ class Answer:
     timings: Timings = field(default_factory=Timings)
     device: str = "cpu"
     dtype: str = "float32"
+    notice: str | None = None
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -234,6 +240,24 @@ class Pipeline:
             raise InputError(f"The question is {len(ids)} tokens long; the limit is {MAX_QUESTION_TOKENS}. Please shorten it.")
         return torch.tensor([ids], device=self.device)
 
+    @staticmethod
+    def _check_length(options: DecodingOptions, prompt_ids: int, positions: int) -> str | None:
+        """Refuse a length the LM has no positions for; return the notice for a limit raised to
+        leave a long question its task's minimum answer."""
+        limit = options.length_limit(prompt_ids)
+        if limit > positions:
+            raise InputError(
+                f"{prompt_ids} prompt tokens and {limit - prompt_ids} new tokens exceed the model's {positions} "
+                "positions; lower max new tokens."
+            )
+        if not options.extends_limit(prompt_ids):
+            return None
+        return (
+            f"Long question: its {prompt_ids} tokens leave {max(0, options.max_length - prompt_ids)} of the task's "
+            f"{options.max_length} (max_length counts the question), so the answer was allowed up to "
+            f"{options.min_answer_tokens} new tokens; raise max new tokens for a longer answer."
+        )
+
     @torch.inference_mode()  # as a decorator: entered per step, never held across a yield
     def stream(
         self,
@@ -261,6 +285,7 @@ class Pipeline:
         timings.encode_s = time.perf_counter() - started
         lm, tokenizer = self.lm(spec, progress)
         input_ids = self._text_ids(spec, question, tokenizer)
+        notice = self._check_length(options, input_ids.shape[1], lm.config.max_position_embeddings)
         options = replace(options, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         adapter, encoder = self.adapter(spec, progress), self.encoder(spec, progress)
         dtype = str(self.dtype).replace("torch.", "")
@@ -274,14 +299,14 @@ class Pipeline:
             if options.streams:
                 ids: list[int] = []
                 for text in stream_text(self._timed(stream_tokens(lm, prefix, input_ids, mask, options), timings, started, ids), tokenizer):
-                    yield Answer(text.strip(), spec.id, False, replace(timings), self.device.type, dtype)
+                    yield Answer(text.strip(), spec.id, False, replace(timings), self.device.type, dtype, notice)
                 text = tokenizer.decode(ids, skip_special_tokens=True)
             else:
                 output = generate(lm, prefix, input_ids, mask, options).sequences[0, input_ids.shape[1] :]
                 timings.generate_s = time.perf_counter() - started
                 timings.new_tokens = int((output != options.pad_token_id).sum())
                 text = tokenizer.decode(output, skip_special_tokens=True)
-        yield Answer(text.strip(), spec.id, True, timings, self.device.type, dtype)
+        yield Answer(text.strip(), spec.id, True, timings, self.device.type, dtype, notice)
 
     @staticmethod
     def _timed(tokens: Iterator[torch.Tensor], timings: Timings, started: float, ids: list[int]) -> Iterator[torch.Tensor]:

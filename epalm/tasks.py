@@ -1,7 +1,8 @@
 """The task registry: what each released adapter needs, read from `checkpoints/tasks.yaml`.
 
 A task names its LM, its encoder, the preprocessing, the injection and prompt settings, the text
-format, the paper's decoding defaults and where its adapter lives on the Hub. Users add tasks or
+format, its decoding settings (the paper's, plus the fewest new tokens a long question leaves room
+for) and where its adapter lives on the Hub. Users add tasks or
 point one at their own adapter by editing the YAML (or passing another file); no code changes.
 """
 

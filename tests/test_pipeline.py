@@ -11,7 +11,7 @@ import torch
 from epalm.decoding import PRESETS, DecodingOptions
 from epalm.hub import HubModels, WeightsUnavailable
 from epalm.media import MediaError
-from epalm.pipeline import InputError, OutOfMemory, Pipeline
+from epalm.pipeline import MAX_QUESTION_CHARS, MAX_QUESTION_TOKENS, InputError, OutOfMemory, Pipeline
 from epalm.tasks import TextFormat, load_registry
 from epalm.tiny import TinyModels
 
@@ -217,19 +217,6 @@ def test_presets_keep_the_tasks_own_limits(media_files):
     assert pipe.decoding_options(task, "fast", max_new_tokens=7).max_new_tokens == 7
 
 
-def test_answer_tokens_are_the_registrys(media_files):
-    """The tokenizer gains each task's answer token, read from the registry: one id, at the prompt's end."""
-    tasks = load_registry()
-    vqa = tasks["image-vqa"]
-    custom = replace(vqa, text=TextFormat("{question}<ans>", "<ans>"))
-    pipe = Pipeline(device="cpu", tiny=True, registry={"image-vqa": vqa, "custom": replace(custom, id="custom")})
-    tokenizer = pipe.lm(pipe.task("custom"))[1]
-    for token in ("</a>", "<ans>"):
-        assert tokenizer.convert_tokens_to_ids(token) not in (None, tokenizer.unk_token_id)
-        assert tokenizer(f"what{token}", add_special_tokens=False).input_ids[-1] == tokenizer.convert_tokens_to_ids(token)
-    assert pipe.answer(media_files["image"], "what is it", "custom", preset="fast", max_new_tokens=3).done
-
-
 def test_each_partial_answer_has_its_own_timings(pipe, media_files):
     answers = list(pipe.stream(media_files["image"], "image-caption", preset="fast", max_new_tokens=12))
     assert len({id(a.timings) for a in answers}) == len(answers)
@@ -244,3 +231,59 @@ def test_beam_search_timings_claim_no_first_token(pipe, media_files):
     assert answer.timings.first_token_s is None and answer.timings.num_beams == 3
     summary = answer.timings.summary()
     assert "first token" not in summary and "3-beam search" in summary and "tokens/s" in summary
+
+
+def test_answer_tokens_are_the_registrys(media_files):
+    """The tokenizer gains each task's answer token, read from the registry: one id, at the prompt's end."""
+    tasks = load_registry()
+    vqa = tasks["image-vqa"]
+    custom = replace(vqa, text=TextFormat("{question}<ans>", "<ans>"))
+    pipe = Pipeline(device="cpu", tiny=True, registry={"image-vqa": vqa, "custom": replace(custom, id="custom")})
+    tokenizer = pipe.lm(pipe.task("custom"))[1]
+    for token in ("</a>", "<ans>"):
+        assert tokenizer.convert_tokens_to_ids(token) not in (None, tokenizer.unk_token_id)
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        assert tokenizer(f"what{token}", add_special_tokens=False).input_ids[-1] == token_id
+    assert pipe.answer(media_files["image"], "what is it", "custom", preset="fast", max_new_tokens=3).done
+
+
+def _question(tokenizer, task, prompt_ids: int) -> str:
+    """A question whose prompt (BOS, question, the task's template) is exactly `prompt_ids` ids."""
+    for word in (" a", " the", " cat"):
+        question = "what"
+        while (length := len(tokenizer(task.text.render(question)).input_ids)) < prompt_ids:  # BOS included
+            question += word
+        if length == prompt_ids:
+            return question
+    raise AssertionError(f"no question of {prompt_ids} prompt ids")
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("prompt_ids", [28, 29, 30, 31, 60])
+def test_long_questions_get_the_tasks_minimum_answer(pipe, media_files, preset, prompt_ids):
+    """max_length 30 counts the question: the original crashed with beams at 30+ ids and cut answers
+    to a token or two; here the answer gets the task's min_answer_tokens, and the answer says so."""
+    task = pipe.task("image-vqa")
+    tokenizer = pipe.lm(task)[1]
+    answer = pipe.answer(media_files["image"], _question(tokenizer, task, prompt_ids), "image-vqa", preset=preset)
+    room = task.generation.min_answer_tokens
+    assert answer.done and 1 <= answer.timings.new_tokens <= room + (preset == "paper")
+    assert f"its {prompt_ids} tokens leave {max(0, 30 - prompt_ids)} of the task's 30" in answer.notice
+    assert f"up to {room} new tokens; raise max new tokens" in answer.notice
+    short = pipe.answer(media_files["image"], "what is it", "image-vqa", preset=preset)
+    assert short.notice is None
+    question = _question(tokenizer, task, prompt_ids)
+    chosen = pipe.answer(media_files["image"], question, "image-vqa", preset=preset, max_new_tokens=3)
+    assert chosen.notice is None and chosen.timings.new_tokens <= 3 + (preset == "paper")
+
+
+def test_question_limits_are_one_pair_of_numbers(pipe, media_files):
+    """A question as long as the character limit allows, in ordinary words, fits the token limit."""
+    question = ("what is the man holding in the picture " * 20)[:MAX_QUESTION_CHARS]
+    assert pipe.answer(media_files["image"], question, "image-vqa", preset="fast").done
+    with pytest.raises(InputError, match=f"characters long; the limit is {MAX_QUESTION_CHARS}"):
+        pipe.answer(media_files["image"], question + "?" * 1, "image-vqa")
+    with pytest.raises(InputError, match=f"tokens long; the limit is {MAX_QUESTION_TOKENS}"):
+        pipe.answer(media_files["image"], "\u2603" * MAX_QUESTION_CHARS, "image-vqa")
+    with pytest.raises(InputError, match="exceed the model's 256 positions"):
+        pipe.answer(media_files["image"], "what", "image-vqa", max_new_tokens=300)

@@ -80,6 +80,13 @@ def test_unknown_task_lists_the_known_ones():
         get_task("nope")
 
 
+def test_generation_settings_hold_each_tasks_minimum_answer():
+    for task in load_registry().values():
+        assert task.generation.min_answer_tokens == (8 if task.needs_question else 20)
+        if not task.needs_question:  # BOS alone: the paper's limit always leaves 29 new tokens
+            assert task.text.prompt == "" and not task.generation.extends_limit(1)
+
+
 def test_answer_tokens_come_from_the_registry():
     tasks = load_registry()
     lm = tasks["image-vqa"].lm
