@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 
 import gradio as gr
 
-from epalm import MediaLimits, Pipeline, UserError
+from epalm import DEFAULT_PRESET, MAX_QUESTION_CHARS, PRESETS, MediaLimits, Pipeline, UserError
 from epalm.media import media_duration
 
 try:  # ZeroGPU on Hugging Face Spaces: model calls get a GPU only inside @spaces.GPU
@@ -31,7 +31,6 @@ except ImportError:
 log = logging.getLogger("epalm.app")
 EXAMPLES = Path(__file__).resolve().parent / "examples"
 
-PRESETS = [("Paper: 3 beams", "paper"), ("Fast: greedy, streamed", "fast"), ("Sampling", "sampling")]
 CAPTION_TASKS = {
     "image": [("COCO captions · OPT-2.7B + ViT-B", "image-caption"), ("COCO captions · OPT-6.7B + ViT-L", "image-caption-L")],
     "video": [("MSR-VTT captions · OPT-2.7B + TimeSformer", "video-caption")],
@@ -92,13 +91,14 @@ class Demo:
         if preset == "sampling":
             decoding.update(temperature=float(temperature), top_p=float(top_p))
         if max_new_tokens:
-            decoding.update(max_new_tokens=int(max_new_tokens), max_length=None)
+            decoding.update(max_new_tokens=int(max_new_tokens))
         if frames:
             decoding["num_frames"] = int(frames)
         report = lambda message: progress(None, desc=message)  # noqa: E731
         try:
             for answer in self.pipeline.stream(media, task, question, preset=preset, progress=report, **decoding):
                 info = f"`{answer.task}` · {answer.timings.summary()} · {answer.device}/{answer.dtype}" if answer.done else "generating…"
+                info += f"  \n{answer.notice} (Advanced › Max new tokens)" if answer.notice else ""
                 yield answer.text, info
         except UserError as exc:
             raise gr.Error(str(exc)) from exc
@@ -161,10 +161,11 @@ def _tab(demo: Demo, modality: str, concurrency: int, status: gr.Markdown) -> No
             caption_task = gr.Dropdown(CAPTION_TASKS[modality], value=CAPTION_TASKS[modality][0][1], label="Model")
             qa_task = gr.Dropdown(QA_TASKS.get(modality, [("", "")]), value=QA_TASKS.get(modality, [("", "")])[0][1], label="Model", visible=False)
             question = gr.Textbox(
-                label="Question", placeholder="e.g. What is the dog doing?", max_length=300, visible=False, elem_id=f"{modality}-question"
+                label="Question", placeholder="e.g. What is the dog doing?", max_length=MAX_QUESTION_CHARS,
+                visible=False, elem_id=f"{modality}-question",
             )
             with gr.Accordion("Advanced", open=False):
-                preset = gr.Radio(PRESETS, value="paper", label="Decoding")
+                preset = gr.Radio([(p.label, name) for name, p in PRESETS.items()], value=DEFAULT_PRESET, label="Decoding")
                 temperature = gr.Slider(0.1, 2.0, value=0.7, step=0.05, label="Temperature (sampling)")
                 top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p (sampling)")
                 max_new_tokens = gr.Slider(0, 64, value=0, step=1, label="Max new tokens (0 = the paper's max_length 30)")

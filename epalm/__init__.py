@@ -9,16 +9,17 @@
     pipe.caption("cat.jpg", task="image-caption", inspect=True).inspection  # what the model saw, how sure it was
 """
 
-from .decoding import PRESETS, DecodingOptions
+from .decoding import DEFAULT_PRESET, PRESETS, DecodingOptions, Preset
 from .errors import InputError, UserError
 from .hub import AdapterError, WeightsUnavailable
 from .inspection import Inspection
 from .media import MediaError, MediaLimits
-from .pipeline import Answer, OutOfMemory, Pipeline, Timings
+from .pipeline import MAX_QUESTION_CHARS, MAX_QUESTION_TOKENS, Answer, OutOfMemory, Pipeline, Timings
 from .store import ModelSource
 from .tasks import Task, load_registry
 
 __all__ = [
-    "PRESETS", "AdapterError", "Answer", "DecodingOptions", "InputError", "Inspection", "MediaError", "MediaLimits",
-    "ModelSource", "OutOfMemory", "Pipeline", "Task", "Timings", "UserError", "WeightsUnavailable", "load_registry",
+    "DEFAULT_PRESET", "MAX_QUESTION_CHARS", "MAX_QUESTION_TOKENS", "PRESETS", "AdapterError", "Answer",
+    "DecodingOptions", "InputError", "Inspection", "MediaError", "MediaLimits", "ModelSource", "OutOfMemory",
+    "Pipeline", "Preset", "Task", "Timings", "UserError", "WeightsUnavailable", "load_registry",
 ]

@@ -81,7 +81,8 @@ class ModelStore:
     requests for the same model wait for a single load instead of loading a second copy.
 
     `pack_weights`: on CPU, store the LM's linear weights in oneDNN's blocked layout (a decode step
-    is bound by reading the weights; packed, it runs 2-6x faster, see bench/RESULTS.md)."""
+    is bound by reading the weights; packed, it reads them faster: see bench/RESULTS.md).
+    `special_tokens`: the tokens a loaded LM's tokenizer must know (the pipeline: its tasks' answer tokens)."""
 
     def __init__(
         self,
@@ -90,8 +91,10 @@ class ModelStore:
         dtype: str | torch.dtype | None = None,
         pack_weights: bool = True,
         progress: Progress | None = None,
+        special_tokens: Callable[[ModelRef], list[str]] | None = None,
     ) -> None:
         self.source = source
+        self.special_tokens = special_tokens
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.pack_weights = pack_weights
@@ -125,6 +128,8 @@ class ModelStore:
     def lm(self, task: Task, progress: Progress | None = None) -> tuple[EPALM, PreTrainedTokenizerBase]:
         def load() -> tuple[EPALM, PreTrainedTokenizerBase]:
             lm, tokenizer = self.source.lm(task.lm, self.dtype)
+            if self.special_tokens:  # e.g. the registry's answer tokens, added as the training scripts did
+                tokenizer.add_special_tokens({"additional_special_tokens": self.special_tokens(task.lm)})
             model = EPALM(lm.to(self.device, self.dtype))
             if self.pack_weights:
                 log.info("packed %d linear layers of %s", pack_linear_weights(model), task.lm.id)

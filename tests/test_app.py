@@ -161,3 +161,10 @@ def test_flags_have_environment_equivalents(monkeypatch):
     args = demo_app.parse_args([])
     assert args.tiny and args.device == "cpu" and args.concurrency == 3 and args.preload == ["image-caption", "audio-caption"]
     assert demo_app.parse_args(["--port", "9999", "--dtype", "bfloat16"]).port == 9999
+
+
+def test_info_line_tells_a_long_question_its_limit_and_beams_their_timing(client, media_files):
+    question = "what is the man holding in the picture and why " * 3
+    answer, info = client.predict(handle_file(str(media_files["image"])), question, api_name="/answer_image")
+    assert "Long question" in info and "Max new tokens" in info
+    assert "3-beam search" in info and "first token" not in info
