@@ -1,5 +1,5 @@
-"""Video clips to TimeSformer input, as the original evaluated them (epalm-facts.md §3), made
-deterministic.
+"""Video clips to TimeSformer input, as the original evaluated them (docs/original.md,
+"Preprocessing"), made deterministic.
 
 Frames are decoded with decord, as in the original (`VideoReader(path, num_threads=1)`,
 `get_batch`), and only the sampled ones: a 20-minute file costs about what a 10-second one does.

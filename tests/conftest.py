@@ -14,8 +14,22 @@ import torch
 from epalm.tiny import tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("EPALM_SHARED", ROOT.parent / "shared"))
-PARITY_CASES = sorted(p for p in (SHARED / "parity").glob("*") if (p / "manifest.json").is_file())
+PARITY_DIR = ROOT / "tests" / "fixtures" / "parity"
+
+
+def _parity_cases() -> list[Path]:
+    """The in-repo cases, plus those named by EPALM_PARITY (case folders, or folders of cases,
+    separated by the path separator)."""
+    roots = [PARITY_DIR] + [Path(p) for p in os.environ.get("EPALM_PARITY", "").split(os.pathsep) if p]
+    cases = []
+    for root in roots:
+        if not root.is_dir():
+            raise FileNotFoundError(f"EPALM_PARITY names {root}, which is not a folder")
+        cases += [root] if (root / "manifest.json").is_file() else sorted(p for p in root.glob("*") if (p / "manifest.json").is_file())
+    return cases
+
+
+PARITY_CASES = _parity_cases()
 
 # tiny models gain nothing from threads, and idle OpenMP workers spin against any other load
 torch.set_num_threads(1)
@@ -24,7 +38,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # for the subprocesses the tests 
 
 @pytest.fixture(scope="session")
 def parity_cases() -> list[Path]:
-    assert PARITY_CASES, f"no parity fixtures under {SHARED / 'parity'} (set EPALM_SHARED)"
+    assert PARITY_CASES, f"no parity fixtures under {PARITY_DIR}"
     return PARITY_CASES
 
 
