@@ -6,15 +6,42 @@
     pipe.answer("cat.jpg", "What is the cat doing?", task="image-vqa").text
     for partial in pipe.stream("clip.mp4", "video-caption", preset="fast"):
         print(partial.text)
+
+The names below are imported on first use, so `import epalm` (and `python -m epalm --help`) does
+not pay for importing torch and transformers.
 """
 
-from .decoding import PRESETS, DecodingOptions
-from .hub import AdapterError, WeightsUnavailable
-from .media import MediaError, MediaLimits
-from .pipeline import Answer, InputError, OutOfMemory, Pipeline, Timings
-from .tasks import Task, load_registry
+from __future__ import annotations
 
-__all__ = [
-    "PRESETS", "AdapterError", "Answer", "DecodingOptions", "InputError", "MediaError", "MediaLimits",
-    "OutOfMemory", "Pipeline", "Task", "Timings", "WeightsUnavailable", "load_registry",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "PRESETS": "decoding", "DecodingOptions": "decoding",
+    "AdapterError": "hub", "WeightsUnavailable": "hub",
+    "MediaError": "media", "MediaLimits": "media",
+    "Answer": "pipeline", "InputError": "pipeline", "OutOfMemory": "pipeline", "Pipeline": "pipeline", "Timings": "pipeline",
+    "Task": "tasks", "load_registry": "tasks",
+}
+__all__ = list(_EXPORTS)
+
+if TYPE_CHECKING:
+    from .decoding import PRESETS, DecodingOptions
+    from .hub import AdapterError, WeightsUnavailable
+    from .media import MediaError, MediaLimits
+    from .pipeline import Answer, InputError, OutOfMemory, Pipeline, Timings
+    from .tasks import Task, load_registry
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
