@@ -4,7 +4,9 @@
 Frames are decoded with decord, as in the original (`VideoReader(path, num_threads=1)`,
 `get_batch`), and only the sampled ones: a 20-minute file costs about what a 10-second one does.
 Where decord fails (rotated phone videos, GIFs, some containers; its errors are detected, and its
-output shape is checked) the same frames are decoded with PyAV, seeking to each one.
+output shape is checked) the same frames are decoded with PyAV, seeking to each one. decord is
+optional: it has no wheels for macOS on Apple Silicon nor for aarch64 Linux, and without it every
+video is decoded with PyAV (same frames).
 
 Sampling: the original split the clip into `num_frames` equal segments and drew a random frame in
 each, even at evaluation; we take the middle of each segment (the original's `middle` mode), so
@@ -20,7 +22,6 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import av
-import decord
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
@@ -28,6 +29,11 @@ from torchvision.transforms import InterpolationMode
 
 from .image import CLIP_MEAN, CLIP_STD
 from .media import MediaError, MediaLimits, Source, check_duration, container_duration, local_path, open_container
+
+try:
+    import decord
+except ImportError:  # no wheels for this platform: PyAV decodes every video
+    decord = None
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +79,7 @@ def load_video_frames(src: Source, num_frames: int = 8, limits: MediaLimits = Me
     turned upright when the file says it is rotated."""
     with local_path(src, limits) as path:
         track = _probe(path, limits)
-        if track.rotation == 0:  # decord ignores rotation and breaks on such files
+        if decord is not None and track.rotation == 0:  # decord ignores rotation and breaks on such files
             try:
                 return _read_decord(path, num_frames, track)
             except Exception as exc:  # decord raises its own errors (and worse) on files it cannot handle

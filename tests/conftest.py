@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -34,6 +35,26 @@ PARITY_CASES = _parity_cases()
 # tiny models gain nothing from threads, and idle OpenMP workers spin against any other load
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # for the subprocesses the tests start
+
+
+CHROMIUM_HELP = (
+    "install Chromium (Debian/Ubuntu: apt-get install chromium; elsewhere: python -m playwright install chromium), "
+    "or name its executable in EPALM_CHROMIUM"
+)
+
+
+def chromium_executable(playwright) -> str:
+    """The Chromium the browser tests drive: $EPALM_CHROMIUM, a `chromium` on the PATH (Debian's, as
+    tests/setup.sh installs it) or the one Playwright downloads. Without any, the tests fail where
+    apt-get could have installed it (CI), and are skipped, saying why, only where it could not."""
+    named = os.environ.get("EPALM_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if named:
+        return named
+    if Path(playwright.chromium.executable_path).is_file():
+        return playwright.chromium.executable_path
+    if shutil.which("apt-get"):
+        pytest.fail(f"no Chromium for the browser tests: run `bash tests/setup.sh` (it uses apt-get), or {CHROMIUM_HELP}")
+    pytest.skip(f"no Chromium on this machine and no apt-get to install it: {CHROMIUM_HELP}")
 
 
 @pytest.fixture(scope="session")
