@@ -13,42 +13,79 @@ import logging
 import sys
 from pathlib import Path
 
-from . import parity
-from .hub import AdapterError, WeightsUnavailable, convert, push_to_hub
-from .media import MediaError, MediaLimits
-from .pipeline import InputError, OutOfMemory, Pipeline
-from .tasks import RegistryError, get_task, load_registry
+# The library (torch, transformers) is imported inside the commands, once the arguments are parsed:
+# `--help` and usage errors answer at once.
 
-USER_ERRORS = (MediaError, InputError, WeightsUnavailable, AdapterError, OutOfMemory, RegistryError)
+REGISTRY_HELP = "another task registry file (default: $EPALM_TASKS, else checkpoints/tasks.yaml)"
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from .hub import AdapterError, WeightsUnavailable
+    from .media import MediaError
+    from .pipeline import InputError, OutOfMemory
+    from .tasks import RegistryError
+
+    return (MediaError, InputError, WeightsUnavailable, AdapterError, OutOfMemory, RegistryError)
 
 
 def _model_flags(parser: argparse.ArgumentParser) -> None:
+    from .media import MediaLimits  # light: no torch
+
+    max_mb = MediaLimits().max_file_bytes / 2**20
     parser.add_argument("--task", required=True, help="task id (see `python -m epalm tasks`)")
     parser.add_argument("--tiny", action="store_true", help="tiny random models, no network (answers are meaningless)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
-    parser.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16, float16 (GPU default)")
-    parser.add_argument("--registry", help="another task registry file (default: checkpoints/tasks.yaml)")
-    parser.add_argument("--preset", choices=["paper", "fast", "sampling"], help="decoding preset (default: the task's, paper)")
-    parser.add_argument("--beams", dest="num_beams", type=int, help="number of beams (1 = greedy)")
-    parser.add_argument("--sample", dest="do_sample", action="store_const", const=True, help="sample instead of greedy")
-    parser.add_argument("--temperature", type=float)
-    parser.add_argument("--top-p", dest="top_p", type=float)
-    parser.add_argument("--top-k", dest="top_k", type=int)
-    parser.add_argument("--seed", type=int, help="seed for sampling")
-    parser.add_argument("--max-new-tokens", dest="max_new_tokens", type=int)
-    parser.add_argument("--max-length", dest="max_length", type=int, help="input ids + new tokens, as the original counted")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto: a GPU if any (default: auto)")
+    parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: float32 on CPU, float16 on GPU)")
+    parser.add_argument("--registry", help=REGISTRY_HELP)
     parser.add_argument("--frames", dest="num_frames", type=int, help="video frames to sample (default: the task's)")
-    parser.add_argument("--max-file-size", type=float, default=None, help="refuse media files larger than this many MB")
-    parser.add_argument("--jsonl", action="store_true", help="one JSON object per path")
+    parser.add_argument("--max-file-size", type=float, metavar="MB", help=f"refuse larger files (default: {max_mb:g})")
+    parser.add_argument("--jsonl", action="store_true", help="print one JSON object per path (answer and timings)")
     parser.add_argument("paths", nargs="+", help="image, video or audio files")
+    decoding = parser.add_argument_group("decoding", "A preset, then any of its settings overridden one by one.")
+    decoding.add_argument(
+        "--preset",
+        choices=["paper", "fast", "sampling"],
+        help="paper: 3 beams, max length 30, as the paper evaluated; fast: greedy; "
+        "sampling: temperature 0.7, top-p 0.9 (default: the task's, paper)",
+    )
+    decoding.add_argument("--beams", dest="num_beams", type=int, help="beam search width, 1 = greedy (paper: 3)")
+    decoding.add_argument(
+        "--sample", dest="do_sample", action="store_const", const=True, help="sample the next token (needs --beams 1)"
+    )
+    decoding.add_argument(
+        "--temperature", type=float, help="sampling: < 1 sharpens the distribution, > 1 flattens it (default: 1.0)"
+    )
+    decoding.add_argument(
+        "--top-p",
+        dest="top_p",
+        type=float,
+        help="sampling: only the most likely tokens whose probabilities sum to P (default: 1.0, off)",
+    )
+    decoding.add_argument(
+        "--top-k", dest="top_k", type=int, help="sampling: only the K most likely tokens (default: 0, off)"
+    )
+    decoding.add_argument("--seed", type=int, help="random seed, for repeatable sampling (default: none)")
+    decoding.add_argument(
+        "--max-new-tokens",
+        dest="max_new_tokens",
+        type=int,
+        help="stop after this many new tokens (instead of counting --max-length)",
+    )
+    decoding.add_argument(
+        "--max-length",
+        dest="max_length",
+        type=int,
+        help="stop at this many input ids + new tokens, as the original counted (paper: 30)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m epalm", description="eP-ALM: caption or ask about images, video and audio.")
+    prog = "epalm" if Path(sys.argv[0]).name == "epalm" else "python -m epalm"  # the console script, or -m
+    parser = argparse.ArgumentParser(prog=prog, description="eP-ALM: caption or ask about images, video and audio.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log loading progress to stderr")
     sub = parser.add_subparsers(dest="command", required=True)
     tasks = sub.add_parser("tasks", help="list the tasks and whether their files are cached")
-    tasks.add_argument("--registry")
+    tasks.add_argument("--registry", help=REGISTRY_HELP)
     _model_flags(sub.add_parser("caption", help="caption media files"))
     ask = sub.add_parser("ask", help="answer a question about media files")
     ask.add_argument("--question", "-q", required=True)
@@ -57,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("src", type=Path)
     conv.add_argument("out_dir", type=Path)
     conv.add_argument("--task", required=True)
-    conv.add_argument("--registry")
+    conv.add_argument("--registry", help=REGISTRY_HELP)
     conv.add_argument("--push-to-hub", metavar="REPO", help="upload the converted folder to this Hub repo")
     par = sub.add_parser("parity", help="check against reference fixtures (same as python -m epalm.parity)")
     par.add_argument("cases", nargs="+")
@@ -66,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _tasks(args: argparse.Namespace) -> int:
     from .hub import HubModels
+    from .tasks import load_registry
 
     models = HubModels()
     rows = [("task", "modality", "kind", "language model", "encoder", "cached (adapter/LM/encoder)")]
@@ -80,6 +118,11 @@ def _tasks(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, question: str | None) -> int:
+    from .media import MediaLimits
+    from .pipeline import Pipeline
+    from .tasks import load_registry
+
+    USER_ERRORS = _user_errors()
     limits = MediaLimits() if args.max_file_size is None else MediaLimits(max_file_bytes=int(args.max_file_size * 2**20))
     decoding = {k: getattr(args, k) for k in ("num_beams", "do_sample", "temperature", "top_p", "top_k", "seed", "max_new_tokens", "max_length")}
     if args.max_new_tokens is not None and args.max_length is None:
@@ -109,12 +152,15 @@ def _run(args: argparse.Namespace, question: str | None) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    from .hub import convert, push_to_hub
+    from .tasks import get_task, load_registry
+
     try:
         out = convert(args.src, get_task(args.task, load_registry(args.registry)), args.out_dir)
         print(f"wrote {out}")
         if args.push_to_hub:
             print(f"uploaded to {push_to_hub(out, args.push_to_hub)}")
-    except (KeyError, *USER_ERRORS) as exc:
+    except (KeyError, *_user_errors()) as exc:
         print(f"error: {exc.args[0] if isinstance(exc, KeyError) else exc}", file=sys.stderr)
         return 2
     return 0
@@ -128,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "convert":
         return _convert(args)
     if args.command == "parity":
+        from . import parity
+
         return parity.main(args.cases)
     return _run(args, getattr(args, "question", None))
 
