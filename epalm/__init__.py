@@ -19,20 +19,36 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "PRESETS": "decoding", "DecodingOptions": "decoding",
-    "AdapterError": "hub", "WeightsUnavailable": "hub",
-    "MediaError": "media", "MediaLimits": "media",
-    "Answer": "pipeline", "InputError": "pipeline", "OutOfMemory": "pipeline", "Pipeline": "pipeline", "Timings": "pipeline",
-    "Task": "tasks", "load_registry": "tasks",
+    "PRESETS": "decoding",
+    "DecodingOptions": "decoding",
+    "AdapterError": "hub",
+    "WeightsUnavailable": "hub",
+    "MediaError": "media",
+    "MediaLimits": "media",
+    "Answer": "pipeline",
+    "InputError": "pipeline",
+    "OutOfMemory": "pipeline",
+    "Pipeline": "pipeline",
+    "Timings": "pipeline",
+    "Task": "tasks",
+    "load_registry": "tasks",
 }
 __all__ = list(_EXPORTS)
 
-if TYPE_CHECKING:
-    from .decoding import PRESETS, DecodingOptions
-    from .hub import AdapterError, WeightsUnavailable
-    from .media import MediaError, MediaLimits
-    from .pipeline import Answer, InputError, OutOfMemory, Pipeline, Timings
-    from .tasks import Task, load_registry
+if TYPE_CHECKING:  # for type checkers and editors; `X as X` marks a re-export
+    from .decoding import PRESETS as PRESETS
+    from .decoding import DecodingOptions as DecodingOptions
+    from .hub import AdapterError as AdapterError
+    from .hub import WeightsUnavailable as WeightsUnavailable
+    from .media import MediaError as MediaError
+    from .media import MediaLimits as MediaLimits
+    from .pipeline import Answer as Answer
+    from .pipeline import InputError as InputError
+    from .pipeline import OutOfMemory as OutOfMemory
+    from .pipeline import Pipeline as Pipeline
+    from .pipeline import Timings as Timings
+    from .tasks import Task as Task
+    from .tasks import load_registry as load_registry
 
 
 def __getattr__(name: str) -> Any:

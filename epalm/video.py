@@ -116,7 +116,8 @@ def _probe(path: str, limits: MediaLimits) -> _Track:
 
 def _check_frame_size(width: int, height: int, limits: MediaLimits) -> None:
     if width * height > limits.max_frame_pixels:
-        raise MediaError(f"The video is {width}×{height} pixels; the limit is {limits.max_frame_pixels / 1e6:.1f} megapixels per frame.")
+        limit = limits.max_frame_pixels / 1e6
+        raise MediaError(f"The video is {width}×{height} pixels; the limit is {limit:.1f} megapixels per frame.")
 
 
 def _read_decord(path: str, num_frames: int, track: _Track) -> np.ndarray:

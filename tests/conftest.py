@@ -26,7 +26,8 @@ def _parity_cases() -> list[Path]:
     for root in roots:
         if not root.is_dir():
             raise FileNotFoundError(f"EPALM_PARITY names {root}, which is not a folder")
-        cases += [root] if (root / "manifest.json").is_file() else sorted(p for p in root.glob("*") if (p / "manifest.json").is_file())
+        is_case = (root / "manifest.json").is_file()
+        cases += [root] if is_case else sorted(m.parent for m in root.glob("*/manifest.json"))
     return cases
 
 
@@ -53,7 +54,7 @@ def chromium_executable(playwright) -> str:
     if Path(playwright.chromium.executable_path).is_file():
         return playwright.chromium.executable_path
     if shutil.which("apt-get"):
-        pytest.fail(f"no Chromium for the browser tests: run `bash tests/setup.sh` (it uses apt-get), or {CHROMIUM_HELP}")
+        pytest.fail(f"no Chromium for the browser tests: tests/setup.sh installs it with apt-get, or {CHROMIUM_HELP}")
     pytest.skip(f"no Chromium on this machine and no apt-get to install it: {CHROMIUM_HELP}")
 
 
@@ -95,7 +96,7 @@ class FakeHub:
                     return
                 self.send_response(200)
                 self.send_header("X-Repo-Commit", hub.COMMIT)
-                self.send_header("ETag", '"%s"' % hashlib.sha256(data).hexdigest())
+                self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 if body:

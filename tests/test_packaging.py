@@ -6,6 +6,7 @@ import importlib.util
 import shutil
 import sys
 
+import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -37,7 +38,7 @@ def check_in_step(pins: dict[str, Requirement], ranges: dict[str, Requirement]) 
     for name, pin in pins.items():
         (spec,) = pin.specifier
         assert spec.operator == "==", f"{name} is not pinned in the requirements file"
-        assert ranges[name].specifier.contains(spec.version, prereleases=True), f"{name}=={spec.version} is outside {ranges[name]}"
+        assert ranges[name].specifier.contains(spec.version, prereleases=True), f"{pin} is outside {ranges[name]}"
         assert str(pin.marker) == str(ranges[name].marker), f"{name}: different environment markers"
 
 
@@ -74,7 +75,9 @@ def test_installed_package_finds_its_registry(tmp_path, monkeypatch):
     package = tmp_path / "site-packages" / "epalm"
     shutil.copytree(ROOT / "epalm", package, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / source, package.parent / target)
-    spec = importlib.util.spec_from_file_location("installed_epalm", package / "__init__.py", submodule_search_locations=[str(package)])
+    spec = importlib.util.spec_from_file_location(
+        "installed_epalm", package / "__init__.py", submodule_search_locations=[str(package)]
+    )
     sys.modules["installed_epalm"] = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(sys.modules["installed_epalm"])
@@ -85,3 +88,14 @@ def test_installed_package_finds_its_registry(tmp_path, monkeypatch):
     assert installed.DEFAULT_REGISTRY == package.parent / target
     monkeypatch.delenv("EPALM_TASKS", raising=False)
     assert installed.load_registry().keys() == tasks.load_registry(ROOT / source).keys()
+
+
+def test_package_exports_resolve_on_first_use():
+    import epalm
+
+    for name in epalm.__all__:
+        module = importlib.import_module(f"epalm.{epalm._EXPORTS[name]}")
+        assert getattr(epalm, name) is getattr(module, name)
+    assert set(epalm.__all__) <= set(dir(epalm))
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        epalm.nope  # noqa: B018

@@ -127,7 +127,10 @@ def test_out_of_memory_is_named(pipe, media_files, monkeypatch):
     encoder = pipe.encoder(pipe.task("image-caption"))
 
     def explode(*args, **kwargs):
-        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 123 bytes")
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
+            "you tried to allocate 123 bytes"
+        )
 
     monkeypatch.setattr(encoder, "forward", explode)
     with pytest.raises(OutOfMemory, match="Out of memory on cpu while running 'image-caption'"):
