@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--registry", help=REGISTRY_HELP)
     conv.add_argument("--push-to-hub", metavar="REPO", help="upload the converted folder to this Hub repo")
     par = sub.add_parser("parity", help="check against reference fixtures (same as python -m epalm.parity)")
-    par.add_argument("cases", nargs="+")
+    par.add_argument("cases", nargs="+", help="case folders, or folders of cases (e.g. tests/fixtures/parity)")
     return parser
 
 
