@@ -80,7 +80,7 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    prog = "epalm" if Path(sys.argv[0]).name == "epalm" else "python -m epalm"  # the console script, or -m
+    prog = "epalm" if Path(sys.argv[0]).stem == "epalm" else "python -m epalm"  # the console script, or -m
     parser = argparse.ArgumentParser(prog=prog, description="eP-ALM: caption or ask about images, video and audio.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log loading progress to stderr")
     sub = parser.add_subparsers(dest="command", required=True)
