@@ -134,7 +134,7 @@ def _case_dirs(paths: list[Path]) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m epalm.parity", description=__doc__.split("\n\n")[0])
-    parser.add_argument("cases", nargs="+", type=Path, help="case folders (each with a manifest.json) or folders of cases")
+    parser.add_argument("cases", nargs="+", type=Path, help="case folders (with a manifest.json) or folders of cases")
     args = parser.parse_args(argv)
     failures = ran = 0
     for case_dir in _case_dirs(args.cases):
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             print(check)
         failures += sum(not c.passed for c in checks)
     if not ran and not failures:
-        print("error: no case directories among the arguments (a case is a folder with a manifest.json)", file=sys.stderr)
+        print("error: no case directory among the arguments (a case is a folder with a manifest.json)", file=sys.stderr)
         return 2
     print(f"{'all checks passed' if not failures else f'{failures} check(s) failed'}")
     return 0 if not failures else 1

@@ -5,9 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q -r requirements.txt -r requirements-test.txt
-if [ -n "${EPALM_CHROMIUM:-}" ] || command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then
+has() { command -v "$1" >/dev/null 2>&1; }
+if [ -n "${EPALM_CHROMIUM:-}" ] || has chromium || has chromium-browser; then
   :
-elif command -v apt-get >/dev/null 2>&1; then
+elif has apt-get; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null

@@ -47,7 +47,7 @@ def test_parity_without_any_case_fails(tmp_path, capsys):
     stray.write_text("not a case")
     assert main([str(stray)]) == 2
     captured = capsys.readouterr()
-    assert "no case directories" in captured.err and "passed" not in captured.out
+    assert "no case directory" in captured.err and "passed" not in captured.out
 
 
 @pytest.mark.parametrize("case", PARITY_CASES, ids=lambda p: p.name)
