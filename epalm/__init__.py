@@ -7,19 +7,72 @@
     for partial in pipe.stream("clip.mp4", "video-caption", preset="fast"):
         print(partial.text)
     pipe.caption("cat.jpg", task="image-caption", inspect=True).inspection  # what the model saw, how sure it was
+
+The names below are imported on first use, so `import epalm` (and `python -m epalm --help`) does
+not pay for importing torch and transformers.
 """
 
-from .decoding import DEFAULT_PRESET, PRESETS, DecodingOptions, Preset
-from .errors import InputError, UserError
-from .hub import AdapterError, WeightsUnavailable
-from .inspection import Inspection
-from .media import MediaError, MediaLimits
-from .pipeline import MAX_QUESTION_CHARS, MAX_QUESTION_TOKENS, Answer, OutOfMemory, Pipeline, Timings
-from .store import ModelSource
-from .tasks import Task, load_registry
+from __future__ import annotations
 
-__all__ = [
-    "DEFAULT_PRESET", "MAX_QUESTION_CHARS", "MAX_QUESTION_TOKENS", "PRESETS", "AdapterError", "Answer",
-    "DecodingOptions", "InputError", "Inspection", "MediaError", "MediaLimits", "ModelSource", "OutOfMemory",
-    "Pipeline", "Preset", "Task", "Timings", "UserError", "WeightsUnavailable", "load_registry",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "DEFAULT_PRESET": "presets",
+    "PRESETS": "presets",
+    "DecodingOptions": "decoding",
+    "Preset": "presets",
+    "InputError": "errors",
+    "UserError": "errors",
+    "AdapterError": "hub",
+    "WeightsUnavailable": "hub",
+    "Inspection": "inspection",
+    "MediaError": "media",
+    "MediaLimits": "media",
+    "MAX_QUESTION_CHARS": "pipeline",
+    "MAX_QUESTION_TOKENS": "pipeline",
+    "Answer": "pipeline",
+    "OutOfMemory": "pipeline",
+    "Pipeline": "pipeline",
+    "Timings": "pipeline",
+    "ModelSource": "store",
+    "Task": "tasks",
+    "load_registry": "tasks",
+}
+__all__ = list(_EXPORTS)
+
+if TYPE_CHECKING:  # for type checkers and editors; `X as X` marks a re-export
+    from .presets import DEFAULT_PRESET as DEFAULT_PRESET
+    from .presets import PRESETS as PRESETS
+    from .decoding import DecodingOptions as DecodingOptions
+    from .presets import Preset as Preset
+    from .errors import InputError as InputError
+    from .errors import UserError as UserError
+    from .hub import AdapterError as AdapterError
+    from .hub import WeightsUnavailable as WeightsUnavailable
+    from .inspection import Inspection as Inspection
+    from .media import MediaError as MediaError
+    from .media import MediaLimits as MediaLimits
+    from .pipeline import MAX_QUESTION_CHARS as MAX_QUESTION_CHARS
+    from .pipeline import MAX_QUESTION_TOKENS as MAX_QUESTION_TOKENS
+    from .pipeline import Answer as Answer
+    from .pipeline import OutOfMemory as OutOfMemory
+    from .pipeline import Pipeline as Pipeline
+    from .pipeline import Timings as Timings
+    from .store import ModelSource as ModelSource
+    from .tasks import Task as Task
+    from .tasks import load_registry as load_registry
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -13,49 +13,76 @@ import logging
 import sys
 from pathlib import Path
 
-from . import parity
-from .decoding import DEFAULT_PRESET, PRESETS
-from .errors import UserError
-from .hub import convert, push_to_hub
-from .media import MediaLimits
-from .pipeline import Pipeline
-from .tasks import get_task, load_registry
+# The library (torch, transformers) is imported inside the commands, once the arguments are parsed:
+# `--help` and usage errors answer at once.
+
+REGISTRY_HELP = "another task registry file (default: $EPALM_TASKS, else checkpoints/tasks.yaml)"
 
 
 def _model_flags(parser: argparse.ArgumentParser) -> None:
+    from .media import MediaLimits  # light: no torch
+    from .presets import DEFAULT_PRESET, PRESETS  # light too
+
+    max_mb = MediaLimits().max_file_bytes / 2**20
     parser.add_argument("--task", required=True, help="task id (see `python -m epalm tasks`)")
     parser.add_argument("--tiny", action="store_true", help="tiny random models, no network (answers are meaningless)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
-    parser.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16, float16 (GPU default)")
-    parser.add_argument("--registry", help="another task registry file (default: checkpoints/tasks.yaml)")
-    presets = "; ".join(preset.label for preset in PRESETS.values())
-    parser.add_argument(
-        "--preset", choices=list(PRESETS), default=DEFAULT_PRESET, help=f"decoding rules over the task's settings ({presets})"
-    )
-    parser.add_argument("--beams", dest="num_beams", type=int, help="number of beams (1 = greedy)")
-    parser.add_argument("--sample", dest="do_sample", action="store_const", const=True, help="sample instead of greedy")
-    parser.add_argument("--temperature", type=float)
-    parser.add_argument("--top-p", dest="top_p", type=float)
-    parser.add_argument("--top-k", dest="top_k", type=int)
-    parser.add_argument("--seed", type=int, help="seed for sampling")
-    parser.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, help="answer length limit (replaces --max-length)")
-    parser.add_argument("--max-length", dest="max_length", type=int, help="input ids + new tokens, as the original counted (the paper: 30)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto: a GPU if any (default: auto)")
+    parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: float32 on CPU, float16 on GPU)")
+    parser.add_argument("--registry", help=REGISTRY_HELP)
     parser.add_argument("--frames", dest="num_frames", type=int, help="video frames to sample (default: the task's)")
-    parser.add_argument("--max-file-size", type=float, default=None, help="refuse media files larger than this many MB")
-    parser.add_argument("--jsonl", action="store_true", help="one JSON object per path")
+    parser.add_argument("--max-file-size", type=float, metavar="MB", help=f"refuse larger files (default: {max_mb:g})")
+    parser.add_argument("--jsonl", action="store_true", help="print one JSON object per path (answer and timings)")
     parser.add_argument(
-        "--save-inputs", type=Path, metavar="DIR",
+        "--save-inputs",
+        type=Path,
+        metavar="DIR",
         help="write what the model saw (PNGs) and its prompt, token probabilities and beams (JSON) to DIR/<file name>/",
     )
     parser.add_argument("paths", nargs="+", help="image, video or audio files")
+    decoding = parser.add_argument_group("decoding", "A preset, then any of its settings overridden one by one.")
+    decoding.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        help="; ".join(preset.label for preset in PRESETS.values()) + f" (default: {DEFAULT_PRESET})",
+    )
+    decoding.add_argument("--beams", dest="num_beams", type=int, help="beam search width, 1 = greedy (paper: 3)")
+    decoding.add_argument(
+        "--sample", dest="do_sample", action="store_const", const=True, help="sample the next token (needs --beams 1)"
+    )
+    decoding.add_argument(
+        "--temperature", type=float, help="sampling: < 1 sharpens the distribution, > 1 flattens it (default: 1.0)"
+    )
+    decoding.add_argument(
+        "--top-p",
+        dest="top_p",
+        type=float,
+        help="sampling: only the most likely tokens whose probabilities sum to P (default: 1.0, off)",
+    )
+    decoding.add_argument(
+        "--top-k", dest="top_k", type=int, help="sampling: only the K most likely tokens (default: 0, off)"
+    )
+    decoding.add_argument("--seed", type=int, help="random seed, for repeatable sampling (default: none)")
+    decoding.add_argument(
+        "--max-new-tokens",
+        dest="max_new_tokens",
+        type=int,
+        help="stop after this many new tokens (instead of counting --max-length)",
+    )
+    decoding.add_argument(
+        "--max-length",
+        dest="max_length",
+        type=int,
+        help="stop at this many input ids + new tokens, as the original counted (paper: 30)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m epalm", description="eP-ALM: caption or ask about images, video and audio.")
+    prog = "epalm" if Path(sys.argv[0]).stem == "epalm" else "python -m epalm"  # the console script, or -m
+    parser = argparse.ArgumentParser(prog=prog, description="eP-ALM: caption or ask about images, video and audio.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log loading progress to stderr")
     sub = parser.add_subparsers(dest="command", required=True)
     tasks = sub.add_parser("tasks", help="list the tasks and whether their files are cached")
-    tasks.add_argument("--registry")
+    tasks.add_argument("--registry", help=REGISTRY_HELP)
     _model_flags(sub.add_parser("caption", help="caption media files"))
     ask = sub.add_parser("ask", help="answer a question about media files")
     ask.add_argument("--question", "-q", required=True)
@@ -64,15 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("src", type=Path)
     conv.add_argument("out_dir", type=Path)
     conv.add_argument("--task", required=True)
-    conv.add_argument("--registry")
+    conv.add_argument("--registry", help=REGISTRY_HELP)
     conv.add_argument("--push-to-hub", metavar="REPO", help="upload the converted folder to this Hub repo")
     par = sub.add_parser("parity", help="check against reference fixtures (same as python -m epalm.parity)")
-    par.add_argument("cases", nargs="+")
+    par.add_argument("cases", nargs="+", help="case folders, or folders of cases (e.g. tests/fixtures/parity)")
     return parser
 
 
 def _tasks(args: argparse.Namespace) -> int:
     from .hub import HubModels
+    from .tasks import load_registry
 
     models = HubModels()
     rows = [("task", "modality", "kind", "language model", "encoder", "cached (adapter/LM/encoder)")]
@@ -87,6 +115,11 @@ def _tasks(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, question: str | None) -> int:
+    from .errors import UserError
+    from .media import MediaLimits
+    from .pipeline import Pipeline
+    from .tasks import load_registry
+
     limits = MediaLimits() if args.max_file_size is None else MediaLimits(max_file_bytes=int(args.max_file_size * 2**20))
     decoding = {k: getattr(args, k) for k in ("num_beams", "do_sample", "temperature", "top_p", "top_k", "seed", "max_new_tokens", "max_length")}
     failed, folders = 0, set()
@@ -134,6 +167,10 @@ def _inputs_folder(root: Path, path: str, taken: set[Path]) -> Path:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    from .errors import UserError
+    from .hub import convert, push_to_hub
+    from .tasks import get_task, load_registry
+
     try:
         out = convert(args.src, get_task(args.task, load_registry(args.registry)), args.out_dir)
         print(f"wrote {out}")
@@ -153,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "convert":
         return _convert(args)
     if args.command == "parity":
+        from . import parity
+
         return parity.main(args.cases)
     return _run(args, getattr(args, "question", None))
 

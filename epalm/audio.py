@@ -1,4 +1,4 @@
-"""Audio clips to AST input, as the original computed them (epalm-facts.md §3).
+"""Audio clips to AST input, as the original computed them (docs/original.md, "Preprocessing").
 
 Pipeline: decode → first channel → resample to `sample_rate` → subtract the mean → Kaldi fbank
 (128 mel bins, 25 ms Hanning window, 10 ms shift, no dither, no energy, HTK-compatible) → pad
@@ -7,8 +7,8 @@ with zeros at the end or crop to `target_length` frames → (fbank - mean) / (2 
 - Channel: the original passed every channel to `kaldi.fbank`, whose default `channel=-1` means
   `max(-1, 0)`, the *first* channel; there is no mono mix, and there is none here either.
 - Rate: the original fed each file at its own rate; we resample to 16 kHz, the rate AST was
-  pre-trained at and the rate of the AudioCaps clips as distributed (epalm-facts.md §9 leaves the
-  authors' copies open). The rate is the task registry's `preprocess.sample_rate`.
+  pre-trained at and the rate of the AudioCaps clips as distributed (the rate of the authors' copies
+  is not recorded). The rate is the task registry's `preprocess.sample_rate`.
 - Decoding uses PyAV (FFmpeg): WAV of any bit depth, MP3, FLAC, Ogg/Opus, M4A/AAC and the audio
   track of video files. Only the start that the model sees (1024 frames ≈ 10.3 s) is decoded,
   so a 10-minute file costs what a 10-second one does. decord's AudioReader is not used: it

@@ -9,8 +9,8 @@ new tokens (1 by default: the original's rule that at least one token is generat
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterator, Protocol
+from dataclasses import dataclass
+from typing import Callable, Iterator, Protocol
 
 import torch
 from transformers.generation.logits_process import (
@@ -76,28 +76,6 @@ class DecodingOptions:
     def streams(self) -> bool:
         """Greedy and sampling produce one token per step and can stream; beam search cannot."""
         return self.num_beams == 1
-
-
-@dataclass(frozen=True)
-class Preset:
-    """A named rule over a task's own generation settings: the fields it sets replace the task's,
-    every other field (length limits, minimum answer, seed) stays the task's."""
-
-    label: str  # for people: what the preset does
-    overrides: dict[str, Any] = field(default_factory=dict)
-
-    def apply(self, options: DecodingOptions) -> DecodingOptions:
-        return replace(options, **self.overrides)
-
-
-PRESETS: dict[str, Preset] = {
-    "paper": Preset("Paper: the task's settings (3 beams)"),
-    "fast": Preset("Fast: greedy, streamed", {"num_beams": 1, "do_sample": False}),
-    "sampling": Preset(
-        "Sampling: temperature 0.7, top-p 0.9, streamed", {"num_beams": 1, "do_sample": True, "temperature": 0.7, "top_p": 0.9}
-    ),
-}
-DEFAULT_PRESET = "paper"
 
 
 # Called once per decoding step with the tokens just chosen ([B], or [B * num_beams] in beam search),

@@ -1,4 +1,4 @@
-"""Images to ViT input, as the original evaluated them (shared/reference/epalm-facts.md §3).
+"""Images to ViT input, as the original evaluated them (docs/original.md, "Preprocessing").
 
 `load_image` accepts what users have (a path, bytes, a file object, a PIL image or a numpy array in
 any common layout and bit depth) and returns an upright 8-bit RGB image; `image_tensor` applies the

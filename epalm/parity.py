@@ -2,9 +2,10 @@
 
     python -m epalm.parity DIR [DIR ...]
 
-Each DIR holds a case in the format of shared/parity/README.md (manifest.json, weights, inputs,
-expected outputs). Everything is read from the manifest; one line is printed per check and the exit
-status is 0 only when every check of every case passes.
+Each DIR holds a case in the format of tests/fixtures/parity/README.md (manifest.json, weights,
+inputs, expected outputs), or is a folder of such cases. Everything is read from the manifest; one
+line is printed per check and the exit status is 0 only when at least one case ran and every check
+of every case passed.
 """
 
 from __future__ import annotations
@@ -122,19 +123,29 @@ def run_case(case_dir: Path) -> list[Check]:
     return checks
 
 
+def _case_dirs(paths: list[Path]) -> list[Path]:
+    """The paths as given, with a folder of cases (no manifest.json of its own) replaced by its cases."""
+    out = []
+    for path in paths:
+        inner = [] if (path / "manifest.json").is_file() else sorted(path.glob("*/manifest.json"))
+        out += [m.parent for m in inner] or [path]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m epalm.parity", description=__doc__.split("\n\n")[0])
-    parser.add_argument("cases", nargs="+", type=Path, help="fixture directories (each with a manifest.json)")
+    parser.add_argument("cases", nargs="+", type=Path, help="case folders (with a manifest.json) or folders of cases")
     args = parser.parse_args(argv)
-    failures = 0
-    for case_dir in args.cases:
-        if case_dir.is_file():  # e.g. the README.md that `shared/parity/*` also expands to
+    failures = ran = 0
+    for case_dir in _case_dirs(args.cases):
+        if case_dir.is_file():  # e.g. the README.md that `tests/fixtures/parity/*` also expands to
             print(f"skip  {case_dir}: not a case directory")
             continue
         if not (case_dir / "manifest.json").is_file():
             print(f"FAIL  {case_dir}: no manifest.json here")
             failures += 1
             continue
+        ran += 1
         try:
             checks = run_case(case_dir)
         except Exception as exc:  # a broken case is a failed case, and the others still run
@@ -144,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         for check in checks:
             print(check)
         failures += sum(not c.passed for c in checks)
+    if not ran and not failures:
+        print("error: no case directory among the arguments (a case is a folder with a manifest.json)", file=sys.stderr)
+        return 2
     print(f"{'all checks passed' if not failures else f'{failures} check(s) failed'}")
     return 0 if not failures else 1
 

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .audio import prepare_audio
-from .decoding import DEFAULT_PRESET, PRESETS, DecodingOptions, generate, stream_text, stream_tokens
+from .decoding import DecodingOptions, generate, stream_text, stream_tokens
 from .encoders import Encoder
 from .errors import InputError, UserError
 from .hub import HubModels, Progress
@@ -24,6 +24,7 @@ from .image import prepare_image
 from .inspection import Inspection, Inspector
 from .media import MediaLimits
 from .model import EPALM, Adapter
+from .presets import DEFAULT_PRESET, PRESETS
 from .store import ModelSource, ModelStore
 from .tasks import Task, answer_tokens, get_task, load_registry
 from .video import prepare_video

@@ -24,7 +24,9 @@ from .image import ImageTransform
 from .model import InjectionConfig
 from .video import VideoTransform
 
-DEFAULT_REGISTRY = Path(__file__).resolve().parents[1] / "checkpoints" / "tasks.yaml"
+# The repository's checkpoints/tasks.yaml (a checkout or an editable install); a wheel carries it as epalm/tasks.yaml
+_CHECKOUT_REGISTRY = Path(__file__).resolve().parents[1] / "checkpoints" / "tasks.yaml"
+DEFAULT_REGISTRY = _CHECKOUT_REGISTRY if _CHECKOUT_REGISTRY.is_file() else Path(__file__).with_name("tasks.yaml")
 MODALITIES = ("image", "video", "audio")
 KINDS = ("caption", "qa")
 Transform = Union[ImageTransform, VideoTransform, AudioTransform]

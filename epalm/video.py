@@ -1,10 +1,12 @@
-"""Video clips to TimeSformer input, as the original evaluated them (epalm-facts.md §3), made
-deterministic.
+"""Video clips to TimeSformer input, as the original evaluated them (docs/original.md,
+"Preprocessing"), made deterministic.
 
 Frames are decoded with decord, as in the original (`VideoReader(path, num_threads=1)`,
 `get_batch`), and only the sampled ones: a 20-minute file costs about what a 10-second one does.
 Where decord fails (rotated phone videos, GIFs, some containers; its errors are detected, and its
-output shape is checked) the same frames are decoded with PyAV, seeking to each one.
+output shape is checked) the same frames are decoded with PyAV, seeking to each one. decord is
+optional: it has no wheels for macOS on Apple Silicon nor for aarch64 Linux, and without it every
+video is decoded with PyAV (same frames).
 
 Sampling: the original split the clip into `num_frames` equal segments and drew a random frame in
 each, even at evaluation; we take the middle of each segment (the original's `middle` mode), so
@@ -20,7 +22,6 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import av
-import decord
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
@@ -28,6 +29,11 @@ from torchvision.transforms import InterpolationMode
 
 from .image import CLIP_MEAN, CLIP_STD
 from .media import MediaError, MediaLimits, Source, check_duration, container_duration, local_path, open_container
+
+try:
+    import decord
+except ImportError:  # no wheels for this platform: PyAV decodes every video
+    decord = None
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +100,7 @@ def sample_frames(src: Source, num_frames: int = 8, limits: MediaLimits = MediaL
     """`load_video_frames` with the frame numbers, frame rate and duration of the clip."""
     with local_path(src, limits) as path:
         track = _probe(path, limits)
-        if track.rotation == 0:  # decord ignores rotation and breaks on such files
+        if decord is not None and track.rotation == 0:  # decord ignores rotation and breaks on such files
             try:
                 return SampledFrames(*_read_decord(path, num_frames, track), track.fps, track.duration)
             except Exception as exc:  # decord raises its own errors (and worse) on files it cannot handle
@@ -132,7 +138,8 @@ def _probe(path: str, limits: MediaLimits) -> _Track:
 
 def _check_frame_size(width: int, height: int, limits: MediaLimits) -> None:
     if width * height > limits.max_frame_pixels:
-        raise MediaError(f"The video is {width}×{height} pixels; the limit is {limits.max_frame_pixels / 1e6:.1f} megapixels per frame.")
+        limit = limits.max_frame_pixels / 1e6
+        raise MediaError(f"The video is {width}×{height} pixels; the limit is {limit:.1f} megapixels per frame.")
 
 
 def _read_decord(path: str, num_frames: int, track: _Track) -> tuple[np.ndarray, tuple[int, ...]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -14,17 +15,52 @@ import torch
 from epalm.tiny import tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("EPALM_SHARED", ROOT.parent / "shared"))
-PARITY_CASES = sorted(p for p in (SHARED / "parity").glob("*") if (p / "manifest.json").is_file())
+PARITY_DIR = ROOT / "tests" / "fixtures" / "parity"
+
+
+def _parity_cases() -> list[Path]:
+    """The in-repo cases, plus those named by EPALM_PARITY (case folders, or folders of cases,
+    separated by the path separator)."""
+    roots = [PARITY_DIR] + [Path(p) for p in os.environ.get("EPALM_PARITY", "").split(os.pathsep) if p]
+    cases = []
+    for root in roots:
+        if not root.is_dir():
+            raise FileNotFoundError(f"EPALM_PARITY names {root}, which is not a folder")
+        is_case = (root / "manifest.json").is_file()
+        cases += [root] if is_case else sorted(m.parent for m in root.glob("*/manifest.json"))
+    return cases
+
+
+PARITY_CASES = _parity_cases()
 
 # tiny models gain nothing from threads, and idle OpenMP workers spin against any other load
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # for the subprocesses the tests start
 
 
+CHROMIUM_HELP = (
+    "install Chromium (Debian/Ubuntu: apt-get install chromium; elsewhere: python -m playwright install chromium), "
+    "or name its executable in EPALM_CHROMIUM"
+)
+
+
+def chromium_executable(playwright) -> str:
+    """The Chromium the browser tests drive: $EPALM_CHROMIUM, a `chromium` on the PATH (Debian's, as
+    tests/setup.sh installs it) or the one Playwright downloads. Without any, the tests fail where
+    apt-get could have installed it (CI), and are skipped, saying why, only where it could not."""
+    named = os.environ.get("EPALM_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if named:
+        return named
+    if Path(playwright.chromium.executable_path).is_file():
+        return playwright.chromium.executable_path
+    if shutil.which("apt-get"):
+        pytest.fail(f"no Chromium for the browser tests: tests/setup.sh installs it with apt-get, or {CHROMIUM_HELP}")
+    pytest.skip(f"no Chromium on this machine and no apt-get to install it: {CHROMIUM_HELP}")
+
+
 @pytest.fixture(scope="session")
 def parity_cases() -> list[Path]:
-    assert PARITY_CASES, f"no parity fixtures under {SHARED / 'parity'} (set EPALM_SHARED)"
+    assert PARITY_CASES, f"no parity fixtures under {PARITY_DIR}"
     return PARITY_CASES
 
 
@@ -60,7 +96,7 @@ class FakeHub:
                     return
                 self.send_response(200)
                 self.send_header("X-Repo-Commit", hub.COMMIT)
-                self.send_header("ETag", '"%s"' % hashlib.sha256(data).hexdigest())
+                self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 if body:

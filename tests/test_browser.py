@@ -13,10 +13,9 @@ from playwright.sync_api import expect, sync_playwright
 
 from epalm import Pipeline
 
-from conftest import ROOT
+from conftest import ROOT, chromium_executable
 from test_app import serve
 
-CHROMIUM = "/usr/bin/chromium"
 OUTPUT = Path(os.environ.get("EPALM_TEST_OUTPUT", ROOT / "test-output")) / "browser"
 
 
@@ -25,7 +24,7 @@ def page():
     blocks, url = serve(Pipeline(device="cpu", tiny=True))
     with sync_playwright() as p:
         browser = p.chromium.launch(
-            executable_path=CHROMIUM,
+            executable_path=chromium_executable(p),
             args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
         )
         page = browser.new_page(viewport={"width": 1280, "height": 1000})

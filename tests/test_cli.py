@@ -1,8 +1,10 @@
-"""`python -m epalm` end to end in --tiny mode on media the test writes."""
+"""`python -m epalm` end to end in --tiny mode on media the test writes (in-process through main();
+a fresh process only where the process itself is what is tested)."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -15,28 +17,58 @@ from epalm.__main__ import main
 from conftest import PARITY_CASES, ROOT
 
 
-def run(*args: str, **env: str) -> subprocess.CompletedProcess:
-    environment = {**__import__("os").environ, **env}
-    return subprocess.run([sys.executable, "-m", "epalm", *args], capture_output=True, text=True, cwd=ROOT, env=environment, timeout=600)
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
-def test_caption_batch_keeps_order_and_survives_bad_files(media_files, tmp_path):
+def test_help_answers_without_importing_the_library():
+    """`python -m epalm ... --help` (and usage errors) must not wait for torch, transformers or gradio."""
+    code = (
+        "import runpy, sys\n"
+        "sys.argv = ['epalm', 'caption', '--help']\n"
+        "try:\n    runpy.run_module('epalm', run_name='__main__', alter_sys=True)\n"
+        "except SystemExit as exc:\n    assert exc.code == 0, exc.code\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'gradio') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "--max-new-tokens" in out.stdout and out.stdout.rstrip().endswith("[]"), out.stdout
+
+
+def test_help_describes_every_decoding_flag_and_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["ask", "--help"])
+    text = capsys.readouterr().out
+    entries = dict(re.findall(r"^  (-[-\w]+)(.*(?:\n {6,}.*)*)", text, flags=re.MULTILINE))  # option -> its help
+    flags = ["--preset", "--beams", "--sample", "--temperature", "--top-p", "--top-k", "--seed", "--max-new-tokens"]
+    for flag in [*flags, "--max-length"]:
+        assert len(entries[flag].split()) > 4, f"{flag} is not described: {entries[flag]!r}"
+    text = " ".join(text.split())
+    for default in ("(default: auto)", "(default: 200)", "(paper: 3)", "(paper: 30)", "(default: 1.0)"):
+        assert default in text
+
+
+def test_caption_batch_keeps_order_and_survives_bad_files(media_files, tmp_path, capsys):
     missing, corrupt = tmp_path / "missing.jpg", tmp_path / "corrupt.jpg"
     corrupt.write_bytes(b"\xff\xd8\xff not really a jpeg")
     paths = [str(media_files["image"]), str(missing), str(corrupt), str(media_files["image"])]
-    out = run("caption", "--tiny", "--task", "image-caption", "--preset", "fast", "--max-new-tokens", "5", *paths)
-    assert out.returncode == 2, out.stderr
-    lines = out.stdout.strip().split("\n")
+    fast = ["--preset", "fast", "--max-new-tokens", "5"]
+    code, out, err = run(capsys, "caption", "--tiny", "--task", "image-caption", *fast, *paths)
+    assert code == 2, err
+    lines = out.strip().split("\n")
     assert [line.split("\t")[0] for line in lines] == paths
     assert "ERROR:" not in lines[0] and lines[0] == lines[3], "same file, same answer"
     assert lines[1].split("\t")[1].startswith("ERROR: ") and lines[2].split("\t")[1].startswith("ERROR: ")
-    assert "Traceback" not in out.stdout + out.stderr
+    assert "Traceback" not in out + err
 
 
-def test_ask_jsonl_on_video_and_audio(media_files):
-    out = run("ask", "--tiny", "--task", "video-qa-msrvtt", "-q", "what is happening", "--jsonl", "--beams", "2", str(media_files["video"]))
-    assert out.returncode == 0, out.stderr
-    record = json.loads(out.stdout)
+def test_ask_jsonl_on_video_and_audio(media_files, capsys):
+    question = ["-q", "what is happening", "--jsonl", "--beams", "2"]
+    code, out, err = run(capsys, "ask", "--tiny", "--task", "video-qa-msrvtt", *question, str(media_files["video"]))
+    assert code == 0, err
+    record = json.loads(out)
     assert record["path"] == str(media_files["video"]) and isinstance(record["answer"], str) and "timings" in record
     assert main(["caption", "--tiny", "--task", "audio-caption", "--preset", "fast", "--max-new-tokens", "3", str(media_files["audio"])]) == 0
 
@@ -66,10 +98,10 @@ def test_ask_without_question_text_fails_cleanly(media_files, capsys):
     assert "Please type a question" in capsys.readouterr().out
 
 
-def test_tasks_table_lists_every_task_and_cache_state(tmp_path):
-    out = run("tasks", HF_HOME=str(tmp_path), HF_HUB_OFFLINE="1")
-    assert out.returncode == 0, out.stderr
-    rows = out.stdout.strip().split("\n")
+def test_tasks_table_lists_every_task_and_cache_state(fake_hub, capsys):
+    code, out, err = run(capsys, "tasks")  # fake_hub: an empty private cache
+    assert code == 0, err
+    rows = out.strip().split("\n")
     assert rows[0].startswith("task") and len(rows) == 11
     assert all("no/no/no" in row for row in rows[1:])
 
@@ -88,9 +120,9 @@ def test_convert_writes_our_format(tmp_path):
     assert all(torch.equal(load_file(out_dir / "adapter.safetensors")[k], v) for k, v in original.items())
 
 
-def test_unknown_task_is_an_error_not_a_traceback(media_files):
-    out = run("caption", "--tiny", "--task", "nope", str(media_files["image"]))
-    assert out.returncode == 2 and "unknown task 'nope'" in out.stdout and "Traceback" not in out.stderr
+def test_unknown_task_is_an_error_not_a_traceback(media_files, capsys):
+    code, out, err = run(capsys, "caption", "--tiny", "--task", "nope", str(media_files["image"]))
+    assert code == 2 and "unknown task 'nope'" in out and "Traceback" not in err
 
 
 @pytest.mark.parametrize("argv", [["parity", str(PARITY_CASES[0])]])

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from epalm.decoding import DEFAULT_PRESET, PRESETS, DecodingOptions, generate, stream_text, stream_tokens
+from epalm.decoding import DecodingOptions, generate, stream_text, stream_tokens
+from epalm.presets import DEFAULT_PRESET, PRESETS
 from epalm.model import InjectionConfig
 
 from test_model import make, padded_batch

@@ -47,7 +47,8 @@ def test_offline_environment_variable_is_honoured_in_a_fresh_process(fake_hub, t
     fake_hub.add("someone/epalm", "x.pth", b"not used")
     code = (
         "from epalm.hub import fetch, WeightsUnavailable\nfrom epalm.tasks import AdapterSource\n"
-        "try:\n    fetch(AdapterSource('x.pth', 'someone/epalm'))\nexcept WeightsUnavailable as e:\n    print('REFUSED', e)\n"
+        "try:\n    fetch(AdapterSource('x.pth', 'someone/epalm'))\n"
+        "except WeightsUnavailable as e:\n    print('REFUSED', e)\n"
     )
     env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)

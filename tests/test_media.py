@@ -4,8 +4,10 @@ here, offline, with Pillow / PyAV / the wave module."""
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import struct
+import sys
 import wave
 import zlib
 from pathlib import Path
@@ -24,6 +26,8 @@ from epalm.audio import AudioTransform, audio_fbank, load_audio, prepare_audio, 
 from epalm.image import CLIP_MEAN, CLIP_STD, ImageTransform, load_image, prepare_image
 from epalm.media import MediaError, MediaLimits, media_duration
 from epalm.video import VideoTransform, frame_indices, load_video_frames, prepare_video, video_tensor
+
+from conftest import ROOT
 
 # -- writers -----------------------------------------------------------------------------------
 
@@ -221,6 +225,21 @@ def test_pyav_fallback_gives_decords_frames(tmp_path):
         by_decord = load_video_frames(plain, num_frames)
         by_pyav = load_video_frames(upside_down, num_frames)
         assert np.array_equal(np.rot90(by_pyav, 2, axes=(1, 2)), by_decord)
+
+
+def test_video_layer_works_without_decord(tmp_path, monkeypatch):
+    """decord has no wheels for Apple Silicon or aarch64 Linux. With it missing, epalm/video.py
+    still imports (run here as a second copy of the module) and PyAV gives the frames and the clip
+    tensor that decord gives."""
+    monkeypatch.setitem(sys.modules, "decord", None)  # `import decord` now raises ImportError
+    spec = importlib.util.spec_from_file_location("epalm.video_without_decord", ROOT / "epalm" / "video.py")
+    video = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, video)
+    spec.loader.exec_module(video)
+    assert video.decord is None
+    path = write_video(tmp_path / "clip.mp4", frames=40, fps=10)
+    assert np.array_equal(video.load_video_frames(path, 8), load_video_frames(path, 8))
+    assert torch.equal(video.prepare_video(path), prepare_video(path))
 
 
 @pytest.mark.parametrize("rotation, shape, marker", [(-90, (64, 48), "top-right"), (90, (64, 48), "bottom-left"), (180, (48, 64), "bottom-right")])

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,18 +11,17 @@ from safetensors.torch import load_file
 from epalm.decoding import DecodingOptions, generate
 from epalm.parity import encoder_input, load_case, main, run_case
 
-from conftest import PARITY_CASES, ROOT
+from conftest import PARITY_CASES, PARITY_DIR
 from test_model import run_capturing
 
 
-def test_parity_command_passes_on_every_case(parity_cases):
-    result = subprocess.run(
-        [sys.executable, "-m", "epalm.parity", *map(str, parity_cases), str(parity_cases[0].parent / "README.md")],
-        capture_output=True, text=True, cwd=ROOT, timeout=600,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    lines = [line for line in result.stdout.splitlines() if line.startswith(("PASS", "FAIL"))]
-    assert lines and all(line.startswith("PASS") for line in lines)
+def test_parity_command_passes_on_every_case(parity_cases, capsys):
+    """The command as the README gives it (a folder of cases), plus the extra cases and a stray file."""
+    extra = [str(case) for case in parity_cases if case.parent != PARITY_DIR]
+    assert main([str(PARITY_DIR), *extra, str(PARITY_DIR / "README.md")]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith(("PASS", "FAIL"))]
+    assert lines and all(line.startswith("PASS") for line in lines) and out.rstrip().endswith("all checks passed")
     for case in parity_cases:  # every case printed its feature, logits and generation checks
         names = {line.split()[2] for line in lines if line.split()[1] == case.name}
         assert {"cls_features", "projected", "prompt_embeds", "logits", "greedy_ids", "beam3_ids"} <= names
@@ -43,6 +40,15 @@ def test_parity_fails_when_an_adapter_weight_is_off(tmp_path, parity_cases):
 def test_parity_reports_a_directory_without_manifest(tmp_path, capsys):
     assert main([str(tmp_path)]) == 1
     assert "no manifest.json" in capsys.readouterr().out
+
+
+def test_parity_without_any_case_fails(tmp_path, capsys):
+    """Only files (a shell glob that matched no case folder): an error, not "all checks passed"."""
+    stray = tmp_path / "README.md"
+    stray.write_text("not a case")
+    assert main([str(stray)]) == 2
+    captured = capsys.readouterr()
+    assert "no case directory" in captured.err and "passed" not in captured.out
 
 
 @pytest.mark.parametrize("case", PARITY_CASES, ids=lambda p: p.name)

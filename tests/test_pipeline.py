@@ -8,7 +8,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from epalm.decoding import PRESETS, DecodingOptions
+from epalm.decoding import DecodingOptions
+from epalm.presets import PRESETS
 from epalm.hub import WeightsUnavailable
 from epalm.media import MediaError
 from epalm.pipeline import MAX_QUESTION_CHARS, MAX_QUESTION_TOKENS, InputError, OutOfMemory, Pipeline
@@ -129,7 +130,10 @@ def test_out_of_memory_is_named(pipe, media_files, monkeypatch):
     encoder = pipe.encoder(pipe.task("image-caption"))
 
     def explode(*args, **kwargs):
-        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 123 bytes")
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
+            "you tried to allocate 123 bytes"
+        )
 
     monkeypatch.setattr(encoder, "forward", explode)
     with pytest.raises(OutOfMemory, match="Out of memory on cpu while running 'image-caption'"):
