@@ -31,7 +31,7 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--registry", help="another task registry file (default: checkpoints/tasks.yaml)")
     presets = "; ".join(preset.label for preset in PRESETS.values())
     parser.add_argument(
-        "--preset", choices=list(PRESETS), default=DEFAULT_PRESET, help=f"decoding rules over the task's settings ({presets})"
+        "--preset", choices=list(PRESETS), default=DEFAULT_PRESET, help=f"rules over the task's decoding ({presets})"
     )
     parser.add_argument("--beams", dest="num_beams", type=int, help="number of beams (1 = greedy)")
     parser.add_argument("--sample", dest="do_sample", action="store_const", const=True, help="sample instead of greedy")
@@ -39,8 +39,8 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", dest="top_p", type=float)
     parser.add_argument("--top-k", dest="top_k", type=int)
     parser.add_argument("--seed", type=int, help="seed for sampling")
-    parser.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, help="answer length limit (replaces --max-length)")
-    parser.add_argument("--max-length", dest="max_length", type=int, help="input ids + new tokens, as the original counted (the paper: 30)")
+    parser.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, help="answer length (replaces max-length)")
+    parser.add_argument("--max-length", dest="max_length", type=int, help="input + new ids (paper: 30)")
     parser.add_argument("--frames", dest="num_frames", type=int, help="video frames to sample (default: the task's)")
     parser.add_argument("--max-file-size", type=float, default=None, help="refuse media files larger than this many MB")
     parser.add_argument("--jsonl", action="store_true", help="one JSON object per path")

@@ -94,7 +94,8 @@ PRESETS: dict[str, Preset] = {
     "paper": Preset("Paper: the task's settings (3 beams)"),
     "fast": Preset("Fast: greedy, streamed", {"num_beams": 1, "do_sample": False}),
     "sampling": Preset(
-        "Sampling: temperature 0.7, top-p 0.9, streamed", {"num_beams": 1, "do_sample": True, "temperature": 0.7, "top_p": 0.9}
+        "Sampling: temperature 0.7, top-p 0.9, streamed",
+        {"num_beams": 1, "do_sample": True, "temperature": 0.7, "top_p": 0.9},
     ),
 }
 DEFAULT_PRESET = "paper"
