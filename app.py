@@ -165,7 +165,7 @@ def _tab(demo: Demo, modality: str, concurrency: int, status: gr.Markdown) -> No
                 visible=False, elem_id=f"{modality}-question",
             )
             with gr.Accordion("Advanced", open=False):
-                preset = gr.Radio([(p.label, name) for name, p in PRESETS.items()], value=DEFAULT_PRESET, label="Decoding")
+                preset = gr.Radio([(p.label, k) for k, p in PRESETS.items()], value=DEFAULT_PRESET, label="Decoding")
                 temperature = gr.Slider(0.1, 2.0, value=0.7, step=0.05, label="Temperature (sampling)")
                 top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p (sampling)")
                 max_new_tokens = gr.Slider(0, 64, value=0, step=1, label="Max new tokens (0 = the paper's max_length 30)")

@@ -61,7 +61,7 @@ class Timings:
     def summary(self) -> str:
         tokens = f"{self.new_tokens} tokens in {self.generate_s:.2f} s ({self.tokens_per_s:.1f} tokens/s)"
         if self.first_token_s is None:  # beam search: no token is final before the search ends
-            return f"encode {self.encode_s:.2f} s · {self.num_beams}-beam search: {tokens}, shown when the search ended"
+            return f"encode {self.encode_s:.2f} s · {self.num_beams}-beam search: {tokens}, shown at its end"
         return f"encode {self.encode_s:.2f} s · first token {self.first_token_s:.2f} s · {tokens}"
 
 

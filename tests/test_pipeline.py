@@ -206,7 +206,8 @@ def test_presets_keep_the_tasks_own_limits(media_files):
     """A task whose registry sets a 5-token answer keeps it under every preset."""
     tasks = load_registry()
     short = DecodingOptions(num_beams=3, max_new_tokens=5)
-    pipe = Pipeline(device="cpu", tiny=True, registry={**tasks, "image-caption": replace(tasks["image-caption"], generation=short)})
+    registry = {**tasks, "image-caption": replace(tasks["image-caption"], generation=short)}
+    pipe = Pipeline(device="cpu", tiny=True, registry=registry)
     task = pipe.task("image-caption")
     for preset in PRESETS:
         assert pipe.decoding_options(task, preset).max_new_tokens == 5
