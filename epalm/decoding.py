@@ -134,11 +134,7 @@ def _session(model: EPALM, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
 @torch.inference_mode()  # as a decorator: entered per step, so a consumer may resume it in any thread
 def stream_tokens(
-    model: EPALM,
-    prefix: Prefix,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    options: DecodingOptions,
+    model: EPALM, prefix: Prefix, input_ids: torch.Tensor, attention_mask: torch.Tensor, options: DecodingOptions,
     callback: StepCallback | None = None,
 ) -> Iterator[torch.Tensor]:
     """Greedy or sampling, one step at a time: yields the new token of every row ([B]).
@@ -210,11 +206,7 @@ class _Hypotheses:
 
 @torch.inference_mode()
 def beam_search(
-    model: EPALM,
-    prefix: Prefix,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    options: DecodingOptions,
+    model: EPALM, prefix: Prefix, input_ids: torch.Tensor, attention_mask: torch.Tensor, options: DecodingOptions,
     callback: StepCallback | None = None,
 ) -> GenerationOutput:
     """Beam search as transformers 4.24 ran it (length_penalty, early_stopping False, 2k candidates)."""
@@ -284,11 +276,7 @@ def _finalize(
 
 
 def generate(
-    model: EPALM,
-    prefix: Prefix,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    options: DecodingOptions,
+    model: EPALM, prefix: Prefix, input_ids: torch.Tensor, attention_mask: torch.Tensor, options: DecodingOptions,
     callback: StepCallback | None = None,
 ) -> GenerationOutput:
     """Run the whole decode; ids as the original returns them (inputs included). `callback`, if
