@@ -1,5 +1,6 @@
-"""The benchmark harness on tiny shapes: it runs end to end, writes the JSON and the markdown with
-the expected fields, and the cached ids it measures equal the uncached original's."""
+"""The benchmark on tiny shapes: it runs end to end and writes the JSON and the markdown with the
+expected fields, its models come from the library's builders and the registry, and the cached ids
+it measures equal the uncached original's."""
 
 from __future__ import annotations
 
