@@ -38,8 +38,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="small shapes only (OPT-125m shape, small encoders)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", nargs="+", choices=list(DTYPES), help="default: float32 bfloat16 (cpu), float16 bfloat16 (cuda)")
-    p.add_argument("--lm", nargs="+", choices=list(models.LM_SHAPES), help="LM shapes (default opt-2.7b; --quick opt-125m)")
-    p.add_argument("--encoders", choices=list(models.ENCODER_FAMILIES), help="encoder sizes (default real; --quick small)")
+    p.add_argument(
+        "--lm", nargs="+", choices=list(models.LM_SHAPES), help="LM shapes (default opt-2.7b; --quick opt-125m)"
+    )
+    p.add_argument(
+        "--encoders", choices=list(models.ENCODER_FAMILIES), help="encoder sizes (default real; --quick small)"
+    )
     p.add_argument("--modalities", nargs="+", default=["image", "video", "audio"], choices=list(models.MODALITY_INPUTS))
     p.add_argument("--settings", nargs="+", default=list(runs.SETTINGS), choices=list(runs.SETTINGS))
     p.add_argument("--repeats", type=int, help="timed repetitions per run (default 3; --quick 2)")
@@ -154,7 +158,8 @@ def run_configuration(config: dict, save) -> dict:
         adapters[modality] = models.build_adapter(injection, encoders[modality].dim, lm.lm, dtype, device, seed=i)
         result["build"][f"{modality}_rss_delta_bytes"] = timing.rss_bytes() - rss0
     inputs = {
-        name: models.encoder_input(name, 1, dtype, device, encoders[models.INPUTS[name][0]]) for name in config["inputs"]
+        name: models.encoder_input(name, 1, dtype, device, encoders[models.INPUTS[name][0]])
+        for name in config["inputs"]
     }
     work = runs.Workload(
         lm, dev, injection, encoders, adapters, inputs, new_tokens=config["new_tokens"],

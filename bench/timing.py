@@ -44,33 +44,26 @@ class Device:
         out.update(peak_bytes=peak, peak_delta_bytes=peak - base, base_bytes=base)
 
 
-def _status_kb(field_name: str) -> int | None:
+def _status_bytes(field_name: str) -> int:
+    """A memory field of /proc/self/status; elsewhere than Linux, the (unresettable) peak RSS."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
                 if line.startswith(field_name + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
-        return None
-    return None
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def rss_bytes() -> int:
-    value = _status_kb("VmRSS")
-    if value is None:  # not Linux: fall back to the (unresettable) peak
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return value
+    return _status_bytes("VmRSS")
 
 
 def rss_peak_bytes() -> int:
-    value = _status_kb("VmHWM")
-    if value is None:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return value
+    return _status_bytes("VmHWM")
 
 
 def reset_rss_peak() -> bool:

@@ -150,11 +150,7 @@ def _session(model: EPALM, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
 @torch.inference_mode()  # as a decorator: entered per step, so a consumer may resume it in any thread
 def stream_tokens(
-    model: EPALM,
-    prefix: Prefix,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    options: DecodingOptions,
+    model: EPALM, prefix: Prefix, input_ids: torch.Tensor, attention_mask: torch.Tensor, options: DecodingOptions,
     callback: StepCallback | None = None,
     trace: Trace | None = None,
 ) -> Iterator[torch.Tensor]:
@@ -229,11 +225,7 @@ class _Hypotheses:
 
 @torch.inference_mode()
 def beam_search(
-    model: EPALM,
-    prefix: Prefix,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    options: DecodingOptions,
+    model: EPALM, prefix: Prefix, input_ids: torch.Tensor, attention_mask: torch.Tensor, options: DecodingOptions,
     callback: StepCallback | None = None,
     trace: Trace | None = None,
 ) -> GenerationOutput:
@@ -307,11 +299,7 @@ def _finalize(
 
 
 def generate(
-    model: EPALM,
-    prefix: Prefix,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    options: DecodingOptions,
+    model: EPALM, prefix: Prefix, input_ids: torch.Tensor, attention_mask: torch.Tensor, options: DecodingOptions,
     callback: StepCallback | None = None,
     trace: Trace | None = None,
 ) -> GenerationOutput:

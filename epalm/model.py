@@ -357,7 +357,9 @@ class PackedLinear(nn.Module):
             packed = cls(linear)
             got = packed(x).float()
         except (RuntimeError, AttributeError, TypeError, ValueError) as exc:
-            logger.warning("oneDNN weight packing fails in torch %s (%s); keeping the dense layers", torch.__version__, exc)
+            logger.warning(
+                "oneDNN weight packing fails in torch %s (%s); keeping the dense layers", torch.__version__, exc
+            )
             return None
         want = linear(x).float()
         error = ((got - want).norm() / want.norm().clamp_min(1e-12)).item() if got.shape == want.shape else float("inf")
@@ -374,7 +376,8 @@ class PackedLinear(nn.Module):
 
 
 def can_pack(weight: torch.Tensor) -> bool:
-    return weight.device.type == "cpu" and weight.dtype in PackedLinear.TOLERANCE and torch.backends.mkldnn.is_available()
+    cpu = weight.device.type == "cpu"
+    return cpu and weight.dtype in PackedLinear.TOLERANCE and torch.backends.mkldnn.is_available()
 
 
 @torch.no_grad()
