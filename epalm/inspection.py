@@ -140,11 +140,11 @@ class Inspection:
 
 
 def viewable(pixels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
-    """uint8 [H, W, 3] from a normalised [3, H, W] encoder input: only the normalisation is undone,
-    so normalising the result again gives back the encoder's input."""
+    """uint8 [..., H, W, 3] from a normalised [..., 3, H, W] encoder input: only the normalisation is
+    undone, so normalising the result again gives back the encoder's input."""
     std_t, mean_t = torch.tensor(std)[:, None, None], torch.tensor(mean)[:, None, None]
     unit = pixels.detach().float().cpu() * std_t + mean_t
-    return unit.mul(255.0).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    return unit.mul(255.0).round().clamp(0, 255).to(torch.uint8).movedim(-3, -1).numpy()
 
 
 def spectrogram_picture(fbank: torch.Tensor) -> np.ndarray:
@@ -195,7 +195,7 @@ class Inspector:
             sampled = sample_frames(media, transform.num_frames, limits)
             pixels = video_tensor(sampled.frames, transform)
             self.seen = Seen(
-                "video", [viewable(frame, transform.mean, transform.std) for frame in pixels],
+                "video", list(viewable(pixels, transform.mean, transform.std)),
                 [f"{t:.2f} s (frame {i})" for t, i in zip(sampled.timestamps, sampled.indices)],
                 frame_indices=list(sampled.indices), timestamps=sampled.timestamps, duration=sampled.duration,
             )
