@@ -24,6 +24,7 @@ from .audio import FRAME_LENGTH_MS, FRAME_SHIFT_MS, AudioTransform, audio_fbank,
 from .decoding import DecodingOptions
 from .image import ImageTransform, image_tensor, load_image
 from .media import MediaLimits, media_duration
+from .model import InjectionConfig
 from .tasks import Task
 from .video import VideoTransform, sample_frames, video_tensor
 
@@ -104,11 +105,13 @@ class Inspection:
     """What the model saw (`seen`, `prompt`) and how sure it was (`tokens`, `beams`).
 
     `prompt` is the LM's input text: `[P×10]` for the soft prompt, then the tokens (BOS `</s>`, the
-    question as formatted, `</a>`). `tokens` are those of the answer (the best beam for beam
-    search), ending with `</s>` when the model stopped by itself. `decoding` holds the settings used."""
+    question as formatted, `</a>`); `injection` says where the encoder's [CLS] vectors enter the LM.
+    `tokens` are those of the answer (the best beam for beam search), ending with `</s>` when the
+    model stopped by itself. `decoding` holds the settings used."""
 
     seen: Seen
     prompt: str
+    injection: str
     decoding: dict[str, Any]
     tokens: list[TokenProb] = field(default_factory=list)
     beams: list[Beam] = field(default_factory=list)
@@ -118,6 +121,7 @@ class Inspection:
         return {
             "seen": self.seen.to_dict(),
             "prompt": self.prompt,
+            "injection": self.injection,
             "decoding": self.decoding,
             "tokens": [asdict(t) for t in self.tokens],
             "beams": [asdict(b) for b in self.beams],
@@ -155,6 +159,14 @@ def spectrogram_picture(fbank: torch.Tensor) -> np.ndarray:
     grey = ((values - low) / (high - low) * 255.0 if high > low else torch.zeros_like(values)).round().to(torch.uint8)
     grey = grey.repeat_interleave(SPECTROGRAM_ROW_PX, dim=0)
     return grey[:, :, None].expand(-1, -1, 3).contiguous().numpy()
+
+
+def injection_text(injection: InjectionConfig) -> str:
+    """Where the encoder's features enter the LM, in words."""
+    blocks = f"the [CLS] vectors of the encoder's last {injection.num_features} blocks"
+    layers = f"LM layers {injection.start_layer}–{injection.end_layer - 1}"
+    connector = "one shared linear connector" if injection.shared_connector else "a linear connector per block"
+    return f"{blocks}, through {connector}, into {layers} (shallow blocks to earlier layers)"
 
 
 def decoding_settings(options: DecodingOptions) -> dict[str, Any]:
@@ -230,7 +242,7 @@ class Inspector:
 
     def partial(self, options: DecodingOptions) -> Inspection:
         """What is known while decoding: the media and the prompt."""
-        return Inspection(self.seen, self.prompt, decoding_settings(options))
+        return Inspection(self.seen, self.prompt, injection_text(self.task.injection), decoding_settings(options))
 
     def result(
         self, tokenizer: Any, input_ids: torch.Tensor, options: DecodingOptions, new_ids: list[int],

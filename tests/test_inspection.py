@@ -85,6 +85,9 @@ def test_the_prompt_shows_the_soft_prompt_and_the_question_format(pipe, media_fi
     prompt_len = pipe.task("image-vqa").injection.prompt_len
     assert vqa.inspection.prompt == f"[P×{prompt_len}]</s>what is it??</a>"
     assert caption.inspection.prompt == f"[P×{prompt_len}]</s>"
+    injection = pipe.task("image-vqa").injection
+    assert f"last {injection.num_features} blocks" in vqa.inspection.injection
+    assert f"layers {injection.start_layer}–{injection.end_layer - 1}" in vqa.inspection.injection
 
 
 @pytest.mark.parametrize("preset", ["paper", "fast", "sampling"])
