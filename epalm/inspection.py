@@ -10,8 +10,10 @@ generated token gets its probability and every final beam its score. Nothing her
 
 from __future__ import annotations
 
+import html
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,6 +129,25 @@ class Inspection:
             "beams": [asdict(b) for b in self.beams],
         }
 
+    def describe(self) -> str:
+        """Markdown for people: the input, the prompt, the settings, the tokens and the beams."""
+        settings = [f"{k.replace('_', ' ')} {v}" for k, v in self.decoding.items() if k != "strategy" and v is not None]
+        soft_prompt = self.prompt.split("]")[0] + "]"
+        parts = [
+            f"**Input:** {_escape(self.seen.summary())}",
+            f"**Prompt the language model read:** {_code(self.prompt)}, where {_code(soft_prompt)} is the learned "
+            f"soft prompt; {_escape(self.injection)}.",
+            f"**Decoding:** {' · '.join([self.decoding['strategy'], *settings])}",
+        ]
+        if self.tokens:
+            tokens = " ".join(f"{_code(t.text)} {_percent(t.prob)}" for t in self.tokens)
+            parts.append(f"**Answer tokens and the model's probability of each:** {tokens}")
+        if self.beams:
+            rows = [f"| {rank} | {_escape(b.text) or '(empty)'} | {b.score:.3f} | {_percent(math.exp(b.logprob))} |"
+                    for rank, b in enumerate(self.beams, 1)]
+            parts.append("\n".join(["| beam | text | score (ranked by) | probability |", "|---|---|---|---|", *rows]))
+        return "\n\n".join(parts)
+
     def save(self, folder: str | Path, answer: str | None = None) -> list[Path]:
         """Write the seen images as PNG files and `inspection.json` into `folder`; returns the paths."""
         folder = Path(folder)
@@ -141,6 +162,23 @@ class Inspection:
         data["seen"]["files"] = names
         (folder / "inspection.json").write_text(json.dumps(data, indent=2, ensure_ascii=False))
         return paths + [folder / "inspection.json"]
+
+
+def _escape(text: str) -> str:
+    """Text shown as itself in Markdown (no emphasis, links, tables or HTML)."""
+    return re.sub(r"([\\`*_{}\[\]<>()#+\-.!|~])", r"\\\1", text)
+
+
+def _percent(prob: float) -> str:
+    """'92%', '0.35%', '<0.01%'."""
+    if prob >= 0.1:
+        return f"{prob:.0%}"
+    return f"{prob:.2%}" if prob >= 1e-4 else "<0.01%"
+
+
+def _code(text: str) -> str:
+    """Text in a code span, exactly (HTML-escaped, so backticks and `</a>` show as typed)."""
+    return f"<code>{html.escape(text).replace(' ', '&nbsp;')}</code>"
 
 
 def viewable(pixels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
