@@ -10,8 +10,10 @@ generated token gets its probability and every final beam its score. Nothing her
 
 from __future__ import annotations
 
+import html
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from .audio import FRAME_LENGTH_MS, FRAME_SHIFT_MS, AudioTransform, audio_fbank,
 from .decoding import DecodingOptions
 from .image import ImageTransform, image_tensor, load_image
 from .media import MediaLimits, media_duration
+from .model import InjectionConfig
 from .tasks import Task
 from .video import VideoTransform, sample_frames, video_tensor
 
@@ -104,11 +107,13 @@ class Inspection:
     """What the model saw (`seen`, `prompt`) and how sure it was (`tokens`, `beams`).
 
     `prompt` is the LM's input text: `[P×10]` for the soft prompt, then the tokens (BOS `</s>`, the
-    question as formatted, `</a>`). `tokens` are those of the answer (the best beam for beam
-    search), ending with `</s>` when the model stopped by itself. `decoding` holds the settings used."""
+    question as formatted, `</a>`); `injection` says where the encoder's [CLS] vectors enter the LM.
+    `tokens` are those of the answer (the best beam for beam search), ending with `</s>` when the
+    model stopped by itself. `decoding` holds the settings used."""
 
     seen: Seen
     prompt: str
+    injection: str
     decoding: dict[str, Any]
     tokens: list[TokenProb] = field(default_factory=list)
     beams: list[Beam] = field(default_factory=list)
@@ -118,10 +123,30 @@ class Inspection:
         return {
             "seen": self.seen.to_dict(),
             "prompt": self.prompt,
+            "injection": self.injection,
             "decoding": self.decoding,
             "tokens": [asdict(t) for t in self.tokens],
             "beams": [asdict(b) for b in self.beams],
         }
+
+    def describe(self) -> str:
+        """Markdown for people: the input, the prompt, the settings, the tokens and the beams."""
+        settings = [f"{k.replace('_', ' ')} {v}" for k, v in self.decoding.items() if k != "strategy" and v is not None]
+        soft_prompt = self.prompt.split("]")[0] + "]"
+        parts = [
+            f"**Input:** {_escape(self.seen.summary())}",
+            f"**Prompt the language model read:** {_code(self.prompt)}, where {_code(soft_prompt)} is the learned "
+            f"soft prompt; {_escape(self.injection)}.",
+            f"**Decoding:** {' · '.join([self.decoding['strategy'], *settings])}",
+        ]
+        if self.tokens:
+            tokens = " ".join(f"{_code(t.text)} {_percent(t.prob)}" for t in self.tokens)
+            parts.append(f"**Answer tokens and the model's probability of each:** {tokens}")
+        if self.beams:
+            rows = [f"| {rank} | {_escape(b.text) or '(empty)'} | {b.score:.3f} | {_percent(math.exp(b.logprob))} |"
+                    for rank, b in enumerate(self.beams, 1)]
+            parts.append("\n".join(["| beam | text | score (ranked by) | probability |", "|---|---|---|---|", *rows]))
+        return "\n\n".join(parts)
 
     def save(self, folder: str | Path, answer: str | None = None) -> list[Path]:
         """Write the seen images as PNG files and `inspection.json` into `folder`; returns the paths."""
@@ -139,12 +164,29 @@ class Inspection:
         return paths + [folder / "inspection.json"]
 
 
+def _escape(text: str) -> str:
+    """Text shown as itself in Markdown (no emphasis, links, tables or HTML)."""
+    return re.sub(r"([\\`*_{}\[\]<>()#+\-.!|~])", r"\\\1", text)
+
+
+def _percent(prob: float) -> str:
+    """'92%', '0.35%', '<0.01%'."""
+    if prob >= 0.1:
+        return f"{prob:.0%}"
+    return f"{prob:.2%}" if prob >= 1e-4 else "<0.01%"
+
+
+def _code(text: str) -> str:
+    """Text in a code span, exactly (HTML-escaped, so backticks and `</a>` show as typed)."""
+    return f"<code>{html.escape(text).replace(' ', '&nbsp;')}</code>"
+
+
 def viewable(pixels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
-    """uint8 [H, W, 3] from a normalised [3, H, W] encoder input: only the normalisation is undone,
-    so normalising the result again gives back the encoder's input."""
+    """uint8 [..., H, W, 3] from a normalised [..., 3, H, W] encoder input: only the normalisation is
+    undone, so normalising the result again gives back the encoder's input."""
     std_t, mean_t = torch.tensor(std)[:, None, None], torch.tensor(mean)[:, None, None]
     unit = pixels.detach().float().cpu() * std_t + mean_t
-    return unit.mul(255.0).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    return unit.mul(255.0).round().clamp(0, 255).to(torch.uint8).movedim(-3, -1).numpy()
 
 
 def spectrogram_picture(fbank: torch.Tensor) -> np.ndarray:
@@ -155,6 +197,14 @@ def spectrogram_picture(fbank: torch.Tensor) -> np.ndarray:
     grey = ((values - low) / (high - low) * 255.0 if high > low else torch.zeros_like(values)).round().to(torch.uint8)
     grey = grey.repeat_interleave(SPECTROGRAM_ROW_PX, dim=0)
     return grey[:, :, None].expand(-1, -1, 3).contiguous().numpy()
+
+
+def injection_text(injection: InjectionConfig) -> str:
+    """Where the encoder's features enter the LM, in words."""
+    blocks = f"the [CLS] vectors of the encoder's last {injection.num_features} blocks"
+    layers = f"LM layers {injection.start_layer}–{injection.end_layer - 1}"
+    connector = "one shared linear connector" if injection.shared_connector else "a linear connector per block"
+    return f"{blocks}, through {connector}, into {layers} (shallow blocks to earlier layers)"
 
 
 def decoding_settings(options: DecodingOptions) -> dict[str, Any]:
@@ -195,7 +245,7 @@ class Inspector:
             sampled = sample_frames(media, transform.num_frames, limits)
             pixels = video_tensor(sampled.frames, transform)
             self.seen = Seen(
-                "video", [viewable(frame, transform.mean, transform.std) for frame in pixels],
+                "video", list(viewable(pixels, transform.mean, transform.std)),
                 [f"{t:.2f} s (frame {i})" for t, i in zip(sampled.timestamps, sampled.indices)],
                 frame_indices=list(sampled.indices), timestamps=sampled.timestamps, duration=sampled.duration,
             )
@@ -230,7 +280,7 @@ class Inspector:
 
     def partial(self, options: DecodingOptions) -> Inspection:
         """What is known while decoding: the media and the prompt."""
-        return Inspection(self.seen, self.prompt, decoding_settings(options))
+        return Inspection(self.seen, self.prompt, injection_text(self.task.injection), decoding_settings(options))
 
     def result(
         self, tokenizer: Any, input_ids: torch.Tensor, options: DecodingOptions, new_ids: list[int],

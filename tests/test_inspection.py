@@ -85,6 +85,9 @@ def test_the_prompt_shows_the_soft_prompt_and_the_question_format(pipe, media_fi
     prompt_len = pipe.task("image-vqa").injection.prompt_len
     assert vqa.inspection.prompt == f"[P×{prompt_len}]</s>what is it??</a>"
     assert caption.inspection.prompt == f"[P×{prompt_len}]</s>"
+    injection = pipe.task("image-vqa").injection
+    assert f"last {injection.num_features} blocks" in vqa.inspection.injection
+    assert f"layers {injection.start_layer}–{injection.end_layer - 1}" in vqa.inspection.injection
 
 
 @pytest.mark.parametrize("preset", ["paper", "fast", "sampling"])
@@ -166,3 +169,14 @@ def test_save_writes_the_pictures_and_the_json(pipe, media_files, tmp_path):
     assert data["answer"] == answer.text and data["prompt"].startswith("[P×")
     assert data["seen"]["files"][0] == "frame01.png" and len(data["seen"]["timestamps"]) == 16
     assert [t["id"] for t in data["tokens"]] == [t.id for t in answer.inspection.tokens]
+
+
+def test_describe_says_it_all_in_markdown_that_shows_text_as_typed(pipe, media_files):
+    answer = pipe.answer(media_files["image"], "is *this* `it` | <b>?", "image-vqa", max_length=24, inspect=True)
+    text = answer.inspection.describe()
+    assert "**Input:** The 64×48 image, resized to 224×224" in text
+    assert "<code>[P×4]&lt;/s&gt;is&nbsp;*this*&nbsp;`it`&nbsp;|&nbsp;&lt;b&gt;??&lt;/a&gt;</code>" in text
+    assert "**Decoding:** beam search · num beams 3 · length penalty 1.0 · max length 24" in text
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + 3 and table[1].startswith(f"| 1 | {answer.text.split()[0]}")
+    assert text.count("<code>") == 2 + len(answer.inspection.tokens)
