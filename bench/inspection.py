@@ -38,13 +38,14 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from bench import harness as H  # noqa: E402
+from bench import models as M  # noqa: E402
+from bench.timing import wait_for_quiet  # noqa: E402
 from epalm import inspection as inspection_module  # noqa: E402
 from epalm import pipeline as pipeline_module  # noqa: E402
 from epalm.inspection import Inspector  # noqa: E402
 from epalm.model import Adapter  # noqa: E402
 from epalm.pipeline import Pipeline  # noqa: E402
-from epalm.tiny import tiny_tokenizer  # noqa: E402
+from epalm.tiny import tiny_adapter, tiny_tokenizer  # noqa: E402
 
 REQUESTS = [  # (task, example file)
     ("image-caption", "examples/image/cat.jpg"),
@@ -52,31 +53,30 @@ REQUESTS = [  # (task, example file)
     ("audio-caption", "examples/audio/speech.mp3"),
 ]
 # A COCO caption is about 11 tokens: random weights never stop, so answers are cut there (BOS + 11).
-SETTINGS = {"paper": dict(num_beams=3, max_length=12), "greedy": dict(num_beams=1, max_length=12)}
+SETTINGS = {"paper": dict(num_beams=3, max_new_tokens=11), "greedy": dict(num_beams=1, max_new_tokens=11)}
 
 
 class RandomModels:
-    """A `Pipeline` model source with random weights at the real shapes (`bench.harness` builders):
-    the registry's tasks unchanged, every encoder of the paper's size."""
+    """A `ModelSource` with random weights at the real shapes (the benchmark's builders): the
+    registry's tasks unchanged, every encoder of the paper's size."""
 
-    tiny = False
+    random_weights = True
 
     def __init__(self, lm_name: str = "opt-2.7b") -> None:
         self.lm_name = lm_name
 
-    def adapt(self, task: Any) -> Any:
-        return task
+    def tasks(self, registry: dict[str, Any]) -> dict[str, Any]:
+        return registry
 
     def lm(self, ref: Any, dtype: torch.dtype) -> tuple[Any, Any]:
-        return H.build_lm(self.lm_name, dtype, torch.device("cpu")), tiny_tokenizer()
+        return M.build_lm(self.lm_name, dtype, torch.device("cpu")), tiny_tokenizer()
 
     def encoder(self, ref: Any, modality: str, dtype: torch.dtype) -> Any:
-        return H.build_encoder("real", modality, dtype, torch.device("cpu"))
+        return M.build_encoder_for("real", modality, dtype, torch.device("cpu"))
 
     def adapter_state(self, task: Any, progress: Any = None) -> dict[str, torch.Tensor]:
-        shape = H.LM_SHAPES[self.lm_name]
-        adapter = Adapter(task.injection, 768, shape["hidden_size"], shape["word_embed_proj_dim"])
-        return H.randomize_(adapter, seed=1, std=0.05).state_dict()
+        shape = M.LM_SHAPES[self.lm_name]
+        return tiny_adapter(task.injection, 1, 768, shape["hidden_size"], shape["word_embed_proj_dim"]).state_dict()
 
     def cached(self, task: Any) -> dict[str, bool]:
         return {"adapter": True, "lm": True, "encoder": True}
@@ -140,7 +140,7 @@ def measure(
                 runs: dict[bool, list[dict]] = {True: [], False: []}
                 extra: dict[str, list[float]] = {"media": [], "decoding": []}
                 for round_ in range(repeats):
-                    H.wait_for_quiet(max_wait=quiet_wait)
+                    wait_for_quiet(max_wait=quiet_wait)
                     SPENT.update(media=0.0, decoding=0.0)
                     for inspect in (False, True) if round_ % 2 else (True, False):  # alternate who goes first
                         runs[inspect].append(answer_time(pipe, task, path, setting, inspect))
@@ -179,7 +179,7 @@ def markdown(rows: list[dict], lm: str, dtype: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lm", default="opt-2.7b", choices=[k for k in H.LM_SHAPES if k != "tiny"])
+    parser.add_argument("--lm", default="opt-2.7b", choices=[k for k in M.LM_SHAPES if k != "tiny"])
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=1, help="timed pairs per request (after one warm-up pair)")
     parser.add_argument("--tiny", action="store_true", help="tiny random models instead of the real shapes")
@@ -188,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modalities", nargs="+", default=modalities, choices=modalities)
     parser.add_argument("--out", type=Path, help="also write the rows as JSON here")
     args = parser.parse_args(argv)
-    models = None if args.tiny else RandomModels(args.lm)
-    pipe = Pipeline(device="cpu", dtype=args.dtype, tiny=args.tiny, models=models)
+    source = None if args.tiny else RandomModels(args.lm)
+    pipe = Pipeline(device="cpu", dtype=args.dtype, tiny=args.tiny, source=source)
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     rows = measure(pipe, args.repeats, log, args.quiet_wait, tuple(args.modalities))
     print(markdown(rows, "tiny" if args.tiny else args.lm, args.dtype))
