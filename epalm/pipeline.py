@@ -283,7 +283,7 @@ class Pipeline:
                 partial = inspector.partial(options) if inspector else None
                 tokens = stream_tokens(lm, prefix, input_ids, mask, options, trace)
                 for text in stream_text(self._timed(tokens, timings, started, ids), tokenizer):
-                    yield Answer(text.strip(), spec.id, False, timings, self.device.type, dtype, partial)
+                    yield Answer(text.strip(), spec.id, False, timings, self.device.type, dtype, inspection=partial)
                 text = tokenizer.decode(ids, skip_special_tokens=True)
                 inspected = inspector.result(tokenizer, input_ids, options, ids) if inspector else None
             else:
@@ -294,7 +294,7 @@ class Pipeline:
                 text = tokenizer.decode(output, skip_special_tokens=True)
                 hypotheses = generated.hypotheses[0] if generated.hypotheses else None
                 inspected = inspector.result(tokenizer, input_ids, options, output.tolist(), hypotheses) if inspector else None
-        yield Answer(text.strip(), spec.id, True, timings, self.device.type, dtype, inspected)
+        yield Answer(text.strip(), spec.id, True, timings, self.device.type, dtype, inspection=inspected)
 
     @staticmethod
     def _timed(tokens: Iterator[torch.Tensor], timings: Timings, started: float, ids: list[int]) -> Iterator[torch.Tensor]:
