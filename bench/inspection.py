@@ -1,6 +1,6 @@
 """What `inspect=True` costs: showing what the model saw and how sure it was, at the real shapes.
 
-    python bench/inspection.py                   # OPT-2.7B shape, bfloat16, CPU; image, video, audio (~5 min)
+    python bench/inspection.py                   # OPT-2.7B shape, bfloat16, CPU; image, video, audio (minutes)
     python bench/inspection.py --dtype float32   # needs ~15 GB of memory
     python bench/inspection.py --tiny            # tiny random models (what the test runs)
 
