@@ -252,6 +252,10 @@ def _kind_tab(
     )
     stop.click(None, None, None, cancels=[event])
     rows = _examples(modality, kind)
+    if rows and modality == "audio":  # the examples table shows file names only: give each a player
+        with gr.Row(elem_id=f"{prefix}-players"):
+            for row in rows:
+                gr.Audio(row[0], label=Path(row[0]).name, interactive=False)
     if rows:
         examples = gr.Examples(
             rows, [media] + ([question] if question is not None else []), label="Examples (click one to run it)",

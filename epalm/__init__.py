@@ -22,7 +22,10 @@ _EXPORTS = {
     "Answer": "pipeline", "OutOfMemory": "pipeline", "Pipeline": "pipeline", "Timings": "pipeline",
     "ModelSource": "store", "Task": "tasks", "load_registry": "tasks",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "PRESETS", "AdapterError", "Answer", "DecodingOptions", "InputError", "MediaError", "MediaLimits", "ModelSource",
+    "OutOfMemory", "Pipeline", "Task", "Timings", "UserError", "WeightsUnavailable", "load_registry",
+]
 
 if TYPE_CHECKING:
     from .decoding import PRESETS, DecodingOptions

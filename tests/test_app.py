@@ -227,6 +227,13 @@ def test_the_stop_button_cancels_its_event(tiny_app):
     assert len(stops) == len(ENDPOINTS)
 
 
+def test_audio_examples_can_be_played_before_they_are_run(tiny_app):
+    config = demo_app.build(tiny_app[0]).config
+    players = {c["props"]["label"]: c["props"]["value"] for c in config["components"] if c["type"] == "audio" and c["props"].get("interactive") is False}
+    examples = sorted(p.name for p in (demo_app.EXAMPLES / "audio").iterdir() if p.suffix != ".md")
+    assert sorted(players) == examples and all(Path(value["path"]).is_file() for value in players.values())
+
+
 def test_load_stages_reach_the_page_as_progress(media_files):
     demo = demo_app.Demo(Pipeline(device="cpu", tiny=True))
     shown: list[str] = []
@@ -426,3 +433,56 @@ def test_an_oversized_image_is_refused_from_its_header(client, tmp_path):
         client.predict(handle_file(str(huge)), api_name="/caption_image")
     assert _memory_kb("VmHWM") - idle < 100 * 1024, "peak memory of the server stays within 100 MB of idle"
     assert time.perf_counter() - started < 30
+
+
+@pytest.mark.parametrize("api_name", sorted(ENDPOINTS))
+def test_the_queue_bound_holds_under_a_burst(media_files, monkeypatch, api_name):
+    """60 clients join at once while the model is busy: the queue takes `max_size`, the rest are told it is full."""
+    import json
+    import threading
+    import urllib.error
+
+    import httpx
+
+    pipeline = Pipeline(device="cpu", tiny=True)
+    release = threading.Event()
+
+    def busy(*args, **kwargs):
+        release.wait(60)  # the model stays busy until the burst is over
+        return iter(())
+
+    monkeypatch.setattr(pipeline, "stream", busy)
+    blocks = demo_app.build(pipeline)
+    port = free_port()
+    blocks.queue(max_size=8).launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        verb, modality = api_name.strip("/").split("_")
+        kind = "qa" if verb == "answer" else "caption"
+        fn_index = next(i for i, fn in blocks.fns.items() if f"/{fn.api_name}" == api_name)
+        with open(media_files[modality], "rb") as upload:
+            path = httpx.post(f"http://127.0.0.1:{port}/gradio_api/upload", files={"files": upload}).json()[0]
+        media = {"path": path, "meta": {"_type": "gradio.FileData"}}
+        task = demo_app.tasks_by_modality(pipeline)[modality][kind][0].id
+        data = [media] + (["why?"] if kind == "qa" else []) + [task, "paper", 0, 0.7, 0.9]
+        data += [0] if modality == "video" else []
+        statuses: list[int] = []
+
+        def join(i: int) -> None:
+            body = json.dumps({"data": data, "fn_index": fn_index, "session_hash": f"s{i}", "event_data": None, "trigger_id": None})
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/gradio_api/queue/join", body.encode(),
+                                             {"Content-Type": "application/json"})
+            try:
+                statuses.append(urllib.request.urlopen(request, timeout=60).status)
+            except urllib.error.HTTPError as exc:
+                statuses.append(exc.code)
+
+        threads = [threading.Thread(target=join, args=(i,)) for i in range(60)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert statuses.count(200) <= 8 + 1, "at most max_size waiting and one running"
+        assert statuses.count(503) >= 60 - 9 and len(statuses) == 60
+    finally:
+        release.set()
+        blocks.close()

@@ -81,6 +81,11 @@ def test_caption_and_answer_in_each_tab(page, modality):
         page.locator(f"#{modality}-qa-question textarea").fill("What is happening here?")
         page.locator(f"#{modality}-qa-question textarea").press("Enter")  # Enter runs the same endpoint as the button
         assert wait_for_answer(page, f"{modality}-qa", DEFAULT_TASK[modality]["qa"]).strip()
+    other = sorted(p for p in (ROOT / "examples" / modality).iterdir() if p.suffix not in (".md", ".txt", ".py"))[-1]
+    page.locator(f"#{modality}-input button[aria-label='Clear']").first.click()
+    upload(page, modality, other)
+    for kind in KINDS[modality]:  # answers about the previous file are gone
+        expect(page.locator(f"#{modality}-{kind}-answer textarea")).to_have_value("")
     OUTPUT.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(OUTPUT / f"{modality}.png"), full_page=True)
     assert (OUTPUT / f"{modality}.png").stat().st_size > 10_000

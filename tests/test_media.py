@@ -22,7 +22,7 @@ from torchvision.transforms import InterpolationMode
 
 from epalm.audio import AudioTransform, audio_fbank, load_audio, prepare_audio, window_seconds
 from epalm.image import CLIP_MEAN, CLIP_STD, ImageTransform, load_image, prepare_image
-from epalm.media import MediaError, MediaLimits, media_duration
+from epalm.media import MediaError, MediaLimits
 from epalm.video import VideoTransform, frame_indices, load_video_frames, prepare_video, video_tensor
 
 # -- writers -----------------------------------------------------------------------------------
@@ -310,14 +310,6 @@ def test_same_file_same_tensor(tmp_path):
     sound = write_audio(tmp_path / "s.mp3", "libmp3lame")
     for prepare, src in ((prepare_image, image), (prepare_video, video), (prepare_video, rotated), (prepare_audio, sound)):
         assert torch.equal(prepare(src), prepare(src))
-
-
-def test_media_duration(tmp_path):
-    assert media_duration(write_video(tmp_path / "v.mp4", frames=16, fps=8)) == pytest.approx(2.0, abs=0.2)
-    assert media_duration(write_wav(tmp_path / "a.wav", np.zeros(24000, np.int16))) == pytest.approx(1.5)
-    assert media_duration((16000, np.zeros(8000, np.int16))) == pytest.approx(0.5)
-    (tmp_path / "notes.txt").write_text("hello")
-    assert media_duration(tmp_path / "notes.txt") is None and media_duration(tmp_path / "missing.mp4") is None
 
 
 def test_long_files_cost_what_short_ones_do(tmp_path):
