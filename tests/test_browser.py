@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -25,18 +26,29 @@ DEFAULT_TASK = {"image": {"caption": "image-caption", "qa": "image-vqa"}, "video
 
 
 @pytest.fixture(scope="module")
-def page():
-    blocks, url = serve(Pipeline(device="cpu", tiny=True))
+def browser():
     with sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path=CHROMIUM,
             args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
         )
-        page = browser.new_page(viewport={"width": 1280, "height": 1000})
-        page.goto(url)
-        expect(page.get_by_text("Smoke mode")).to_be_visible(timeout=30_000)
-        yield page
+        yield browser
         browser.close()
+
+
+def open_app(browser, pipeline: Pipeline):
+    blocks, url = serve(pipeline)
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.goto(url)
+    expect(page.get_by_text("Smoke mode")).to_be_visible(timeout=30_000)
+    return blocks, page
+
+
+@pytest.fixture(scope="module")
+def page(browser):
+    blocks, page = open_app(browser, Pipeline(device="cpu", tiny=True))
+    yield page
+    page.close()
     blocks.close()
 
 
@@ -122,3 +134,32 @@ def test_a_bad_image_gets_our_message_where_the_answer_goes(page, tmp_path):
     expect(info).to_contain_text("Could not read this file as an image", timeout=60_000)
     expect(page.locator("#image-caption-answer textarea")).to_have_value("")
     page.screenshot(path=str(OUTPUT / "bad-image.png"), full_page=True)
+
+
+def test_stop_ends_a_running_answer(browser, media_files):
+    pipeline = Pipeline(device="cpu", tiny=True)
+    stream = pipeline.stream
+
+    def slow(*args, **kwargs):  # the real stream, one partial answer every 0.3 s
+        for answer in stream(*args, **kwargs):
+            time.sleep(0.3)
+            yield answer
+
+    pipeline.stream = slow
+    blocks, page = open_app(browser, pipeline)
+    try:
+        upload(page, "image", media_files["image"])
+        page.get_by_text("Advanced").click()
+        page.get_by_label("Fast: greedy, streamed").check()
+        page.locator("#image-caption-run").click()
+        answer = page.locator("#image-caption-answer textarea")
+        expect(answer).not_to_have_value("", timeout=60_000)
+        page.locator("#image-caption-stop").click()
+        page.wait_for_timeout(1000)
+        stopped = answer.input_value()
+        page.wait_for_timeout(2000)
+        assert answer.input_value() == stopped, "no more partial answers after Stop"
+        expect(page.locator("#image-caption-info")).not_to_contain_text("tokens/s")
+    finally:
+        page.close()
+        blocks.close()
