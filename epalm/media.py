@@ -40,8 +40,7 @@ class MediaLimits:
     max_file_bytes: int = 200 * 2**20  # 200 MB
     max_pixels: int = 100_000_000  # an image's width × height, checked before its pixels are decoded
     max_frame_pixels: int = 4096 * 2304  # a video frame's width × height (4K fits; the sampled frames stay in memory)
-    max_video_seconds: float = 3600.0
-    max_audio_seconds: float = 3600.0
+    max_clip_seconds: float = 1800.0  # a video's or audio clip's length (the app's --max-duration)
 
 
 def describe_bytes(size: float) -> str:
