@@ -81,7 +81,8 @@ class ModelStore:
     requests for the same model wait for a single load instead of loading a second copy.
 
     `pack_weights`: on CPU, store the LM's linear weights in oneDNN's blocked layout (a decode step
-    is bound by reading the weights; packed, it reads them faster: see bench/RESULTS.md).
+    is bound by reading the weights, which packed layers read faster: bench/RESULTS.md measures it;
+    layers whose packed form disagrees with the dense one stay dense).
     `special_tokens`: the tokens a loaded LM's tokenizer must know (the pipeline: its tasks' answer tokens)."""
 
     def __init__(
