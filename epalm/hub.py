@@ -118,14 +118,14 @@ def read_adapter(path: str | Path) -> dict[str, torch.Tensor]:
         except Exception as exc:
             raise AdapterError(f"{path} is not a readable safetensors file: {exc}") from exc
     try:
-        with torch.serialization.safe_globals(_numpy_scalar_globals()):
+        with torch.serialization.safe_globals(_NUMPY_GLOBALS):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        found = re.search(r"GLOBAL (\S+) was not an allowed global", str(exc))
-        if found is None:
+        refused = _refused_globals(path, exc)
+        if not refused:
             raise AdapterError(f"{path} is not a readable PyTorch checkpoint (truncated or not a checkpoint).") from exc
         raise AdapterError(
-            f"Refused to load {path.name}: it asks to run Python code ({found.group(1)}) when unpickled. Only "
+            f"Refused to load {path.name}: it asks to run Python code ({', '.join(refused)}) when unpickled. Only "
             f"checkpoints holding tensors and plain data are loaded."
         ) from exc
     except Exception as exc:
@@ -137,13 +137,29 @@ def read_adapter(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _numpy_scalar_globals() -> list:
-    """numpy scalars (a real checkpoint's `best_valid` score) are plain data: allow just those."""
-    found = [np.dtype, type(np.dtype("float64")), type(np.dtype("float32")), type(np.dtype("int64"))]
+    """numpy scalars (a real checkpoint's `best_valid` score) are plain data: allow just those, under
+    the module names of numpy 2 and of numpy 1 (`numpy.core`), which pickled the authors' checkpoints."""
+    from numpy._core.multiarray import scalar
+
+    dtypes = [type(np.dtype(code)) for code in "?bhilqBHILQefdg"]
+    return [
+        np.dtype,
+        *((cls, f"numpy.dtypes.{cls.__name__}") for cls in dtypes),
+        *((scalar, f"{module}.multiarray.scalar") for module in ("numpy._core", "numpy.core")),
+    ]
+
+
+_NUMPY_GLOBALS = _numpy_scalar_globals()
+
+
+def _refused_globals(path: Path, exc: pickle.UnpicklingError) -> list[str]:
+    """Every global a refused checkpoint names (torch's error names only the first it met)."""
     try:
-        from numpy._core.multiarray import scalar
-    except ImportError:  # numpy < 2
-        from numpy.core.multiarray import scalar
-    return found + [scalar]
+        with torch.serialization.safe_globals(_NUMPY_GLOBALS):
+            found = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # not a zip checkpoint (legacy format or garbage): fall back on the message
+        found = []
+    return found or re.findall(r"GLOBAL (\S+) (?:was not an allowed global|whose module)", str(exc))
 
 
 def load_adapter(task: Task, state: dict[str, torch.Tensor], encoder_dim: int, hidden_size: int, embed_dim: int) -> Adapter:

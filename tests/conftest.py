@@ -151,3 +151,21 @@ def media_files(tmp_path_factory) -> dict[str, Path]:
         "video": write_video(folder / "clip.mp4"),
         "audio": write_wav(folder / "tone.wav"),
     }
+
+
+def save_numpy1_checkpoint(state: dict, path: Path) -> Path:
+    """`torch.save` as the authors' 2023 runs wrote it: pickle protocol 2, with numpy scalars under
+    numpy 1's module name (`numpy.core.multiarray.scalar`; this machine has numpy 2's `numpy._core`)."""
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer, pickle_protocol=2)
+    with zipfile.ZipFile(buffer) as source, zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as out:
+        for info in source.infolist():
+            data = source.read(info)
+            if info.filename.endswith("/data.pkl"):
+                data = data.replace(b"cnumpy._core.multiarray\nscalar\n", b"cnumpy.core.multiarray\nscalar\n")
+                assert b"cnumpy.core.multiarray\nscalar\n" in data, "the state holds a numpy scalar"
+            out.writestr(info.filename, data)
+    return path

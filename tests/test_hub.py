@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -14,7 +15,7 @@ from epalm.hub import ADAPTER_CONFIG, AdapterError, WeightsUnavailable, convert,
 from epalm.parity import load_case
 from epalm.tasks import AdapterSource, load_registry
 
-from conftest import PARITY_CASES, ROOT
+from conftest import PARITY_CASES, ROOT, save_numpy1_checkpoint
 
 
 def fixture_task(case):
@@ -82,11 +83,29 @@ class _Payload:
         return (open, (self.marker, "w"))
 
 
+class _System:
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
 def test_a_malicious_pickle_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "checkpoint_best.pth"
     torch.save({"model": {"connector.0.weight": torch.zeros(2, 2)}, "config": _Payload(str(marker))}, path)
-    with pytest.raises(AdapterError, match="Refused to load checkpoint_best.pth"):
+    with pytest.raises(AdapterError, match=r"Refused to load checkpoint_best.pth: it asks to run Python code \(io.open\)"):
+        read_adapter(path)
+    assert not marker.exists()
+
+
+def test_the_refusal_names_every_global_including_blocked_modules(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "checkpoint_best.pth"
+    state = {"model": {"connector.0.weight": torch.zeros(2)}, "a": _System(f"touch {marker}"), "b": _Payload(str(marker))}
+    torch.save(state, path)
+    with pytest.raises(AdapterError, match=r"asks to run Python code \(io.open, posix.system\)"):
         read_adapter(path)
     assert not marker.exists()
 
@@ -98,6 +117,16 @@ def test_a_real_style_checkpoint_with_numpy_scalars_loads(tmp_path):
     state.update(config={"lr": 2e-5, "num_beams": 3}, epoch=7, best_valid=np.float64(1.23), best_epoch=np.int64(5))
     torch.save(state, tmp_path / "real.pth")
     assert read_adapter(tmp_path / "real.pth").keys() == state["model"].keys()
+    save_numpy1_checkpoint(state, tmp_path / "numpy1.pth")
+    assert read_adapter(tmp_path / "numpy1.pth").keys() == state["model"].keys(), "numpy 1 pickles load too"
+
+
+def test_only_numpy_scalars_are_allowed_under_the_numpy_1_names(tmp_path):
+    import numpy as np
+
+    path = save_numpy1_checkpoint({"model": {}, "best_valid": np.float64(1.0), "table": np.zeros(3)}, tmp_path / "x.pth")
+    with pytest.raises(AdapterError, match=r"asks to run Python code \(numpy\._core\.multiarray\._reconstruct, numpy\.ndarray\)"):
+        read_adapter(path)
 
 
 def test_wrong_shapes_name_the_task_key_and_both_shapes():
