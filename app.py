@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 
 import gradio as gr
 
-from epalm import AdapterError, InputError, MediaError, MediaLimits, OutOfMemory, Pipeline, WeightsUnavailable
+from epalm import MediaLimits, Pipeline, UserError
 from epalm.media import media_duration
 
 try:  # ZeroGPU on Hugging Face Spaces: model calls get a GPU only inside @spaces.GPU
@@ -30,7 +30,6 @@ except ImportError:
 
 log = logging.getLogger("epalm.app")
 EXAMPLES = Path(__file__).resolve().parent / "examples"
-USER_ERRORS = (MediaError, InputError, WeightsUnavailable, AdapterError, OutOfMemory)
 
 PRESETS = [("Paper: 3 beams", "paper"), ("Fast: greedy, streamed", "fast"), ("Sampling", "sampling")]
 CAPTION_TASKS = {
@@ -80,7 +79,7 @@ class Demo:
 
     def status(self) -> str:
         loaded = ", ".join(self.pipeline.loaded()) or "nothing yet (models load on first use)"
-        mode = " · **tiny random models**" if self.pipeline.models.tiny else ""
+        mode = " · **tiny random models**" if self.pipeline.random_weights else ""
         return f"Device **{self.pipeline.device.type}** · dtype **{str(self.pipeline.dtype).replace('torch.', '')}**{mode} · loaded: {loaded}"
 
     def run(
@@ -101,7 +100,7 @@ class Demo:
             for answer in self.pipeline.stream(media, task, question, preset=preset, progress=report, **decoding):
                 info = f"`{answer.task}` · {answer.timings.summary()} · {answer.device}/{answer.dtype}" if answer.done else "generating…"
                 yield answer.text, info
-        except USER_ERRORS as exc:
+        except UserError as exc:
             raise gr.Error(str(exc)) from exc
         except Exception as exc:
             log.exception("request failed")
@@ -231,7 +230,7 @@ def build(pipeline: Pipeline, max_duration: float = 1800, concurrency: int | Non
             "A frozen OPT language model reads frozen image, video and audio encoders through a few million trained "
             "parameters ([paper](https://arxiv.org/abs/2303.11403), ICCV 2023). Upload a file, ask for a caption or a question."
         )
-        if pipeline.models.tiny:
+        if pipeline.random_weights:
             gr.Markdown("⚠️ **Smoke mode (`--tiny`)**: tiny random models, nothing downloaded. The answers are meaningless.", elem_id="tiny-banner")
         status = gr.Markdown(demo.status(), elem_id="status")
         for modality in ("image", "video", "audio"):

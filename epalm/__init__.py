@@ -9,12 +9,14 @@
 """
 
 from .decoding import PRESETS, DecodingOptions
+from .errors import InputError, UserError
 from .hub import AdapterError, WeightsUnavailable
 from .media import MediaError, MediaLimits
-from .pipeline import Answer, InputError, OutOfMemory, Pipeline, Timings
+from .pipeline import Answer, OutOfMemory, Pipeline, Timings
+from .store import ModelSource
 from .tasks import Task, load_registry
 
 __all__ = [
     "PRESETS", "AdapterError", "Answer", "DecodingOptions", "InputError", "MediaError", "MediaLimits",
-    "OutOfMemory", "Pipeline", "Task", "Timings", "WeightsUnavailable", "load_registry",
+    "ModelSource", "OutOfMemory", "Pipeline", "Task", "Timings", "UserError", "WeightsUnavailable", "load_registry",
 ]

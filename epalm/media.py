@@ -19,13 +19,15 @@ from typing import IO, Any, Iterator, Union
 
 import av
 
+from .errors import UserError
+
 log = logging.getLogger(__name__)
 
 PLAYLIST_FORMATS = {"hls", "dash", "concat"}  # FFmpeg demuxers that open further files named inside the file
 Source = Union[str, os.PathLike, bytes, bytearray, memoryview, IO[bytes]]
 
 
-class MediaError(ValueError):
+class MediaError(UserError, ValueError):
     """A file or array that cannot be turned into model input; the message says why."""
 
 

@@ -18,6 +18,7 @@ import yaml
 
 from .audio import AudioTransform
 from .decoding import DecodingOptions
+from .errors import UserError
 from .image import ImageTransform
 from .model import InjectionConfig
 from .video import VideoTransform
@@ -96,7 +97,7 @@ class Task:
         return self.kind == "qa"
 
 
-class RegistryError(ValueError):
+class RegistryError(UserError, ValueError):
     """The registry file is malformed; the message names the task and the field."""
 
 

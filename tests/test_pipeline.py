@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from epalm.hub import HubModels, WeightsUnavailable
+from epalm.hub import WeightsUnavailable
 from epalm.media import MediaError
 from epalm.pipeline import InputError, OutOfMemory, Pipeline
 from epalm.tiny import TinyModels
@@ -141,10 +141,7 @@ def test_missing_weights_name_the_repo_and_the_fix(media_files, fake_hub, monkey
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
-    class TinyModelsRealAdapters(TinyModels):
-        adapter_state = HubModels.adapter_state
-
-    pipe = Pipeline(device="cpu", models=TinyModelsRealAdapters())
+    pipe = Pipeline(device="cpu", source=TinyModels(adapter_files=True))
     with pytest.raises(WeightsUnavailable, match=r"mshukor/eP-ALM.*not in the local Hugging Face cache"):
         pipe.caption(media_files["image"], "image-caption")
     with pytest.raises(WeightsUnavailable, match=r"facebook/opt-2.7b.*hf download facebook/opt-2.7b"):
@@ -153,16 +150,13 @@ def test_missing_weights_name_the_repo_and_the_fix(media_files, fake_hub, monkey
 
 def test_adapter_from_the_hub_drives_the_answer(media_files, fake_hub):
     """An adapter served by the (fake) Hub in the original .pth format is the one used."""
-    class TinyModelsRealAdapters(TinyModels):
-        adapter_state = HubModels.adapter_state
-
     tiny = Pipeline(device="cpu", tiny=True)
     state = tiny.adapter(tiny.task("image-caption")).state_dict()
     buffer = __import__("io").BytesIO()
     torch.save({"model": state, "optimizer": {}, "lr_scheduler": {}}, buffer)
     task = tiny.task("image-caption")
     fake_hub.add(task.adapter.repo_id, task.adapter.filename, buffer.getvalue(), repo_type="space")
-    real = Pipeline(device="cpu", models=TinyModelsRealAdapters())
+    real = Pipeline(device="cpu", source=TinyModels(adapter_files=True))
     settings = dict(preset="fast", max_new_tokens=6, max_length=None)
     assert real.caption(media_files["image"], "image-caption", **settings).text == tiny.caption(media_files["image"], "image-caption", **settings).text
     assert len(fake_hub.downloads) == 1
