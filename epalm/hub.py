@@ -50,7 +50,8 @@ _ADAPTER_PREFIXES = ("connector.", "prompt_module.")
 # the weight files `from_pretrained` looks for, in its order of preference (timm: the first and third)
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 TIMM_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "vocab.json", "merges.txt")
+# special_tokens_map.json repeats tokenizer_config.json (and, read by transformers 5, prints a line per token on stdout)
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "merges.txt")
 HUB_TIMEOUT_S = 10.0  # to tell that the Hub cannot be reached
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 
@@ -67,9 +68,36 @@ def test_convert_writes_our_format(tmp_path):
     assert all(torch.equal(load_file(out_dir / "adapter.safetensors")[k], v) for k, v in original.items())
 
 
-def test_unknown_task_is_an_error_not_a_traceback(media_files):
-    out = run("caption", "--tiny", "--task", "nope", str(media_files["image"]))
-    assert out.returncode == 2 and "unknown task 'nope'" in out.stdout and "Traceback" not in out.stderr
+def test_an_unknown_task_is_one_usage_error_before_any_file(media_files, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["caption", "--tiny", "--task", "nope", str(media_files["image"]), str(media_files["video"])])
+    out = capsys.readouterr()
+    assert exit.value.code == 2 and out.out == "" and out.err.count("unknown task 'nope'") == 1
+    assert out.err.startswith("usage: ") and "known tasks: image-caption, " in out.err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [(["ask", "-q", "what is it?", "--task", "image-caption"], "'image-caption' writes captions and takes no question: "
+      "use `caption`, or ask with one of: image-vqa, image-gqa"),
+     (["caption", "--task", "video-qa-msvd"], "'video-qa-msvd' answers questions: use `ask --question ...`")],
+)
+def test_a_task_of_the_other_kind_is_a_usage_error(media_files, capsys, argv, message):
+    with pytest.raises(SystemExit):
+        main([*argv, "--tiny", str(media_files["image"])])
+    assert message in capsys.readouterr().err
+
+
+def test_verbose_shows_the_traceback_of_an_unexpected_error(media_files, monkeypatch, caplog, capsys):
+    def broken(*args, **kwargs):
+        raise KeyError("boom")
+
+    monkeypatch.setattr("epalm.pipeline.Pipeline.caption", broken)
+    caplog.set_level(logging.INFO)  # what -v sets (in a test, logging is pytest's already)
+    assert main(["-v", "caption", "--tiny", "--task", "image-caption", str(media_files["image"])]) == 2
+    assert capsys.readouterr().out.endswith("\tERROR: KeyError: 'boom'\n")
+    (record,) = [r for r in caplog.records if r.exc_info]
+    assert record.levelno == logging.INFO and record.exc_info[0] is KeyError, "logged with its traceback, shown by -v"
 
 
 @pytest.mark.parametrize("argv", [["parity", str(PARITY_CASES[0])]])
