@@ -107,6 +107,10 @@ def test_user_errors_are_clear(pipe, media_files, tmp_path):
         pipe.answer(media_files["image"], "why " * 200, "image-vqa")
     with pytest.raises(InputError, match="unknown task 'nope'"):
         pipe.caption(media_files["image"], "nope")
+    with pytest.raises(InputError, match=r"'Image captioning \(COCO\)' writes a caption and takes no question"):
+        pipe.answer(media_files["image"], "what is it?", "image-caption")
+    with pytest.raises(MediaError, match="This file is a still image .mjpeg., not a video: use an image task"):
+        pipe.caption(media_files["image"], "video-caption")
     with pytest.raises(InputError, match="unknown decoding preset"):
         pipe.caption(media_files["image"], "image-caption", preset="turbo")
     with pytest.raises(InputError, match="invalid decoding settings"):
