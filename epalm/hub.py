@@ -405,19 +405,8 @@ class HubModels:
         self, ref: ModelRef, dtype: torch.dtype, progress: Progress | None = None
     ) -> tuple[OPTForCausalLM, PreTrainedTokenizerBase]:
         found = locate(lm_files(ref), progress)
-        folder = found["config.json"].parent  # the snapshot folder holds every file of the revision
         weights = [path for name, path in found.items() if name.endswith((".bin", ".safetensors"))]
-        size = sum(path.stat().st_size for path in weights)
-        _say(progress, f"Reading the weights of {ref.id} ({describe_bytes(size)})")
-        try:
-            config = OPTConfig.from_pretrained(folder)
-            state = read_weights(weights, dtype)
-            lm = OPTForCausalLM.from_pretrained(None, config=config, state_dict=state, dtype=dtype, attn_implementation="eager")
-            tokenizer = AutoTokenizer.from_pretrained(folder)
-        except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as exc:
-            raise WeightsUnavailable(f"Cannot load the language model {ref.id} from {folder}: {exc}") from exc
-        tokenizer.add_special_tokens({"additional_special_tokens": ["</a>"]})  # as the QA training scripts did
-        return lm, tokenizer
+        return load_lm(ref.id, found["config.json"].parent, weights, dtype, progress)  # the snapshot folder holds all
 
     def encoder(self, ref: EncoderRef, modality: str, dtype: torch.dtype, progress: Progress | None = None) -> Encoder:
         found = locate(encoder_files(ref, modality), progress)
@@ -449,6 +438,24 @@ class HubModels:
             "lm": is_cached(lm_files(task.lm)),
             "encoder": is_cached(encoder_files(task.encoder, task.modality)),
         }
+
+
+def load_lm(
+    name: str, folder: Path, weights: list[Path], dtype: torch.dtype, progress: Progress | None = None
+) -> tuple[OPTForCausalLM, PreTrainedTokenizerBase]:
+    """An OPT LM in `dtype` and its tokenizer, from a folder holding its config and tokenizer files
+    and the given weight files. Nothing is downloaded, so transformers never starts its background
+    safetensors conversion (which would fetch a second copy of the weights from the Hub)."""
+    _say(progress, f"Reading the weights of {name} ({describe_bytes(sum(path.stat().st_size for path in weights))})")
+    try:
+        config = OPTConfig.from_pretrained(folder)
+        state = read_weights(weights, dtype)
+        lm = OPTForCausalLM.from_pretrained(None, config=config, state_dict=state, dtype=dtype, attn_implementation="eager")
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as exc:
+        raise WeightsUnavailable(f"Cannot load the language model {name} from {folder}: {exc}") from exc
+    tokenizer.add_special_tokens({"additional_special_tokens": ["</a>"]})  # as the QA training scripts did
+    return lm, tokenizer
 
 
 _ENCODER_CLASSES = {
