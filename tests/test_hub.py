@@ -145,3 +145,25 @@ def test_corrupt_file_is_a_clear_error(tmp_path):
     (tmp_path / "bad.pth").write_bytes(b"\x00garbage")
     with pytest.raises(AdapterError, match="not a readable PyTorch checkpoint"):
         read_adapter(tmp_path / "bad.pth")
+
+
+def test_a_sharded_checkpoint_is_located_with_its_shards_and_read_into_the_dtype(fake_hub):
+    """opt-6.7b's layout: `pytorch_model.bin.index.json` naming two shards, no safetensors."""
+    import io
+
+    from epalm.hub import RepoFiles, WEIGHT_FILES, locate, read_weights
+
+    shards = {"pytorch_model-00001-of-00002.bin": {"a": torch.ones(2, dtype=torch.float16)},
+              "pytorch_model-00002-of-00002.bin": {"b": torch.full((3,), 2.0, dtype=torch.float16)}}
+    index = {"metadata": {}, "weight_map": {key: name for name, state in shards.items() for key in state}}
+    fake_hub.add("facebook/opt-6.7b", "pytorch_model.bin.index.json", json.dumps(index).encode())
+    for name, state in shards.items():
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        fake_hub.add("facebook/opt-6.7b", name, buffer.getvalue())
+    files = RepoFiles("the language model facebook/opt-6.7b", "facebook/opt-6.7b", weights=WEIGHT_FILES)
+    found = locate(files)
+    assert list(found) == ["pytorch_model.bin.index.json", *shards]
+    state = read_weights([found[name] for name in shards], torch.float32)
+    assert state["a"].dtype == torch.float32 and state["b"].tolist() == [2.0, 2.0, 2.0]
+    assert locate(files, local_only=True) == found, "then known to the cache, absent files included"
