@@ -53,7 +53,7 @@ def write_repo(folder: Path, layers: int) -> int:
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in OPTModel(OPTConfig(**config)).state_dict().items()}
     generator = torch.Generator().manual_seed(0)
-    state = {k: torch.empty(shape, dtype=torch.float16).normal_(0, 0.02, generator=generator) for k, shape in shapes.items()}
+    state = {k: torch.empty(v, dtype=torch.float16).normal_(0, 0.02, generator=generator) for k, v in shapes.items()}
     torch.save(state, folder / "pytorch_model.bin")
     return (folder / "pytorch_model.bin").stat().st_size
 
@@ -105,16 +105,17 @@ def main(argv: list[str] | None = None) -> int:
         if not (folder / "pytorch_model.bin").is_file():
             size = write_repo(folder, args.layers)
             print(f"wrote {folder} ({size / 2**30:.2f} GiB checkpoint, {args.layers} layers)", file=sys.stderr)
-        print(f"| method | dtype | layers | before (GiB) | peak (GiB) | settled (GiB) | peak - settled | parameters (GiB) | load (s) |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        columns = ["method", "dtype", "layers", "before", "peak", "settled", "peak - settled", "parameters", "load (s)"]
+        print("| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|")
         for method in args.methods:
-            child = [sys.executable, "-m", "bench.load", "--measure", method, "--folder", str(folder), "--dtype", args.dtype]
-            result = json.loads(subprocess.run(child, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
-            extra = [name for name in result["threads"] if "conversion" in name]
+            child = [sys.executable, "-m", "bench.load", "--measure", method, "--folder", str(folder)]
+            out = subprocess.run([*child, "--dtype", args.dtype], check=True, capture_output=True, text=True).stdout
+            result = json.loads(out.splitlines()[-1])
+            left = [name for name in result["threads"] if "conversion" in name]
             print(
                 f"| {method} | {args.dtype} | {args.layers} | {result['before_gib']:.2f} | {result['peak_gib']:.2f} | "
                 f"{result['settled_gib']:.2f} | {result['peak_gib'] - result['settled_gib']:.2f} | "
-                f"{result['parameters_gib']:.2f} | {result['seconds']:.1f} |" + (f" threads left: {extra}" if extra else ""),
+                f"{result['parameters_gib']:.2f} | {result['seconds']:.1f} |" + (f" running: {left}" if left else ""),
                 flush=True,
             )
     finally:

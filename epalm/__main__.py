@@ -89,7 +89,8 @@ def _tasks(args: argparse.Namespace) -> int:
 def _download(args: argparse.Namespace, registry: dict[str, Task]) -> int:
     """Each model once, however many of the tasks share it; one line per model, the files it took."""
     failed = 0
-    for part in dict.fromkeys(files for task_id in args.tasks for files in task_files(registry[task_id]).values() if files):
+    parts = [files for task_id in args.tasks for files in task_files(registry[task_id]).values() if files]
+    for part in dict.fromkeys(parts):
         try:
             found = locate(part)
         except UserError as exc:

@@ -48,7 +48,9 @@ ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 _ADAPTER_PREFIXES = ("connector.", "prompt_module.")
 # the weight files `from_pretrained` looks for, in its order of preference (timm: the first and third)
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"
+)
 TIMM_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # special_tokens_map.json repeats tokenizer_config.json (and, read by transformers 5, prints a line per token on stdout)
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "merges.txt")
@@ -88,9 +90,8 @@ class RepoFiles:
 
 def lm_files(ref: ModelRef) -> RepoFiles:
     """An OPT LM: its config, tokenizer files and weights (what `from_pretrained` reads, nothing else)."""
-    return RepoFiles(
-        f"the language model {ref.id}", ref.id, ref.revision, files=("config.json",), optional=TOKENIZER_FILES, weights=WEIGHT_FILES
-    )
+    what = f"the language model {ref.id}"
+    return RepoFiles(what, ref.id, ref.revision, files=("config.json",), optional=TOKENIZER_FILES, weights=WEIGHT_FILES)
 
 
 def encoder_files(ref: EncoderRef, modality: str) -> RepoFiles:
@@ -178,13 +179,14 @@ class _Fetcher:
             return Path(cached)
         if cached is None:  # not known locally (as opposed to known to be absent)
             if self.local_only:
-                raise self._not_cached(name, "downloads are off (HF_HUB_OFFLINE=1)" if hub_constants.HF_HUB_OFFLINE else "")
+                offline = hub_constants.HF_HUB_OFFLINE
+                raise self._not_cached(name, "downloads are off (HF_HUB_OFFLINE=1)" if offline else "")
             self._probe(name)
-            bar = type("Bar", (_ProgressBar,), {"callback": staticmethod(self.progress), "label": f"Downloading {files.where(name)}"})
+            label = f"Downloading {files.where(name)}"
+            bar = type("Bar", (_ProgressBar,), {"callback": staticmethod(self.progress), "label": label})
             try:
-                return Path(
-                    hf_hub_download(files.repo_id, name, repo_type=files.repo_type, revision=files.revision, tqdm_class=bar)
-                )
+                where = dict(repo_type=files.repo_type, revision=files.revision)
+                return Path(hf_hub_download(files.repo_id, name, **where, tqdm_class=bar))
             except EntryNotFoundError as exc:
                 if required:
                     raise _unavailable(files, name, exc) from exc
@@ -220,7 +222,7 @@ class _Fetcher:
 def _unavailable(files: RepoFiles, name: str, exc: Exception) -> WeightsUnavailable:
     repo = files.repo_id
     if isinstance(exc, GatedRepoError):
-        hint = f"the repository is gated: accept its terms on https://huggingface.co/{repo} and log in with `hf auth login`"
+        hint = f"the repository is gated: accept its terms on https://huggingface.co/{repo}, then `hf auth login`"
     elif isinstance(exc, RepositoryNotFoundError):
         hint = f"the repository {repo} does not exist or is private (check the id in checkpoints/tasks.yaml, or log in)"
     elif isinstance(exc, RevisionNotFoundError):
@@ -450,7 +452,9 @@ def load_lm(
     try:
         config = OPTConfig.from_pretrained(folder)
         state = read_weights(weights, dtype)
-        lm = OPTForCausalLM.from_pretrained(None, config=config, state_dict=state, dtype=dtype, attn_implementation="eager")
+        lm = OPTForCausalLM.from_pretrained(
+            None, config=config, state_dict=state, dtype=dtype, attn_implementation="eager"
+        )  # the state's tensors become the parameters: no second copy
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as exc:
         raise WeightsUnavailable(f"Cannot load the language model {name} from {folder}: {exc}") from exc
@@ -467,8 +471,8 @@ _ENCODER_CLASSES = {
 def _checkpoint_class(config: transformers.PretrainedConfig, modality: str) -> type[transformers.PreTrainedModel]:
     """The class the checkpoint was saved from (the released encoders are classifiers): loading
     that one and keeping its `base_model` matches every key, so transformers has nothing to report."""
-    named = set(config.architectures or ())
-    return next((cls for cls in reversed(_ENCODER_CLASSES[modality]) if cls.__name__ in named), _ENCODER_CLASSES[modality][0])
+    base, classifier = _ENCODER_CLASSES[modality]
+    return classifier if classifier.__name__ in (config.architectures or ()) else base
 
 
 def read_weights(paths: list[Path], dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -112,7 +112,9 @@ class ModelStore:
         for callback in {progress, self.progress} - {None}:
             callback(message)
 
-    def _get(self, key: tuple, what: str, loader: Callable[[Progress], Any], task: Task, progress: Progress | None) -> Any:
+    def _get(
+        self, key: tuple, what: str, loader: Callable[[Progress], Any], task: Task, progress: Progress | None
+    ) -> Any:
         """`loader(report)` loads once; `report` tells both listeners (this call's and the store's)."""
         with self._guard:
             if key in self._loaded:

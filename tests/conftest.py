@@ -192,6 +192,7 @@ REAL_LM_CONFIG = {  # facebook/opt-2.7b's config.json keys, with reduced sizes (
     "transformers_version": "4.21.0.dev0", "use_cache": True, "vocab_size": 512, "word_embed_proj_dim": 16,
 }
 REDUCED_VIT = {"embed_dim": 32, "depth": 6, "num_heads": 2}  # registry overrides: timm builds the model from its name
+TIMESFORMER, AST = "facebook/timesformer-base-finetuned-k600", "MIT/ast-finetuned-audioset-10-10-0.4593"
 _TOKEN = {"single_word": False, "lstrip": False, "rstrip": False, "normalized": True, "__type": "AddedToken"}
 
 
@@ -224,7 +225,8 @@ def _torch_bytes(state: dict) -> bytes:
 AST_4X_NAMES = [
     (r"(^|\.)layers\.(\d+)\.", r"\1encoder.layer.\2."), (r"attention\.q_proj", "attention.attention.query"),
     (r"attention\.k_proj", "attention.attention.key"), (r"attention\.v_proj", "attention.attention.value"),
-    (r"attention\.o_proj", "attention.output.dense"), (r"mlp\.fc1", "intermediate.dense"), (r"mlp\.fc2", "output.dense"),
+    (r"attention\.o_proj", "attention.output.dense"), (r"mlp\.fc1", "intermediate.dense"),
+    (r"mlp\.fc2", "output.dense"),
 ]
 
 
@@ -262,12 +264,13 @@ def build_real_repos() -> dict[tuple[str, str, str], bytes]:
     files: dict[tuple[str, str, str], bytes] = {}
     torch.manual_seed(0)
     opt = {"config.json": json.dumps(REAL_LM_CONFIG).encode(), **_opt_tokenizer_files()}
-    opt["generation_config.json"] = b'{"_from_model_config": true, "bos_token_id": 2, "eos_token_id": 2, "pad_token_id": 1}'
+    opt["generation_config.json"] = b'{"bos_token_id": 2, "eos_token_id": 2, "pad_token_id": 1}'
     from transformers import OPTConfig, OPTForCausalLM
 
     lm = OPTForCausalLM(OPTConfig(**{k: v for k, v in REAL_LM_CONFIG.items() if not k.startswith("_")}))
     # the original conversion saved OPTModel in float16 ("decoder.*" keys, no lm_head: it is tied)
-    opt["pytorch_model.bin"] = _torch_bytes({k.removeprefix("model."): v.half() for k, v in lm.state_dict().items() if k.startswith("model.")})
+    decoder = {k.removeprefix("model."): v.half() for k, v in lm.state_dict().items() if k.startswith("model.")}
+    opt["pytorch_model.bin"] = _torch_bytes(decoder)
     opt.update({"tf_model.h5": b"never fetched", "flax_model.msgpack": b"never fetched", "README.md": b"# OPT"})
     files.update((("model", "facebook/opt-2.7b", name), data) for name, data in opt.items())
 
@@ -279,20 +282,19 @@ def build_real_repos() -> dict[tuple[str, str, str], bytes]:
         image_size=224, patch_size=32, num_frames=8, hidden_size=32, num_hidden_layers=6, num_attention_heads=2,
         intermediate_size=64, num_labels=600,
     ))
-    files.update((("model", "facebook/timesformer-base-finetuned-k600", k), v) for k, v in _transformers_repo(video).items())
+    files.update((("model", TIMESFORMER, k), v) for k, v in _transformers_repo(video).items())
     audio = ASTForAudioClassification(ASTConfig(
         hidden_size=32, num_hidden_layers=6, num_attention_heads=2, intermediate_size=64, max_length=1024,
         num_mel_bins=128, num_labels=527,
     ))
     ast = _transformers_repo(audio, ast_4x_name)
-    ast["model.safetensors"] = safetensors.torch.save({ast_4x_name(k): v.contiguous() for k, v in audio.state_dict().items()})
-    files.update((("model", "MIT/ast-finetuned-audioset-10-10-0.4593", k), v) for k, v in ast.items())
+    ast["model.safetensors"] = safetensors.torch.save({ast_4x_name(k): v for k, v in audio.state_dict().items()})
+    files.update((("model", AST, k), v) for k, v in ast.items())
 
     for task in load_registry().values():
         if task.lm.id != "facebook/opt-2.7b":
             continue
-        encoder_dim = 32
-        adapter = Adapter(task.injection, encoder_dim, REAL_LM_CONFIG["hidden_size"], REAL_LM_CONFIG["word_embed_proj_dim"])
+        adapter = Adapter(task.injection, 32, REAL_LM_CONFIG["hidden_size"], REAL_LM_CONFIG["word_embed_proj_dim"])
         with torch.no_grad():
             for linear in adapter.connector:
                 linear.weight.normal_(0, 0.5)

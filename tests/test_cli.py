@@ -48,7 +48,8 @@ def test_ask_without_question_text_fails_cleanly(media_files, capsys):
 
 def test_an_image_given_to_a_video_task_is_refused_as_in_the_library(media_files, capsys):
     assert main(["caption", "--tiny", "--task", "video-caption", str(media_files["image"])]) == 2
-    assert capsys.readouterr().out == f"{media_files['image']}\tERROR: This file is a still image (mjpeg), not a video: use an image task for it.\n"
+    message = "This file is a still image (mjpeg), not a video: use an image task for it."
+    assert capsys.readouterr().out == f"{media_files['image']}\tERROR: {message}\n"
 
 
 def test_tasks_table_lists_every_task_and_cache_state(tmp_path):
