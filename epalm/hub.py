@@ -2,7 +2,11 @@
 base LMs and encoders, and the conversion between adapter formats.
 
 Everything goes through huggingface_hub (pinned revisions, the standard cache under HF_HOME,
-HF_HUB_OFFLINE honoured). Pickles are read with `weights_only=True` only: a checkpoint that
+HF_HUB_OFFLINE honoured). Each model's files are named once (`lm_files`, `encoder_files`,
+`adapter_files`): exactly what its loader reads, which `python -m epalm download` prefetches and
+`python -m epalm tasks` checks. A model whose files are all cached loads without any request (a
+branch such as `main` is not re-checked for updates: `download` does that); the models then load
+from the local snapshot folder. Pickles are read with `weights_only=True` only: a checkpoint that
 tries to run code is refused, never executed.
 """
 
