@@ -113,6 +113,10 @@ class Pipeline:
         return self.store.dtype
 
     @property
+    def dtype_name(self) -> str:
+        return self.store.dtype_name
+
+    @property
     def random_weights(self) -> bool:
         """True when the models are random (`tiny`): the answers are meaningless."""
         return self.store.source.random_weights

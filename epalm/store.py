@@ -100,6 +100,7 @@ class ModelStore:
         self.pack_weights = pack_weights
         self.progress = progress
         self._loaded: dict[tuple, Any] = {}
+        self._names: dict[tuple, str] = {}
         self._locks: dict[tuple, threading.Lock] = {}
         self._guard = threading.Lock()
 
@@ -115,7 +116,8 @@ class ModelStore:
     def _get(
         self, key: tuple, what: str, loader: Callable[[Progress], Any], task: Task, progress: Progress | None
     ) -> Any:
-        """`loader(report)` loads once; `report` tells both listeners (this call's and the store's)."""
+        """The loaded object for `key`; `what` names it for people ("OPT-2.7B language model").
+        `loader(report)` loads once; `report` tells both listeners (this call's and the store's)."""
         with self._guard:
             if key in self._loaded:
                 return self._loaded[key]
@@ -134,6 +136,7 @@ class ModelStore:
                         f"'{task.id}' needs (and only those) into the cache; HF_HOME chooses where.",
                         not_cached=True,
                     ) from exc
+                self._names[key] = what
                 self._report(f"Loaded {what} in {time.perf_counter() - started:.1f} s", progress)
         return self._loaded[key]
 
@@ -145,14 +148,14 @@ class ModelStore:
                 log.info("packed %d linear layers of %s", pack_linear_weights(model), task.lm.id)
             return model, tokenizer
 
-        return self._get(("lm", task.lm), f"language model {task.lm.id}", load, task, progress)
+        return self._get(("lm", task.lm), f"{task.lm.display_name} language model", load, task, progress)
 
     def encoder(self, task: Task, progress: Progress | None = None) -> Encoder:
         def load(report: Progress) -> Encoder:
             return self.source.encoder(task.encoder, task.modality, self.dtype, report).to(self.device)
 
         key = ("encoder", task.encoder, task.modality)
-        return self._get(key, f"{task.modality} encoder {task.encoder.id}", load, task, progress)
+        return self._get(key, f"{task.encoder.display_name} {task.modality} encoder", load, task, progress)
 
     def adapter(self, task: Task, progress: Progress | None = None) -> Adapter:
         """The task's adapter (loading its LM and encoder first: the adapter's shapes follow them)."""
@@ -164,12 +167,8 @@ class ModelStore:
             adapter = load_adapter(task, state, encoder.dim, lm.config.hidden_size, lm.config.word_embed_proj_dim)
             return adapter.to(self.device)  # stays float32: a few MB, and the precision matters
 
-        return self._get(("adapter", task.id), f"adapter for {task.id}", load, task, progress)
+        return self._get(("adapter", task.id), f"{task.label} adapter ({task.id})", load, task, progress)
 
     def loaded(self) -> list[str]:
-        """Human-readable names of what is in memory now."""
-        names = []
-        for key in list(self._loaded):
-            kind, ref = key[0], key[1]
-            names.append(f"{kind} {ref if isinstance(ref, str) else ref.id}")
-        return names
+        """What is in memory now, in load order, named for people ("OPT-2.7B language model")."""
+        return [self._names[key] for key in list(self._names)]

@@ -36,6 +36,11 @@ class ModelRef:
 
     id: str
     revision: str = "main"
+    name: str = ""  # for people ("OPT-2.7B"); the id when empty
+
+    @property
+    def display_name(self) -> str:
+        return self.name or self.id
 
 
 @dataclass(frozen=True)
@@ -46,7 +51,12 @@ class EncoderRef:
     library: str
     id: str
     revision: str = "main"
+    name: str = ""  # for people ("ViT-B/16"); the id when empty
     config: tuple[tuple[str, object], ...] = ()
+
+    @property
+    def display_name(self) -> str:
+        return self.name or self.id
 
 
 @dataclass(frozen=True)
@@ -82,6 +92,7 @@ class TextFormat:
 class Task:
     id: str
     title: str
+    label: str  # short, for menus: "VQAv2", "COCO captions"
     modality: str
     kind: str
     lm: ModelRef
@@ -95,6 +106,11 @@ class Task:
     @property
     def needs_question(self) -> bool:
         return self.kind == "qa"
+
+    @property
+    def menu_label(self) -> str:
+        """"VQAv2 · OPT-2.7B + ViT-B/16": what a person picks the task by."""
+        return f"{self.label} · {self.lm.display_name} + {self.encoder.display_name}"
 
 
 class RegistryError(UserError, ValueError):
@@ -121,6 +137,7 @@ def _build(task_id: str, entry: dict, base_dir: Path) -> Task:
         return Task(
             id=task_id,
             title=entry.get("title", task_id),
+            label=entry.get("label", entry.get("title", task_id)),
             modality=modality,
             kind=kind,
             lm=lm,

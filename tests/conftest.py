@@ -307,15 +307,16 @@ def build_real_repos() -> dict[tuple[str, str, str], bytes]:
 
 def reduced_registry(folder: Path) -> Path:
     """The project's registry, with the ViT sizes of the reduced timm checkpoints."""
+    import yaml
+
     from epalm.tasks import DEFAULT_REGISTRY
 
-    text = DEFAULT_REGISTRY.read_text()
-    overrides = ", ".join(f"{k}: {v}" for k, v in REDUCED_VIT.items())
-    for name in ("vit_base_patch16_224.augreg_in21k_ft_in1k", "vit_large_patch16_224.augreg_in21k_ft_in1k"):
-        assert f"id: {name}}}" in text
-        text = text.replace(f"id: {name}}}", f"id: {name}, config: {{{overrides}}}}}")
+    registry = yaml.safe_load(DEFAULT_REGISTRY.read_text())
+    for task in registry["tasks"].values():
+        if task["encoder"]["library"] == "timm":
+            task["encoder"] = {**task["encoder"], "config": REDUCED_VIT}
     path = folder / "tasks.yaml"
-    path.write_text(text)
+    path.write_text(yaml.safe_dump(registry))
     return path
 
 

@@ -69,7 +69,7 @@ def test_pipeline_fetches_each_needed_file_once_loads_every_weight_and_reruns_of
     assert all(isinstance(text, str) for text in first)
     assert collections.Counter(real_hub.downloads) == dict.fromkeys(NEEDED, 1), "each needed file once, nothing else"
     assert f"Downloading pytorch_model.bin in {OPT}: 307 KB of 307 KB (100%)" in messages
-    assert f"Reading the weights of {OPT} (307 KB)" in messages and "Loading adapter for image-caption…" in messages
+    assert f"Reading the weights of {OPT} (307 KB)" in messages and "Loading OPT-2.7B language model…" in messages
     assert not [t for t in threading.enumerate() if "conversion" in t.name], "no background safetensors conversion"
 
     # every weight is the checkpoint's: the float16 OPT read into float32, the encoders' classifier checkpoints

@@ -38,7 +38,7 @@ def test_concurrent_first_requests_load_one_copy():
     for thread in threads:
         thread.join()
     assert source.built == ["lm facebook/opt-2.7b"] and all(model is results[0] for model in results)
-    assert store.loaded() == ["lm facebook/opt-2.7b"]
+    assert store.loaded() == ["OPT-2.7B language model"]
 
 
 def test_the_tiny_source_adapts_every_registry_task_to_its_models():
