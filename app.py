@@ -257,13 +257,25 @@ def _kind_tab(
             for row in rows:
                 gr.Audio(row[0], label=Path(row[0]).name, interactive=False)
     if rows:
-        examples = gr.Examples(
-            rows, [media] + ([question] if question is not None else []), label="Examples (click one to run it)",
-            api_visibility="private", elem_id=f"{prefix}-examples",
-        )
-        # the click runs what the visible button runs: the same endpoint, task and settings
-        examples.load_input_event.then(None, js=f"() => {{ document.getElementById('{prefix}-run').click(); }}")
+        _examples_table(prefix, [media] + ([question] if question is not None else []), rows)
     return event, [answer, info]
+
+
+def _examples_table(prefix: str, inputs: list, rows: list[list[str]]) -> None:
+    """Clicking an example fills the inputs, then presses the visible button: it runs the same
+    endpoint, task and settings as the user would. (Not gr.Examples: it fills inputs with
+    gr.update, which rebuilds the image input as a plain gr.Image in the session, undoing
+    `_original_upload`.)"""
+    table = gr.Dataset(
+        components=inputs, samples=rows, type="values", headers=[c.label for c in inputs],
+        label="Examples (click one to run it)", elem_id=f"{prefix}-examples",
+    )
+
+    def load_example(row: list[str]) -> Any:
+        return row if len(row) > 1 else row[0]
+
+    filled = table.click(load_example, table, inputs, queue=False, show_progress="hidden", api_visibility="private")
+    filled.then(None, js=f"() => {{ document.getElementById('{prefix}-run').click(); }}")
 
 
 def _tab(demo: Demo, modality: str, tasks: dict[str, list[Task]], concurrency: int) -> list:

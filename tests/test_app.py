@@ -318,6 +318,17 @@ def test_help_answers_without_importing_gradio_or_torch():
     assert "(default: 7860)" in out.stdout and "(default: 1800.0)" in out.stdout and "(default: 200.0)" in out.stdout
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [(["--preload", "nope"], "error: unknown task(s) to preload: nope; known tasks: image-caption"),
+     (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--dtype", "float64"], "error: ")],
+)
+def test_bad_start_up_flags_are_one_line_errors(flags, message):
+    with pytest.raises(SystemExit) as exit_:
+        demo_app.main(demo_app.parse_args(["--tiny", *flags]), block=False)
+    assert str(exit_.value).startswith(message) and "\n" not in str(exit_.value)
+
+
 def test_a_fractional_file_size_limit_starts_and_holds(tmp_path, media_files):
     port = free_port()
     args = demo_app.parse_args(["--tiny", "--max-file-size", "0.05", "--port", str(port), "--device", "cpu"])

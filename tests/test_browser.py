@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -25,18 +26,29 @@ DEFAULT_TASK = {"image": {"caption": "image-caption", "qa": "image-vqa"}, "video
 
 
 @pytest.fixture(scope="module")
-def page():
-    blocks, url = serve(Pipeline(device="cpu", tiny=True))
+def browser():
     with sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path=CHROMIUM,
             args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
         )
-        page = browser.new_page(viewport={"width": 1280, "height": 1000})
-        page.goto(url)
-        expect(page.get_by_text("Smoke mode")).to_be_visible(timeout=30_000)
-        yield page
+        yield browser
         browser.close()
+
+
+def open_app(browser, pipeline: Pipeline):
+    blocks, url = serve(pipeline)
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.goto(url)
+    expect(page.get_by_text("Smoke mode")).to_be_visible(timeout=30_000)
+    return blocks, page
+
+
+@pytest.fixture(scope="module")
+def page(browser):
+    blocks, page = open_app(browser, Pipeline(device="cpu", tiny=True))
+    yield page
+    page.close()
     blocks.close()
 
 
@@ -81,10 +93,8 @@ def test_caption_and_answer_in_each_tab(page, modality):
         page.locator(f"#{modality}-qa-question textarea").fill("What is happening here?")
         page.locator(f"#{modality}-qa-question textarea").press("Enter")  # Enter runs the same endpoint as the button
         assert wait_for_answer(page, f"{modality}-qa", DEFAULT_TASK[modality]["qa"]).strip()
-    other = sorted(p for p in (ROOT / "examples" / modality).iterdir() if p.suffix not in (".md", ".txt", ".py"))[-1]
-    page.locator(f"#{modality}-input button[aria-label='Clear']").first.click()
-    upload(page, modality, other)
-    for kind in KINDS[modality]:  # answers about the previous file are gone
+    page.locator(f"#{modality}-input").get_by_role("button", name=re.compile("^(Clear|Remove Image)$")).first.click()
+    for kind in KINDS[modality]:  # answers about the removed file are gone
         expect(page.locator(f"#{modality}-{kind}-answer textarea")).to_have_value("")
     OUTPUT.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(OUTPUT / f"{modality}.png"), full_page=True)
@@ -113,11 +123,43 @@ def test_an_example_runs_the_mode_and_task_on_screen(page, modality, kind):
 def test_a_bad_image_gets_our_message_where_the_answer_goes(page, tmp_path):
     bad = tmp_path / "notes.png"
     bad.write_text("this is not a picture")
-    open_mode(page, "image", "caption")
+    tab = open_mode(page, "image", "caption")
+    # an example first: filling the inputs must not give the session Gradio's own image decoding back
+    tab.locator("#image-caption-examples .gallery-item, #image-caption-examples tbody tr").first.click()
+    expect(page.locator("#image-caption-info")).to_contain_text("tokens/s", timeout=120_000)
     page.locator("#image-input input[type=file]").first.set_input_files(str(bad))
-    page.wait_for_timeout(1000)
+    expect(page.locator("#image-input img").first).to_have_attribute("src", re.compile("notes.png"), timeout=30_000)
     page.locator("#image-caption-run").click()
     info = page.locator("#image-caption-info")
     expect(info).to_contain_text("Could not read this file as an image", timeout=60_000)
     expect(page.locator("#image-caption-answer textarea")).to_have_value("")
     page.screenshot(path=str(OUTPUT / "bad-image.png"), full_page=True)
+
+
+def test_stop_ends_a_running_answer(browser, media_files):
+    pipeline = Pipeline(device="cpu", tiny=True)
+    stream = pipeline.stream
+
+    def slow(*args, **kwargs):  # the real stream, one partial answer every 0.3 s
+        for answer in stream(*args, **kwargs):
+            time.sleep(0.3)
+            yield answer
+
+    pipeline.stream = slow
+    blocks, page = open_app(browser, pipeline)
+    try:
+        upload(page, "image", media_files["image"])
+        page.get_by_text("Advanced").click()
+        page.get_by_label("Fast: greedy, streamed").check()
+        page.locator("#image-caption-run").click()
+        answer = page.locator("#image-caption-answer textarea")
+        expect(answer).not_to_have_value("", timeout=60_000)
+        page.locator("#image-caption-stop").click()
+        page.wait_for_timeout(1000)
+        stopped = answer.input_value()
+        page.wait_for_timeout(2000)
+        assert answer.input_value() == stopped, "no more partial answers after Stop"
+        expect(page.locator("#image-caption-info")).not_to_contain_text("tokens/s")
+    finally:
+        page.close()
+        blocks.close()
