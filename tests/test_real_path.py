@@ -71,6 +71,8 @@ def test_pipeline_fetches_each_needed_file_once_loads_every_weight_and_reruns_of
     assert f"Downloading pytorch_model.bin in {OPT}: 307 KB of 307 KB (100%)" in messages
     assert f"Reading the weights of {OPT} (307 KB)" in messages and "Loading OPT-2.7B language model…" in messages
     assert not [t for t in threading.enumerate() if "conversion" in t.name], "no background safetensors conversion"
+    api = [r for r in real_hub.requests if "/resolve/main/" not in r and r != "GET /api/agent-harnesses"]
+    assert api == [], "file requests only (huggingface_hub itself fetches its agent list once a day)"
 
     # every weight is the checkpoint's: the float16 OPT read into float32, the encoders' classifier checkpoints
     lm = pipe.lm(pipe.task("image-caption"))[0].lm
