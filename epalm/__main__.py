@@ -71,12 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _tasks(args: argparse.Namespace) -> int:
+def _tasks(registry: dict[str, Task]) -> int:
     from .hub import HubModels
 
     models = HubModels()
     rows = [("task", "modality", "kind", "language model", "encoder", "cached (adapter/LM/encoder)")]
-    for task in load_registry(args.registry).values():
+    for task in registry.values():
         cached = models.cached(task)
         marks = "/".join("yes" if cached[k] else "no" for k in ("adapter", "lm", "encoder"))
         rows.append((task.id, task.modality, task.kind, task.lm.id, task.encoder.id, marks))
@@ -165,8 +165,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     hub_logging.disable_propagation()  # huggingface_hub prints its warnings itself: once, not again through ours
-    if args.command == "tasks":
-        return _tasks(args)
     if args.command == "parity":
         return parity.main(args.cases)
     try:
@@ -174,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.command == "tasks":
+        return _tasks(registry)
     _check_tasks(parser, args, registry)
     if args.command == "download":
         return _download(args, registry)
