@@ -1,4 +1,4 @@
-"""Command line: `python -m epalm {tasks,caption,ask,convert,parity} ...`.
+"""Command line: `python -m epalm {tasks,download,caption,ask,convert,parity} ...`.
 
 Several paths make one batch run that loads the models once and prints one line per path, in
 input order: `PATH<TAB>answer` or `PATH<TAB>ERROR: message` (or JSON lines with --jsonl). A bad
@@ -12,10 +12,15 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .tasks import Task
 
 # The library (torch, transformers) is imported inside the commands, once the arguments are parsed:
 # `--help` and usage errors answer at once.
 
+log = logging.getLogger(__name__)
 REGISTRY_HELP = "another task registry file (default: $EPALM_TASKS, else checkpoints/tasks.yaml)"
 
 
@@ -83,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     tasks = sub.add_parser("tasks", help="list the tasks and whether their files are cached")
     tasks.add_argument("--registry", help=REGISTRY_HELP)
+    down = sub.add_parser("download", help="fetch the files the given tasks need (and only those) into the cache")
+    down.add_argument("tasks", nargs="+", metavar="TASK", help="task ids (see `python -m epalm tasks`)")
+    down.add_argument("--registry", help=REGISTRY_HELP)
     _model_flags(sub.add_parser("caption", help="caption media files"))
     ask = sub.add_parser("ask", help="answer a question about media files")
     ask.add_argument("--question", "-q", required=True)
@@ -98,13 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _tasks(args: argparse.Namespace) -> int:
+def _tasks(registry: dict[str, Task]) -> int:
     from .hub import HubModels
-    from .tasks import load_registry
 
     models = HubModels()
     rows = [("task", "modality", "kind", "language model", "encoder", "cached (adapter/LM/encoder)")]
-    for task in load_registry(args.registry).values():
+    for task in registry.values():
         cached = models.cached(task)
         marks = "/".join("yes" if cached[k] else "no" for k in ("adapter", "lm", "encoder"))
         rows.append((task.id, task.modality, task.kind, task.lm.id, task.encoder.id, marks))
@@ -112,6 +119,45 @@ def _tasks(args: argparse.Namespace) -> int:
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     return 0
+
+
+def _download(args: argparse.Namespace, registry: dict[str, Task]) -> int:
+    """Each model once, however many of the tasks share it; one line per model, the files it took."""
+    from huggingface_hub import constants as hub_constants
+
+    from .errors import UserError
+    from .hub import locate, task_files
+    from .media import describe_bytes
+
+    failed = 0
+    parts = [files for task_id in args.tasks for files in task_files(registry[task_id]).values() if files]
+    for part in dict.fromkeys(parts):
+        try:
+            found = locate(part)
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        size = describe_bytes(sum(path.stat().st_size for path in found.values()))
+        print(f"{part.repo_id}: {', '.join(found)} ({size})", flush=True)
+    if not failed:
+        print(f"Cached in {hub_constants.HF_HUB_CACHE}: these tasks now run without network (HF_HUB_OFFLINE=1).")
+    return 2 if failed else 0
+
+
+def _check_tasks(parser: argparse.ArgumentParser, args: argparse.Namespace, registry: dict[str, Task]) -> None:
+    """An unknown task, or a task of the other kind, is a usage error: said once, before any work."""
+    for task_id in getattr(args, "tasks", None) or [args.task]:
+        if task_id not in registry:
+            parser.error(f"unknown task {task_id!r}; known tasks: {', '.join(registry)}")
+    if args.command not in ("caption", "ask"):
+        return
+    task = registry[args.task]
+    if args.command == "ask" and not task.needs_question:
+        others = ", ".join(t.id for t in registry.values() if t.modality == task.modality and t.needs_question)
+        parser.error(f"'{task.id}' writes captions and takes no question: use `caption`, or ask with one of: {others}")
+    if args.command == "caption" and task.needs_question:
+        parser.error(f"'{task.id}' answers questions: use `ask --question ...`")
 
 
 def _run(args: argparse.Namespace, question: str | None) -> int:
@@ -148,7 +194,7 @@ def _run(args: argparse.Namespace, question: str | None) -> int:
             failed += 1
             record, line = {"path": path, "error": str(exc)}, f"{path}\tERROR: {exc}"
         except Exception as exc:  # an unforeseen failure on one file must not stop the batch
-            logging.getLogger(__name__).debug("unexpected failure on %s", path, exc_info=True)
+            log.info("unexpected failure on %s", path, exc_info=True)  # the traceback, with -v
             failed += 1
             record, line = {"path": path, "error": f"{type(exc).__name__}: {exc}"}, f"{path}\tERROR: {type(exc).__name__}: {exc}"
         print(json.dumps(record) if args.jsonl else line, flush=True)
@@ -183,16 +229,31 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    if args.command == "tasks":
-        return _tasks(args)
-    if args.command == "convert":
-        return _convert(args)
     if args.command == "parity":
         from . import parity
 
         return parity.main(args.cases)
+    from huggingface_hub.utils import logging as hub_logging
+
+    from .errors import UserError
+    from .tasks import load_registry
+
+    hub_logging.disable_propagation()  # huggingface_hub prints its warnings itself: once, not again through ours
+    try:
+        registry = load_registry(args.registry)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "tasks":
+        return _tasks(registry)
+    _check_tasks(parser, args, registry)
+    if args.command == "download":
+        return _download(args, registry)
+    if args.command == "convert":
+        return _convert(args)
     return _run(args, getattr(args, "question", None))
 
 

@@ -174,6 +174,8 @@ class Pipeline:
 
     def _check_question(self, task: Task, question: str | None) -> str | None:
         if not task.needs_question:
+            if question and question.strip():  # never answer something else than what was asked
+                raise InputError(f"'{task.title}' writes a caption and takes no question; choose a question task.")
             return None
         question = (question or "").strip()
         if not question:

@@ -17,7 +17,7 @@ from transformers import OPTForCausalLM, PreTrainedTokenizerBase
 
 from .encoders import Encoder
 from .errors import InputError
-from .hub import Progress, load_adapter
+from .hub import Progress, WeightsUnavailable, load_adapter
 from .model import EPALM, Adapter, pack_linear_weights
 from .tasks import EncoderRef, ModelRef, Task
 
@@ -34,10 +34,13 @@ class ModelSource(Protocol):
     def tasks(self, registry: dict[str, Task]) -> dict[str, Task]:
         """The registry's tasks as this source serves them (the real source: unchanged)."""
 
-    def lm(self, ref: ModelRef, dtype: torch.dtype) -> tuple[OPTForCausalLM, PreTrainedTokenizerBase]:
-        """The OPT language model (in `dtype`, on CPU) and its tokenizer."""
+    def lm(
+        self, ref: ModelRef, dtype: torch.dtype, progress: Progress | None = None
+    ) -> tuple[OPTForCausalLM, PreTrainedTokenizerBase]:
+        """The OPT language model (in `dtype`, on CPU) and its tokenizer; `progress` hears downloads
+        and load stages."""
 
-    def encoder(self, ref: EncoderRef, modality: str, dtype: torch.dtype) -> Encoder:
+    def encoder(self, ref: EncoderRef, modality: str, dtype: torch.dtype, progress: Progress | None = None) -> Encoder:
         """The frozen encoder of `modality`, wrapped to return [CLS] per block."""
 
     def adapter_state(self, task: Task, progress: Progress | None = None) -> dict[str, torch.Tensor]:
@@ -114,8 +117,11 @@ class ModelStore:
         for callback in {progress, self.progress} - {None}:
             callback(message)
 
-    def _get(self, key: tuple, what: str, loader: Callable[[], Any], progress: Progress | None) -> Any:
-        """The loaded object for `key`; `what` names it for people ("OPT-2.7B language model")."""
+    def _get(
+        self, key: tuple, what: str, loader: Callable[[Progress], Any], task: Task, progress: Progress | None
+    ) -> Any:
+        """The loaded object for `key`; `what` names it for people ("OPT-2.7B language model").
+        `loader(report)` loads once; `report` tells both listeners (this call's and the store's)."""
         with self._guard:
             if key in self._loaded:
                 return self._loaded[key]
@@ -124,14 +130,23 @@ class ModelStore:
             if key not in self._loaded:
                 self._report(f"Loading {what}…", progress)
                 started = time.perf_counter()
-                self._loaded[key] = loader()
+                try:
+                    self._loaded[key] = loader(lambda message: self._report(message, progress))
+                except WeightsUnavailable as exc:
+                    if not exc.not_cached:
+                        raise
+                    raise WeightsUnavailable(
+                        f"{exc} With network access, `python -m epalm download {task.id}` fetches the files "
+                        f"'{task.id}' needs (and only those) into the cache; HF_HOME chooses where.",
+                        not_cached=True,
+                    ) from exc
                 self._names[key] = what
                 self._report(f"Loaded {what} in {time.perf_counter() - started:.1f} s", progress)
         return self._loaded[key]
 
     def lm(self, task: Task, progress: Progress | None = None) -> tuple[EPALM, PreTrainedTokenizerBase]:
-        def load() -> tuple[EPALM, PreTrainedTokenizerBase]:
-            lm, tokenizer = self.source.lm(task.lm, self.dtype)
+        def load(report: Progress) -> tuple[EPALM, PreTrainedTokenizerBase]:
+            lm, tokenizer = self.source.lm(task.lm, self.dtype, report)
             if self.special_tokens:  # e.g. the registry's answer tokens, added as the training scripts did
                 tokenizer.add_special_tokens({"additional_special_tokens": self.special_tokens(task.lm)})
             model = EPALM(lm.to(self.device, self.dtype))
@@ -139,26 +154,26 @@ class ModelStore:
                 log.info("packed %d linear layers of %s", pack_linear_weights(model), task.lm.id)
             return model, tokenizer
 
-        return self._get(("lm", task.lm), f"{task.lm.display_name} language model", load, progress)
+        return self._get(("lm", task.lm), f"{task.lm.display_name} language model", load, task, progress)
 
     def encoder(self, task: Task, progress: Progress | None = None) -> Encoder:
-        def load() -> Encoder:
-            return self.source.encoder(task.encoder, task.modality, self.dtype).to(self.device)
+        def load(report: Progress) -> Encoder:
+            return self.source.encoder(task.encoder, task.modality, self.dtype, report).to(self.device)
 
         key = ("encoder", task.encoder, task.modality)
-        return self._get(key, f"{task.encoder.display_name} {task.modality} encoder", load, progress)
+        return self._get(key, f"{task.encoder.display_name} {task.modality} encoder", load, task, progress)
 
     def adapter(self, task: Task, progress: Progress | None = None) -> Adapter:
         """The task's adapter (loading its LM and encoder first: the adapter's shapes follow them)."""
         lm, _ = self.lm(task, progress)
         encoder = self.encoder(task, progress)
 
-        def load() -> Adapter:
-            state = self.source.adapter_state(task, progress)
+        def load(report: Progress) -> Adapter:
+            state = self.source.adapter_state(task, report)
             adapter = load_adapter(task, state, encoder.dim, lm.config.hidden_size, lm.config.word_embed_proj_dim)
             return adapter.to(self.device)  # stays float32: a few MB, and the precision matters
 
-        return self._get(("adapter", task.id), f"{task.label} adapter ({task.id})", load, progress)
+        return self._get(("adapter", task.id), f"{task.label} adapter ({task.id})", load, task, progress)
 
     def loaded(self) -> list[str]:
         """What is in memory now, in load order, named for people ("OPT-2.7B language model")."""

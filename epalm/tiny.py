@@ -191,16 +191,18 @@ class TinyModels:
         )
         return replace(task, injection=injection)
 
-    def lm(self, ref: ModelRef, dtype: torch.dtype) -> tuple[OPTForCausalLM, PreTrainedTokenizerFast]:
+    def lm(
+        self, ref: ModelRef, dtype: torch.dtype, progress: Progress | None = None
+    ) -> tuple[OPTForCausalLM, PreTrainedTokenizerFast]:
         # a copy, as a fresh load would be: the store adds the registry's answer tokens to it
         return tiny_lm(seed=zlib.crc32(ref.id.encode()) % 1000).to(dtype), copy.deepcopy(tiny_tokenizer())
 
-    def encoder(self, ref: EncoderRef, modality: str, dtype: torch.dtype) -> Encoder:
+    def encoder(self, ref: EncoderRef, modality: str, dtype: torch.dtype, progress: Progress | None = None) -> Encoder:
         return tiny_encoder(modality, seed=zlib.crc32(ref.id.encode()) % 1000).to(dtype)
 
     def adapter_state(self, task: Task, progress: Progress | None = None) -> dict[str, torch.Tensor]:
         if self.adapter_files:
-            return read_adapter(fetch(task.adapter, progress))
+            return read_adapter(fetch(task.adapter, progress, task.id))
         return tiny_adapter(task.injection, seed=zlib.crc32(task.id.encode())).state_dict()
 
     def cached(self, task: Task) -> dict[str, bool]:

@@ -117,6 +117,10 @@ def _probe(path: str, limits: MediaLimits) -> _Track:
             extra = " (it contains only audio)" if container.streams.audio else ""
             raise MediaError(f"This file has no video track{extra}.")
         stream = streams[0]
+        if _is_still_image(container, stream):
+            raise MediaError(
+                f"This file is a still image ({stream.codec_context.name}), not a video: use an image task for it."
+            )
         duration = container_duration(container)
         check_duration(duration, limits.max_clip_seconds, "video")
         _check_frame_size(stream.codec_context.width, stream.codec_context.height, limits)  # from the header
@@ -134,6 +138,13 @@ def _probe(path: str, limits: MediaLimits) -> _Track:
             index=stream.index, width=first.width, height=first.height, frames=stream.frames or 0, fps=fps,
             start=start, rotation=round((first.rotation or 0) / 90) % 4 * 90, duration=duration,
         )
+
+
+def _is_still_image(container: Any, stream: Any) -> bool:
+    """FFmpeg opens pictures as one-frame videos (its image demuxers, or a GIF of one frame); a
+    video task would answer about that frame as if it were a clip, so they are refused instead."""
+    demuxer = container.format.name
+    return demuxer == "image2" or demuxer.endswith("_pipe") or (demuxer == "gif" and stream.frames <= 1)
 
 
 def _check_frame_size(width: int, height: int, limits: MediaLimits) -> None:

@@ -77,7 +77,9 @@ class FakeHub:
 
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
-        self.downloads: list[str] = []
+        self.downloads: list[str] = []  # GET paths served with a body
+        self.requests: list[str] = []  # "HEAD /path" / "GET /path", every request
+        self.too_many: dict[str, int] = {}  # path -> how many GETs still answer 429 (rate limited)
         hub = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -86,9 +88,17 @@ class FakeHub:
 
             def _answer(self, body: bool) -> None:
                 path = self.path.split("?")[0]
+                hub.requests.append(f"{self.command} {path}")
+                if body and hub.too_many.get(path):
+                    hub.too_many[path] -= 1
+                    self.send_response(429)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 data = hub.files.get(path)
-                if data is None:
+                if data is None:  # as the Hub answers for a file a repo lacks, with the commit (cached as absent)
                     self.send_response(404)
+                    self.send_header("X-Repo-Commit", hub.COMMIT)
                     self.send_header("X-Error-Code", "EntryNotFound")
                     self.send_header("X-Error-Message", "Entry not found")
                     self.send_header("Content-Length", "0")
@@ -187,3 +197,174 @@ def media_files(tmp_path_factory) -> dict[str, Path]:
         "video": write_video(folder / "clip.mp4"),
         "audio": write_wav(folder / "tone.wav"),
     }
+
+
+def save_numpy1_checkpoint(state: dict, path: Path) -> Path:
+    """`torch.save` as the authors' 2023 runs wrote it: pickle protocol 2, with numpy scalars under
+    numpy 1's module name (`numpy.core.multiarray.scalar`; this machine has numpy 2's `numpy._core`)."""
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer, pickle_protocol=2)
+    with zipfile.ZipFile(buffer) as source, zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as out:
+        for info in source.infolist():
+            data = source.read(info)
+            if info.filename.endswith("/data.pkl"):
+                data = data.replace(b"cnumpy._core.multiarray\nscalar\n", b"cnumpy.core.multiarray\nscalar\n")
+                assert b"cnumpy.core.multiarray\nscalar\n" in data, "the state holds a numpy scalar"
+            out.writestr(info.filename, data)
+    return path
+
+
+# -- the real repos, at reduced sizes --------------------------------------------------------------
+
+REAL_LM_CONFIG = {  # facebook/opt-2.7b's config.json keys, with reduced sizes (32 layers, as the injection needs)
+    "_name_or_path": "facebook/opt-2.7b", "_remove_final_layer_norm": False, "activation_dropout": 0.0,
+    "activation_function": "relu", "architectures": ["OPTForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 2,
+    "do_layer_norm_before": True, "dropout": 0.1, "eos_token_id": 2, "ffn_dim": 32, "hidden_size": 16,
+    "init_std": 0.02, "layerdrop": 0.0, "max_position_embeddings": 128, "model_type": "opt", "num_attention_heads": 2,
+    "num_hidden_layers": 32, "pad_token_id": 1, "prefix": "</s>", "torch_dtype": "float16",
+    "transformers_version": "4.21.0.dev0", "use_cache": True, "vocab_size": 512, "word_embed_proj_dim": 16,
+}
+REDUCED_VIT = {"embed_dim": 32, "depth": 6, "num_heads": 2}  # registry overrides: timm builds the model from its name
+TIMESFORMER, AST = "facebook/timesformer-base-finetuned-k600", "MIT/ast-finetuned-audioset-10-10-0.4593"
+_TOKEN = {"single_word": False, "lstrip": False, "rstrip": False, "normalized": True, "__type": "AddedToken"}
+
+
+def _opt_tokenizer_files() -> dict[str, bytes]:
+    """OPT's tokenizer layout (vocab.json + merges.txt, no tokenizer.json), from the tiny BPE."""
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        tiny_tokenizer().backend_tokenizer.model.save(folder)
+        files = {name: (Path(folder) / name).read_bytes() for name in ("vocab.json", "merges.txt")}
+    special = {"bos_token": {"content": "</s>", **_TOKEN}, "eos_token": {"content": "</s>", **_TOKEN},
+               "unk_token": {"content": "</s>", **_TOKEN}, "pad_token": {"content": "<pad>", **_TOKEN}}
+    config = {"errors": "replace", **special, "add_prefix_space": False, "special_tokens_map_file": None,
+              "name_or_path": "patrickvonplaten/opt-30b", "add_bos_token": True}
+    files["tokenizer_config.json"] = json.dumps(config).encode()
+    files["special_tokens_map.json"] = json.dumps(special).encode()
+    return files
+
+
+def _torch_bytes(state: dict) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer, pickle_protocol=2)
+    return buffer.getvalue()
+
+
+# transformers 5 renamed ViT-style layers (AST's among them); the released checkpoints keep the 4.x names
+AST_4X_NAMES = [
+    (r"(^|\.)layers\.(\d+)\.", r"\1encoder.layer.\2."), (r"attention\.q_proj", "attention.attention.query"),
+    (r"attention\.k_proj", "attention.attention.key"), (r"attention\.v_proj", "attention.attention.value"),
+    (r"attention\.o_proj", "attention.output.dense"), (r"mlp\.fc1", "intermediate.dense"),
+    (r"mlp\.fc2", "output.dense"),
+]
+
+
+def ast_4x_name(key: str) -> str:
+    import re
+
+    for new, old in AST_4X_NAMES:
+        key = re.sub(new, old, key)
+    return key
+
+
+def _transformers_repo(model, rename=lambda key: key) -> dict[str, bytes]:
+    """config.json and pytorch_model.bin as transformers 4.x saved them (the classifier's keys)."""
+    import json
+
+    config = model.config.to_dict()
+    config.update(architectures=[type(model).__name__], transformers_version="4.25.0")
+    state = {rename(k): v for k, v in model.state_dict().items()}
+    return {"config.json": json.dumps(config).encode(), "pytorch_model.bin": _torch_bytes(state)}
+
+
+def build_real_repos() -> dict[tuple[str, str, str], bytes]:
+    """(repo type, repo id, filename) -> bytes: the layouts of the repos the registry names, with
+    random weights at reduced sizes. Files the demo must never fetch are served too."""
+    import json
+
+    import numpy as np
+    import safetensors.torch
+    import timm
+    from transformers import ASTConfig, ASTForAudioClassification, TimesformerConfig, TimesformerForVideoClassification
+
+    from epalm.model import Adapter
+    from epalm.tasks import load_registry
+
+    files: dict[tuple[str, str, str], bytes] = {}
+    torch.manual_seed(0)
+    opt = {"config.json": json.dumps(REAL_LM_CONFIG).encode(), **_opt_tokenizer_files()}
+    opt["generation_config.json"] = b'{"bos_token_id": 2, "eos_token_id": 2, "pad_token_id": 1}'
+    from transformers import OPTConfig, OPTForCausalLM
+
+    lm = OPTForCausalLM(OPTConfig(**{k: v for k, v in REAL_LM_CONFIG.items() if not k.startswith("_")}))
+    # the original conversion saved OPTModel in float16 ("decoder.*" keys, no lm_head: it is tied)
+    decoder = {k.removeprefix("model."): v.half() for k, v in lm.state_dict().items() if k.startswith("model.")}
+    opt["pytorch_model.bin"] = _torch_bytes(decoder)
+    opt.update({"tf_model.h5": b"never fetched", "flax_model.msgpack": b"never fetched", "README.md": b"# OPT"})
+    files.update((("model", "facebook/opt-2.7b", name), data) for name, data in opt.items())
+
+    vit = timm.create_model("vit_base_patch16_224.augreg_in21k_ft_in1k", pretrained=False, **REDUCED_VIT)
+    vit_state = safetensors.torch.save({k: v.contiguous() for k, v in vit.state_dict().items()})
+    files[("model", "timm/vit_base_patch16_224.augreg_in21k_ft_in1k", "model.safetensors")] = vit_state
+
+    video = TimesformerForVideoClassification(TimesformerConfig(
+        image_size=224, patch_size=32, num_frames=8, hidden_size=32, num_hidden_layers=6, num_attention_heads=2,
+        intermediate_size=64, num_labels=600,
+    ))
+    files.update((("model", TIMESFORMER, k), v) for k, v in _transformers_repo(video).items())
+    audio = ASTForAudioClassification(ASTConfig(
+        hidden_size=32, num_hidden_layers=6, num_attention_heads=2, intermediate_size=64, max_length=1024,
+        num_mel_bins=128, num_labels=527,
+    ))
+    ast = _transformers_repo(audio, ast_4x_name)
+    ast["model.safetensors"] = safetensors.torch.save({ast_4x_name(k): v for k, v in audio.state_dict().items()})
+    files.update((("model", AST, k), v) for k, v in ast.items())
+
+    for task in load_registry().values():
+        if task.lm.id != "facebook/opt-2.7b":
+            continue
+        adapter = Adapter(task.injection, 32, REAL_LM_CONFIG["hidden_size"], REAL_LM_CONFIG["word_embed_proj_dim"])
+        with torch.no_grad():
+            for linear in adapter.connector:
+                linear.weight.normal_(0, 0.5)
+        checkpoint = {"model": adapter.state_dict(), "config": {"lr": 2e-5}, "epoch": 7, "best_valid": np.float64(0.61)}
+        with __import__("tempfile").TemporaryDirectory() as folder:
+            path = save_numpy1_checkpoint(checkpoint, Path(folder) / "checkpoint_best.pth")
+            files[("space", task.adapter.repo_id, task.adapter.filename)] = path.read_bytes()
+    return files
+
+
+def reduced_registry(folder: Path) -> Path:
+    """The project's registry, with the ViT sizes of the reduced timm checkpoints."""
+    import yaml
+
+    from epalm.tasks import DEFAULT_REGISTRY
+
+    registry = yaml.safe_load(DEFAULT_REGISTRY.read_text())
+    for task in registry["tasks"].values():
+        if task["encoder"]["library"] == "timm":
+            task["encoder"] = {**task["encoder"], "config": REDUCED_VIT}
+    path = folder / "tasks.yaml"
+    path.write_text(yaml.safe_dump(registry))
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_repos() -> dict[tuple[str, str, str], bytes]:
+    return build_real_repos()
+
+
+@pytest.fixture()
+def real_hub(fake_hub, real_repos, tmp_path):
+    """The fake Hub serving the real repos' layouts; `real_hub.registry` is the matching registry file."""
+    for (repo_type, repo_id, filename), data in real_repos.items():
+        fake_hub.add(repo_id, filename, data, repo_type=repo_type)
+    fake_hub.registry = reduced_registry(tmp_path)
+    return fake_hub

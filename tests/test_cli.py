@@ -4,6 +4,7 @@ a fresh process only where the process itself is what is tested)."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -98,6 +99,12 @@ def test_ask_without_question_text_fails_cleanly(media_files, capsys):
     assert "Please type a question" in capsys.readouterr().out
 
 
+def test_an_image_given_to_a_video_task_is_refused_as_in_the_library(media_files, capsys):
+    assert main(["caption", "--tiny", "--task", "video-caption", str(media_files["image"])]) == 2
+    message = "This file is a still image (mjpeg), not a video: use an image task for it."
+    assert capsys.readouterr().out == f"{media_files['image']}\tERROR: {message}\n"
+
+
 def test_tasks_table_lists_every_task_and_cache_state(fake_hub, capsys):
     code, out, err = run(capsys, "tasks")  # fake_hub: an empty private cache
     assert code == 0, err
@@ -120,9 +127,36 @@ def test_convert_writes_our_format(tmp_path):
     assert all(torch.equal(load_file(out_dir / "adapter.safetensors")[k], v) for k, v in original.items())
 
 
-def test_unknown_task_is_an_error_not_a_traceback(media_files, capsys):
-    code, out, err = run(capsys, "caption", "--tiny", "--task", "nope", str(media_files["image"]))
-    assert code == 2 and "unknown task 'nope'" in out and "Traceback" not in err
+def test_an_unknown_task_is_one_usage_error_before_any_file(media_files, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["caption", "--tiny", "--task", "nope", str(media_files["image"]), str(media_files["video"])])
+    out = capsys.readouterr()
+    assert exit.value.code == 2 and out.out == "" and out.err.count("unknown task 'nope'") == 1
+    assert out.err.startswith("usage: ") and "known tasks: image-caption, " in out.err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [(["ask", "-q", "what is it?", "--task", "image-caption"], "'image-caption' writes captions and takes no question: "
+      "use `caption`, or ask with one of: image-vqa, image-gqa"),
+     (["caption", "--task", "video-qa-msvd"], "'video-qa-msvd' answers questions: use `ask --question ...`")],
+)
+def test_a_task_of_the_other_kind_is_a_usage_error(media_files, capsys, argv, message):
+    with pytest.raises(SystemExit):
+        main([*argv, "--tiny", str(media_files["image"])])
+    assert message in capsys.readouterr().err
+
+
+def test_verbose_shows_the_traceback_of_an_unexpected_error(media_files, monkeypatch, caplog, capsys):
+    def broken(*args, **kwargs):
+        raise KeyError("boom")
+
+    monkeypatch.setattr("epalm.pipeline.Pipeline.caption", broken)
+    caplog.set_level(logging.INFO)  # what -v sets (in a test, logging is pytest's already)
+    assert main(["-v", "caption", "--tiny", "--task", "image-caption", str(media_files["image"])]) == 2
+    assert capsys.readouterr().out.endswith("\tERROR: KeyError: 'boom'\n")
+    (record,) = [r for r in caplog.records if r.exc_info]
+    assert record.levelno == logging.INFO and record.exc_info[0] is KeyError, "logged with its traceback, shown by -v"
 
 
 @pytest.mark.parametrize("argv", [["parity", str(PARITY_CASES[0])]])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -14,7 +15,7 @@ from epalm.hub import ADAPTER_CONFIG, AdapterError, WeightsUnavailable, convert,
 from epalm.parity import load_case
 from epalm.tasks import AdapterSource, load_registry
 
-from conftest import PARITY_CASES, ROOT
+from conftest import PARITY_CASES, ROOT, save_numpy1_checkpoint
 
 
 def fixture_task(case):
@@ -34,12 +35,14 @@ def test_download_then_cache_then_offline(fake_hub, monkeypatch):
     messages = []
     first = fetch(source, progress=messages.append)
     assert first.read_bytes() == data and len(fake_hub.downloads) == 1 and is_cached(source)
-    assert messages and "MB" in messages[-1]
+    label = "Downloading checkpoints/a/checkpoint_best.pth in the Space someone/epalm"
+    assert messages[-1] == f"{label}: 90 KB of 90 KB (100%)"
     assert fetch(source) == first and len(fake_hub.downloads) == 1, "second call is served from the cache"
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     fake_hub.server.shutdown()
     assert fetch(source) == first, "offline mode works from the cache"
-    with pytest.raises(WeightsUnavailable, match=r"someone/epalm.*not in the local Hugging Face cache.*hf download"):
+    missing = r"b/checkpoint_best.pth in the Space someone/epalm is not in the local Hugging Face cache .*OFFLINE=1"
+    with pytest.raises(WeightsUnavailable, match=missing):
         fetch(AdapterSource("checkpoints/b/checkpoint_best.pth", "someone/epalm", repo_type="space"))
 
 
@@ -57,7 +60,7 @@ def test_offline_environment_variable_is_honoured_in_a_fresh_process(fake_hub, t
 
 
 def test_missing_file_names_the_repo_and_file(fake_hub):
-    with pytest.raises(WeightsUnavailable, match=r"'nope.pth'.*someone/epalm.*not in the repository"):
+    with pytest.raises(WeightsUnavailable, match=r"Cannot get the adapter: there is no nope.pth in someone/epalm"):
         fetch(AdapterSource("nope.pth", "someone/epalm"))
 
 
@@ -83,11 +86,29 @@ class _Payload:
         return (open, (self.marker, "w"))
 
 
+class _System:
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
 def test_a_malicious_pickle_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "checkpoint_best.pth"
     torch.save({"model": {"connector.0.weight": torch.zeros(2, 2)}, "config": _Payload(str(marker))}, path)
-    with pytest.raises(AdapterError, match="Refused to load checkpoint_best.pth"):
+    with pytest.raises(AdapterError,
+                       match=r"Refused to load checkpoint_best.pth: it asks to run Python code \(io.open\)"):
+        read_adapter(path)
+    assert not marker.exists()
+
+
+def test_the_refusal_names_every_global_including_blocked_modules(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "checkpoint_best.pth"
+    torch.save({"model": {}, "a": _System(f"touch {marker}"), "b": _Payload(str(marker))}, path)
+    with pytest.raises(AdapterError, match=r"asks to run Python code \(io.open, posix.system\)"):
         read_adapter(path)
     assert not marker.exists()
 
@@ -99,6 +120,17 @@ def test_a_real_style_checkpoint_with_numpy_scalars_loads(tmp_path):
     state.update(config={"lr": 2e-5, "num_beams": 3}, epoch=7, best_valid=np.float64(1.23), best_epoch=np.int64(5))
     torch.save(state, tmp_path / "real.pth")
     assert read_adapter(tmp_path / "real.pth").keys() == state["model"].keys()
+    save_numpy1_checkpoint(state, tmp_path / "numpy1.pth")
+    assert read_adapter(tmp_path / "numpy1.pth").keys() == state["model"].keys(), "numpy 1 pickles load too"
+
+
+def test_only_numpy_scalars_are_allowed_under_the_numpy_1_names(tmp_path):
+    import numpy as np
+
+    path = save_numpy1_checkpoint({"model": {}, "best_valid": np.float64(1), "table": np.zeros(3)}, tmp_path / "x.pth")
+    refused = r"asks to run Python code \(numpy\._core\.multiarray\._reconstruct, numpy\.ndarray\)"
+    with pytest.raises(AdapterError, match=refused):
+        read_adapter(path)
 
 
 def test_wrong_shapes_name_the_task_key_and_both_shapes():
@@ -117,3 +149,25 @@ def test_corrupt_file_is_a_clear_error(tmp_path):
     (tmp_path / "bad.pth").write_bytes(b"\x00garbage")
     with pytest.raises(AdapterError, match="not a readable PyTorch checkpoint"):
         read_adapter(tmp_path / "bad.pth")
+
+
+def test_a_sharded_checkpoint_is_located_with_its_shards_and_read_into_the_dtype(fake_hub):
+    """opt-6.7b's layout: `pytorch_model.bin.index.json` naming two shards, no safetensors."""
+    import io
+
+    from epalm.hub import RepoFiles, WEIGHT_FILES, locate, read_weights
+
+    shards = {"pytorch_model-00001-of-00002.bin": {"a": torch.ones(2, dtype=torch.float16)},
+              "pytorch_model-00002-of-00002.bin": {"b": torch.full((3,), 2.0, dtype=torch.float16)}}
+    index = {"metadata": {}, "weight_map": {key: name for name, state in shards.items() for key in state}}
+    fake_hub.add("facebook/opt-6.7b", "pytorch_model.bin.index.json", json.dumps(index).encode())
+    for name, state in shards.items():
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        fake_hub.add("facebook/opt-6.7b", name, buffer.getvalue())
+    files = RepoFiles("the language model facebook/opt-6.7b", "facebook/opt-6.7b", weights=WEIGHT_FILES)
+    found = locate(files)
+    assert list(found) == ["pytorch_model.bin.index.json", *shards]
+    state = read_weights([found[name] for name in shards], torch.float32)
+    assert state["a"].dtype == torch.float32 and state["b"].tolist() == [2.0, 2.0, 2.0]
+    assert locate(files, local_only=True) == found, "then known to the cache, absent files included"

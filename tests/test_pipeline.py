@@ -110,6 +110,10 @@ def test_user_errors_are_clear(pipe, media_files, tmp_path):
         pipe.answer(media_files["image"], "why " * 200, "image-vqa")
     with pytest.raises(InputError, match="unknown task 'nope'"):
         pipe.caption(media_files["image"], "nope")
+    with pytest.raises(InputError, match=r"'Image captioning \(COCO\)' writes a caption and takes no question"):
+        pipe.answer(media_files["image"], "what is it?", "image-caption")
+    with pytest.raises(MediaError, match="This file is a still image .mjpeg., not a video: use an image task"):
+        pipe.caption(media_files["image"], "video-caption")
     with pytest.raises(InputError, match="unknown decoding preset"):
         pipe.caption(media_files["image"], "image-caption", preset="turbo")
     with pytest.raises(InputError, match="invalid decoding settings"):
@@ -148,9 +152,12 @@ def test_missing_weights_name_the_repo_and_the_fix(media_files, fake_hub, monkey
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
     pipe = Pipeline(device="cpu", source=TinyModels(adapter_files=True))
-    with pytest.raises(WeightsUnavailable, match=r"mshukor/eP-ALM.*not in the local Hugging Face cache"):
+    fix = r"With network access, `python -m epalm download image-caption` fetches the files 'image-caption' needs"
+    adapter = "checkpoints/float32/ePALM_caption/checkpoint_best.pth in the Space mshukor/eP-ALM"
+    with pytest.raises(WeightsUnavailable, match=rf"Cannot get the adapter of image-caption: {adapter} is not .*{fix}"):
         pipe.caption(media_files["image"], "image-caption")
-    with pytest.raises(WeightsUnavailable, match=r"facebook/opt-2.7b.*hf download facebook/opt-2.7b"):
+    with pytest.raises(WeightsUnavailable, match=r"^Cannot get the language model facebook/opt-2.7b: config.json in "
+                       r"facebook/opt-2.7b is not in the local Hugging Face cache .*" + fix):
         Pipeline(device="cpu").caption(media_files["image"], "image-caption")
 
 

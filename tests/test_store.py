@@ -21,10 +21,10 @@ class SlowTinyModels(TinyModels):
         super().__init__()
         self.built: list[str] = []
 
-    def lm(self, ref, dtype):
+    def lm(self, ref, dtype, progress=None):
         self.built.append(f"lm {ref.id}")
         time.sleep(0.2)  # long enough for every thread to ask while the first load is running
-        return super().lm(ref, dtype)
+        return super().lm(ref, dtype, progress)
 
 
 def test_concurrent_first_requests_load_one_copy():

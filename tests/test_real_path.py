@@ -1,0 +1,139 @@
+"""The real (non-tiny) path end to end, against a loopback Hub that serves the real repo ids and
+file layouts at reduced sizes: the Pipeline and the CLI fetch each file they need once, load every
+weight, and run again offline without a single request."""
+
+from __future__ import annotations
+
+import collections
+import io
+import logging
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+from safetensors.torch import load as load_safetensors
+
+from epalm.__main__ import main
+from epalm.hub import WeightsUnavailable
+from epalm.pipeline import Pipeline
+from epalm.tasks import load_registry
+
+from conftest import AST, ROOT, TIMESFORMER, ast_4x_name
+
+JOBS = [("image-caption", "image", None), ("video-qa-msrvtt", "video", "what is it"), ("audio-caption", "audio", None)]
+SETTINGS = dict(preset="fast", max_new_tokens=4, max_length=None)
+OPT, VIT = "facebook/opt-2.7b", "timm/vit_base_patch16_224.augreg_in21k_ft_in1k"
+NEEDED = {  # what these three tasks need, and nothing else the repos hold
+    f"/{OPT}/resolve/main/{name}"
+    for name in ("config.json", "tokenizer_config.json", "vocab.json", "merges.txt", "pytorch_model.bin")
+} | {
+    f"/{VIT}/resolve/main/model.safetensors",
+    f"/{TIMESFORMER}/resolve/main/config.json", f"/{TIMESFORMER}/resolve/main/pytorch_model.bin",
+    f"/{AST}/resolve/main/config.json", f"/{AST}/resolve/main/model.safetensors",
+} | {
+    f"/spaces/mshukor/eP-ALM/resolve/main/checkpoints/float32/ePALM_{name}/checkpoint_best.pth"
+    for name in ("caption", "video_qa_msrvtt", "audio_caption")
+}
+
+
+def answers(pipe: Pipeline, media_files) -> list[str]:
+    return [list(pipe.stream(media_files[kind], task, question, **SETTINGS))[-1].text for task, kind, question in JOBS]
+
+
+def go_offline(hub, monkeypatch) -> None:
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub.requests.clear()
+
+
+def test_pipeline_fetches_each_needed_file_once_loads_every_weight_and_reruns_offline(
+    real_hub, real_repos, media_files, monkeypatch, capfd
+):
+    registry = load_registry(real_hub.registry)
+    messages: list[str] = []
+    pipe = Pipeline(device="cpu", registry=registry, progress=messages.append, pack_weights=False)
+    reports: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = reports.append
+    logging.getLogger("transformers").addHandler(handler)  # its own logger, which does not propagate
+    try:
+        first = answers(pipe, media_files)
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert not [r for r in reports if "LOAD REPORT" in r.getMessage()], "every key of every checkpoint is used"
+    assert all(isinstance(text, str) for text in first)
+    assert collections.Counter(real_hub.downloads) == dict.fromkeys(NEEDED, 1), "each needed file once, nothing else"
+    assert f"Downloading pytorch_model.bin in {OPT}: 307 KB of 307 KB (100%)" in messages
+    assert f"Reading the weights of {OPT} (307 KB)" in messages and "Loading OPT-2.7B language model…" in messages
+    assert not [t for t in threading.enumerate() if "conversion" in t.name], "no background safetensors conversion"
+    api = [r for r in real_hub.requests if "/resolve/main/" not in r and r != "GET /api/agent-harnesses"]
+    assert api == [], "file requests only (huggingface_hub itself fetches its agent list once a day)"
+
+    # every weight is the checkpoint's: the float16 OPT read into float32, the encoders' classifier checkpoints
+    lm = pipe.lm(pipe.task("image-caption"))[0].lm
+    saved = torch.load(io.BytesIO(real_repos[("model", OPT, "pytorch_model.bin")]), weights_only=True)
+    assert lm.dtype == torch.float32 and len(saved) == len(lm.model.state_dict())
+    assert all(torch.equal(lm.model.state_dict()[key], value.float()) for key, value in saved.items())
+    assert torch.equal(lm.lm_head.weight, lm.model.decoder.embed_tokens.weight)
+    vit = pipe.encoder(pipe.task("image-caption")).model
+    saved = load_safetensors(real_repos[("model", VIT, "model.safetensors")])
+    assert all(torch.equal(vit.state_dict()[key], value) for key, value in saved.items() if not key.startswith("head."))
+    video = pipe.encoder(pipe.task("video-qa-msrvtt")).model.state_dict()
+    saved = torch.load(io.BytesIO(real_repos[("model", TIMESFORMER, "pytorch_model.bin")]), weights_only=True)
+    body = {k.removeprefix("timesformer."): v for k, v in saved.items() if k.startswith("timesformer.")}
+    assert body.keys() == video.keys() and all(torch.equal(video[k], v) for k, v in body.items())
+    audio = pipe.encoder(pipe.task("audio-caption")).model.state_dict()  # transformers 5 names, from the 4.x ones
+    saved = load_safetensors(real_repos[("model", AST, "model.safetensors")])
+    assert all(torch.equal(v, saved["audio_spectrogram_transformer." + ast_4x_name(k)]) for k, v in audio.items())
+    assert len(audio) == len([k for k in saved if not k.startswith("classifier.")])
+
+    assert main(["tasks", "--registry", str(real_hub.registry)]) == 0
+    rows = {line.split()[0]: line.split()[-1] for line in capfd.readouterr().out.strip().split("\n")[1:]}
+    assert rows["image-caption"] == rows["video-qa-msrvtt"] == rows["audio-caption"] == "yes/yes/yes"
+    assert rows["image-vqa"] == rows["video-caption"] == "no/yes/yes" and rows["image-caption-L"] == "no/no/no"
+
+    go_offline(real_hub, monkeypatch)
+    again = Pipeline(device="cpu", registry=registry, pack_weights=False)
+    assert answers(again, media_files) == first
+    assert real_hub.requests == [], "offline, everything comes from the cache"
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "epalm", *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+def test_cli_download_fetches_exactly_the_tasks_files_then_captions_offline(real_hub, media_files, monkeypatch, capfd):
+    registry = str(real_hub.registry)
+    real_hub.too_many[f"/{OPT}/resolve/main/pytorch_model.bin"] = 1  # rate limited once: huggingface_hub retries
+    out = cli("download", "image-caption", "--registry", registry)
+    assert out.returncode == 0, out.stderr
+    needed = {path for path in NEEDED if OPT in path or VIT in path or "ePALM_caption" in path}
+    assert collections.Counter(real_hub.downloads) == dict.fromkeys(needed, 1)
+    assert f"{OPT}: config.json, tokenizer_config.json, vocab.json, merges.txt, pytorch_model.bin (" in out.stdout
+    assert out.stderr.count("Retrying in") == 1, "huggingface_hub's retry line is printed once"
+
+    go_offline(real_hub, monkeypatch)
+    args = ["--task", "image-caption", "--registry", registry, "--preset", "fast", "--max-new-tokens", "4"]
+    assert main(["caption", *args, str(media_files["image"])]) == 0
+    out = capfd.readouterr().out
+    assert out.startswith(f"{media_files['image']}\t") and out.count("\n") == 1, "nothing else on stdout"
+    assert real_hub.requests == []
+
+
+def test_an_unreachable_hub_fails_in_one_attempt_with_the_fix(real_hub, media_files, caplog):
+    real_hub.server.shutdown()
+    real_hub.server.server_close()  # connection refused from now on
+    pipe = Pipeline(device="cpu", registry=load_registry(real_hub.registry))
+    with caplog.at_level(logging.WARNING, logger="huggingface_hub"), pytest.raises(WeightsUnavailable) as error:
+        pipe.caption(media_files["image"], "image-caption")
+    message = str(error.value)
+    assert message.startswith(f"Cannot get the language model {OPT}: config.json in {OPT} is not in the local Hugging")
+    assert f"the Hub ({real_hub.url}) cannot be reached" in message
+    assert "`python -m epalm download image-caption` fetches" in message
+    assert f"'{OPT}' from {OPT}" not in message
+    assert not [r for r in caplog.records if "Retry" in r.getMessage()], "no retries: fails at once"
