@@ -168,7 +168,9 @@ class Demo:
             media, request["task"], request.get("question"), preset=request["preset"], progress=report, **decoding
         )
         for answer in answers:
-            info = f"`{answer.task}` · {answer.timings.summary()} · {answer.device}/{answer.dtype}" if answer.done else "generating…"
+            info = "generating…"
+            if answer.done:
+                info = f"`{answer.task}` · {answer.timings.summary()} · {answer.device}/{answer.dtype}"
             if answer.notice:
                 info += f"  \n{answer.notice} (Advanced › Max new tokens)"
             yield answer.text, info
@@ -198,7 +200,7 @@ def _parameters(modality: str, kind: str, tasks: list[Task]) -> list[inspect.Par
         name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default
     )
     params = [p("media")] + ([p("question")] if kind == "qa" else [])
-    params += [p("task", tasks[0].id), p("preset", "paper"), p("max_new_tokens", 0), p("temperature", 0.7), p("top_p", 0.9)]
+    params += [p("task", tasks[0].id), p("preset", DEFAULT_PRESET), p("max_new_tokens", 0), p("temperature", 0.7), p("top_p", 0.9)]
     return params + ([p("frames", 0)] if modality == "video" else [])
 
 
