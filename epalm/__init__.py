@@ -6,16 +6,40 @@
     pipe.answer("cat.jpg", "What is the cat doing?", task="image-vqa").text
     for partial in pipe.stream("clip.mp4", "video-caption", preset="fast"):
         print(partial.text)
+
+The names below are imported on first use, so that `import epalm.media` or a command's `--help`
+does not pay for importing torch and transformers.
 """
 
-from .decoding import DEFAULT_PRESET, PRESETS, DecodingOptions, Preset
-from .hub import AdapterError, WeightsUnavailable
-from .media import MediaError, MediaLimits
-from .pipeline import MAX_QUESTION_CHARS, MAX_QUESTION_TOKENS, Answer, InputError, OutOfMemory, Pipeline, Timings
-from .tasks import Task, load_registry
+from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "DEFAULT_PRESET": "decoding", "PRESETS": "decoding", "DecodingOptions": "decoding", "Preset": "decoding", "InputError": "errors", "UserError": "errors",
+    "AdapterError": "hub", "WeightsUnavailable": "hub", "MediaError": "media", "MediaLimits": "media",
+    "Answer": "pipeline", "OutOfMemory": "pipeline", "Pipeline": "pipeline", "Timings": "pipeline",
+    "MAX_QUESTION_CHARS": "pipeline", "MAX_QUESTION_TOKENS": "pipeline",
+    "ModelSource": "store", "Task": "tasks", "load_registry": "tasks",
+}
 __all__ = [
-    "DEFAULT_PRESET", "MAX_QUESTION_CHARS", "MAX_QUESTION_TOKENS", "PRESETS", "AdapterError", "Answer",
-    "DecodingOptions", "InputError", "MediaError", "MediaLimits", "OutOfMemory", "Pipeline", "Preset", "Task",
-    "Timings", "WeightsUnavailable", "load_registry",
+    "DEFAULT_PRESET", "MAX_QUESTION_CHARS", "MAX_QUESTION_TOKENS", "PRESETS", "AdapterError", "Answer", "DecodingOptions",
+    "InputError", "MediaError", "MediaLimits", "ModelSource", "OutOfMemory", "Pipeline", "Preset", "Task", "Timings",
+    "UserError", "WeightsUnavailable", "load_registry",
 ]
+
+if TYPE_CHECKING:
+    from .decoding import DEFAULT_PRESET, PRESETS, DecodingOptions, Preset
+    from .errors import InputError, UserError
+    from .hub import AdapterError, WeightsUnavailable
+    from .media import MediaError, MediaLimits
+    from .pipeline import MAX_QUESTION_CHARS, MAX_QUESTION_TOKENS, Answer, OutOfMemory, Pipeline, Timings
+    from .store import ModelSource
+    from .tasks import Task, load_registry
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'epalm' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -14,13 +14,12 @@ import sys
 from pathlib import Path
 
 from . import parity
-from .hub import AdapterError, WeightsUnavailable, convert, push_to_hub
-from .media import MediaError, MediaLimits
 from .decoding import DEFAULT_PRESET, PRESETS
-from .pipeline import InputError, OutOfMemory, Pipeline
-from .tasks import RegistryError, get_task, load_registry
-
-USER_ERRORS = (MediaError, InputError, WeightsUnavailable, AdapterError, OutOfMemory, RegistryError)
+from .errors import UserError
+from .hub import convert, push_to_hub
+from .media import MediaLimits
+from .pipeline import Pipeline
+from .tasks import get_task, load_registry
 
 
 def _model_flags(parser: argparse.ArgumentParser) -> None:
@@ -89,7 +88,7 @@ def _run(args: argparse.Namespace, question: str | None) -> int:
     failed = 0
     try:
         pipeline = Pipeline(device=args.device, dtype=args.dtype, tiny=args.tiny, registry=load_registry(args.registry) if args.registry else None, limits=limits)
-    except USER_ERRORS as exc:
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for path in args.paths:
@@ -101,7 +100,7 @@ def _run(args: argparse.Namespace, question: str | None) -> int:
             line = f"{path}\t{answer.text}"
             if answer.notice:
                 print(f"note: {path}: {answer.notice} (--max-new-tokens N sets it)", file=sys.stderr)
-        except USER_ERRORS as exc:
+        except UserError as exc:
             failed += 1
             record, line = {"path": path, "error": str(exc)}, f"{path}\tERROR: {exc}"
         except Exception as exc:  # an unforeseen failure on one file must not stop the batch
@@ -118,7 +117,7 @@ def _convert(args: argparse.Namespace) -> int:
         print(f"wrote {out}")
         if args.push_to_hub:
             print(f"uploaded to {push_to_hub(out, args.push_to_hub)}")
-    except (KeyError, *USER_ERRORS) as exc:
+    except (KeyError, UserError) as exc:
         print(f"error: {exc.args[0] if isinstance(exc, KeyError) else exc}", file=sys.stderr)
         return 2
     return 0

@@ -19,6 +19,7 @@ import yaml
 
 from .audio import AudioTransform
 from .decoding import DecodingOptions
+from .errors import UserError
 from .image import ImageTransform
 from .model import InjectionConfig
 from .video import VideoTransform
@@ -36,6 +37,11 @@ class ModelRef:
 
     id: str
     revision: str = "main"
+    name: str = ""  # for people ("OPT-2.7B"); the id when empty
+
+    @property
+    def display_name(self) -> str:
+        return self.name or self.id
 
 
 @dataclass(frozen=True)
@@ -46,7 +52,12 @@ class EncoderRef:
     library: str
     id: str
     revision: str = "main"
+    name: str = ""  # for people ("ViT-B/16"); the id when empty
     config: tuple[tuple[str, object], ...] = ()
+
+    @property
+    def display_name(self) -> str:
+        return self.name or self.id
 
 
 @dataclass(frozen=True)
@@ -87,6 +98,7 @@ class TextFormat:
 class Task:
     id: str
     title: str
+    label: str  # short, for menus: "VQAv2", "COCO captions"
     modality: str
     kind: str
     lm: ModelRef
@@ -101,8 +113,13 @@ class Task:
     def needs_question(self) -> bool:
         return self.kind == "qa"
 
+    @property
+    def menu_label(self) -> str:
+        """"VQAv2 · OPT-2.7B + ViT-B/16": what a person picks the task by."""
+        return f"{self.label} · {self.lm.display_name} + {self.encoder.display_name}"
 
-class RegistryError(ValueError):
+
+class RegistryError(UserError, ValueError):
     """The registry file is malformed; the message names the task and the field."""
 
 
@@ -126,6 +143,7 @@ def _build(task_id: str, entry: dict, base_dir: Path) -> Task:
         return Task(
             id=task_id,
             title=entry.get("title", task_id),
+            label=entry.get("label", entry.get("title", task_id)),
             modality=modality,
             kind=kind,
             lm=lm,
@@ -142,10 +160,15 @@ def _build(task_id: str, entry: dict, base_dir: Path) -> Task:
         raise RegistryError(f"task {task_id!r} in the registry: {exc}") from exc
 
 
-def answer_tokens(tasks: Iterable[Task], lm: ModelRef) -> list[str]:
-    """The special tokens the tokenizer of `lm` needs: the answer tokens of every task on that LM,
-    so that one shared tokenizer reads every task's prompt as its training script did."""
-    return sorted({task.text.answer_token for task in tasks if task.lm == lm and task.text.answer_token})
+def answer_tokens(tasks: Iterable[Task]) -> dict[ModelRef, list[str]]:
+    """The special tokens each LM's tokenizer needs: the answer tokens of every task on that LM, so
+    that one shared tokenizer reads every task's prompt as its training script did."""
+    tokens: dict[ModelRef, set[str]] = {}
+    for task in tasks:
+        names = tokens.setdefault(task.lm, set())
+        if task.text.answer_token:
+            names.add(task.text.answer_token)
+    return {lm: sorted(names) for lm, names in tokens.items()}
 
 
 def load_registry(path: str | Path | None = None) -> dict[str, Task]:

@@ -89,8 +89,8 @@ def test_generation_settings_hold_each_tasks_minimum_answer():
 
 def test_answer_tokens_come_from_the_registry():
     tasks = load_registry()
-    lm = tasks["image-vqa"].lm
-    assert answer_tokens(tasks.values(), lm) == ["</a>"], "captions on the same LM need the same tokenizer"
-    assert answer_tokens([tasks["image-caption"]], lm) == []
+    base, large = tasks["image-vqa"].lm, tasks["image-vqa-L"].lm
+    assert answer_tokens(tasks.values()) == {base: ["</a>"], large: ["</a>"]}, "captions on the LM share its tokenizer"
+    assert answer_tokens([tasks["image-caption"]]) == {base: []}
     with pytest.raises(ValueError, match="does not occur in the prompt"):
         TextFormat("{question}?", "</a>")
