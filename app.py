@@ -168,7 +168,9 @@ class Demo:
             media, request["task"], request.get("question"), preset=request["preset"], progress=report, **decoding
         )
         for answer in answers:
-            info = f"`{answer.task}` · {answer.timings.summary()} · {answer.device}/{answer.dtype}" if answer.done else "generating…"
+            info = "generating…"
+            if answer.done:
+                info = f"`{answer.task}` · {answer.timings.summary()} · {answer.device}/{answer.dtype}"
             yield answer.text, info + (f"  \n{answer.notice} (Advanced › Max new tokens)" if answer.notice else "")
 
 

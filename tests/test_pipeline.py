@@ -234,6 +234,7 @@ def test_answer_tokens_are_the_registrys(media_files):
     vqa = tasks["image-vqa"]
     custom = replace(vqa, text=TextFormat("{question}<ans>", "<ans>"))
     pipe = Pipeline(device="cpu", tiny=True, registry={"image-vqa": vqa, "custom": replace(custom, id="custom")})
+    pipe.preload(["custom"])  # the adapter loads the LM first: its tokenizer gets the tokens there too
     tokenizer = pipe.lm(pipe.task("custom"))[1]
     for token in ("</a>", "<ans>"):
         assert tokenizer.convert_tokens_to_ids(token) not in (None, tokenizer.unk_token_id)
