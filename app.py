@@ -198,7 +198,7 @@ def _parameters(modality: str, kind: str, tasks: list[Task]) -> list[inspect.Par
         name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default
     )
     params = [p("media")] + ([p("question")] if kind == "qa" else [])
-    params += [p("task", tasks[0].id), p("preset", "paper"), p("max_new_tokens", 0), p("temperature", 0.7), p("top_p", 0.9)]
+    params += [p("task", tasks[0].id), p("preset", DEFAULT_PRESET), p("max_new_tokens", 0), p("temperature", 0.7), p("top_p", 0.9)]
     return params + ([p("frames", 0)] if modality == "video" else [])
 
 
