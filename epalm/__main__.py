@@ -1,4 +1,4 @@
-"""Command line: `python -m epalm {tasks,caption,ask,convert,parity} ...`.
+"""Command line: `python -m epalm {tasks,caption,ask,convert,train,parity} ...`.
 
 Several paths make one batch run that loads the models once and prints one line per path, in
 input order: `PATH<TAB>answer` or `PATH<TAB>ERROR: message` (or JSON lines with --jsonl). A bad
@@ -13,7 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-from . import parity
+from . import parity, train
 from .hub import AdapterError, WeightsUnavailable, convert, push_to_hub
 from .media import MediaError, MediaLimits
 from .pipeline import InputError, OutOfMemory, Pipeline
@@ -23,7 +23,8 @@ USER_ERRORS = (MediaError, InputError, WeightsUnavailable, AdapterError, OutOfMe
 
 
 def _model_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", required=True, help="task id (see `python -m epalm tasks`)")
+    parser.add_argument("--task", help="task id (see `python -m epalm tasks`)")
+    parser.add_argument("--adapter", help="a trained adapter instead of --task: its folder or Hub repo id (user/name)")
     parser.add_argument("--tiny", action="store_true", help="tiny random models, no network (answers are meaningless)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
     parser.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16, float16 (GPU default)")
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--task", required=True)
     conv.add_argument("--registry")
     conv.add_argument("--push-to-hub", metavar="REPO", help="upload the converted folder to this Hub repo")
+    train.add_arguments(sub.add_parser("train", help="train your own adapter on a folder of examples"))
     par = sub.add_parser("parity", help="check against reference fixtures (same as python -m epalm.parity)")
     par.add_argument("cases", nargs="+")
     return parser
@@ -84,6 +86,9 @@ def _run(args: argparse.Namespace, question: str | None) -> int:
     decoding = {k: getattr(args, k) for k in ("num_beams", "do_sample", "temperature", "top_p", "top_k", "seed", "max_new_tokens", "max_length")}
     if args.max_new_tokens is not None and args.max_length is None:
         decoding["max_length"] = None
+    if not args.task and not args.adapter:
+        print("error: name a task (--task) or a trained adapter (--adapter)", file=sys.stderr)
+        return 2
     failed = 0
     try:
         pipeline = Pipeline(device=args.device, dtype=args.dtype, tiny=args.tiny, registry=load_registry(args.registry) if args.registry else None, limits=limits)
@@ -92,8 +97,9 @@ def _run(args: argparse.Namespace, question: str | None) -> int:
         return 2
     for path in args.paths:
         try:
-            answer = pipeline.caption(path, args.task, preset=args.preset, num_frames=args.num_frames, **decoding) if question is None else (
-                pipeline.answer(path, question, args.task, preset=args.preset, num_frames=args.num_frames, **decoding)
+            options = dict(preset=args.preset, num_frames=args.num_frames, adapter=args.adapter, **decoding)
+            answer = pipeline.caption(path, args.task, **options) if question is None else (
+                pipeline.answer(path, question, args.task, **options)
             )
             record = {"path": path, "answer": answer.text, "timings": vars(answer.timings)}
             line = f"{path}\t{answer.text}"
@@ -127,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         return _tasks(args)
     if args.command == "convert":
         return _convert(args)
+    if args.command == "train":
+        return train.main(args)
     if args.command == "parity":
         return parity.main(args.cases)
     return _run(args, getattr(args, "question", None))

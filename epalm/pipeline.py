@@ -19,7 +19,8 @@ import torch
 from .audio import prepare_audio
 from .decoding import PRESETS, DecodingOptions, generate, stream_text, stream_tokens
 from .encoders import Encoder
-from .hub import HubModels, Progress, load_adapter
+from .adapters import adapter_task
+from .hub import AdapterError, HubModels, Progress, load_adapter
 from .image import prepare_image
 from .media import MediaLimits
 from .model import EPALM, Adapter, pack_linear_weights
@@ -114,9 +115,12 @@ class Pipeline:
         progress: Progress | None = None,
         models: Any = None,
         pack_weights: bool = True,
+        allow_local_adapters: bool = True,
     ) -> None:
         """`pack_weights`: on CPU, store the LM's linear weights in oneDNN's blocked layout (a decode
-        step is bound by reading the weights; packed, it runs 2-6x faster, see bench/RESULTS.md)."""
+        step is bound by reading the weights; packed, it runs 2-6x faster, see bench/RESULTS.md).
+        `allow_local_adapters`: whether `adapter=` may name a folder on this machine (not only a Hub repo)."""
+        self.allow_local_adapters = allow_local_adapters
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.pack_weights = pack_weights
@@ -189,6 +193,26 @@ class Pipeline:
 
         return self._get(("adapter", task.id), f"adapter for {task.id}", load, progress)
 
+    def use_adapter(self, source: str) -> str:
+        """Serve a trained adapter (a folder, or a Hub repo id) with the models its config names,
+        shared with every other task; returns its task id (`adapter:<source>`)."""
+        task_id = f"adapter:{source}"
+        with self._guard:
+            if task_id in self.tasks:
+                return task_id
+        try:
+            task, tiny = adapter_task(source, self.allow_local_adapters)
+        except AdapterError as exc:
+            raise InputError(str(exc)) from exc
+        if tiny != bool(self.models.tiny):
+            raise InputError(
+                f"The adapter {source} was trained on the {'tiny test' if tiny else 'real'} models; "
+                f"{'use --tiny / Pipeline(tiny=True)' if tiny else 'it cannot run on the tiny models'}."
+            )
+        with self._guard:
+            self.tasks[task_id] = self.models.adapt(task) if self.models.tiny else task
+        return task_id
+
     def preload(self, task_ids: list[str], progress: Progress | None = None) -> None:
         for task_id in task_ids:
             self.adapter(self.task(task_id), progress)
@@ -228,7 +252,7 @@ class Pipeline:
 
     def _text_ids(self, task: Task, question: str | None, tokenizer: Any) -> torch.Tensor:
         """BOS then the task's text, as the original tokenizer call produced them."""
-        ids = [tokenizer.bos_token_id] + tokenizer(task.text.render(question), add_special_tokens=False).input_ids
+        ids = task.text.prompt_ids(tokenizer, question)
         if len(ids) > MAX_QUESTION_TOKENS:
             raise InputError(f"The question is {len(ids)} tokens long; the limit is {MAX_QUESTION_TOKENS}. Please shorten it.")
         return torch.tensor([ids], device=self.device)
@@ -237,15 +261,21 @@ class Pipeline:
     def stream(
         self,
         media: Any,
-        task: str,
+        task: str | None,
         question: str | None = None,
         preset: str | None = None,
         num_frames: int | None = None,
         progress: Progress | None = None,
+        adapter: str | None = None,
         **overrides: Any,
     ) -> Iterator[Answer]:
         """Partial answers as they are generated (greedy and sampling), then the final one.
-        Beam search yields only the final answer. Bad input fails before any model loads."""
+        Beam search yields only the final answer. Bad input fails before any model loads.
+        `adapter`: a trained adapter (folder or Hub repo id) to use instead of `task`."""
+        if adapter is not None:
+            task = self.use_adapter(adapter)
+        if task is None:
+            raise InputError("Name a task or an adapter.")
         spec = self.task(task)
         question = self._check_question(spec, question)
         options = self.decoding_options(spec, preset, **overrides)

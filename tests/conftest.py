@@ -158,14 +158,14 @@ PITCHES = {"red": 220.0, "green": 440.0, "blue": 880.0, "white": 1760.0}  # the 
 
 
 def write_colour_media(path: Path, colour: str, seed: int) -> Path:
-    """A solid-colour image or clip (shade jittered by `seed`), or a tone of the colour's pitch,
+    """A solid-colour image or clip (shade jittered by `seed`), or a 10-s tone (the model's window) of the colour's pitch,
     by the file's suffix: the synthetic tasks the training tests learn."""
     import av
     import numpy as np
     from PIL import Image
 
     if path.suffix == ".wav":
-        return write_wav(path, seconds=0.5, freq=PITCHES[colour] * (1 + 0.02 * (seed % 5)))
+        return write_wav(path, seconds=10.0, freq=PITCHES[colour] * (1 + 0.02 * (seed % 5)))
     rng = np.random.default_rng(seed)
     rgb = np.clip(np.array(COLOURS[colour]) + rng.integers(-25, 26, 3), 0, 255).astype(np.uint8)
     frame = np.broadcast_to(rgb, (32, 32, 3)).copy()
