@@ -13,11 +13,13 @@ import logging
 import sys
 from pathlib import Path
 
-from . import parity, train
+from . import parity
 from .hub import AdapterError, WeightsUnavailable, convert, push_to_hub
 from .media import MediaError, MediaLimits
 from .pipeline import InputError, OutOfMemory, Pipeline
 from .tasks import RegistryError, get_task, load_registry
+from .train import add_arguments as add_train_arguments
+from .train import main as train_main
 
 USER_ERRORS = (MediaError, InputError, WeightsUnavailable, AdapterError, OutOfMemory, RegistryError)
 
@@ -60,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--task", required=True)
     conv.add_argument("--registry")
     conv.add_argument("--push-to-hub", metavar="REPO", help="upload the converted folder to this Hub repo")
-    train.add_arguments(sub.add_parser("train", help="train your own adapter on a folder of examples"))
+    add_train_arguments(sub.add_parser("train", help="train your own adapter on a folder of examples"))
     par = sub.add_parser("parity", help="check against reference fixtures (same as python -m epalm.parity)")
     par.add_argument("cases", nargs="+")
     return parser
@@ -134,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "convert":
         return _convert(args)
     if args.command == "train":
-        return train.main(args)
+        return train_main(args)
     if args.command == "parity":
         return parity.main(args.cases)
     return _run(args, getattr(args, "question", None))
