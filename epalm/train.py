@@ -118,7 +118,8 @@ class TrainConfig:
     seed: int = 42
     device: str = "auto"  # "cpu" forces the CPU; otherwise accelerate's choice (its launcher's, per process)
     dtype: str | None = None  # the frozen models' weights; the adapter is always float32
-    mixed_precision: str = "no"  # "fp16" / "bf16": autocast (and a grad scaler for fp16), by accelerate
+    mixed_precision: str | None = None  # "no", "fp16", "bf16" (autocast, a grad scaler for fp16, by accelerate);
+    # None: "no" on CPU, on a GPU that of the frozen weights' dtype (float16 by default), as the accelerate recipe
     cache_features: bool = True  # encode each file once, before the first epoch
     gradient_checkpointing: bool = False  # recompute the LM's activations in the backward pass (large LMs)
     init_from_base: bool = False  # start from the base task's released adapter instead of a fresh one
@@ -220,10 +221,16 @@ class Trainer:
     def __init__(self, data: str | Path, base: str, out: str | Path, config: TrainConfig, pipeline: Any = None) -> None:
         from accelerate import Accelerator
 
-        from .pipeline import _PREPARE, Pipeline
+        from .pipeline import _PREPARE, Pipeline, resolve_dtype
 
-        cpu = config.device == "cpu"
-        self.accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=cpu)
+        if pipeline is not None and getattr(pipeline, "pack_weights", False):
+            raise ValueError("training needs the LM's plain weights: pass a Pipeline(pack_weights=False)")
+        cpu = config.device == "cpu" or not torch.cuda.is_available()
+        precision = config.mixed_precision
+        if precision is None:
+            frozen = resolve_dtype(config.dtype, torch.device("cpu" if cpu else "cuda"))
+            precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(frozen, "no") if not cpu else "no"
+        self.accelerator = Accelerator(mixed_precision=precision, cpu=cpu)
         device = str(self.accelerator.device)
         if pipeline is None:
             from .tasks import load_registry
@@ -232,7 +239,7 @@ class Trainer:
             pipeline = Pipeline(device=device, dtype=config.dtype, tiny=config.tiny, registry=registry, pack_weights=False)
         self.pipeline = pipeline
         self.task = pipeline.task(base)
-        self.config = config.resolved(self.task)
+        self.config = replace(config.resolved(self.task), mixed_precision=precision)
         self.out = Path(out).expanduser().resolve()
         self.device = self.accelerator.device
         self.prepare: Callable[[Path], torch.Tensor] = lambda path: _PREPARE[self.task.modality](
@@ -394,7 +401,7 @@ epalm-demo on top of the frozen models of the task `{task.id}`{" (tiny random te
 The released adapters' recipe (eP-ALM, ICCV 2023) unless changed: {recipe["epochs"]} epochs, batch {recipe["batch_size"]},
 AdamW lr {recipe["lr"]:g} (prompt lr {recipe["prompt_lr"]:g} for QA), weight decay {recipe["weight_decay"]:g}, warm-up from
 {recipe["warmup_lr"]:g} then cosine to {recipe["min_lr"]:g}, loss weight {recipe["lm_loss_weight"]:g}, LM dropout {"on" if recipe["dropout"] else "off"},
-seed {recipe["seed"]}, mixed precision {recipe["mixed_precision"]}. No augmentation (features cached).
+seed {recipe["seed"]}, mixed precision {recipe["mixed_precision"]}. No augmentation; encoder features {"cached" if recipe["cache_features"] else "computed each step"}.
 
 ## Validation
 Best {self.metric}: {best.get(self.metric, float("nan")):.4f} at epoch {best.get("epoch")}.
@@ -498,6 +505,9 @@ Best {self.metric}: {best.get(self.metric, float("nan")):.4f} at epoch {best.get
         finally:
             self.lm.eval()
             self.lm.checkpointing = False
+        accelerator.wait_for_everyone()
+        if (last / "progress.json").is_file():  # the main process's, with the validation
+            progress = json.loads((last / "progress.json").read_text())
         if progress["best"] is None:
             raise DataError("training ran no epoch (is --epochs 0, or was it already finished?)")
         self._refresh_card(progress)
@@ -558,7 +568,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--device", default="auto", help="cpu, or auto (accelerate's device; its launcher's for many GPUs)")
     parser.add_argument("--dtype", help="frozen models' weights: float32, bfloat16, float16 (the adapter stays float32)")
-    parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no", help="autocast, by accelerate")
+    parser.add_argument(
+        "--mixed-precision", choices=["no", "fp16", "bf16"], help="autocast, by accelerate (default: no on CPU, the weights' on GPU)"
+    )
     parser.add_argument("--no-cache-features", dest="cache_features", action="store_false", help="run the encoder every step")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="less memory for large LMs, ~30%% slower")
     parser.add_argument("--init-from-base", action="store_true", help="start from the base task's released adapter")
@@ -585,6 +597,9 @@ def main(args: argparse.Namespace) -> int:
         result = train(args.data, args.base, args.out, **options)
     except TrainingInterrupted as exc:
         print(f"\n{exc}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("\nInterrupted before the first training step; nothing to resume from.", file=sys.stderr)
         return 130
     except (DataError, InputError, AdapterError, WeightsUnavailable, OutOfMemory, RegistryError) as exc:
         print(f"error: {exc}", file=sys.stderr)
