@@ -24,7 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.harness import (  # noqa: E402
-    ROOT, build_encoder, build_lm, encoder_input, injection_for, machine_info, reset_rss_peak, rss_bytes, rss_peak_bytes,
+    ROOT, CpuMonitor, build_encoder, build_lm, encoder_input, injection_for, machine_info, reset_rss_peak, rss_bytes,
+    rss_peak_bytes, wait_for_quiet,
 )
 from epalm.model import EPALM, Adapter  # noqa: E402
 from epalm.train import AdapterLoss  # noqa: E402
@@ -34,9 +35,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def measure(
-    lm: EPALM, encoder, adapter_config, batch: int, cached: bool, steps: int, text_tokens: int, gradient_checkpointing: bool
+    lm: EPALM, encoder, adapter_config, batch: int, cached: bool, steps: int, text_tokens: int, gradient_checkpointing: bool,
+    quiet_wait: float = 20.0,
 ) -> dict:
-    """Median step time and peak memory of `steps` training steps (after one warm-up step)."""
+    """Step times (best and median) and peak memory of `steps` training steps after one warm-up
+    step; before each, the bench waits (up to `quiet_wait` s) for other processes to leave the CPU."""
     torch.manual_seed(0)
     config = lm.config
     model = AdapterLoss(Adapter(adapter_config, encoder.dim, config.hidden_size, config.word_embed_proj_dim))
@@ -49,27 +52,32 @@ def measure(
         features = encoder(media, adapter_config.num_features).float()
     lm.checkpointing = gradient_checkpointing
     lm.lm.train()  # the recipe's dropout
-    times = []
+    times, others = [], []
     reset_rss_peak()
     before = rss_bytes()
     for step in range(steps + 1):
-        started = time.perf_counter()
-        if not cached:
-            with torch.no_grad():
-                features = encoder(media, adapter_config.num_features).float()
-        loss = model(features, ids, mask, ids, lm).sum() / batch * 0.1
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if step:
+            wait_for_quiet(max_wait=quiet_wait)
+        with CpuMonitor() as monitor:
+            started = time.perf_counter()
+            if not cached:
+                with torch.no_grad():
+                    features = encoder(media, adapter_config.num_features).float()
+            loss = model(features, ids, mask, ids, lm).sum() / batch * 0.1
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            elapsed = time.perf_counter() - started
         if step:  # the first step warms up (allocations, oneDNN primitives)
-            times.append(time.perf_counter() - started)
+            times.append(elapsed)
+            others.append((monitor.foreign_cores or 0.0) + (monitor.steal_cores or 0.0))
     lm.lm.eval()
     lm.checkpointing = False
-    step_s = statistics.median(times)
+    best = min(times)
     return {
-        "batch": batch, "cached": cached, "gradient_checkpointing": gradient_checkpointing, "step_s": step_s,
-        "samples_per_s": batch / step_s, "peak_rss_gb": rss_peak_bytes() / 1e9, "peak_delta_gb": (rss_peak_bytes() - before) / 1e9,
-        "steps": len(times),
+        "batch": batch, "cached": cached, "gradient_checkpointing": gradient_checkpointing, "step_s": best,
+        "median_step_s": statistics.median(times), "samples_per_s": batch / best, "others_cores": max(others),
+        "peak_rss_gb": rss_peak_bytes() / 1e9, "peak_delta_gb": (rss_peak_bytes() - before) / 1e9, "steps": len(times),
     }
 
 
@@ -86,7 +94,7 @@ def run(args: argparse.Namespace) -> dict:
         for batch in args.batches:
             for cached in (True, False):
                 for checkpointing in ([False, True] if args.checkpointing and cached and batch == max(args.batches) else [False]):
-                    row = measure(lm, encoder, injection, batch, cached, args.steps, args.text_tokens, checkpointing)
+                    row = measure(lm, encoder, injection, batch, cached, args.steps, args.text_tokens, checkpointing, args.quiet_wait)
                     row["dtype"] = dtype_name
                     results["runs"].append(row)
                     print(json.dumps(row), flush=True)
@@ -103,11 +111,14 @@ def markdown(results: dict, minutes: float) -> str:
         f"{machine['torch_threads']} threads, torch {machine['torch']}. {results['lm']} shape with random weights and the "
         f"real ViT-B/16 shape (image input), captions of {results['text_tokens']} tokens, the paper's adapter "
         "(6 connectors + MLP prompt, 24.9 M trainable weights), AdamW; the LM in train mode (dropout). One step = "
-        "encoder (uncached only) + forward + backward + optimizer step; median over the timed steps after one warm-up. "
-        "Peak RSS: process high-water mark during the steps (Δ: above the resident size before them).",
+        "encoder (uncached only) + forward + backward + optimizer step. Step s: the best of the timed steps after one "
+        "warm-up (median in brackets), each started once other processes left the CPU; others: the most cores other "
+        "processes took during a timed step (this machine is shared: above ~0.3 the time is inflated). Peak RSS: process "
+        "high-water mark during the steps (Δ: above the resident size before them).",
         "",
-        "| dtype (frozen weights) | batch | features | checkpointing | step s | samples/s | peak RSS GB | peak Δ GB | speed-up of caching |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| dtype (frozen weights) | batch | features | checkpointing | step s | samples/s | others | peak RSS GB | peak Δ GB "
+        "| speed-up of caching |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     runs = results["runs"]
     for row in runs:
@@ -117,8 +128,8 @@ def markdown(results: dict, minutes: float) -> str:
             speedup = f"{twin['step_s'] / row['step_s']:.2f} x" if twin else ""
         lines.append(
             f"| {row['dtype']} | {row['batch']} | {'cached' if row['cached'] else 'encoded each step'} | "
-            f"{'yes' if row['gradient_checkpointing'] else 'no'} | {row['step_s']:.2f} | {row['samples_per_s']:.2f} | "
-            f"{row['peak_rss_gb']:.1f} | {row['peak_delta_gb']:.2f} | {speedup} |"
+            f"{'yes' if row['gradient_checkpointing'] else 'no'} | {row['step_s']:.2f} ({row['median_step_s']:.2f}) | "
+            f"{row['samples_per_s']:.3f} | {row['others_cores']:.1f} | {row['peak_rss_gb']:.1f} | {row['peak_delta_gb']:.2f} | {speedup} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -141,10 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--encoders", default="real", help="encoder shapes: real, small or tiny")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPES))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 4, 8])
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per configuration (after one warm-up)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration (after one warm-up)")
     parser.add_argument("--text-tokens", type=int, default=16, help="BOS + caption + EOS")
     parser.add_argument("--checkpointing", action="store_true", help="also measure activation checkpointing at the largest batch")
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--quiet-wait", type=float, default=20.0, help="max seconds to wait for an idle CPU before a step")
     parser.add_argument("--markdown", type=Path, default=ROOT / "bench" / "RESULTS.md")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "train_results.json")
     args = parser.parse_args(argv)

@@ -132,6 +132,7 @@ class TrainConfig:
     registry: str | None = None
     push_to_hub: str | None = None
     progress: bool = True
+    log_every: int = 10  # steps between the training-loss lines of log.jsonl (every epoch also gets one)
 
     def resolved(self, task: Task) -> "TrainConfig":
         recipe = paper_recipe(task)
@@ -482,6 +483,10 @@ Best {self.metric}: {best.get(self.metric, float("nan")):.4f} at epoch {best.get
                     seen += len(per_sample)
                     rate = seen / (time.perf_counter() - started)
                     bar.set_postfix(loss=f"{losses[-1]:.4f}", samples_per_s=f"{rate:.1f}")
+                    step = epoch * len(loader) + progress["step"]  # counted over the whole run
+                    if step % config.log_every == 0:
+                        self._write_log({"event": "step", "epoch": epoch + 1, "step": step, "loss": losses[-1],
+                                         "lr": optimizer.param_groups[0]["lr"], "samples_per_s": rate})
                 bar.close()
                 record = {"event": "epoch", "epoch": epoch + 1, "train_loss": sum(losses) / max(len(losses), 1),
                           "samples_per_s": seen / (time.perf_counter() - started)}

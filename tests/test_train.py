@@ -72,7 +72,9 @@ def test_adapter_round_trip_python_cli_and_registry(pipe, tmp_path):
     card = (out / "README.md").read_text()
     assert "CIDEr" in card and "epochs" in card and "training" in card.lower()
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in log] == [1, 2, 3, 4, 5] and all("CIDEr" in r and "BLEU-4" in r for r in log)
+    epochs = [r for r in log if r["event"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [1, 2, 3, 4, 5] and all("CIDEr" in r and "BLEU-4" in r for r in epochs)
+    assert [r["step"] for r in log if r["event"] == "step"][:2] == [10, 20]
 
     files = [str(data / f"{colour}_0.png") for colour in COLOURS]
     in_process = [Pipeline(device="cpu", tiny=True).caption(f, adapter=str(out), preset="fast").text for f in files]
