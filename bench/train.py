@@ -28,7 +28,7 @@ from bench.harness import (  # noqa: E402
     rss_peak_bytes, wait_for_quiet,
 )
 from epalm.model import EPALM, Adapter  # noqa: E402
-from epalm.train import AdapterLoss  # noqa: E402
+from epalm.training import AdapterLoss  # noqa: E402
 
 SECTION = "## Training throughput (bench/train.py)"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -10,16 +10,39 @@
     from epalm import train                # your own adapter, on a folder of examples
     train("my-photos/", base="image-caption", out="my-adapter")
     pipe.caption("cat.jpg", adapter="my-adapter").text
+
+The names below are imported on first use, so that `import epalm.media` or a command's `--help`
+does not pay for importing torch and transformers.
 """
 
-from .decoding import PRESETS, DecodingOptions
-from .hub import AdapterError, WeightsUnavailable
-from .media import MediaError, MediaLimits
-from .pipeline import Answer, InputError, OutOfMemory, Pipeline, Timings
-from .tasks import Task, load_registry
-from .train import TrainConfig, train
+from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "PRESETS": "decoding", "DecodingOptions": "decoding", "InputError": "errors", "UserError": "errors",
+    "AdapterError": "hub", "WeightsUnavailable": "hub", "MediaError": "media", "MediaLimits": "media",
+    "Answer": "pipeline", "OutOfMemory": "pipeline", "Pipeline": "pipeline", "Timings": "pipeline",
+    "ModelSource": "store", "Task": "tasks", "load_registry": "tasks", "TrainConfig": "training", "train": "training",
+}
 __all__ = [
-    "PRESETS", "AdapterError", "Answer", "DecodingOptions", "InputError", "MediaError", "MediaLimits",
-    "OutOfMemory", "Pipeline", "Task", "Timings", "TrainConfig", "WeightsUnavailable", "load_registry", "train",
+    "PRESETS", "AdapterError", "Answer", "DecodingOptions", "InputError", "MediaError", "MediaLimits", "ModelSource",
+    "OutOfMemory", "Pipeline", "Task", "Timings", "TrainConfig", "UserError", "WeightsUnavailable", "load_registry", "train",
 ]
+
+if TYPE_CHECKING:
+    from .decoding import PRESETS, DecodingOptions
+    from .errors import InputError, UserError
+    from .hub import AdapterError, WeightsUnavailable
+    from .media import MediaError, MediaLimits
+    from .pipeline import Answer, OutOfMemory, Pipeline, Timings
+    from .store import ModelSource
+    from .tasks import Task, load_registry
+    from .training import TrainConfig, train
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'epalm' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -27,6 +27,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from .errors import UserError
 from .media import MediaError
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ TRAIN_SPLITS = ("train", "training")
 VALIDATION_SPLITS = ("validation", "valid", "val", "dev", "test", "testing", "eval", "evaluation")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """The training folder cannot be used as it is; the message says what to fix."""
 
 

@@ -14,7 +14,7 @@ import torch
 from epalm.__main__ import main
 from epalm.pipeline import Pipeline
 from epalm.tasks import load_registry
-from epalm.train import AdapterLoss, TrainConfig, Trainer, parameter_groups, scheduled_lr, train
+from epalm.training import AdapterLoss, TrainConfig, Trainer, parameter_groups, scheduled_lr, train
 
 from conftest import COLOURS, ROOT, write_colour_folder
 
@@ -99,7 +99,7 @@ def test_pipeline_shares_models_with_user_adapters_and_guards_folders(pipe, tmp_
     loaded = set(pipe.loaded())
     pipe.caption(data / "red_0.png", adapter=str(tmp_path / "adapter"))
     added = set(pipe.loaded()) - loaded
-    assert all(name.startswith("adapter ") for name in added), added  # the LM and encoder were reused
+    assert len(added) == 1 and "adapter" in added.pop()  # the LM and encoder were reused
     public = Pipeline(device="cpu", tiny=True, allow_local_adapters=False)
     with pytest.raises(ValueError, match="Local adapter folders are not allowed"):
         public.caption(data / "red_0.png", adapter=str(tmp_path / "adapter"))

@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from .data import Dataset, DataError, Example, decode_all, detect_kind, load_folder
 from .decoding import generate
+from .errors import UserError
 from .hub import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, push_to_hub, save_adapter
 from .metrics import caption_scores, vqa_accuracy
 from .model import EPALM, Adapter
@@ -222,9 +223,10 @@ class Trainer:
     def __init__(self, data: str | Path, base: str, out: str | Path, config: TrainConfig, pipeline: Any = None) -> None:
         from accelerate import Accelerator
 
-        from .pipeline import _PREPARE, Pipeline, resolve_dtype
+        from .pipeline import _PREPARE, Pipeline
+        from .store import resolve_dtype
 
-        if pipeline is not None and getattr(pipeline, "pack_weights", False):
+        if pipeline is not None and pipeline.store.pack_weights:
             raise ValueError("training needs the LM's plain weights: pass a Pipeline(pack_weights=False)")
         cpu = config.device == "cpu" or not torch.cuda.is_available()
         precision = config.mixed_precision
@@ -361,7 +363,7 @@ class Trainer:
             **adapter_config(self.task),
             "title": f"{self.task.title}, trained on {self.dataset.root.name}",
             "base_task": self.task.id,
-            "tiny": bool(getattr(self.pipeline.models, "tiny", False)),
+            "tiny": self.pipeline.random_weights,
             "training": {
                 "data": self.dataset.summary(),
                 "recipe": {k: v for k, v in asdict(self.config).items() if k not in ("push_to_hub", "progress", "registry")},
@@ -592,10 +594,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """`python -m epalm train`: 0 when trained, 2 for a user error, 130 when interrupted (resumable)."""
-    from .hub import AdapterError, WeightsUnavailable
-    from .pipeline import InputError, OutOfMemory
-    from .tasks import RegistryError
-
     logging.getLogger("accelerate").setLevel(logging.WARNING)
     options = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     try:
@@ -606,7 +604,7 @@ def main(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("\nInterrupted before the first training step; nothing to resume from.", file=sys.stderr)
         return 130
-    except (DataError, InputError, AdapterError, WeightsUnavailable, OutOfMemory, RegistryError) as exc:
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"best {result.metric} {result.best:.4f} at epoch {result.best_epoch}; adapter written to {result.out}")
