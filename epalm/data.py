@@ -113,7 +113,9 @@ def read_split(folder: Path, kind: str) -> tuple[list[Example], list[BadRow]]:
     """The rows of one split folder's metadata file; bad rows are returned, not raised."""
     found = [folder / name for name in METADATA_FILES if (folder / name).is_file()]
     if not found:
-        raise DataError(f"{folder} has no metadata.jsonl or metadata.csv (rows of file_name + text, or + question/answer)")
+        raise DataError(
+            f"{folder} has no metadata.jsonl or metadata.csv (rows of file_name + text, or + question/answer)"
+        )
     if len(found) > 1:
         raise DataError(f"{folder} has both metadata.jsonl and metadata.csv; keep one")
     metadata = found[0]
@@ -147,7 +149,7 @@ def read_split(folder: Path, kind: str) -> tuple[list[Example], list[BadRow]]:
 
 
 def detect_kind(root: Path) -> str:
-    """"qa" when the first metadata file has question/answer columns, else "caption"."""
+    """ "qa" when the first metadata file has question/answer columns, else "caption"."""
     for metadata in sorted(root.rglob("metadata.*")):
         if metadata.name in METADATA_FILES:
             for _, row, _ in _rows(metadata):
@@ -192,7 +194,9 @@ def check(dataset: Dataset, skip_bad: bool) -> None:
         listing = "\n".join(f"  {row}" for row in dataset.bad[:50])
         more = f"\n  ... and {len(dataset.bad) - 50} more" if len(dataset.bad) > 50 else ""
         if not skip_bad:
-            raise DataError(f"{len(dataset.bad)} bad rows (use skip_bad / --skip-bad to train without them):\n{listing}{more}")
+            raise DataError(
+                f"{len(dataset.bad)} bad rows (use skip_bad / --skip-bad to train without them):\n{listing}{more}"
+            )
         log.warning("skipping %d bad rows:\n%s%s", len(dataset.bad), listing, more)
     if not dataset.train:
         raise DataError(f"no usable training rows in {dataset.root}")
@@ -201,7 +205,10 @@ def check(dataset: Dataset, skip_bad: bool) -> None:
 
 
 def decode_all(
-    dataset: Dataset, prepare: Callable[[Path], torch.Tensor], use: Callable[[Example, torch.Tensor], None], skip_bad: bool
+    dataset: Dataset,
+    prepare: Callable[[Path], torch.Tensor],
+    use: Callable[[Example, torch.Tensor], None],
+    skip_bad: bool,
 ) -> None:
     """Decode every file with the inference media layer before training starts and pass it to
     `use`, so that a file that cannot be decoded is found (and skipped or refused) before the

@@ -177,7 +177,8 @@ def _trained_adapter_settings(entry: dict, base_dir: Path) -> dict:
     if not config_file.is_file():
         return {}
     config = json.loads(config_file.read_text())
-    return {k: config[k] for k in ("title", "modality", "kind", "lm", "encoder", "preprocess", "injection", "text", "generation")}
+    keys = ("title", "modality", "kind", "lm", "encoder", "preprocess", "injection", "text", "generation")
+    return {k: config[k] for k in keys}
 
 
 def task_from_adapter(folder: str | Path, task_id: str) -> Task:

@@ -102,7 +102,8 @@ def tiny_encoder(modality: str, seed: int = 0) -> Encoder:
     elif modality == "audio":
         config = ASTConfig(
             hidden_size=TINY_WIDTH, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, layer_norm_eps=1e-6,
-            max_length=1024, num_mel_bins=128, attn_implementation="eager", patch_size=32, frequency_stride=32, time_stride=32,
+            max_length=1024, num_mel_bins=128, attn_implementation="eager",
+            patch_size=32, frequency_stride=32, time_stride=32,  # 128 patches, not 1212: 40x faster, still distinct
             initializer_range=0.5,  # at 0.02 the [CLS] of a random AST is the same for any sound
         )
         model = ASTModel(config)
@@ -157,7 +158,8 @@ class TinyModels:
     def adapter_state(self, task: Task, progress: Progress | None = None) -> dict[str, torch.Tensor]:
         """Random; or, with `adapter_files` or for a local folder of our format (an adapter trained
         on these tiny models), the file's weights."""
-        if self.adapter_files or (not task.adapter.repo_id and (Path(task.adapter.filename) / ADAPTER_CONFIG).is_file()):
+        trained_here = not task.adapter.repo_id and (Path(task.adapter.filename) / ADAPTER_CONFIG).is_file()
+        if self.adapter_files or trained_here:
             return read_adapter(fetch(task.adapter, progress))
         return tiny_adapter(task.injection, seed=zlib.crc32(task.id.encode())).state_dict()
 

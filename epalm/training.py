@@ -94,8 +94,10 @@ def paper_recipe(task: Task) -> Recipe:
         return RECIPES[task.id]
     if task.injection.shared_connector and not task.injection.prompt_mlp:
         return RECIPES["image-caption-L" if task.kind == "caption" else "image-vqa-L"]
-    return RECIPES[{"image": "image", "video": "video", "audio": "audio"}[task.modality] + "-caption"] if task.kind == "caption" else (
-        RECIPES["video-qa-msrvtt" if task.modality == "video" else "image-vqa"]
+    return (
+        RECIPES[{"image": "image", "video": "video", "audio": "audio"}[task.modality] + "-caption"]
+        if task.kind == "caption"
+        else (RECIPES["video-qa-msrvtt" if task.modality == "video" else "image-vqa"])
     )
 
 
@@ -164,7 +166,12 @@ class AdapterLoss(nn.Module):
         self.adapter = adapter
 
     def forward(
-        self, features: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, lm: EPALM
+        self,
+        features: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        lm: EPALM,
     ) -> torch.Tensor:
         """Per-sample sum of the token cross-entropy of `labels` (-100: no target) after BOS: the
         text logits predict the next token, visual and prompt positions predict nothing."""
@@ -206,8 +213,16 @@ def parameter_groups(adapter: Adapter, task: Task, config: TrainConfig) -> list[
     named = list(adapter.named_parameters())
     if task.kind == "qa":
         return [
-            {"params": [p for n, p in named if "prompt" not in n], "lr": config.lr, "weight_decay": config.weight_decay},
-            {"params": [p for n, p in named if "prompt" in n], "lr": config.prompt_lr, "weight_decay": config.weight_decay},
+            {
+                "params": [p for n, p in named if "prompt" not in n],
+                "lr": config.lr,
+                "weight_decay": config.weight_decay,
+            },
+            {
+                "params": [p for n, p in named if "prompt" in n],
+                "lr": config.prompt_lr,
+                "weight_decay": config.weight_decay,
+            },
         ]
     no_decay = [p for n, p in named if p.ndim <= 1 or n.endswith(".bias")]
     decay = [p for n, p in named if not (p.ndim <= 1 or n.endswith(".bias"))]
@@ -239,7 +254,9 @@ class Trainer:
             from .tasks import load_registry
 
             registry = load_registry(config.registry) if config.registry else None
-            pipeline = Pipeline(device=device, dtype=config.dtype, tiny=config.tiny, registry=registry, pack_weights=False)
+            pipeline = Pipeline(
+                device=device, dtype=config.dtype, tiny=config.tiny, registry=registry, pack_weights=False
+            )
         self.pipeline = pipeline
         self.task = pipeline.task(base)
         self.config = replace(config.resolved(self.task), mixed_precision=precision)
@@ -257,8 +274,12 @@ class Trainer:
         found = detect_kind(Path(data).expanduser())
         if found != self.task.kind:
             columns = "question and answer" if found == "qa" else "text"
-            raise DataError(f"the data has {columns} columns, but the base task '{self.task.id}' is a {self.task.kind} task")
-        return load_folder(data, self.task.kind, self.config.validation_fraction, self.config.seed, self.config.skip_bad)
+            raise DataError(
+                f"the data has {columns} columns, but the base task '{self.task.id}' is a {self.task.kind} task"
+            )
+        return load_folder(
+            data, self.task.kind, self.config.validation_fraction, self.config.seed, self.config.skip_bad
+        )
 
     # -- features ----------------------------------------------------------------------------
 
@@ -278,7 +299,12 @@ class Trainer:
 
         decode_all(self.dataset, self.prepare, use, self.config.skip_bad)
         what = "decoded and encoded" if keep else "decoded"
-        log.info("%s %d files in %.1f s", what, len(self.dataset.train) + len(self.dataset.validation), time.perf_counter() - started)
+        log.info(
+            "%s %d files in %.1f s",
+            what,
+            len(self.dataset.train) + len(self.dataset.validation),
+            time.perf_counter() - started,
+        )
 
     def _media_features(self, examples: list[Example]) -> torch.Tensor:
         if self.config.cache_features:
@@ -294,7 +320,9 @@ class Trainer:
         for row, (seq, example) in enumerate(zip(ids, examples)):
             input_ids[row, : len(seq)] = torch.tensor(seq)
             mask[row, : len(seq)] = 1
-            start = len(self.task.text.prompt_ids(self.tokenizer, example.question)) if self.config.answer_loss_only else 0
+            start = (
+                len(self.task.text.prompt_ids(self.tokenizer, example.question)) if self.config.answer_loss_only else 0
+            )
             labels[row, start : len(seq)] = input_ids[row, start : len(seq)]
         return {"examples": examples, "input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
@@ -326,8 +354,11 @@ class Trainer:
             batch = self._collate(examples[start : start + self.config.batch_size])
             with self.accelerator.autocast():
                 per_sample = model(
-                    self._media_features(batch["examples"]), batch["input_ids"].to(self.device),
-                    batch["attention_mask"].to(self.device), batch["labels"].to(self.device), self.lm,
+                    self._media_features(batch["examples"]),
+                    batch["input_ids"].to(self.device),
+                    batch["attention_mask"].to(self.device),
+                    batch["labels"].to(self.device),
+                    self.lm,
                 )
             total += per_sample.sum().item()
         return total / len(examples) * self.config.lm_loss_weight
@@ -347,7 +378,9 @@ class Trainer:
             scores = {"CIDEr": scores["CIDEr"], "BLEU-4": scores["BLEU-4"]}
         else:
             scores = {"VQA accuracy": vqa_accuracy(predictions, [[e.answer] for e in examples])}
-        scores["exact match"] = sum(p.lower() == e.answer.lower() for p, e in zip(predictions, examples)) / len(examples)
+        scores["exact match"] = sum(p.lower() == e.answer.lower() for p, e in zip(predictions, examples)) / len(
+            examples
+        )
         scores["validation_loss"] = self.validation_loss(model)
         return scores
 
@@ -366,7 +399,9 @@ class Trainer:
             "tiny": self.pipeline.random_weights,
             "training": {
                 "data": self.dataset.summary(),
-                "recipe": {k: v for k, v in asdict(self.config).items() if k not in ("push_to_hub", "progress", "registry")},
+                "recipe": {
+                    k: v for k, v in asdict(self.config).items() if k not in ("push_to_hub", "progress", "registry")
+                },
                 "best": best,
             },
         }
@@ -381,7 +416,13 @@ class Trainer:
             for h in history
         )
         names = [k for k in history[0] if k not in ("epoch", "train_loss", "event", "samples_per_s")] if history else []
-        task = self.task
+        task, inj = self.task, self.task.injection
+        connectors = "one shared connector" if inj.shared_connector else "one connector per block"
+        prompt = f"{inj.prompt_len}-token prompt" + (" with MLP" if inj.prompt_mlp else "")
+        tiny = " (tiny random test models)" if config["tiny"] else ""
+        features = "cached" if recipe["cache_features"] else "computed each step"
+        command = "caption" if task.kind == "caption" else "ask -q 'your question?'"
+        parameters = sum(p.numel() for p in self._adapter().parameters())
         return f"""---
 library_name: epalm-demo
 tags: [eP-ALM, multimodal, {task.modality}, {task.kind}]
@@ -389,22 +430,23 @@ base_model: [{task.lm.id}]
 ---
 # eP-ALM adapter: {config["title"]}
 
-Connector and soft prompt ({sum(p.numel() for p in self._adapter().parameters()):,} parameters) trained with
-epalm-demo on top of the frozen models of the task `{task.id}`{" (tiny random test models)" if config["tiny"] else ""}.
+Connector and soft prompt ({parameters:,} parameters) trained with epalm-demo on top of the frozen
+models of the task `{task.id}`{tiny}.
 
 - Language model (frozen): `{task.lm.id}`; encoder (frozen): `{task.encoder.id}` ({task.encoder.library})
-- Injection: layers {task.injection.start_layer}..{task.injection.end_layer - 1}, last {task.injection.num_features} encoder blocks,
-  {"one shared connector" if task.injection.shared_connector else "one connector per block"}, {task.injection.prompt_len}-token prompt{" with MLP" if task.injection.prompt_mlp else ""}
+- Injection: layers {inj.start_layer}..{inj.end_layer - 1}, last {inj.num_features} encoder blocks,
+  {connectors}, {prompt}
 
 ## Data
-`{data["folder"]}`: {data["train"]} training and {data["validation"]} validation rows (validation: {data["validation_source"]}),
-{data["skipped_rows"]} bad rows skipped.
+`{data["folder"]}`: {data["train"]} training and {data["validation"]} validation rows
+(validation: {data["validation_source"]}), {data["skipped_rows"]} bad rows skipped.
 
 ## Recipe
-The released adapters' recipe (eP-ALM, ICCV 2023) unless changed: {recipe["epochs"]} epochs, batch {recipe["batch_size"]},
-AdamW lr {recipe["lr"]:g} (prompt lr {recipe["prompt_lr"]:g} for QA), weight decay {recipe["weight_decay"]:g}, warm-up from
-{recipe["warmup_lr"]:g} then cosine to {recipe["min_lr"]:g}, loss weight {recipe["lm_loss_weight"]:g}, LM dropout {"on" if recipe["dropout"] else "off"},
-seed {recipe["seed"]}, mixed precision {recipe["mixed_precision"]}. No augmentation; encoder features {"cached" if recipe["cache_features"] else "computed each step"}.
+The released adapters' recipe (eP-ALM, ICCV 2023) unless changed: {recipe["epochs"]} epochs, batch
+{recipe["batch_size"]}, AdamW lr {recipe["lr"]:g} (prompt lr {recipe["prompt_lr"]:g} for QA), weight decay
+{recipe["weight_decay"]:g}, warm-up from {recipe["warmup_lr"]:g} then cosine to {recipe["min_lr"]:g}, loss weight
+{recipe["lm_loss_weight"]:g}, LM dropout {"on" if recipe["dropout"] else "off"}, seed {recipe["seed"]}, mixed precision
+{recipe["mixed_precision"]}. No augmentation; encoder features {features}.
 
 ## Validation
 Best {self.metric}: {best.get(self.metric, float("nan")):.4f} at epoch {best.get("epoch")}.
@@ -414,9 +456,8 @@ Best {self.metric}: {best.get(self.metric, float("nan")):.4f} at epoch {best.get
 {rows}
 
 ## Use
-    python -m epalm {"caption" if task.kind == "caption" else "ask -q 'your question?'"} FILE --adapter {self.out.name}{" --tiny" if config["tiny"] else ""}
+    python -m epalm {command} FILE --adapter {self.out.name}{" --tiny" if config["tiny"] else ""}
 """
-
     def _adapter(self) -> Adapter:
         return self.accelerator.unwrap_model(self.model).adapter
 
@@ -437,11 +478,11 @@ Best {self.metric}: {best.get(self.metric, float("nan")):.4f} at epoch {best.get
         self.out.mkdir(parents=True, exist_ok=True)
         self._scan()
         self.model = AdapterLoss(self._new_adapter())
-        optimizer = torch.optim.AdamW(parameter_groups(self.model.adapter, self.task, config), betas=(0.9, 0.999), eps=1e-8)
-        sampler = EpochSampler(len(self.dataset.train), config.seed)
-        loader = DataLoader(
-            self.dataset.train, batch_size=config.batch_size, sampler=sampler, collate_fn=self._collate
+        optimizer = torch.optim.AdamW(
+            parameter_groups(self.model.adapter, self.task, config), betas=(0.9, 0.999), eps=1e-8
         )
+        sampler = EpochSampler(len(self.dataset.train), config.seed)
+        loader = DataLoader(self.dataset.train, batch_size=config.batch_size, sampler=sampler, collate_fn=self._collate)
         self.model, optimizer, loader = accelerator.prepare(self.model, optimizer, loader)
         self.lm.checkpointing = config.gradient_checkpointing
         progress = {"epoch": 0, "step": 0, "best": None, "history": []}
@@ -465,16 +506,23 @@ Best {self.metric}: {best.get(self.metric, float("nan")):.4f} at epoch {best.get
                 self.model.train()
                 losses, seen, started = [], 0, time.perf_counter()
                 bar = tqdm(
-                    batches, total=len(loader), initial=progress["step"], desc=f"epoch {epoch + 1}/{config.epochs}",
-                    disable=not (config.progress and accelerator.is_main_process), unit="batch",
+                    batches,
+                    total=len(loader),
+                    initial=progress["step"],
+                    desc=f"epoch {epoch + 1}/{config.epochs}",
+                    disable=not (config.progress and accelerator.is_main_process),
+                    unit="batch",
                 )
                 for batch in bar:
                     for group in scheduled:
                         group["lr"] = scheduled_lr(config, epoch, progress["step"])
                     with accelerator.autocast():
                         per_sample = self.model(
-                            self._media_features(batch["examples"]), batch["input_ids"], batch["attention_mask"],
-                            batch["labels"], self.lm,
+                            self._media_features(batch["examples"]),
+                            batch["input_ids"],
+                            batch["attention_mask"],
+                            batch["labels"],
+                            self.lm,
                         )
                         loss = per_sample.sum() / len(per_sample) * config.lm_loss_weight
                     accelerator.backward(loss)
@@ -487,18 +535,38 @@ Best {self.metric}: {best.get(self.metric, float("nan")):.4f} at epoch {best.get
                     bar.set_postfix(loss=f"{losses[-1]:.4f}", samples_per_s=f"{rate:.1f}")
                     step = epoch * len(loader) + progress["step"]  # counted over the whole run
                     if step % config.log_every == 0:
-                        self._write_log({"event": "step", "epoch": epoch + 1, "step": step, "loss": losses[-1],
-                                         "lr": optimizer.param_groups[0]["lr"], "samples_per_s": rate})
+                        self._write_log(
+                            {
+                                "event": "step",
+                                "epoch": epoch + 1,
+                                "step": step,
+                                "loss": losses[-1],
+                                "lr": optimizer.param_groups[0]["lr"],
+                                "samples_per_s": rate,
+                            }
+                        )
                 bar.close()
-                record = {"event": "epoch", "epoch": epoch + 1, "train_loss": sum(losses) / max(len(losses), 1),
-                          "samples_per_s": seen / (time.perf_counter() - started)}
+                record = {
+                    "event": "epoch",
+                    "epoch": epoch + 1,
+                    "train_loss": sum(losses) / max(len(losses), 1),
+                    "samples_per_s": seen / (time.perf_counter() - started),
+                }
                 if accelerator.is_main_process:
                     record.update(self.validate(accelerator.unwrap_model(self.model)))
                     progress["history"].append(record)
                     self._write_log(record)
-                    log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float)))
+                    log.info(
+                        "epoch %d: %s",
+                        epoch + 1,
+                        ", ".join(f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float)),
+                    )
                     if progress["best"] is None or _better(record, progress["best"], self.metric):
-                        progress["best"] = {"epoch": epoch + 1, self.metric: record[self.metric], "validation_loss": record["validation_loss"]}
+                        progress["best"] = {
+                            "epoch": epoch + 1,
+                            self.metric: record[self.metric],
+                            "validation_loss": record["validation_loss"],
+                        }
                         self._save_best(self._adapter(), progress["history"], progress["best"])
                 progress.update(epoch=epoch + 1, step=0)
                 accelerator.wait_for_everyone()
@@ -541,7 +609,14 @@ def _better(record: dict, best: dict, metric: str) -> bool:
     return (record[metric], -record["validation_loss"]) > (best[metric], -best["validation_loss"])
 
 
-def train(data: str | Path, base: str, out: str | Path, config: TrainConfig | None = None, pipeline: Any = None, **options: Any) -> TrainResult:
+def train(
+    data: str | Path,
+    base: str,
+    out: str | Path,
+    config: TrainConfig | None = None,
+    pipeline: Any = None,
+    **options: Any,
+) -> TrainResult:
     """Train an adapter for the base task `base` on the folder `data`; write it to `out`.
 
         from epalm import train
@@ -559,9 +634,15 @@ def train(data: str | Path, base: str, out: str | Path, config: TrainConfig | No
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `python -m epalm train` (every `TrainConfig` field that a user sets)."""
-    parser.add_argument("data", type=Path, help="folder of media + metadata.jsonl/csv (Hugging Face imagefolder convention)")
-    parser.add_argument("--base", required=True, help="task whose LM, encoder, settings and recipe to use (python -m epalm tasks)")
-    parser.add_argument("--out", required=True, type=Path, help="output folder: the adapter (best checkpoint), last/, log.jsonl")
+    parser.add_argument(
+        "data", type=Path, help="folder of media + metadata.jsonl/csv (Hugging Face imagefolder convention)"
+    )
+    parser.add_argument(
+        "--base", required=True, help="task whose LM, encoder, settings and recipe to use (python -m epalm tasks)"
+    )
+    parser.add_argument(
+        "--out", required=True, type=Path, help="output folder: the adapter (best checkpoint), last/, log.jsonl"
+    )
     parser.add_argument("--epochs", type=int, help="default: the base task's recipe")
     parser.add_argument("--batch-size", type=int, help="per process; default: the base task's recipe")
     parser.add_argument("--lr", type=float, help="learning rate (default: the recipe's, 2e-5 for the OPT-2.7B tasks)")
@@ -569,21 +650,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup-lr", type=float)
     parser.add_argument("--min-lr", type=float)
     parser.add_argument("--weight-decay", type=float, default=0.02)
-    parser.add_argument("--answer-loss-only", action="store_true", help="QA: no loss on the question (the original has one)")
-    parser.add_argument("--schedule-all-groups", action="store_true", help="the lr schedule moves every group (the original: group 0 only)")
-    parser.add_argument("--no-dropout", dest="dropout", action="store_false", help="LM in eval mode (the original trains with dropout)")
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--device", default="auto", help="cpu, or auto (accelerate's device; its launcher's for many GPUs)")
-    parser.add_argument("--dtype", help="frozen models' weights: float32, bfloat16, float16 (the adapter stays float32)")
     parser.add_argument(
-        "--mixed-precision", choices=["no", "fp16", "bf16"], help="autocast, by accelerate (default: no on CPU, the weights' on GPU)"
+        "--answer-loss-only", action="store_true", help="QA: no loss on the question (the original has one)"
     )
-    parser.add_argument("--no-cache-features", dest="cache_features", action="store_false", help="run the encoder every step")
+    parser.add_argument(
+        "--schedule-all-groups",
+        action="store_true",
+        help="the lr schedule moves every group (the original: group 0 only)",
+    )
+    parser.add_argument(
+        "--no-dropout", dest="dropout", action="store_false", help="LM in eval mode (the original trains with dropout)"
+    )
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--device", default="auto", help="cpu, or auto (accelerate's device; its launcher's for many GPUs)"
+    )
+    parser.add_argument(
+        "--dtype", help="frozen models' weights: float32, bfloat16, float16 (the adapter stays float32)"
+    )
+    parser.add_argument(
+        "--mixed-precision",
+        choices=["no", "fp16", "bf16"],
+        help="autocast, by accelerate (default: no on CPU, the weights' on GPU)",
+    )
+    parser.add_argument(
+        "--no-cache-features", dest="cache_features", action="store_false", help="run the encoder every step"
+    )
     parser.add_argument("--gradient-checkpointing", action="store_true", help="less memory for large LMs, ~30%% slower")
     parser.add_argument("--init-from-base", action="store_true", help="start from the base task's released adapter")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last")
-    parser.add_argument("--validation-fraction", type=float, default=0.1, help="held out when there is no validation split")
-    parser.add_argument("--refuse-bad", dest="skip_bad", action="store_false", help="stop on any bad row instead of skipping it")
+    parser.add_argument(
+        "--validation-fraction", type=float, default=0.1, help="held out when there is no validation split"
+    )
+    parser.add_argument(
+        "--refuse-bad", dest="skip_bad", action="store_false", help="stop on any bad row instead of skipping it"
+    )
     parser.add_argument("--eval-beams", type=int, help="validation decoding beams (default: the task's)")
     parser.add_argument("--eval-max-new-tokens", type=int, help="validation decoding length (default: the task's)")
     parser.add_argument("--tiny", action="store_true", help="tiny random models (tests, smoke runs)")

@@ -158,8 +158,8 @@ PITCHES = {"red": 220.0, "green": 440.0, "blue": 880.0, "white": 1760.0}  # the 
 
 
 def write_colour_media(path: Path, colour: str, seed: int) -> Path:
-    """A solid-colour image or clip (shade jittered by `seed`), or a 10-s tone (the model's window) of the colour's pitch,
-    by the file's suffix: the synthetic tasks the training tests learn."""
+    """By the file's suffix: a solid-colour image or clip (shade jittered by `seed`), or a 10-s tone
+    (the model's window) of the colour's pitch: the synthetic tasks the training tests learn."""
     import av
     import numpy as np
     from PIL import Image
@@ -193,6 +193,7 @@ def write_colour_folder(root: Path, per_colour: int, suffix: str = ".png", qa: b
             name = f"{colour}_{i}{suffix}"
             write_colour_media(root / name, colour, seed=seed + 100 * c + i)
             target = f"a {colour}"
-            rows.append({"file_name": name, "question": "what colour is it", "answer": target} if qa else {"file_name": name, "text": target})
+            columns = {"question": "what colour is it", "answer": target} if qa else {"text": target}
+            rows.append({"file_name": name, **columns})
     (root / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     return root

@@ -16,8 +16,24 @@ from bench import train as bench_train  # noqa: E402
 def test_training_bench_runs_and_rewrites_its_section(tmp_path):
     results = tmp_path / "RESULTS.md"
     results.write_text("# eP-ALM benchmark results\n\n## Machine\n\nsomething\n")
-    argv = ["--lm", "tiny", "--encoders", "tiny", "--batches", "1", "2", "--steps", "1", "--checkpointing", "--quiet-wait", "0",
-            "--markdown", str(results), "--out", str(tmp_path / "train.json")]
+    argv = [
+        "--lm",
+        "tiny",
+        "--encoders",
+        "tiny",
+        "--batches",
+        "1",
+        "2",
+        "--steps",
+        "1",
+        "--checkpointing",
+        "--quiet-wait",
+        "0",
+        "--markdown",
+        str(results),
+        "--out",
+        str(tmp_path / "train.json"),
+    ]
     assert bench_train.main(argv) == 0
     assert bench_train.main(argv) == 0
     text = results.read_text()

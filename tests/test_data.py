@@ -15,7 +15,10 @@ from conftest import write_colour_folder
 
 def test_held_out_fraction_is_seeded_and_disjoint(tmp_path):
     root = write_colour_folder(tmp_path / "colours", per_colour=5)
-    first, again = load_folder(root, validation_fraction=0.2, seed=1), load_folder(root, validation_fraction=0.2, seed=1)
+    first, again = (
+        load_folder(root, validation_fraction=0.2, seed=1),
+        load_folder(root, validation_fraction=0.2, seed=1),
+    )
     other = load_folder(root, validation_fraction=0.2, seed=2)
     assert first.kind == "caption" and len(first.validation) == 4 and len(first.train) == 16
     assert [e.path for e in first.validation] == [e.path for e in again.validation]
@@ -32,7 +35,12 @@ def test_split_folders_and_csv_qa(tmp_path):
         lines = ["file_name,question,answer"] + [f"{r['file_name']},{r['question']},{r['answer']}" for r in rows]
         (folder / "metadata.csv").write_text("\n".join(lines) + "\n")
     data = load_folder(tmp_path / "data")
-    assert data.kind == "qa" and len(data.train) == 8 and len(data.validation) == 8 and data.validation_source == "validation"
+    assert (
+        data.kind == "qa"
+        and len(data.train) == 8
+        and len(data.validation) == 8
+        and data.validation_source == "validation"
+    )
     assert data.train[0].question == "what colour is it" and data.train[0].where.endswith("metadata.csv:2")
 
 
@@ -44,7 +52,9 @@ def test_bad_rows_are_reported_with_their_line_then_skipped_or_refused(tmp_path,
         out.write("{not json\n")  # line 15
     data = load_folder(root)
     assert [str(b).split("metadata.jsonl:")[1] for b in data.bad] == [
-        "13: file not found: gone.png", "14: empty text", "15: not valid JSON (Expecting property name enclosed in double quotes)"
+        "13: file not found: gone.png",
+        "14: empty text",
+        "15: not valid JSON (Expecting property name enclosed in double quotes)",
     ]
     assert len(data.train) + len(data.validation) == 12 and "skipping 3 bad rows" in caplog.text
     with pytest.raises(DataError, match=r"3 bad rows(.|\n)*metadata.jsonl:13: file not found"):

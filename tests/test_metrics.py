@@ -25,7 +25,10 @@ def test_tokenization_matches_the_coco_toolkit(caption, tokens):
 
 def test_caption_scores_match_the_coco_toolkit():
     # pycocoevalcap with its own PTBTokenizer on the same input: CIDEr 4.393910, BLEU-4 0.688725
-    scores = caption_scores(["a man riding a wave", "A dog on a couch."], [["A man riding a wave.", "a surfer on a wave"], ["A cat on a couch."]])
+    scores = caption_scores(
+        ["a man riding a wave", "A dog on a couch."],
+        [["A man riding a wave.", "a surfer on a wave"], ["A cat on a couch."]],
+    )
     assert scores["CIDEr"] == pytest.approx(4.393910474, abs=1e-6)
     assert scores["BLEU-4"] == pytest.approx(0.688724654, abs=1e-6)
     assert caption_scores(["a red"], [["a blue"]])["BLEU-4"] < 1e-3

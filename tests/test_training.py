@@ -19,7 +19,17 @@ from epalm.training import AdapterLoss, TrainConfig, Trainer, parameter_groups, 
 from conftest import COLOURS, ROOT, write_colour_folder
 
 # small data, a high learning rate and no dropout: the tiny task is learnt in a few dozen steps
-FAST = dict(batch_size=4, lr=2e-2, warmup_lr=2e-2, prompt_lr=2e-2, eval_beams=1, eval_max_new_tokens=4, dropout=False, progress=False, device="cpu")
+FAST = dict(
+    batch_size=4,
+    lr=2e-2,
+    warmup_lr=2e-2,
+    prompt_lr=2e-2,
+    eval_beams=1,
+    eval_max_new_tokens=4,
+    dropout=False,
+    progress=False,
+    device="cpu",
+)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +52,11 @@ def exact_match(pipe: Pipeline, folder, adapter=None, task=None, question=None, 
 
 @pytest.mark.parametrize(
     "base, suffix, per_colour",
-    [("image-caption", ".png", 12), ("audio-caption", ".wav", 12), ("video-caption", ".mp4", 8)],  # video decodes slowly
+    [
+        ("image-caption", ".png", 12),
+        ("audio-caption", ".wav", 12),
+        ("video-caption", ".mp4", 8),
+    ],  # video decodes slowly
 )
 def test_tiny_models_learn_to_caption_colours_and_pitches(pipe, tmp_path, base, suffix, per_colour):
     data = write_colour_folder(tmp_path / "train", per_colour=per_colour, suffix=suffix)
@@ -82,7 +96,10 @@ def test_adapter_round_trip_python_cli_and_registry(pipe, tmp_path):
     # another process builds the same tiny models (seeded) and reads the same adapter
     cli = subprocess.run(
         [sys.executable, "-m", "epalm", "caption", "--tiny", "--preset", "fast", "--adapter", str(out), *files],
-        capture_output=True, text=True, cwd=ROOT, timeout=300,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
     )
     assert cli.returncode == 0, cli.stderr
     assert [line.split("\t")[1] for line in cli.stdout.strip().split("\n")] == in_process
@@ -90,7 +107,10 @@ def test_adapter_round_trip_python_cli_and_registry(pipe, tmp_path):
     registry = tmp_path / "tasks.yaml"
     registry.write_text("tasks:\n  my-colours:\n    adapter: {filename: colours-adapter}\n")
     mine = Pipeline(device="cpu", tiny=True, registry=load_registry(registry))
-    assert mine.task("my-colours").kind == "caption" and mine.caption(files[2], "my-colours", preset="fast").text == in_process[2]
+    assert (
+        mine.task("my-colours").kind == "caption"
+        and mine.caption(files[2], "my-colours", preset="fast").text == in_process[2]
+    )
 
 
 def test_pipeline_shares_models_with_user_adapters_and_guards_folders(pipe, tmp_path):
@@ -132,7 +152,10 @@ def test_interrupted_training_resumes_to_the_same_adapter(pipe, tmp_path, monkey
     train(data, "image-caption", tmp_path / "resumed", resume=True, **options)
     from safetensors.torch import load_file
 
-    straight, resumed = load_file(tmp_path / "straight" / "adapter.safetensors"), load_file(tmp_path / "resumed" / "adapter.safetensors")
+    straight, resumed = (
+        load_file(tmp_path / "straight" / "adapter.safetensors"),
+        load_file(tmp_path / "resumed" / "adapter.safetensors"),
+    )
     assert all(torch.allclose(straight[k], resumed[k], atol=1e-6) for k in straight)
 
 
