@@ -8,6 +8,10 @@
         print(partial.text)
     pipe.caption("cat.jpg", task="image-caption", inspect=True).inspection  # what the model saw, how sure it was
 
+    from epalm import train                # your own adapter, on a folder of examples
+    train("my-photos/", base="image-caption", out="my-adapter")
+    pipe.caption("cat.jpg", adapter="my-adapter").text
+
 The names below are imported on first use, so `import epalm` (and `python -m epalm --help`) does
 not pay for importing torch and transformers.
 """
@@ -40,6 +44,8 @@ _EXPORTS = {
     "ModelSource": "store",
     "Task": "tasks",
     "load_registry": "tasks",
+    "TrainConfig": "training",
+    "train": "training",
 }
 __all__ = list(_EXPORTS)
 
@@ -64,6 +70,8 @@ if TYPE_CHECKING:  # for type checkers and editors; `X as X` marks a re-export
     from .store import ModelSource as ModelSource
     from .tasks import Task as Task
     from .tasks import load_registry as load_registry
+    from .training import TrainConfig as TrainConfig
+    from .training import train as train
 
 
 def __getattr__(name: str) -> Any:

@@ -1,4 +1,4 @@
-"""Command line: `python -m epalm {tasks,download,caption,ask,convert,parity} ...`.
+"""Command line: `python -m epalm {tasks,download,caption,ask,convert,train,parity} ...`.
 
 Several paths make one batch run that loads the models once and prints one line per path, in
 input order: `PATH<TAB>answer` or `PATH<TAB>ERROR: message` (or JSON lines with --jsonl). A bad
@@ -29,7 +29,8 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     from .presets import DEFAULT_PRESET, PRESETS  # light too
 
     max_mb = MediaLimits().max_file_bytes / 2**20
-    parser.add_argument("--task", required=True, help="task id (see `python -m epalm tasks`)")
+    parser.add_argument("--task", help="task id (see `python -m epalm tasks`)")
+    parser.add_argument("--adapter", help="a trained adapter instead of --task: its folder or Hub repo id (user/name)")
     parser.add_argument("--tiny", action="store_true", help="tiny random models, no network (answers are meaningless)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto: a GPU if any (default: auto)")
     parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: float32 on CPU, float16 on GPU)")
@@ -101,9 +102,72 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--task", required=True)
     conv.add_argument("--registry", help=REGISTRY_HELP)
     conv.add_argument("--push-to-hub", metavar="REPO", help="upload the converted folder to this Hub repo")
+    _train_flags(sub.add_parser("train", help="train your own adapter on a folder of examples"))
     par = sub.add_parser("parity", help="check against reference fixtures (same as python -m epalm.parity)")
     par.add_argument("cases", nargs="+", help="case folders, or folders of cases (e.g. tests/fixtures/parity)")
     return parser
+
+
+def _train_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of `python -m epalm train` (every `TrainConfig` field that a user sets)."""
+    parser.add_argument(
+        "data", type=Path, help="folder of media + metadata.jsonl/csv (Hugging Face imagefolder convention)"
+    )
+    parser.add_argument(
+        "--base", required=True, help="task whose LM, encoder, settings and recipe to use (python -m epalm tasks)"
+    )
+    parser.add_argument(
+        "--out", required=True, type=Path, help="output folder: the adapter (best checkpoint), last/, log.jsonl"
+    )
+    parser.add_argument("--epochs", type=int, help="default: the base task's recipe")
+    parser.add_argument("--batch-size", type=int, help="per process; default: the base task's recipe")
+    parser.add_argument("--lr", type=float, help="learning rate (default: the recipe's, 2e-5 for the OPT-2.7B tasks)")
+    parser.add_argument("--prompt-lr", type=float, help="QA tasks: the prompt's learning rate")
+    parser.add_argument("--warmup-lr", type=float)
+    parser.add_argument("--min-lr", type=float)
+    parser.add_argument("--weight-decay", type=float, default=0.02)
+    parser.add_argument(
+        "--answer-loss-only", action="store_true", help="QA: no loss on the question (the original has one)"
+    )
+    parser.add_argument(
+        "--schedule-all-groups",
+        action="store_true",
+        help="the lr schedule moves every group (the original: group 0 only)",
+    )
+    parser.add_argument(
+        "--no-dropout", dest="dropout", action="store_false", help="LM in eval mode (the original trains with dropout)"
+    )
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--device", default="auto", help="cpu, or auto (accelerate's device; its launcher's for many GPUs)"
+    )
+    parser.add_argument(
+        "--dtype", help="frozen models' weights: float32, bfloat16, float16 (the adapter stays float32)"
+    )
+    parser.add_argument(
+        "--mixed-precision",
+        choices=["no", "fp16", "bf16"],
+        help="autocast, by accelerate (default: no on CPU, the weights' on GPU)",
+    )
+    parser.add_argument(
+        "--no-cache-features", dest="cache_features", action="store_false", help="run the encoder every step"
+    )
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="less memory for large LMs, ~30%% slower")
+    parser.add_argument("--init-from-base", action="store_true", help="start from the base task's released adapter")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/last")
+    parser.add_argument(
+        "--validation-fraction", type=float, default=0.1, help="held out when there is no validation split"
+    )
+    parser.add_argument(
+        "--refuse-bad", dest="skip_bad", action="store_false", help="stop on any bad row instead of skipping it"
+    )
+    parser.add_argument("--eval-beams", type=int, help="validation decoding beams (default: the task's)")
+    parser.add_argument("--eval-max-new-tokens", type=int, help="validation decoding length (default: the task's)")
+    parser.add_argument("--tiny", action="store_true", help="tiny random models (tests, smoke runs)")
+    parser.add_argument("--registry", help="another task registry file")
+    parser.add_argument("--push-to-hub", metavar="REPO", help="upload the adapter folder to this Hub repo at the end")
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+
 
 
 def _tasks(registry: dict[str, Task]) -> int:
@@ -146,7 +210,12 @@ def _download(args: argparse.Namespace, registry: dict[str, Task]) -> int:
 
 
 def _check_tasks(parser: argparse.ArgumentParser, args: argparse.Namespace, registry: dict[str, Task]) -> None:
-    """An unknown task, or a task of the other kind, is a usage error: said once, before any work."""
+    """An unknown task, or a task of the other kind, is a usage error: said once, before any work.
+    (With --adapter the task comes from the adapter's own config.)"""
+    if args.command in ("caption", "ask") and getattr(args, "adapter", None):
+        return
+    if args.command in ("caption", "ask") and not args.task:
+        parser.error("name a task (--task) or a trained adapter (--adapter)")
     for task_id in getattr(args, "tasks", None) or [args.task]:
         if task_id not in registry:
             parser.error(f"unknown task {task_id!r}; known tasks: {', '.join(registry)}")
@@ -177,7 +246,7 @@ def _run(args: argparse.Namespace, question: str | None) -> int:
     inspect = args.save_inputs is not None
     for path in args.paths:
         try:
-            settings = dict(preset=args.preset, num_frames=args.num_frames, inspect=inspect, **decoding)
+            settings = dict(preset=args.preset, num_frames=args.num_frames, adapter=args.adapter, inspect=inspect, **decoding)
             if question is None:
                 answer = pipeline.caption(path, args.task, **settings)
             else:
@@ -228,6 +297,30 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    """`python -m epalm train`: 0 when trained, 2 for a user error, 130 when interrupted (resumable)."""
+    from dataclasses import fields
+
+    from .errors import UserError
+    from .training import TrainConfig, TrainingInterrupted, train
+
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+    options = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    try:
+        result = train(args.data, args.base, args.out, **options)
+    except TrainingInterrupted as exc:
+        print(f"\n{exc}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("\nInterrupted before the first training step; nothing to resume from.", file=sys.stderr)
+        return 130
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"best {result.metric} {result.best:.4f} at epoch {result.best_epoch}; adapter written to {result.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -247,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.command == "train":
+        return _train(args)
     if args.command == "tasks":
         return _tasks(registry)
     _check_tasks(parser, args, registry)

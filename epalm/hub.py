@@ -43,13 +43,12 @@ from .encoders import Encoder, wrap_encoder
 from .errors import UserError
 from .media import describe_bytes
 from .model import Adapter
-from .tasks import AdapterSource, EncoderRef, ModelRef, Task
+from .tasks import ADAPTER_CONFIG, AdapterSource, EncoderRef, ModelRef, Task
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 ADAPTER_WEIGHTS = "adapter.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 _ADAPTER_PREFIXES = ("connector.", "prompt_module.")
 # the weight files `from_pretrained` looks for, in its order of preference (timm: the first and third)
 WEIGHT_FILES = (
@@ -357,11 +356,17 @@ def adapter_config(task: Task) -> dict:
 def convert(src: str | Path, task: Task, out_dir: str | Path) -> Path:
     """Write `adapter.safetensors`, `adapter_config.json` and a model card for an original checkpoint."""
     state = read_adapter(src)
+    return save_adapter(state, adapter_config(task), _model_card(task, Path(src).name, sum(v.numel() for v in state.values())), out_dir)
+
+
+def save_adapter(state: dict[str, torch.Tensor], config: dict, card: str, out_dir: str | Path) -> Path:
+    """Write our adapter folder: `adapter.safetensors`, `adapter_config.json` and the model card."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, out / ADAPTER_WEIGHTS, metadata={"format": "pt", "task": task.id})
-    (out / ADAPTER_CONFIG).write_text(json.dumps(adapter_config(task), indent=2) + "\n")
-    (out / "README.md").write_text(_model_card(task, Path(src).name, sum(v.numel() for v in state.values())))
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    save_file(tensors, out / ADAPTER_WEIGHTS, metadata={"format": "pt", "task": config["task"]})
+    (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    (out / "README.md").write_text(card)
     return out
 
 
@@ -388,12 +393,14 @@ were released with, and those of the base models.
 """
 
 
-def push_to_hub(folder: str | Path, repo_id: str) -> str:
-    """Upload a converted adapter folder; returns the repo URL."""
+def push_to_hub(folder: str | Path, repo_id: str, allow_patterns: list[str] | None = None) -> str:
+    """Upload an adapter folder (only the files matching `allow_patterns`, if given); returns the repo URL."""
     api = HfApi()
     try:
         api.create_repo(repo_id, exist_ok=True)
-        api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="Add eP-ALM adapter")
+        api.upload_folder(
+            repo_id=repo_id, folder_path=str(folder), commit_message="Add eP-ALM adapter", allow_patterns=allow_patterns
+        )
     except (OSError, ValueError) as exc:
         raise WeightsUnavailable(f"Cannot upload to {repo_id}: {exc} (log in with `hf auth login`).") from exc
     return f"https://huggingface.co/{repo_id}"

@@ -25,6 +25,7 @@ from typing import Iterator
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import OPTForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -205,6 +206,7 @@ class EPALM(nn.Module):
         super().__init__()
         self.lm = lm.eval().requires_grad_(False)
         self.decoder = lm.model.decoder
+        self.checkpointing = False  # training: recompute each layer's activations in the backward pass
 
     @property
     def config(self):
@@ -252,6 +254,8 @@ class EPALM(nn.Module):
         full_mask = torch.cat([attention_mask.new_ones(attention_mask.shape[0], prefix.prompt.shape[1]), attention_mask], 1)
         mask = additive_mask(full_mask, full_mask.shape[1], self.dtype)
         hidden = self._embed(input_ids, attention_mask, prefix.prompt)
+        # embedding dropout, as the original's decoder had; active only while the LM is in train mode (training)
+        hidden = nn.functional.dropout(hidden, p=self.config.dropout, training=self.lm.training)
         late_start, late_input = self._late_start(injection), None
         for idx, layer in enumerate(self.decoder.layers):
             if idx == injection.start_layer:
@@ -262,7 +266,10 @@ class EPALM(nn.Module):
             if idx == late_start:
                 late_input = hidden
             use_cache = cache is not None and (idx < late_start or idx == self._cached_late_layer(injection))
-            hidden = layer(hidden, attention_mask=mask, cache=cache if use_cache else None)
+            if self.checkpointing and cache is None and torch.is_grad_enabled():
+                hidden = checkpoint(layer, hidden, attention_mask=mask, use_reentrant=False)
+            else:
+                hidden = layer(hidden, attention_mask=mask, cache=cache if use_cache else None)
         return hidden, late_input
 
     def _cached_late_layer(self, injection: InjectionConfig) -> int | None:

@@ -17,6 +17,7 @@ import torch
 
 from .audio import prepare_audio
 from .decoding import DecodingOptions, generate, stream_text, stream_tokens
+from .adapters import adapter_task
 from .encoders import Encoder
 from .errors import InputError, UserError
 from .hub import HubModels, Progress
@@ -97,9 +98,12 @@ class Pipeline:
         progress: Progress | None = None,
         source: ModelSource | None = None,
         pack_weights: bool = True,
+        allow_local_adapters: bool = True,
     ) -> None:
         """`source`: where the weights come from (default: the Hub; `tiny=True`: tiny random models).
-        `pack_weights`: see `store.ModelStore`. `progress` hears every load stage and download."""
+        `pack_weights`: see `store.ModelStore`. `progress` hears every load stage and download.
+        `allow_local_adapters`: whether `adapter=` may name a folder on this machine (not only a Hub repo)."""
+        self.allow_local_adapters = allow_local_adapters
         if source is None:
             if tiny:
                 from .tiny import TinyModels
@@ -147,6 +151,21 @@ class Pipeline:
     def adapter(self, task: Task, progress: Progress | None = None) -> Adapter:
         return self.store.adapter(task, progress)
 
+    def use_adapter(self, source: str) -> str:
+        """Serve a trained adapter (a folder, or a Hub repo id) with the models its config names,
+        shared with every other task; returns its task id (`adapter:<source>`)."""
+        task_id = f"adapter:{source}"
+        if task_id in self.tasks:
+            return task_id
+        task, tiny = adapter_task(source, self.allow_local_adapters)
+        if tiny != self.random_weights:
+            raise InputError(
+                f"The adapter {source} was trained on the {'tiny test' if tiny else 'real'} models; "
+                f"{'use --tiny / Pipeline(tiny=True)' if tiny else 'it cannot run on the tiny models'}."
+            )
+        self.tasks[task_id] = self.store.source.tasks({task_id: task})[task_id]  # one dict store: atomic
+        return task_id
+
     def preload(self, task_ids: list[str], progress: Progress | None = None) -> None:
         for task_id in task_ids:
             self.adapter(self.task(task_id), progress)
@@ -186,7 +205,7 @@ class Pipeline:
 
     def _text_ids(self, task: Task, question: str | None, tokenizer: Any) -> torch.Tensor:
         """BOS then the task's text, as the original tokenizer call produced them."""
-        ids = [tokenizer.bos_token_id] + tokenizer(task.text.render(question), add_special_tokens=False).input_ids
+        ids = task.text.prompt_ids(tokenizer, question)
         if len(ids) > MAX_QUESTION_TOKENS:
             raise InputError(f"The question is {len(ids)} tokens long; the limit is {MAX_QUESTION_TOKENS}. Please shorten it.")
         return torch.tensor([ids], device=self.device)
@@ -213,17 +232,23 @@ class Pipeline:
     def stream(
         self,
         media: Any,
-        task: str,
+        task: str | None,
         question: str | None = None,
         preset: str | None = None,
         num_frames: int | None = None,
         progress: Progress | None = None,
         inspect: bool = False,
+        adapter: str | None = None,
         **overrides: Any,
     ) -> Iterator[Answer]:
         """Partial answers as they are generated (greedy and sampling), then the final one.
         Beam search yields only the final answer. Bad input fails before any model loads.
-        `inspect`: answers carry an `Inspection` (see epalm.inspection); off, nothing of it is computed."""
+        `inspect`: answers carry an `Inspection` (see epalm.inspection); off, nothing of it is computed.
+        `adapter`: a trained adapter (folder or Hub repo id) to use instead of `task`."""
+        if adapter is not None:
+            task = self.use_adapter(adapter)
+        if task is None:
+            raise InputError("Name a task or an adapter.")
         spec = self.task(task)
         question = self._check_question(spec, question)
         options = self.decoding_options(spec, preset, **overrides)

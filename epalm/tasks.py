@@ -9,6 +9,7 @@ point one at their own adapter by editing the YAML (or passing another file); no
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from .video import VideoTransform
 # The repository's checkpoints/tasks.yaml (a checkout or an editable install); a wheel carries it as epalm/tasks.yaml
 _CHECKOUT_REGISTRY = Path(__file__).resolve().parents[1] / "checkpoints" / "tasks.yaml"
 DEFAULT_REGISTRY = _CHECKOUT_REGISTRY if _CHECKOUT_REGISTRY.is_file() else Path(__file__).with_name("tasks.yaml")
+ADAPTER_CONFIG = "adapter_config.json"  # the settings file of our adapter folders (hub.py writes them)
 MODALITIES = ("image", "video", "audio")
 KINDS = ("caption", "qa")
 Transform = Union[ImageTransform, VideoTransform, AudioTransform]
@@ -95,6 +97,16 @@ class TextFormat:
             question += "?"
         return self.prompt.format(question=question)
 
+    def prompt_ids(self, tokenizer, question: str | None) -> list[int]:
+        """The LM input at inference: BOS then the rendered prompt (the original tokenizer call)."""
+        return [tokenizer.bos_token_id] + tokenizer(self.render(question), add_special_tokens=False).input_ids
+
+    def training_ids(self, tokenizer, question: str | None, answer: str) -> list[int]:
+        """What the original trained on: BOS, the prompt, the caption or answer, EOS
+        (`caption</s>`, `question?</a>answer</s>`); it starts with `prompt_ids`."""
+        text = self.render(question) + answer + tokenizer.eos_token
+        return [tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False).input_ids
+
 
 @dataclass(frozen=True)
 class Task:
@@ -133,6 +145,7 @@ def _build(task_id: str, entry: dict, base_dir: Path) -> Task:
         return value
 
     try:
+        entry = {**_trained_adapter_settings(entry, base_dir), **entry}
         modality, kind = entry["modality"], entry["kind"]
         if modality not in MODALITIES or kind not in KINDS:
             raise RegistryError(f"task {task_id!r}: modality must be one of {MODALITIES} and kind one of {KINDS}")
@@ -166,6 +179,28 @@ def answer_tokens(tasks: Iterable[Task], lm: ModelRef) -> list[str]:
     """The special tokens the tokenizer of `lm` needs: the answer tokens of every task on that LM,
     so that one shared tokenizer reads every task's prompt as its training script did."""
     return sorted({task.text.answer_token for task in tasks if task.lm == lm and task.text.answer_token})
+
+
+def _trained_adapter_settings(entry: dict, base_dir: Path) -> dict:
+    """An entry may name only a local adapter folder of our format (`adapter: {filename: ./my-adapter}`):
+    its `adapter_config.json` then gives the task's settings (those of the task it was trained from)."""
+    adapter = entry.get("adapter")
+    if not isinstance(adapter, dict) or adapter.get("repo_id") or "filename" not in adapter or "modality" in entry:
+        return {}
+    config_file = base_dir / os.path.expanduser(adapter["filename"]) / ADAPTER_CONFIG
+    if not config_file.is_file():
+        return {}
+    config = json.loads(config_file.read_text())
+    keys = ("title", "modality", "kind", "lm", "encoder", "preprocess", "injection", "text", "generation")
+    return {k: config[k] for k in keys}
+
+
+def task_from_adapter(folder: str | Path, task_id: str) -> Task:
+    """The task an adapter folder of our format was trained or converted for, its weights that folder."""
+    folder = Path(folder).expanduser().resolve()
+    if not (folder / ADAPTER_CONFIG).is_file():
+        raise RegistryError(f"{folder} is not an adapter folder: it has no {ADAPTER_CONFIG}")
+    return _build(task_id, {"adapter": {"filename": str(folder)}}, folder)
 
 
 def load_registry(path: str | Path | None = None) -> dict[str, Task]:

@@ -13,6 +13,7 @@ import copy
 import functools
 import zlib
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -22,10 +23,16 @@ from timm.models.vision_transformer import VisionTransformer
 from .encoders import Encoder, wrap_encoder
 from .hub import Progress, fetch, is_cached, read_adapter
 from .model import Adapter, InjectionConfig
-from .tasks import EncoderRef, ModelRef, Task
+from .tasks import ADAPTER_CONFIG, EncoderRef, ModelRef, Task
 
 TINY_WIDTH = 32  # hidden size of the tiny LM and encoders
 TOKENIZER_VOCAB = 500  # byte-level BPE: 256 bytes + 4 specials + merges
+# Weight scales that let a tiny adapter steer the tiny LM, as a real adapter steers OPT. With OPT's
+# init_std 0.02 at width 32 the logits stay within about ±0.1 and the layers barely pass anything
+# on, so no adapter can make the LM say anything. Measured on the colour-captioning task of
+# tests/test_training.py: 0.35 / 0.7 learns it in ~40 steps.
+TINY_INIT_STD = 0.35  # every linear layer
+TINY_EMBED_STD = 0.7  # token embeddings and the tied LM head: confident next tokens
 
 _CORPUS = """
 a man riding a wave on top of a surfboard. a cat sitting on a couch next to a remote control.
@@ -72,10 +79,15 @@ def tiny_lm(seed: int = 0, **overrides: object) -> OPTForCausalLM:
         bos_token_id=2,
         eos_token_id=2,
         attn_implementation="eager",
+        init_std=TINY_INIT_STD,
     )
     config.update(overrides)
-    torch.manual_seed(seed)
-    return OPTForCausalLM(OPTConfig(**config)).eval()
+    with torch.random.fork_rng(devices=[]):  # the same weights in every process, the caller's RNG untouched
+        torch.manual_seed(seed)
+        lm = OPTForCausalLM(OPTConfig(**config)).eval()
+        with torch.no_grad():
+            lm.model.decoder.embed_tokens.weight.normal_(0, TINY_EMBED_STD)  # tied: the LM head too
+        return lm
 
 
 class _RandomPool:
@@ -140,6 +152,8 @@ def tiny_encoder(modality: str, seed: int = 0) -> Encoder:
         config = ASTConfig(
             hidden_size=TINY_WIDTH, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, layer_norm_eps=1e-6,
             max_length=1024, num_mel_bins=128, attn_implementation="eager",
+            patch_size=32, frequency_stride=32, time_stride=32,  # 128 patches, not 1212: 40x faster, still distinct
+            initializer_range=0.5,  # at 0.02 the [CLS] of a random AST is the same for any sound
         )
         model = ASTModel(config)
     else:
@@ -201,7 +215,10 @@ class TinyModels:
         return tiny_encoder(modality, seed=zlib.crc32(ref.id.encode()) % 1000).to(dtype)
 
     def adapter_state(self, task: Task, progress: Progress | None = None) -> dict[str, torch.Tensor]:
-        if self.adapter_files:
+        """Random; or, with `adapter_files` or for a local folder of our format (an adapter trained
+        on these tiny models), the file's weights."""
+        trained_here = not task.adapter.repo_id and (Path(task.adapter.filename) / ADAPTER_CONFIG).is_file()
+        if self.adapter_files or trained_here:
             return read_adapter(fetch(task.adapter, progress, task.id))
         return tiny_adapter(task.injection, seed=zlib.crc32(task.id.encode())).state_dict()
 

@@ -107,13 +107,14 @@ def test_greedy_token_probabilities_are_the_models(pipe, media_files):
     tokens = answer.inspection.tokens
     lm, tokenizer = pipe.lm(task)
     prompt = [tokenizer.bos_token_id] + tokenizer(task.text.render("what color"), add_special_tokens=False).input_ids
-    ids = torch.tensor([prompt + [t.id for t in tokens]])
     with torch.inference_mode():
         prefix = pipe.adapter(task).prefix(pipe.encoder(task)(received[-1], task.injection.num_features))
-        logits = lm(ids, torch.ones_like(ids), prefix)[0, 1 + task.injection.prompt_len :]  # the original, uncached
-    probs = torch.softmax(logits.float(), -1)
     for step, token in enumerate(tokens):
-        expected = probs[len(prompt) - 1 + step]
+        # the original, uncached: the whole sequence so far, every step (the late layers' visual state
+        # reads the whole sequence, so one forward over the final ids would not give each step's logits)
+        ids = torch.tensor([prompt + [t.id for t in tokens[:step]]])
+        with torch.inference_mode():
+            expected = torch.softmax(lm(ids, torch.ones_like(ids), prefix)[0, -1].float(), -1)
         assert token.prob == pytest.approx(expected[token.id].item(), abs=1e-5)
         assert token.id == expected.argmax().item(), "greedy takes the most likely token"
     assert tokenizer.decode([t.id for t in tokens], skip_special_tokens=True).strip() == answer.text

@@ -1,0 +1,45 @@
+"""Adapters that users trained (`python -m epalm train`) or converted: a folder or a Hub repo in our
+format (`adapter.safetensors` + `adapter_config.json`), turned into a task next to the registry's.
+
+The adapter's config names the LM, encoder and settings it was trained with, so a pipeline that
+already holds that LM and encoder serves it without loading them again.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from .hub import ADAPTER_WEIGHTS, AdapterError, fetch
+from .tasks import ADAPTER_CONFIG, AdapterSource, RegistryError, Task, task_from_adapter
+
+REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def resolve_adapter(source: str, allow_local: bool = True, revision: str = "main") -> Path:
+    """The local folder of an adapter given as a folder path or a Hub repo id (downloaded into the
+    Hugging Face cache). `allow_local=False` refuses folders (a public app must not read the server's disk)."""
+    path = Path(source).expanduser()
+    if path.exists():
+        if not allow_local:
+            raise AdapterError("Local adapter folders are not allowed here; give a Hub repo id (user/name).")
+        if not (path / ADAPTER_CONFIG).is_file() or not (path / ADAPTER_WEIGHTS).is_file():
+            raise AdapterError(f"{path} is not an adapter folder: it needs {ADAPTER_WEIGHTS} and {ADAPTER_CONFIG}.")
+        return path.resolve()
+    if not REPO_ID.fullmatch(source):
+        raise AdapterError(f"Adapter {source!r} is neither an existing folder nor a Hub repo id (user/name).")
+    config = fetch(AdapterSource(ADAPTER_CONFIG, repo_id=source, revision=revision))
+    fetch(AdapterSource(ADAPTER_WEIGHTS, repo_id=source, revision=revision))
+    return config.parent  # the snapshot folder holds both files
+
+
+def adapter_task(source: str, allow_local: bool = True) -> tuple[Task, bool]:
+    """The task of a trained adapter (its id: `adapter:<source>`) and whether it was trained on the
+    tiny test models."""
+    folder = resolve_adapter(source, allow_local)
+    try:
+        config = json.loads((folder / ADAPTER_CONFIG).read_text())
+        return task_from_adapter(folder, f"adapter:{source}"), bool(config.get("tiny", False))
+    except (ValueError, RegistryError) as exc:  # JSONDecodeError is a ValueError
+        raise AdapterError(f"{folder / ADAPTER_CONFIG} is not a valid adapter config: {exc}") from exc

@@ -1,0 +1,38 @@
+"""Trained adapters from a Hub repo (the loopback fake Hub) or a folder."""
+
+from __future__ import annotations
+
+import pytest
+
+from epalm.adapters import adapter_task, resolve_adapter
+from epalm.hub import AdapterError, adapter_config, save_adapter
+from epalm.pipeline import Pipeline
+from epalm.tiny import tiny_adapter
+
+
+def saved_tiny_adapter(folder, pipe: Pipeline):
+    task = pipe.task("image-caption")
+    config = {**adapter_config(task), "base_task": task.id, "tiny": True}
+    return save_adapter(tiny_adapter(task.injection, seed=7).state_dict(), config, "# card\n", folder)
+
+
+def test_adapter_from_a_hub_repo_equals_the_same_folder(fake_hub, tmp_path, media_files):
+    pipe = Pipeline(device="cpu", tiny=True)
+    folder = saved_tiny_adapter(tmp_path / "mine", pipe)
+    for name in ("adapter.safetensors", "adapter_config.json"):
+        fake_hub.add("someone/colours", name, (folder / name).read_bytes())
+    downloaded = resolve_adapter("someone/colours", allow_local=False)
+    assert (downloaded / "adapter.safetensors").read_bytes() == (folder / "adapter.safetensors").read_bytes()
+    task, tiny = adapter_task("someone/colours")
+    assert tiny and task.kind == "caption" and task.id == "adapter:someone/colours"
+    from_hub = pipe.caption(media_files["image"], adapter="someone/colours", preset="fast", max_new_tokens=4).text
+    assert from_hub == pipe.caption(media_files["image"], adapter=str(folder), preset="fast", max_new_tokens=4).text
+    assert from_hub != pipe.caption(media_files["image"], "image-caption", preset="fast", max_new_tokens=4).text
+
+
+def test_not_an_adapter(tmp_path, fake_hub):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AdapterError, match="is not an adapter folder"):
+        resolve_adapter(str(tmp_path / "empty"))
+    with pytest.raises(Exception, match="someone/missing"):
+        resolve_adapter("someone/missing")
