@@ -56,7 +56,9 @@ if __name__ == "__main__":
     ARGS = parse_args()  # --help and bad flags are answered here, before gradio and torch are imported
 
 import inspect  # noqa: E402
+import itertools  # noqa: E402
 import logging  # noqa: E402
+import queue  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
@@ -137,12 +139,12 @@ class Demo:
     def preloading_now(self) -> bool:
         return any(state in ("waiting", "loading…") for state in self.preloading.values())
 
-    def run(self, modality: str, request: dict[str, Any], progress: Callable[..., Any]) -> Iterator[tuple[str, str]]:
-        """Stream (answer, info) pairs for one request; the first pair clears the previous answer.
-        A refused or failed request leaves its message in the info box and raises a `gr.Error`."""
-        yield "", ""
+    def run(self, modality: str, request: dict[str, Any]) -> Iterator[tuple[str, str]]:
+        """Stream (answer, info) pairs for one request: load stages and downloads in the info box first,
+        then the answer. A refused or failed request leaves its message in the info box and raises a
+        `gr.Error` (for the toast and for API clients)."""
         try:
-            yield from self._answers(modality, request, progress)
+            yield from self._answers(modality, request)
         except UserError as exc:
             log.info("refused a %s request: %s", modality, exc)
             message = str(exc)
@@ -154,7 +156,7 @@ class Demo:
         yield "", f"⚠️ {message}"
         raise gr.Error(message, print_exception=False)
 
-    def _answers(self, modality: str, request: dict[str, Any], progress: Callable[..., Any]) -> Iterator[tuple[str, str]]:
+    def _answers(self, modality: str, request: dict[str, Any]) -> Iterator[tuple[str, str]]:
         media = request["media"]
         if media is None or media == "":
             raise InputError(f"Please upload {MEDIA_NAMES[modality]} first.")
@@ -165,15 +167,45 @@ class Demo:
             decoding.update(max_new_tokens=int(request["max_new_tokens"]), max_length=None)
         if request.get("frames"):
             decoding["num_frames"] = int(request["frames"])
-        report = lambda message: progress(None, desc=message)  # noqa: E731
+        stages: queue.SimpleQueue = queue.SimpleQueue()
         answers = self.pipeline.stream(
-            media, request["task"], request.get("question"), preset=request["preset"], progress=report, **decoding
+            media, request["task"], request.get("question"), preset=request["preset"], progress=stages.put, **decoding
         )
-        for answer in answers:
+        first = _first_in_background(answers, stages)
+        while (stage := stages.get()) is not first:  # checks, loading and downloads until the first answer
+            while not stages.empty() and stage is not first:  # show only the latest of a burst of download reports
+                stage = stages.get()
+            if stage is not first:
+                yield "", f"⏳ {stage}"
+        if first.error is not None:
+            raise first.error
+        for answer in itertools.chain([first.answer], answers) if first.answer is not None else ():
             if answer.done:
                 yield answer.text, f"`{answer.task}` · {answer.timings.summary()} · {answer.device}/{answer.dtype}"
             else:
                 yield answer.text, "generating…"
+
+
+@dataclass
+class _First:
+    answer: Any = None
+    error: BaseException | None = None
+
+
+def _first_in_background(answers: Iterator[Any], stages: queue.SimpleQueue) -> _First:
+    """Pull the first answer in another thread (it is where the checks, loads and downloads happen) and
+    put the result on `stages` after the stage messages, so that they can be shown as they come."""
+    first = _First()
+
+    def pull() -> None:
+        try:
+            first.answer = next(answers, None)
+        except BaseException as exc:  # re-raised by the request's own thread
+            first.error = exc
+        stages.put(first)
+
+    threading.Thread(target=pull, daemon=True).start()
+    return first
 
 
 def _original_upload(image: gr.Image) -> gr.Image:
@@ -210,11 +242,9 @@ def _endpoint(demo: Demo, modality: str, kind: str, tasks: list[Task]) -> Callab
     names = [param.name for param in params]
 
     def endpoint(*values: Any) -> Iterator[tuple[str, str]]:
-        *inputs, progress = values  # gradio passes the gr.Progress after the inputs
-        yield from demo.run(modality, dict(zip(names, inputs)), progress)
+        yield from demo.run(modality, dict(zip(names, values)))
 
-    progress = inspect.Parameter("progress", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=gr.Progress())
-    endpoint.__signature__ = inspect.Signature(params + [progress])  # type: ignore[attr-defined]
+    endpoint.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     endpoint.__name__ = f"{KINDS[kind].endpoint}_{modality}"
     return gpu(endpoint)
 
@@ -245,11 +275,15 @@ def _kind_tab(
     answer = gr.Textbox(label=ui.output, lines=3, buttons=["copy"], elem_id=f"{prefix}-answer")
     info = gr.Markdown(label="Details", elem_id=f"{prefix}-info")
     inputs = [media] + ([question] if question is not None else []) + [task, *settings]
-    triggers = [run.click] + ([question.submit] if question is not None else [])
-    event = gr.on(
-        triggers, _endpoint(demo, modality, kind, tasks), inputs=inputs, outputs=[answer, info], api_name=f"{ui.endpoint}_{modality}",
+    # the button is the one way in (Enter in the question box and example clicks press it): it clears the
+    # old answer at once in the browser, then runs the endpoint
+    cleared = run.click(None, None, [answer, info], js="() => ['', '']")
+    event = cleared.then(
+        _endpoint(demo, modality, kind, tasks), inputs, [answer, info], api_name=f"{ui.endpoint}_{modality}",
         concurrency_id="model", concurrency_limit=concurrency, show_progress="full", show_progress_on=[answer],
     )
+    if question is not None:
+        question.submit(None, js=_press(prefix))
     stop.click(None, None, None, cancels=[event])
     rows = _examples(modality, kind)
     if rows and modality == "audio":  # the examples table shows file names only: give each a player
@@ -275,7 +309,12 @@ def _examples_table(prefix: str, inputs: list, rows: list[list[str]]) -> None:
         return row if len(row) > 1 else row[0]
 
     filled = table.click(load_example, table, inputs, queue=False, show_progress="hidden", api_visibility="private")
-    filled.then(None, js=f"() => {{ document.getElementById('{prefix}-run').click(); }}")
+    filled.then(None, js=_press(prefix))
+
+
+def _press(prefix: str) -> str:
+    """Browser code that presses the sub-tab's button, so every way in runs the same event."""
+    return f"() => {{ document.getElementById('{prefix}-run').click(); }}"
 
 
 def _tab(demo: Demo, modality: str, tasks: dict[str, list[Task]], concurrency: int) -> list:

@@ -14,6 +14,7 @@ import pytest
 from playwright.sync_api import expect, sync_playwright
 
 from epalm import Pipeline
+from epalm.tiny import TinyModels
 
 from conftest import ROOT
 from test_app import serve
@@ -160,6 +161,28 @@ def test_stop_ends_a_running_answer(browser, media_files):
         page.wait_for_timeout(2000)
         assert answer.input_value() == stopped, "no more partial answers after Stop"
         expect(page.locator("#image-caption-info")).not_to_contain_text("tokens/s")
+    finally:
+        page.close()
+        blocks.close()
+
+
+class SlowLoadingTinyModels(TinyModels):
+    """Tiny models whose language model takes a few seconds to load, like a real download."""
+
+    def lm(self, ref, dtype):
+        time.sleep(4)
+        return super().lm(ref, dtype)
+
+
+def test_load_stages_show_where_the_answer_will_appear(browser, media_files):
+    blocks, page = open_app(browser, Pipeline(device="cpu", source=SlowLoadingTinyModels()))
+    try:
+        page.get_by_role("tab", name="Audio", exact=True).click()
+        upload(page, "audio", media_files["audio"])
+        page.locator("#audio-caption-run").click()
+        expect(page.locator("#audio-caption-info")).to_contain_text("⏳ Loading OPT-2.7B language model", timeout=30_000)
+        page.screenshot(path=str(OUTPUT / "loading.png"), full_page=True)
+        assert wait_for_answer(page, "audio-caption", "audio-caption").strip()
     finally:
         page.close()
         blocks.close()
