@@ -23,32 +23,61 @@ def env_flag(name: str) -> bool:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     env = os.environ.get
     limits = MediaLimits()
-    parser = argparse.ArgumentParser(description="eP-ALM demo (Gradio)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--device", default=env("EPALM_DEVICE", "auto"), help="cpu, cuda, cuda:N or auto [EPALM_DEVICE]")
-    parser.add_argument(
-        "--dtype", default=env("EPALM_DTYPE", "auto"), help="float32, bfloat16, float16 or auto (float16 on GPU, float32 on CPU) [EPALM_DTYPE]"
+    parser = argparse.ArgumentParser(
+        description="eP-ALM demo (Gradio)", formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument("--host", default=env("GRADIO_SERVER_NAME", "127.0.0.1"), help="address to serve on [GRADIO_SERVER_NAME]")
-    parser.add_argument("--port", type=int, default=int(env("GRADIO_SERVER_PORT", "7860")), help="[GRADIO_SERVER_PORT]")
-    parser.add_argument("--share", action="store_true", default=env_flag("EPALM_SHARE"), help="public gradio.live link [EPALM_SHARE]")
-    parser.add_argument("--tiny", action="store_true", default=env_flag("EPALM_TINY"), help="tiny random models, no network [EPALM_TINY]")
     parser.add_argument(
-        "--preload", nargs="*", default=(env("EPALM_PRELOAD") or "").split(), metavar="TASK",
+        "--device", default=env("EPALM_DEVICE", "auto"), help="cpu, cuda, cuda:N or auto [EPALM_DEVICE]"
+    )
+    parser.add_argument(
+        "--dtype",
+        default=env("EPALM_DTYPE", "auto"),
+        help="float32, bfloat16, float16 or auto (float16 on GPU, float32 on CPU) [EPALM_DTYPE]",
+    )
+    parser.add_argument(
+        "--host", default=env("GRADIO_SERVER_NAME", "127.0.0.1"), help="address to serve on [GRADIO_SERVER_NAME]"
+    )
+    parser.add_argument("--port", type=int, default=int(env("GRADIO_SERVER_PORT", "7860")), help="[GRADIO_SERVER_PORT]")
+    parser.add_argument(
+        "--share", action="store_true", default=env_flag("EPALM_SHARE"), help="public gradio.live link [EPALM_SHARE]"
+    )
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        default=env_flag("EPALM_TINY"),
+        help="tiny random models, no network [EPALM_TINY]",
+    )
+    parser.add_argument(
+        "--preload",
+        nargs="*",
+        default=(env("EPALM_PRELOAD") or "").split(),
+        metavar="TASK",
         help="load these tasks at start-up, in the background [EPALM_PRELOAD]",
     )
     parser.add_argument(
-        "--max-file-size", type=float, default=float(env("EPALM_MAX_FILE_SIZE", limits.max_file_bytes / 2**20)),
+        "--max-file-size",
+        type=float,
+        default=float(env("EPALM_MAX_FILE_SIZE", limits.max_file_bytes / 2**20)),
         help="upload limit in MB [EPALM_MAX_FILE_SIZE]",
     )
     parser.add_argument(
-        "--max-duration", type=float, default=float(env("EPALM_MAX_DURATION", limits.max_clip_seconds)),
+        "--max-duration",
+        type=float,
+        default=float(env("EPALM_MAX_DURATION", limits.max_clip_seconds)),
         help="longest video or audio clip, in seconds [EPALM_MAX_DURATION]",
     )
     parser.add_argument(
-        "--concurrency", type=int, default=int(env("EPALM_CONCURRENCY", "0")),
+        "--concurrency",
+        type=int,
+        default=int(env("EPALM_CONCURRENCY", "0")),
         help="model calls at once; 0: 1 on CPU, 2 on GPU [EPALM_CONCURRENCY]",
     )
-    parser.add_argument("--queue-size", type=int, default=int(env("EPALM_QUEUE_SIZE", "32")), help="waiting requests before 'busy' [EPALM_QUEUE_SIZE]")
+    parser.add_argument(
+        "--queue-size",
+        type=int,
+        default=int(env("EPALM_QUEUE_SIZE", "32")),
+        help="waiting requests before 'busy' [EPALM_QUEUE_SIZE]",
+    )
     return parser.parse_args(argv)
 
 
@@ -96,7 +125,10 @@ class Kind:
     endpoint: str
 
 
-KINDS = {"caption": Kind("Caption", "Caption", "Caption", "caption"), "qa": Kind("Ask a question", "Answer", "Answer", "answer")}
+KINDS = {
+    "caption": Kind("Caption", "Caption", "Caption", "caption"),
+    "qa": Kind("Ask a question", "Answer", "Answer", "answer"),
+}
 
 
 @dataclass
@@ -219,7 +251,9 @@ def _original_upload(image: gr.Image) -> gr.Image:
 
 def _media_input(modality: str) -> gr.components.Component:
     if modality == "image":
-        image = gr.Image(label="Image", sources=["upload", "webcam", "clipboard"], type="filepath", elem_id="image-input")
+        image = gr.Image(
+            label="Image", sources=["upload", "webcam", "clipboard"], type="filepath", elem_id="image-input"
+        )
         return _original_upload(image)
     if modality == "video":
         return gr.Video(label="Video", sources=["upload", "webcam"], elem_id="video-input")
@@ -232,7 +266,13 @@ def _parameters(modality: str, kind: str, tasks: list[Task]) -> list[inspect.Par
         name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default
     )
     params = [p("media")] + ([p("question")] if kind == "qa" else [])
-    params += [p("task", tasks[0].id), p("preset", "paper"), p("max_new_tokens", 0), p("temperature", 0.7), p("top_p", 0.9)]
+    params += [
+        p("task", tasks[0].id),
+        p("preset", "paper"),
+        p("max_new_tokens", 0),
+        p("temperature", 0.7),
+        p("top_p", 0.9),
+    ]
     return params + ([p("frames", 0)] if modality == "video" else [])
 
 
@@ -252,7 +292,9 @@ def _endpoint(demo: Demo, modality: str, kind: str, tasks: list[Task]) -> Callab
 def _examples(modality: str, kind: str) -> list[list[str]]:
     """Files under examples/<modality>/ (see examples/README.md), each with a question in question mode."""
     folder = EXAMPLES / modality
-    files = sorted(p for p in folder.glob("*") if p.suffix.lower() not in (".md", ".txt", ".py")) if folder.is_dir() else []
+    files = (
+        sorted(p for p in folder.glob("*") if p.suffix.lower() not in (".md", ".txt", ".py")) if folder.is_dir() else []
+    )
     return [[str(f), QUESTIONS[modality]] if kind == "qa" else [str(f)] for f in files]
 
 
@@ -263,11 +305,16 @@ def _kind_tab(
     Returns the model event and its output boxes."""
     ui = KINDS[kind]
     prefix = f"{modality}-{kind}"
-    task = gr.Dropdown([(t.menu_label, t.id) for t in tasks], value=tasks[0].id, label="Model", elem_id=f"{prefix}-task")
+    task = gr.Dropdown(
+        [(t.menu_label, t.id) for t in tasks], value=tasks[0].id, label="Model", elem_id=f"{prefix}-task"
+    )
     question = None
     if kind == "qa":
         question = gr.Textbox(
-            label="Question", placeholder="e.g. What is the dog doing?", max_length=MAX_QUESTION_CHARS, elem_id=f"{prefix}-question"
+            label="Question",
+            placeholder="e.g. What is the dog doing?",
+            max_length=MAX_QUESTION_CHARS,
+            elem_id=f"{prefix}-question",
         )
     with gr.Row():
         run = gr.Button(ui.button, variant="primary", elem_id=f"{prefix}-run")
@@ -279,8 +326,14 @@ def _kind_tab(
     # old answer at once in the browser, then runs the endpoint
     cleared = run.click(None, None, [answer, info], js="() => ['', '']")
     event = cleared.then(
-        _endpoint(demo, modality, kind, tasks), inputs, [answer, info], api_name=f"{ui.endpoint}_{modality}",
-        concurrency_id="model", concurrency_limit=concurrency, show_progress="full", show_progress_on=[answer],
+        _endpoint(demo, modality, kind, tasks),
+        inputs,
+        [answer, info],
+        api_name=f"{ui.endpoint}_{modality}",
+        concurrency_id="model",
+        concurrency_limit=concurrency,
+        show_progress="full",
+        show_progress_on=[answer],
     )
     if question is not None:
         question.submit(None, js=_press(prefix))
@@ -301,8 +354,12 @@ def _examples_table(prefix: str, inputs: list, rows: list[list[str]]) -> None:
     gr.update, which rebuilds the image input as a plain gr.Image in the session, undoing
     `_original_upload`.)"""
     table = gr.Dataset(
-        components=inputs, samples=rows, type="values", headers=[c.label for c in inputs],
-        label="Examples (click one to run it)", elem_id=f"{prefix}-examples",
+        components=inputs,
+        samples=rows,
+        type="values",
+        headers=[c.label for c in inputs],
+        label="Examples (click one to run it)",
+        elem_id=f"{prefix}-examples",
     )
 
     def load_example(row: list[str]) -> Any:
@@ -324,7 +381,9 @@ def _tab(demo: Demo, modality: str, tasks: dict[str, list[Task]], concurrency: i
         with gr.Column():
             media = _media_input(modality)
             with gr.Accordion("Advanced", open=False):
-                preset = gr.Radio([(PRESET_LABELS.get(name, name), name) for name in PRESETS], value="paper", label="Decoding")
+                preset = gr.Radio(
+                    [(PRESET_LABELS.get(name, name), name) for name in PRESETS], value="paper", label="Decoding"
+                )
                 temperature = gr.Slider(0.1, 2.0, value=0.7, step=0.05, label="Temperature (sampling)")
                 top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p (sampling)")
                 max_new_tokens = gr.Slider(0, 64, value=0, step=1, label="Max new tokens (0 = the task's own limit)")
@@ -352,7 +411,10 @@ def tasks_by_modality(pipeline: Pipeline) -> dict[str, dict[str, list[Task]]]:
 
 
 def build(
-    pipeline: Pipeline, concurrency: int | None = None, demo: Demo | None = None, delete_cache: tuple[int, int] = DELETE_CACHE
+    pipeline: Pipeline,
+    concurrency: int | None = None,
+    demo: Demo | None = None,
+    delete_cache: tuple[int, int] = DELETE_CACHE,
 ) -> gr.Blocks:
     """The whole UI. `concurrency` = model calls at once (default: 1 on CPU, 2 on GPU)."""
     demo = demo or Demo(pipeline)
@@ -360,11 +422,15 @@ def build(
     with gr.Blocks(title="eP-ALM demo", delete_cache=delete_cache) as blocks:
         gr.Markdown(
             "# eP-ALM: Efficient Perceptual Augmentation of Language Models\n"
-            "A frozen OPT language model reads frozen image, video and audio encoders through a few million trained "
-            "parameters ([paper](https://arxiv.org/abs/2303.11403), ICCV 2023). Upload a file, ask for a caption or a question."
+            "A frozen OPT language model reads frozen image, video and audio encoders through a few million "
+            "trained parameters ([paper](https://arxiv.org/abs/2303.11403), ICCV 2023). Upload a file, ask for a "
+            "caption or a question."
         )
         if pipeline.random_weights:
-            gr.Markdown("⚠️ **Smoke mode (`--tiny`)**: tiny random models, nothing downloaded. The answers are meaningless.", elem_id="tiny-banner")
+            gr.Markdown(
+                "⚠️ **Smoke mode (`--tiny`)**: tiny random models, nothing downloaded: answers are meaningless.",
+                elem_id="tiny-banner",
+            )
         status = gr.Markdown(demo.status(), elem_id="status")
         events = []
         for modality, tasks in tasks_by_modality(pipeline).items():
@@ -373,7 +439,13 @@ def build(
         for event, _ in events:
             event.then(demo.status, None, status, api_visibility="private", queue=False)
         timer = gr.Timer(2.0, active=demo.preloading_now())
-        timer.tick(lambda: (demo.status(), gr.Timer(active=demo.preloading_now())), None, [status, timer], api_visibility="private", queue=False)
+        timer.tick(
+            lambda: (demo.status(), gr.Timer(active=demo.preloading_now())),
+            None,
+            [status, timer],
+            api_visibility="private",
+            queue=False,
+        )
         blocks.load(demo.status, None, status, api_visibility="private", queue=False)
     return blocks
 
@@ -387,15 +459,22 @@ def main(args: argparse.Namespace, block: bool = True) -> gr.Blocks:
         pipeline = Pipeline(device=args.device, dtype=args.dtype, tiny=args.tiny, limits=limits)
         unknown = [task_id for task_id in args.preload if task_id not in pipeline.tasks]
         if unknown:
-            raise UserError(f"unknown task(s) to preload: {', '.join(unknown)}; known tasks: {', '.join(pipeline.tasks)}")
+            raise UserError(
+                f"unknown task(s) to preload: {', '.join(unknown)}; known tasks: {', '.join(pipeline.tasks)}"
+            )
     except UserError as exc:
         sys.exit(f"error: {exc}")
     demo = Demo(pipeline)
     demo.start_preload(args.preload)  # in the background: the page is served at once
     blocks = build(pipeline, args.concurrency or None, demo)
     blocks.queue(max_size=args.queue_size, default_concurrency_limit=args.concurrency or 1).launch(
-        server_name=args.host, server_port=args.port, share=args.share, max_file_size=max_file_bytes,
-        allowed_paths=[str(EXAMPLES)], prevent_thread_lock=not block, quiet=not block,
+        server_name=args.host,
+        server_port=args.port,
+        share=args.share,
+        max_file_size=max_file_bytes,
+        allowed_paths=[str(EXAMPLES)],
+        prevent_thread_lock=not block,
+        quiet=not block,
     )
     return blocks
 

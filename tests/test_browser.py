@@ -22,8 +22,11 @@ from test_app import serve
 CHROMIUM = "/usr/bin/chromium"
 OUTPUT = Path(os.environ.get("EPALM_TEST_OUTPUT", ROOT / "test-output")) / "browser"
 KINDS = {"image": ["caption", "qa"], "video": ["caption", "qa"], "audio": ["caption"]}
-DEFAULT_TASK = {"image": {"caption": "image-caption", "qa": "image-vqa"}, "video": {"caption": "video-caption", "qa": "video-qa-msrvtt"},
-                "audio": {"caption": "audio-caption"}}
+DEFAULT_TASK = {
+    "image": {"caption": "image-caption", "qa": "image-vqa"},
+    "video": {"caption": "video-caption", "qa": "video-qa-msrvtt"},
+    "audio": {"caption": "audio-caption"},
+}
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +34,13 @@ def browser():
     with sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
         )
         yield browser
         browser.close()
@@ -110,7 +119,9 @@ def test_an_example_runs_the_mode_and_task_on_screen(page, modality, kind):
     task = DEFAULT_TASK[modality][kind]
     if modality == "image":  # pick another model than the default: the example must use the one shown
         choices.locator("input").click()
-        page.get_by_role("option", name="GQA · OPT-2.7B + ViT-B/16" if kind == "qa" else "COCO captions · OPT-6.7B + ViT-L/16").click()
+        page.get_by_role(
+            "option", name="GQA · OPT-2.7B + ViT-B/16" if kind == "qa" else "COCO captions · OPT-6.7B + ViT-L/16"
+        ).click()
         task = "image-gqa" if kind == "qa" else "image-caption-L"
     examples = tab.locator(f"#{prefix}-examples")
     headers = examples.locator("th").all_inner_texts()
@@ -180,7 +191,9 @@ def test_load_stages_show_where_the_answer_will_appear(browser, media_files):
         page.get_by_role("tab", name="Audio", exact=True).click()
         upload(page, "audio", media_files["audio"])
         page.locator("#audio-caption-run").click()
-        expect(page.locator("#audio-caption-info")).to_contain_text("⏳ Loading OPT-2.7B language model", timeout=30_000)
+        expect(page.locator("#audio-caption-info")).to_contain_text(
+            "⏳ Loading OPT-2.7B language model", timeout=30_000
+        )
         page.screenshot(path=str(OUTPUT / "loading.png"), full_page=True)
         assert wait_for_answer(page, "audio-caption", "audio-caption").strip()
     finally:
