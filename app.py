@@ -23,32 +23,61 @@ def env_flag(name: str) -> bool:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     env = os.environ.get
     limits = MediaLimits()
-    parser = argparse.ArgumentParser(description="eP-ALM demo (Gradio)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--device", default=env("EPALM_DEVICE", "auto"), help="cpu, cuda, cuda:N or auto [EPALM_DEVICE]")
-    parser.add_argument(
-        "--dtype", default=env("EPALM_DTYPE", "auto"), help="float32, bfloat16, float16 or auto (float16 on GPU, float32 on CPU) [EPALM_DTYPE]"
+    parser = argparse.ArgumentParser(
+        description="eP-ALM demo (Gradio)", formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument("--host", default=env("GRADIO_SERVER_NAME", "127.0.0.1"), help="address to serve on [GRADIO_SERVER_NAME]")
-    parser.add_argument("--port", type=int, default=int(env("GRADIO_SERVER_PORT", "7860")), help="[GRADIO_SERVER_PORT]")
-    parser.add_argument("--share", action="store_true", default=env_flag("EPALM_SHARE"), help="public gradio.live link [EPALM_SHARE]")
-    parser.add_argument("--tiny", action="store_true", default=env_flag("EPALM_TINY"), help="tiny random models, no network [EPALM_TINY]")
     parser.add_argument(
-        "--preload", nargs="*", default=(env("EPALM_PRELOAD") or "").split(), metavar="TASK",
+        "--device", default=env("EPALM_DEVICE", "auto"), help="cpu, cuda, cuda:N or auto [EPALM_DEVICE]"
+    )
+    parser.add_argument(
+        "--dtype",
+        default=env("EPALM_DTYPE", "auto"),
+        help="float32, bfloat16, float16 or auto (float16 on GPU, float32 on CPU) [EPALM_DTYPE]",
+    )
+    parser.add_argument(
+        "--host", default=env("GRADIO_SERVER_NAME", "127.0.0.1"), help="address to serve on [GRADIO_SERVER_NAME]"
+    )
+    parser.add_argument("--port", type=int, default=int(env("GRADIO_SERVER_PORT", "7860")), help="[GRADIO_SERVER_PORT]")
+    parser.add_argument(
+        "--share", action="store_true", default=env_flag("EPALM_SHARE"), help="public gradio.live link [EPALM_SHARE]"
+    )
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        default=env_flag("EPALM_TINY"),
+        help="tiny random models, no network [EPALM_TINY]",
+    )
+    parser.add_argument(
+        "--preload",
+        nargs="*",
+        default=(env("EPALM_PRELOAD") or "").split(),
+        metavar="TASK",
         help="load these tasks at start-up, in the background [EPALM_PRELOAD]",
     )
     parser.add_argument(
-        "--max-file-size", type=float, default=float(env("EPALM_MAX_FILE_SIZE", limits.max_file_bytes / 2**20)),
+        "--max-file-size",
+        type=float,
+        default=float(env("EPALM_MAX_FILE_SIZE", limits.max_file_bytes / 2**20)),
         help="upload limit in MB [EPALM_MAX_FILE_SIZE]",
     )
     parser.add_argument(
-        "--max-duration", type=float, default=float(env("EPALM_MAX_DURATION", limits.max_clip_seconds)),
+        "--max-duration",
+        type=float,
+        default=float(env("EPALM_MAX_DURATION", limits.max_clip_seconds)),
         help="longest video or audio clip, in seconds [EPALM_MAX_DURATION]",
     )
     parser.add_argument(
-        "--concurrency", type=int, default=int(env("EPALM_CONCURRENCY", "0")),
+        "--concurrency",
+        type=int,
+        default=int(env("EPALM_CONCURRENCY", "0")),
         help="model calls at once; 0: 1 on CPU, 2 on GPU [EPALM_CONCURRENCY]",
     )
-    parser.add_argument("--queue-size", type=int, default=int(env("EPALM_QUEUE_SIZE", "32")), help="waiting requests before 'busy' [EPALM_QUEUE_SIZE]")
+    parser.add_argument(
+        "--queue-size",
+        type=int,
+        default=int(env("EPALM_QUEUE_SIZE", "32")),
+        help="waiting requests before 'busy' [EPALM_QUEUE_SIZE]",
+    )
     return parser.parse_args(argv)
 
 
@@ -56,7 +85,9 @@ if __name__ == "__main__":
     ARGS = parse_args()  # --help and bad flags are answered here, before gradio and torch are imported
 
 import inspect  # noqa: E402
+import itertools  # noqa: E402
 import logging  # noqa: E402
+import queue  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
@@ -92,7 +123,10 @@ class Kind:
     endpoint: str
 
 
-KINDS = {"caption": Kind("Caption", "Caption", "Caption", "caption"), "qa": Kind("Ask a question", "Answer", "Answer", "answer")}
+KINDS = {
+    "caption": Kind("Caption", "Caption", "Caption", "caption"),
+    "qa": Kind("Ask a question", "Answer", "Answer", "answer"),
+}
 
 
 @dataclass
@@ -135,12 +169,12 @@ class Demo:
     def preloading_now(self) -> bool:
         return any(state in ("waiting", "loading…") for state in self.preloading.values())
 
-    def run(self, modality: str, request: dict[str, Any], progress: Callable[..., Any]) -> Iterator[tuple[str, str]]:
-        """Stream (answer, info) pairs for one request; the first pair clears the previous answer.
-        A refused or failed request leaves its message in the info box and raises a `gr.Error`."""
-        yield "", ""
+    def run(self, modality: str, request: dict[str, Any]) -> Iterator[tuple[str, str]]:
+        """Stream (answer, info) pairs for one request: load stages and downloads in the info box first,
+        then the answer. A refused or failed request leaves its message in the info box and raises a
+        `gr.Error` (for the toast and for API clients)."""
         try:
-            yield from self._answers(modality, request, progress)
+            yield from self._answers(modality, request)
         except UserError as exc:
             log.info("refused a %s request: %s", modality, exc)
             message = str(exc)
@@ -152,7 +186,7 @@ class Demo:
         yield "", f"⚠️ {message}"
         raise gr.Error(message, print_exception=False)
 
-    def _answers(self, modality: str, request: dict[str, Any], progress: Callable[..., Any]) -> Iterator[tuple[str, str]]:
+    def _answers(self, modality: str, request: dict[str, Any]) -> Iterator[tuple[str, str]]:
         media = request["media"]
         if media is None or media == "":
             raise InputError(f"Please upload {MEDIA_NAMES[modality]} first.")
@@ -163,17 +197,47 @@ class Demo:
             decoding.update(max_new_tokens=int(request["max_new_tokens"]))
         if request.get("frames"):
             decoding["num_frames"] = int(request["frames"])
-        report = lambda message: progress(None, desc=message)  # noqa: E731
+        stages: queue.SimpleQueue = queue.SimpleQueue()
         answers = self.pipeline.stream(
-            media, request["task"], request.get("question"), preset=request["preset"], progress=report, **decoding
+            media, request["task"], request.get("question"), preset=request["preset"], progress=stages.put, **decoding
         )
-        for answer in answers:
+        first = _first_in_background(answers, stages)
+        while (stage := stages.get()) is not first:  # checks, loading and downloads until the first answer
+            while not stages.empty() and stage is not first:  # show only the latest of a burst of download reports
+                stage = stages.get()
+            if stage is not first:
+                yield "", f"⏳ {stage}"
+        if first.error is not None:
+            raise first.error
+        for answer in itertools.chain([first.answer], answers) if first.answer is not None else ():
             info = "generating…"
             if answer.done:
                 info = f"`{answer.task}` · {answer.timings.summary()} · {answer.device}/{answer.dtype}"
             if answer.notice:
                 info += f"  \n{answer.notice} (Advanced › Max new tokens)"
             yield answer.text, info
+
+
+@dataclass
+class _First:
+    answer: Any = None
+    error: BaseException | None = None
+
+
+def _first_in_background(answers: Iterator[Any], stages: queue.SimpleQueue) -> _First:
+    """Pull the first answer in another thread (it is where the checks, loads and downloads happen) and
+    put the result on `stages` after the stage messages, so that they can be shown as they come."""
+    first = _First()
+
+    def pull() -> None:
+        try:
+            first.answer = next(answers, None)
+        except BaseException as exc:  # re-raised by the request's own thread
+            first.error = exc
+        stages.put(first)
+
+    threading.Thread(target=pull, daemon=True).start()
+    return first
 
 
 def _original_upload(image: gr.Image) -> gr.Image:
@@ -187,7 +251,9 @@ def _original_upload(image: gr.Image) -> gr.Image:
 
 def _media_input(modality: str) -> gr.components.Component:
     if modality == "image":
-        image = gr.Image(label="Image", sources=["upload", "webcam", "clipboard"], type="filepath", elem_id="image-input")
+        image = gr.Image(
+            label="Image", sources=["upload", "webcam", "clipboard"], type="filepath", elem_id="image-input"
+        )
         return _original_upload(image)
     if modality == "video":
         return gr.Video(label="Video", sources=["upload", "webcam"], elem_id="video-input")
@@ -200,7 +266,13 @@ def _parameters(modality: str, kind: str, tasks: list[Task]) -> list[inspect.Par
         name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default
     )
     params = [p("media")] + ([p("question")] if kind == "qa" else [])
-    params += [p("task", tasks[0].id), p("preset", DEFAULT_PRESET), p("max_new_tokens", 0), p("temperature", 0.7), p("top_p", 0.9)]
+    params += [
+        p("task", tasks[0].id),
+        p("preset", DEFAULT_PRESET),
+        p("max_new_tokens", 0),
+        p("temperature", 0.7),
+        p("top_p", 0.9),
+    ]
     return params + ([p("frames", 0)] if modality == "video" else [])
 
 
@@ -210,11 +282,9 @@ def _endpoint(demo: Demo, modality: str, kind: str, tasks: list[Task]) -> Callab
     names = [param.name for param in params]
 
     def endpoint(*values: Any) -> Iterator[tuple[str, str]]:
-        *inputs, progress = values  # gradio passes the gr.Progress after the inputs
-        yield from demo.run(modality, dict(zip(names, inputs)), progress)
+        yield from demo.run(modality, dict(zip(names, values)))
 
-    progress = inspect.Parameter("progress", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=gr.Progress())
-    endpoint.__signature__ = inspect.Signature(params + [progress])  # type: ignore[attr-defined]
+    endpoint.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     endpoint.__name__ = f"{KINDS[kind].endpoint}_{modality}"
     return gpu(endpoint)
 
@@ -222,7 +292,9 @@ def _endpoint(demo: Demo, modality: str, kind: str, tasks: list[Task]) -> Callab
 def _examples(modality: str, kind: str) -> list[list[str]]:
     """Files under examples/<modality>/ (see examples/README.md), each with a question in question mode."""
     folder = EXAMPLES / modality
-    files = sorted(p for p in folder.glob("*") if p.suffix.lower() not in (".md", ".txt", ".py")) if folder.is_dir() else []
+    files = (
+        sorted(p for p in folder.glob("*") if p.suffix.lower() not in (".md", ".txt", ".py")) if folder.is_dir() else []
+    )
     return [[str(f), QUESTIONS[modality]] if kind == "qa" else [str(f)] for f in files]
 
 
@@ -233,11 +305,16 @@ def _kind_tab(
     Returns the model event and its output boxes."""
     ui = KINDS[kind]
     prefix = f"{modality}-{kind}"
-    task = gr.Dropdown([(t.menu_label, t.id) for t in tasks], value=tasks[0].id, label="Model", elem_id=f"{prefix}-task")
+    task = gr.Dropdown(
+        [(t.menu_label, t.id) for t in tasks], value=tasks[0].id, label="Model", elem_id=f"{prefix}-task"
+    )
     question = None
     if kind == "qa":
         question = gr.Textbox(
-            label="Question", placeholder="e.g. What is the dog doing?", max_length=MAX_QUESTION_CHARS, elem_id=f"{prefix}-question"
+            label="Question",
+            placeholder="e.g. What is the dog doing?",
+            max_length=MAX_QUESTION_CHARS,
+            elem_id=f"{prefix}-question",
         )
     with gr.Row():
         run = gr.Button(ui.button, variant="primary", elem_id=f"{prefix}-run")
@@ -245,11 +322,21 @@ def _kind_tab(
     answer = gr.Textbox(label=ui.output, lines=3, buttons=["copy"], elem_id=f"{prefix}-answer")
     info = gr.Markdown(label="Details", elem_id=f"{prefix}-info")
     inputs = [media] + ([question] if question is not None else []) + [task, *settings]
-    triggers = [run.click] + ([question.submit] if question is not None else [])
-    event = gr.on(
-        triggers, _endpoint(demo, modality, kind, tasks), inputs=inputs, outputs=[answer, info], api_name=f"{ui.endpoint}_{modality}",
-        concurrency_id="model", concurrency_limit=concurrency, show_progress="full", show_progress_on=[answer],
+    # the button is the one way in (Enter in the question box and example clicks press it): it clears the
+    # old answer at once in the browser, then runs the endpoint
+    cleared = run.click(None, None, [answer, info], js="() => ['', '']")
+    event = cleared.then(
+        _endpoint(demo, modality, kind, tasks),
+        inputs,
+        [answer, info],
+        api_name=f"{ui.endpoint}_{modality}",
+        concurrency_id="model",
+        concurrency_limit=concurrency,
+        show_progress="full",
+        show_progress_on=[answer],
     )
+    if question is not None:
+        question.submit(None, js=_press(prefix))
     stop.click(None, None, None, cancels=[event])
     rows = _examples(modality, kind)
     if rows and modality == "audio":  # the examples table shows file names only: give each a player
@@ -267,15 +354,24 @@ def _examples_table(prefix: str, inputs: list, rows: list[list[str]]) -> None:
     gr.update, which rebuilds the image input as a plain gr.Image in the session, undoing
     `_original_upload`.)"""
     table = gr.Dataset(
-        components=inputs, samples=rows, type="values", headers=[c.label for c in inputs],
-        label="Examples (click one to run it)", elem_id=f"{prefix}-examples",
+        components=inputs,
+        samples=rows,
+        type="values",
+        headers=[c.label for c in inputs],
+        label="Examples (click one to run it)",
+        elem_id=f"{prefix}-examples",
     )
 
     def load_example(row: list[str]) -> Any:
         return row if len(row) > 1 else row[0]
 
     filled = table.click(load_example, table, inputs, queue=False, show_progress="hidden", api_visibility="private")
-    filled.then(None, js=f"() => {{ document.getElementById('{prefix}-run').click(); }}")
+    filled.then(None, js=_press(prefix))
+
+
+def _press(prefix: str) -> str:
+    """Browser code that presses the sub-tab's button, so every way in runs the same event."""
+    return f"() => {{ document.getElementById('{prefix}-run').click(); }}"
 
 
 def _tab(demo: Demo, modality: str, tasks: dict[str, list[Task]], concurrency: int) -> list:
@@ -285,7 +381,9 @@ def _tab(demo: Demo, modality: str, tasks: dict[str, list[Task]], concurrency: i
         with gr.Column():
             media = _media_input(modality)
             with gr.Accordion("Advanced", open=False):
-                preset = gr.Radio([(p.label, name) for name, p in PRESETS.items()], value=DEFAULT_PRESET, label="Decoding")
+                preset = gr.Radio(
+                    [(preset.label, name) for name, preset in PRESETS.items()], value=DEFAULT_PRESET, label="Decoding"
+                )
                 temperature = gr.Slider(0.1, 2.0, value=0.7, step=0.05, label="Temperature (sampling)")
                 top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p (sampling)")
                 max_new_tokens = gr.Slider(0, 64, value=0, step=1, label="Max new tokens (0 = the task's own limit)")
@@ -313,7 +411,10 @@ def tasks_by_modality(pipeline: Pipeline) -> dict[str, dict[str, list[Task]]]:
 
 
 def build(
-    pipeline: Pipeline, concurrency: int | None = None, demo: Demo | None = None, delete_cache: tuple[int, int] = DELETE_CACHE
+    pipeline: Pipeline,
+    concurrency: int | None = None,
+    demo: Demo | None = None,
+    delete_cache: tuple[int, int] = DELETE_CACHE,
 ) -> gr.Blocks:
     """The whole UI. `concurrency` = model calls at once (default: 1 on CPU, 2 on GPU)."""
     demo = demo or Demo(pipeline)
@@ -321,11 +422,15 @@ def build(
     with gr.Blocks(title="eP-ALM demo", delete_cache=delete_cache) as blocks:
         gr.Markdown(
             "# eP-ALM: Efficient Perceptual Augmentation of Language Models\n"
-            "A frozen OPT language model reads frozen image, video and audio encoders through a few million trained "
-            "parameters ([paper](https://arxiv.org/abs/2303.11403), ICCV 2023). Upload a file, ask for a caption or a question."
+            "A frozen OPT language model reads frozen image, video and audio encoders through a few million "
+            "trained parameters ([paper](https://arxiv.org/abs/2303.11403), ICCV 2023). Upload a file, ask for a "
+            "caption or a question."
         )
         if pipeline.random_weights:
-            gr.Markdown("⚠️ **Smoke mode (`--tiny`)**: tiny random models, nothing downloaded. The answers are meaningless.", elem_id="tiny-banner")
+            gr.Markdown(
+                "⚠️ **Smoke mode (`--tiny`)**: tiny random models, nothing downloaded: answers are meaningless.",
+                elem_id="tiny-banner",
+            )
         status = gr.Markdown(demo.status(), elem_id="status")
         events = []
         for modality, tasks in tasks_by_modality(pipeline).items():
@@ -334,7 +439,13 @@ def build(
         for event, _ in events:
             event.then(demo.status, None, status, api_visibility="private", queue=False)
         timer = gr.Timer(2.0, active=demo.preloading_now())
-        timer.tick(lambda: (demo.status(), gr.Timer(active=demo.preloading_now())), None, [status, timer], api_visibility="private", queue=False)
+        timer.tick(
+            lambda: (demo.status(), gr.Timer(active=demo.preloading_now())),
+            None,
+            [status, timer],
+            api_visibility="private",
+            queue=False,
+        )
         blocks.load(demo.status, None, status, api_visibility="private", queue=False)
     return blocks
 
@@ -348,15 +459,22 @@ def main(args: argparse.Namespace, block: bool = True) -> gr.Blocks:
         pipeline = Pipeline(device=args.device, dtype=args.dtype, tiny=args.tiny, limits=limits)
         unknown = [task_id for task_id in args.preload if task_id not in pipeline.tasks]
         if unknown:
-            raise UserError(f"unknown task(s) to preload: {', '.join(unknown)}; known tasks: {', '.join(pipeline.tasks)}")
+            raise UserError(
+                f"unknown task(s) to preload: {', '.join(unknown)}; known tasks: {', '.join(pipeline.tasks)}"
+            )
     except UserError as exc:
         sys.exit(f"error: {exc}")
     demo = Demo(pipeline)
     demo.start_preload(args.preload)  # in the background: the page is served at once
     blocks = build(pipeline, args.concurrency or None, demo)
     blocks.queue(max_size=args.queue_size, default_concurrency_limit=args.concurrency or 1).launch(
-        server_name=args.host, server_port=args.port, share=args.share, max_file_size=max_file_bytes,
-        allowed_paths=[str(EXAMPLES)], prevent_thread_lock=not block, quiet=not block,
+        server_name=args.host,
+        server_port=args.port,
+        share=args.share,
+        max_file_size=max_file_bytes,
+        allowed_paths=[str(EXAMPLES)],
+        prevent_thread_lock=not block,
+        quiet=not block,
     )
     return blocks
 

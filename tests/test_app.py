@@ -40,8 +40,12 @@ def serve(pipeline: Pipeline, max_file_size: int | None = None, **build_args):
     blocks = demo_app.build(pipeline, **build_args)
     port = free_port()
     blocks.queue(max_size=16).launch(
-        server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-        max_file_size=max_file_size, allowed_paths=[str(demo_app.EXAMPLES)],
+        server_name="127.0.0.1",
+        server_port=port,
+        prevent_thread_lock=True,
+        quiet=True,
+        max_file_size=max_file_size,
+        allowed_paths=[str(demo_app.EXAMPLES)],
     )
     return blocks, f"http://127.0.0.1:{port}/"
 
@@ -93,14 +97,20 @@ def test_api_lists_the_documented_parameters_and_named_outputs(client):
         assert names[:2] == (["media", "question"] if name.startswith("/answer") else ["media", "task"])
         assert ("frames" in names) == name.endswith("_video"), "frames only where it is used"
         assert all(p["parameter_has_default"] for p in endpoint["parameters"][2:])
-        assert [r["label"] for r in endpoint["returns"]] == ["Answer" if name.startswith("/answer") else "Caption", "Details"]
+        assert [r["label"] for r in endpoint["returns"]] == [
+            "Answer" if name.startswith("/answer") else "Caption",
+            "Details",
+        ]
 
 
 def test_a_task_added_to_the_registry_appears_in_the_menu_and_the_api(tmp_path, monkeypatch, media_files):
     registry = (ROOT / "checkpoints" / "tasks.yaml").read_text()
-    extra = registry.replace("\n  image-vqa:\n", "\n  image-vqa-mine:\n    title: My VQA\n    label: MyVQA\n    modality: image\n"
-                             "    kind: qa\n    lm: *opt27\n    encoder: *vit_b\n    preprocess: *image_pre\n    injection: *inject_base\n"
-                             "    text: *qa_text\n    generation: *qa_paper\n    adapter: {<<: *space, filename: mine.pth}\n\n  image-vqa:\n")
+    extra = registry.replace(
+        "\n  image-vqa:\n",
+        "\n  image-vqa-mine:\n    title: My VQA\n    label: MyVQA\n    modality: image\n"
+        "    kind: qa\n    lm: *opt27\n    encoder: *vit_b\n    preprocess: *image_pre\n    injection: *inject_base\n"
+        "    text: *qa_text\n    generation: *qa_paper\n    adapter: {<<: *space, filename: mine.pth}\n\n  image-vqa:\n",
+    )
     (tmp_path / "tasks.yaml").write_text(extra)
     monkeypatch.setenv("EPALM_TASKS", str(tmp_path / "tasks.yaml"))
     blocks, url = serve(Pipeline(device="cpu", tiny=True))
@@ -108,23 +118,32 @@ def test_a_task_added_to_the_registry_appears_in_the_menu_and_the_api(tmp_path, 
         menus = [c["props"] for c in blocks.config["components"] if c["props"].get("elem_id") == "image-qa-task"]
         assert ("MyVQA · OPT-2.7B + ViT-B/16", "image-vqa-mine") in [tuple(choice) for choice in menus[0]["choices"]]
         client = Client(url, verbose=False)
-        task = next(p for p in client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/answer_image"]["parameters"]
-                    if p["parameter_name"] == "task")
+        task = next(
+            p
+            for p in client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/answer_image"][
+                "parameters"
+            ]
+            if p["parameter_name"] == "task"
+        )
         assert "image-vqa-mine" in task["type"]["enum"]
-        answer, info = client.predict(handle_file(str(media_files["image"])), "why?", "image-vqa-mine", api_name="/answer_image")
+        answer, info = client.predict(
+            handle_file(str(media_files["image"])), "why?", "image-vqa-mine", api_name="/answer_image"
+        )
         assert "`image-vqa-mine`" in info
     finally:
         blocks.close()
 
 
-def test_greedy_answers_stream_after_clearing_the_previous_answer(client, media_files):
-    job = client.submit(handle_file(str(media_files["image"])), preset="fast", max_new_tokens=12, api_name="/caption_image")
+def test_greedy_answers_stream(client, media_files):
+    job = client.submit(
+        handle_file(str(media_files["image"])), preset="fast", max_new_tokens=12, api_name="/caption_image"
+    )
     final = job.result(timeout=120)
     outputs = job.outputs()
-    assert outputs[0] == ("", ""), "the old answer is cleared first"
-    assert len(outputs) >= 4, "several partial outputs, then the final one"
-    assert all(info == "generating…" for _, info in outputs[1:-1]) and "tokens/s" in final[1]
-    texts = [answer for answer, _ in outputs[1:]]
+    outputs = [output for output in outputs if not output[1].startswith("⏳")]  # load stages (first call only)
+    assert len(outputs) >= 3, "several partial outputs, then the final one"
+    assert all(info == "generating…" for _, info in outputs[:-1]) and "tokens/s" in final[1]
+    texts = [answer for answer, _ in outputs]
     assert all(b.startswith(a) for a, b in zip(texts[:-2], texts[1:-1])) and final[0] == texts[-1]
 
 
@@ -152,8 +171,11 @@ def _write(path: Path, data: bytes) -> Path:
 )
 def test_user_errors_become_clear_messages(client, media_files, tmp_path, args, api_name, message):
     files = {
-        "IMAGE": media_files["image"], "VIDEO": media_files["video"], "AUDIO": media_files["audio"],
-        "notes.png": _write(tmp_path / "notes.png", b"not a picture"), "notes.wav": _write(tmp_path / "notes.wav", b"la la"),
+        "IMAGE": media_files["image"],
+        "VIDEO": media_files["video"],
+        "AUDIO": media_files["audio"],
+        "notes.png": _write(tmp_path / "notes.png", b"not a picture"),
+        "notes.wav": _write(tmp_path / "notes.wav", b"la la"),
         "empty.png": _write(tmp_path / "empty.png", b""),
         "noise.jpg": _write(tmp_path / "noise.jpg", np.random.default_rng(0).bytes(5000)),
         "bomb.png": _write(tmp_path / "bomb.png", png_header_only(20_000, 20_000)),
@@ -164,7 +186,10 @@ def test_user_errors_become_clear_messages(client, media_files, tmp_path, args, 
         job.result(timeout=120)
     shown = str(error.value)
     assert message in shown and "Traceback" not in shown and "upstream" not in shown
-    assert job.outputs()[-1] == ("", f"⚠️ {shown}"), "the message stays where the answer goes; no old answer"
+    deadline = time.time() + 10  # the client may record the last output just after the error
+    while job.outputs()[-1:] != [("", f"⚠️ {shown}")] and time.time() < deadline:
+        time.sleep(0.05)
+    assert job.outputs()[-1] == ("", f"⚠️ {shown}"), "the message stays where the answer goes, with no answer"
 
 
 @pytest.mark.parametrize("api_name", sorted(ENDPOINTS))
@@ -179,7 +204,10 @@ def test_out_of_range_settings_are_readable_on_every_endpoint(client, media_file
 
 @pytest.mark.parametrize(
     "limits, max_file_size, message",
-    [(MediaLimits(), 20_000, "(?i)size|large|limit"), (MediaLimits(max_clip_seconds=2.0), None, "This video is 5.0 seconds long; the limit is 2.0 seconds")],
+    [
+        (MediaLimits(), 20_000, "(?i)size|large|limit"),
+        (MediaLimits(max_clip_seconds=2.0), None, "This video is 5.0 seconds long; the limit is 2.0 seconds"),
+    ],
     ids=["file-size", "duration"],
 )
 @pytest.mark.parametrize("api_name", ["/caption_video", "/answer_video"])
@@ -209,8 +237,20 @@ def test_only_the_documented_endpoints_run_models(tiny_app):
         if f"/{fn.api_name}" in ENDPOINTS:
             endpoints[fn.api_name] = fn
     assert {f"/{name}" for name in endpoints} == ENDPOINTS
-    triggers = {name: [event for _, event in fn.targets] for name, fn in endpoints.items()}
-    assert triggers["answer_video"] == ["click", "submit"] and triggers["caption_video"] == ["click"]
+    config = blocks.config
+    dependencies = {d["id"]: d for d in config["dependencies"]}
+    ids = {c["id"]: c["props"].get("elem_id") for c in config["components"]}
+    for dependency in config["dependencies"]:
+        if f"/{dependency['api_name']}" in ENDPOINTS:  # runs after its button's click (which clears the old answer)
+            verb, modality = dependency["api_name"].split("_")
+            before = dependencies[dependency["trigger_after"]]
+            prefix = f"{modality}-{'qa' if verb == 'answer' else 'caption'}"
+            assert not before["backend_fn"] and [(ids[i], e) for i, e in before["targets"]] == [
+                (f"{prefix}-run", "click")
+            ]
+    submits = [d for d in config["dependencies"] if any(event == "submit" for _, event in d["targets"])]
+    assert len(submits) == 2, "the image and video question boxes"
+    assert all(not d["backend_fn"] and "-qa-run').click()" in d["js"] for d in submits), "Enter presses the button"
 
 
 def test_the_stop_button_cancels_its_event(tiny_app):
@@ -229,18 +269,32 @@ def test_the_stop_button_cancels_its_event(tiny_app):
 
 def test_audio_examples_can_be_played_before_they_are_run(tiny_app):
     config = demo_app.build(tiny_app[0]).config
-    players = {c["props"]["label"]: c["props"]["value"] for c in config["components"] if c["type"] == "audio" and c["props"].get("interactive") is False}
+    players = {
+        c["props"]["label"]: c["props"]["value"]
+        for c in config["components"]
+        if c["type"] == "audio" and c["props"].get("interactive") is False
+    }
     examples = sorted(p.name for p in (demo_app.EXAMPLES / "audio").iterdir() if p.suffix != ".md")
     assert sorted(players) == examples and all(Path(value["path"]).is_file() for value in players.values())
 
 
-def test_load_stages_reach_the_page_as_progress(media_files):
+def test_load_stages_are_shown_before_the_answer(media_files):
     demo = demo_app.Demo(Pipeline(device="cpu", tiny=True))
-    shown: list[str] = []
-    request = dict(media=str(media_files["image"]), task="image-caption", preset="fast", max_new_tokens=2, temperature=0.7, top_p=0.9)
-    outputs = list(demo.run("image", request, lambda fraction, desc: shown.append(desc)))
-    assert any(m.startswith("Loading OPT-2.7B language model") for m in shown)
-    assert any(m.startswith("Loaded COCO captions adapter") for m in shown) and "tokens/s" in outputs[-1][1]
+    request = dict(
+        media=str(media_files["image"]),
+        task="image-caption",
+        preset="fast",
+        max_new_tokens=2,
+        temperature=0.7,
+        top_p=0.9,
+    )
+    outputs = list(demo.run("image", request))
+    stages = [info for answer, info in outputs if info.startswith("⏳")]
+    assert stages and all(answer == "" for answer, info in outputs if info.startswith("⏳"))
+    assert outputs.index(("", stages[0])) == 0 and "tokens/s" in outputs[-1][1]
+    assert all(re.match(r"⏳ Load(ing|ed) ", stage) for stage in stages)
+    again = list(demo.run("image", request))
+    assert not any(info.startswith("⏳") for _, info in again), "nothing to load the second time"
 
 
 def test_the_status_line_names_models_for_people_and_reports_preloads(media_files, tmp_path, monkeypatch):
@@ -304,14 +358,21 @@ def test_flags_have_environment_equivalents_and_help_shows_defaults(monkeypatch)
     monkeypatch.setenv("EPALM_CONCURRENCY", "3")
     monkeypatch.setenv("EPALM_PRELOAD", "image-caption audio-caption")
     args = demo_app.parse_args([])
-    assert args.tiny and args.device == "cpu" and args.concurrency == 3 and args.preload == ["image-caption", "audio-caption"]
+    assert (
+        args.tiny
+        and args.device == "cpu"
+        and args.concurrency == 3
+        and args.preload == ["image-caption", "audio-caption"]
+    )
     assert demo_app.parse_args(["--port", "9999", "--dtype", "bfloat16"]).port == 9999
     assert demo_app.parse_args([]).max_duration == MediaLimits().max_clip_seconds, "one duration limit, the library's"
 
 
 def test_help_answers_without_importing_gradio_or_torch():
-    code = "import runpy, sys; sys.argv = ['app.py', '--help']\ntry:\n    runpy.run_path('app.py', run_name='__main__')\n" \
-           "except SystemExit:\n    pass\nprint(sorted({'gradio', 'torch'} & set(sys.modules)))"
+    code = (
+        "import runpy, sys; sys.argv = ['app.py', '--help']\ntry:\n    runpy.run_path('app.py', run_name='__main__')\n"
+        "except SystemExit:\n    pass\nprint(sorted({'gradio', 'torch'} & set(sys.modules)))"
+    )
     env = {**os.environ, "COLUMNS": "300"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120, env=env)
     assert out.stdout.strip().endswith("[]"), out.stdout + out.stderr
@@ -320,8 +381,10 @@ def test_help_answers_without_importing_gradio_or_torch():
 
 @pytest.mark.parametrize(
     "flags, message",
-    [(["--preload", "nope"], "error: unknown task(s) to preload: nope; known tasks: image-caption"),
-     (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--dtype", "float64"], "error: ")],
+    [
+        (["--preload", "nope"], "error: unknown task(s) to preload: nope; known tasks: image-caption"),
+        (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--dtype", "float64"], "error: "),
+    ],
 )
 def test_bad_start_up_flags_are_one_line_errors(flags, message):
     with pytest.raises(SystemExit) as exit_:
@@ -338,7 +401,9 @@ def test_a_fractional_file_size_limit_starts_and_holds(tmp_path, media_files):
         big = write_wav(tmp_path / "big.wav", seconds=2.0)  # 62 kB: over 0.05 MB
         with pytest.raises(Exception, match="(?i)size|large|limit"):
             client.predict(handle_file(str(big)), api_name="/caption_audio")
-        answer, info = client.predict(handle_file(str(media_files["audio"])), preset="fast", max_new_tokens=2, api_name="/caption_audio")
+        answer, info = client.predict(
+            handle_file(str(media_files["audio"])), preset="fast", max_new_tokens=2, api_name="/caption_audio"
+        )
         assert "tokens/s" in info
     finally:
         blocks.close()
@@ -348,7 +413,9 @@ def test_old_uploads_are_deleted(media_files, tmp_path):
     blocks, url = serve(Pipeline(device="cpu", tiny=True), delete_cache=(1, 1))
     try:
         client = Client(url, verbose=False)
-        client.predict(handle_file(str(media_files["image"])), preset="fast", max_new_tokens=2, api_name="/caption_image")
+        client.predict(
+            handle_file(str(media_files["image"])), preset="fast", max_new_tokens=2, api_name="/caption_image"
+        )
         uploads = list(Path(get_upload_folder()).rglob("photo.jpg"))
         assert uploads, "the upload is in the cache while fresh"
         deadline = time.time() + 20
@@ -411,22 +478,34 @@ def test_the_app_sees_the_same_pixels_as_the_cli(tiny_app, client, tmp_path, mon
     assert torch.equal(prepare_image(received[0]), prepare_image(original))
 
 
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
 def png_header_only(width: int, height: int) -> bytes:
     """A PNG whose header claims width × height (no pixel data worth decoding)."""
-    chunk = lambda kind, data: struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))  # noqa: E731
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", header)
+        + png_chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + png_chunk(b"IEND", b"")
+    )
 
 
 def big_png(path: Path, side: int) -> Path:
     """A valid side × side transparent RGBA PNG, compressed row by row (never held in memory whole)."""
-    chunk = lambda kind, data: struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))  # noqa: E731
     compressor, row, parts = zlib.compressobj(9), b"\x00" * (1 + 4 * side), []
     for _ in range(side):
         parts.append(compressor.compress(row))
     parts.append(compressor.flush())
     header = struct.pack(">IIBBBBB", side, side, 8, 6, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", header)
+        + png_chunk(b"IDAT", b"".join(parts))
+        + png_chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -479,9 +558,12 @@ def test_the_queue_bound_holds_under_a_burst(media_files, monkeypatch, api_name)
         statuses: list[int] = []
 
         def join(i: int) -> None:
-            body = json.dumps({"data": data, "fn_index": fn_index, "session_hash": f"s{i}", "event_data": None, "trigger_id": None})
-            request = urllib.request.Request(f"http://127.0.0.1:{port}/gradio_api/queue/join", body.encode(),
-                                             {"Content-Type": "application/json"})
+            body = json.dumps(
+                {"data": data, "fn_index": fn_index, "session_hash": f"s{i}", "event_data": None, "trigger_id": None}
+            )
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/gradio_api/queue/join", body.encode(), {"Content-Type": "application/json"}
+            )
             try:
                 statuses.append(urllib.request.urlopen(request, timeout=60).status)
             except urllib.error.HTTPError as exc:

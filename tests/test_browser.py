@@ -14,14 +14,18 @@ import pytest
 from playwright.sync_api import expect, sync_playwright
 
 from epalm import Pipeline
+from epalm.tiny import TinyModels
 
 from conftest import ROOT, chromium_executable
 from test_app import serve
 
 OUTPUT = Path(os.environ.get("EPALM_TEST_OUTPUT", ROOT / "test-output")) / "browser"
 KINDS = {"image": ["caption", "qa"], "video": ["caption", "qa"], "audio": ["caption"]}
-DEFAULT_TASK = {"image": {"caption": "image-caption", "qa": "image-vqa"}, "video": {"caption": "video-caption", "qa": "video-qa-msrvtt"},
-                "audio": {"caption": "audio-caption"}}
+DEFAULT_TASK = {
+    "image": {"caption": "image-caption", "qa": "image-vqa"},
+    "video": {"caption": "video-caption", "qa": "video-qa-msrvtt"},
+    "audio": {"caption": "audio-caption"},
+}
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +33,13 @@ def browser():
     with sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path=chromium_executable(p),
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
         )
         yield browser
         browser.close()
@@ -108,7 +118,9 @@ def test_an_example_runs_the_mode_and_task_on_screen(page, modality, kind):
     task = DEFAULT_TASK[modality][kind]
     if modality == "image":  # pick another model than the default: the example must use the one shown
         choices.locator("input").click()
-        page.get_by_role("option", name="GQA · OPT-2.7B + ViT-B/16" if kind == "qa" else "COCO captions · OPT-6.7B + ViT-L/16").click()
+        page.get_by_role(
+            "option", name="GQA · OPT-2.7B + ViT-B/16" if kind == "qa" else "COCO captions · OPT-6.7B + ViT-L/16"
+        ).click()
         task = "image-gqa" if kind == "qa" else "image-caption-L"
     examples = tab.locator(f"#{prefix}-examples")
     headers = examples.locator("th").all_inner_texts()
@@ -159,6 +171,30 @@ def test_stop_ends_a_running_answer(browser, media_files):
         page.wait_for_timeout(2000)
         assert answer.input_value() == stopped, "no more partial answers after Stop"
         expect(page.locator("#image-caption-info")).not_to_contain_text("tokens/s")
+    finally:
+        page.close()
+        blocks.close()
+
+
+class SlowLoadingTinyModels(TinyModels):
+    """Tiny models whose language model takes a few seconds to load, like a real download."""
+
+    def lm(self, ref, dtype):
+        time.sleep(4)
+        return super().lm(ref, dtype)
+
+
+def test_load_stages_show_where_the_answer_will_appear(browser, media_files):
+    blocks, page = open_app(browser, Pipeline(device="cpu", source=SlowLoadingTinyModels()))
+    try:
+        page.get_by_role("tab", name="Audio", exact=True).click()
+        upload(page, "audio", media_files["audio"])
+        page.locator("#audio-caption-run").click()
+        expect(page.locator("#audio-caption-info")).to_contain_text(
+            "⏳ Loading OPT-2.7B language model", timeout=30_000
+        )
+        page.screenshot(path=str(OUTPUT / "loading.png"), full_page=True)
+        assert wait_for_answer(page, "audio-caption", "audio-caption").strip()
     finally:
         page.close()
         blocks.close()

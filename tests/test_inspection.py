@@ -19,7 +19,7 @@ from epalm.video import frame_indices
 from conftest import write_video, write_wav
 
 
-FAST = dict(preset="fast", max_length=None, inspect=True)
+FAST = dict(preset="fast", inspect=True)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def test_the_prompt_shows_the_soft_prompt_and_the_question_format(pipe, media_fi
 
 @pytest.mark.parametrize("preset", ["paper", "fast", "sampling"])
 def test_inspecting_changes_nothing_and_is_off_by_default(pipe, media_files, preset):
-    settings = dict(preset=preset, seed=3, max_new_tokens=8, max_length=None)
+    settings = dict(preset=preset, seed=3, max_new_tokens=8)
     plain = list(pipe.stream(media_files["image"], "image-caption", **settings))
     inspected = list(pipe.stream(media_files["image"], "image-caption", **settings, inspect=True))
     assert [a.text for a in plain] == [a.text for a in inspected]

@@ -24,7 +24,7 @@ from epalm.tasks import load_registry
 from conftest import AST, ROOT, TIMESFORMER, ast_4x_name
 
 JOBS = [("image-caption", "image", None), ("video-qa-msrvtt", "video", "what is it"), ("audio-caption", "audio", None)]
-SETTINGS = dict(preset="fast", max_new_tokens=4, max_length=None)
+SETTINGS = dict(preset="fast", max_new_tokens=4)
 OPT, VIT = "facebook/opt-2.7b", "timm/vit_base_patch16_224.augreg_in21k_ft_in1k"
 NEEDED = {  # what these three tasks need, and nothing else the repos hold
     f"/{OPT}/resolve/main/{name}"

@@ -53,7 +53,11 @@ def test_the_tiny_source_adapts_every_registry_task_to_its_models():
 
 @pytest.mark.parametrize(
     "device, dtype, message",
-    [("cpu", "float16", "float16 is for GPUs"), ("cpu", "float64", "unknown dtype 'float64'"), ("tpu", None, "unknown device")],
+    [
+        ("cpu", "float16", "float16 is for GPUs"),
+        ("cpu", "float64", "unknown dtype 'float64'"),
+        ("tpu", None, "unknown device"),
+    ],
 )
 def test_bad_device_or_dtype_is_a_user_error(device, dtype, message):
     with pytest.raises(InputError, match=message):
