@@ -453,7 +453,7 @@ Best {self.metric}: {best.get(self.metric, float("nan")):.4f} at epoch {best.get
 {rows}
 
 ## Use
-    python -m epalm {command} FILE --adapter {self.out.name}{" --tiny" if config["tiny"] else ""}
+    python -m epalm {command} FILE --adapter {self.config.push_to_hub or self.out}{" --tiny" if config["tiny"] else ""}
 """
     def _adapter(self) -> Adapter:
         return self.accelerator.unwrap_model(self.model).adapter
