@@ -86,6 +86,7 @@ if __name__ == "__main__":
 
 import inspect  # noqa: E402
 import itertools  # noqa: E402
+import json  # noqa: E402
 import logging  # noqa: E402
 import queue  # noqa: E402
 import sys  # noqa: E402
@@ -96,7 +97,9 @@ from typing import Any, Callable, Iterator  # noqa: E402
 
 import gradio as gr  # noqa: E402
 
-from epalm import DEFAULT_PRESET, MAX_QUESTION_CHARS, PRESETS, InputError, Pipeline, Task, UserError  # noqa: E402
+from epalm import (  # noqa: E402
+    DEFAULT_PRESET, MAX_QUESTION_CHARS, PRESETS, Inspection, InputError, Pipeline, Task, UserError,
+)
 
 try:  # ZeroGPU on Hugging Face Spaces: model calls get a GPU only inside @spaces.GPU
     import spaces
@@ -109,6 +112,13 @@ log = logging.getLogger("epalm.app")
 EXAMPLES = Path(__file__).resolve().parent / "examples"
 MODALITIES = ("image", "video", "audio")
 MEDIA_NAMES = {"image": "an image", "video": "a video", "audio": "an audio clip"}
+SEEN_LABELS = {
+    "image": "The encoder's input: the picture resized to 224×224",
+    "video": "The frames sampled for the encoder, with their times",
+    "audio": "The log-mel spectrogram the encoder heard (time →, pitch ↑)",
+}
+TOKENS_LABEL = "Answer tokens, shaded by the model's probability"
+NOTHING_SEEN = ([], [], "")  # the panel cleared: gallery, tokens, description
 QUESTIONS = {"image": "What is in the picture?", "video": "What is happening?", "audio": "What is making this sound?"}
 DELETE_CACHE = (600, 3600)  # every 10 minutes, delete uploads older than an hour
 
@@ -169,10 +179,10 @@ class Demo:
     def preloading_now(self) -> bool:
         return any(state in ("waiting", "loading…") for state in self.preloading.values())
 
-    def run(self, modality: str, request: dict[str, Any]) -> Iterator[tuple[str, str]]:
-        """Stream (answer, info) pairs for one request: load stages and downloads in the info box first,
-        then the answer. A refused or failed request leaves its message in the info box and raises a
-        `gr.Error` (for the toast and for API clients)."""
+    def run(self, modality: str, request: dict[str, Any]) -> Iterator[tuple]:
+        """Stream (answer, info, *what the model saw) for one request: load stages and downloads in the
+        info box first, then the answer. A refused or failed request leaves its message in the info box
+        and raises a `gr.Error` (for the toast and for API clients)."""
         try:
             yield from self._answers(modality, request)
         except UserError as exc:
@@ -183,10 +193,10 @@ class Demo:
             message = f"Something went wrong: {type(exc).__name__}: {exc}"
         else:
             return
-        yield "", f"⚠️ {message}"
+        yield "", f"⚠️ {message}", *NOTHING_SEEN
         raise gr.Error(message, print_exception=False)
 
-    def _answers(self, modality: str, request: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    def _answers(self, modality: str, request: dict[str, Any]) -> Iterator[tuple]:
         media = request["media"]
         if media is None or media == "":
             raise InputError(f"Please upload {MEDIA_NAMES[modality]} first.")
@@ -199,23 +209,34 @@ class Demo:
             decoding["num_frames"] = int(request["frames"])
         stages: queue.SimpleQueue = queue.SimpleQueue()
         answers = self.pipeline.stream(
-            media, request["task"], request.get("question"), preset=request["preset"], progress=stages.put, **decoding
+            media, request["task"], request.get("question"), preset=request["preset"], progress=stages.put,
+            inspect=True, **decoding,
         )
         first = _first_in_background(answers, stages)
         while (stage := stages.get()) is not first:  # checks, loading and downloads until the first answer
             while not stages.empty() and stage is not first:  # show only the latest of a burst of download reports
                 stage = stages.get()
             if stage is not first:
-                yield "", f"⏳ {stage}"
+                yield "", f"⏳ {stage}", *NOTHING_SEEN
         if first.error is not None:
             raise first.error
+        shown = False
         for answer in itertools.chain([first.answer], answers) if first.answer is not None else ():
-            info = "generating…"
             if answer.done:
                 info = f"`{answer.task}` · {answer.timings.summary()} · {answer.device}/{answer.dtype}"
-            if answer.notice:
-                info += f"  \n{answer.notice} (Advanced › Max new tokens)"
-            yield answer.text, info
+                info += f"  \n{answer.notice} (Advanced › Max new tokens)" if answer.notice else ""
+                yield answer.text, info, *seen_outputs(answer.inspection)
+            else:  # the media and the prompt once, while the tokens stream
+                yield answer.text, "generating…", *((gr.skip(),) * 3 if shown else seen_outputs(answer.inspection))
+                shown = True
+
+
+def seen_outputs(inspection: Inspection) -> tuple[list, list, str]:
+    """The panel's values: the encoder's input as (picture, caption) pairs, the answer's tokens
+    with their probabilities (shaded by HighlightedText), and the rest in words."""
+    pictures = list(zip(inspection.seen.images, inspection.seen.captions))
+    tokens = [(token.text, round(token.prob, 4)) for token in inspection.tokens]
+    return pictures, tokens, inspection.describe()
 
 
 @dataclass
@@ -276,12 +297,12 @@ def _parameters(modality: str, kind: str, tasks: list[Task]) -> list[inspect.Par
     return params + ([p("frames", 0)] if modality == "video" else [])
 
 
-def _endpoint(demo: Demo, modality: str, kind: str, tasks: list[Task]) -> Callable[..., Iterator[tuple[str, str]]]:
+def _endpoint(demo: Demo, modality: str, kind: str, tasks: list[Task]) -> Callable[..., Iterator[tuple]]:
     """A named endpoint whose API parameters are exactly the inputs this modality and kind use."""
     params = _parameters(modality, kind, tasks)
     names = [param.name for param in params]
 
-    def endpoint(*values: Any) -> Iterator[tuple[str, str]]:
+    def endpoint(*values: Any) -> Iterator[tuple]:
         yield from demo.run(modality, dict(zip(names, values)))
 
     endpoint.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
@@ -321,14 +342,22 @@ def _kind_tab(
         stop = gr.Button("Stop", variant="secondary", scale=0, min_width=100, elem_id=f"{prefix}-stop")
     answer = gr.Textbox(label=ui.output, lines=3, buttons=["copy"], elem_id=f"{prefix}-answer")
     info = gr.Markdown(label="Details", elem_id=f"{prefix}-info")
+    with gr.Accordion("What the model saw", open=True, elem_id=f"{prefix}-seen"):
+        seen = gr.Gallery(
+            label=SEEN_LABELS[modality], columns=4 if modality == "video" else 1, height="auto", object_fit="contain",
+            format="png", interactive=False, elem_id=f"{prefix}-seen-media",
+        )
+        tokens = gr.HighlightedText(label=TOKENS_LABEL, elem_id=f"{prefix}-tokens")
+        described = gr.Markdown(label="What the model saw", elem_id=f"{prefix}-seen-text")
+    outputs = [answer, info, seen, tokens, described]
     inputs = [media] + ([question] if question is not None else []) + [task, *settings]
     # the button is the one way in (Enter in the question box and example clicks press it): it clears the
     # old answer at once in the browser, then runs the endpoint
-    cleared = run.click(None, None, [answer, info], js="() => ['', '']")
+    cleared = run.click(None, None, outputs, js=f"() => {json.dumps(['', '', *NOTHING_SEEN])}")
     event = cleared.then(
         _endpoint(demo, modality, kind, tasks),
         inputs,
-        [answer, info],
+        outputs,
         api_name=f"{ui.endpoint}_{modality}",
         concurrency_id="model",
         concurrency_limit=concurrency,
@@ -345,7 +374,7 @@ def _kind_tab(
                 gr.Audio(row[0], label=Path(row[0]).name, interactive=False)
     if rows:
         _examples_table(prefix, [media] + ([question] if question is not None else []), rows)
-    return event, [answer, info]
+    return event, outputs
 
 
 def _examples_table(prefix: str, inputs: list, rows: list[list[str]]) -> None:
@@ -398,7 +427,8 @@ def _tab(demo: Demo, modality: str, tasks: dict[str, list[Task]], concurrency: i
                         events.append(_kind_tab(demo, modality, kind, kind_tasks, media, settings, concurrency))
     outputs = [component for _, components in events for component in components]
     # a new upload clears the answers about the previous one (in the browser: no request is made)
-    media.change(None, None, outputs, js=f"() => Array({len(outputs)}).fill('')")
+    cleared = json.dumps(["", "", *NOTHING_SEEN] * len(events))
+    media.change(None, None, outputs, js=f"() => {cleared}")
     return events
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms.functional as TF
 from gradio.utils import get_upload_folder
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
@@ -23,7 +24,8 @@ from PIL import Image
 
 import app as demo_app
 from epalm import MediaLimits, Pipeline
-from epalm.image import prepare_image
+from epalm.image import CLIP_MEAN, CLIP_STD, prepare_image
+from epalm.video import frame_indices
 
 from conftest import ROOT, write_video, write_wav
 
@@ -85,8 +87,28 @@ def test_every_named_endpoint_answers_with_the_paper_defaults(client, media_file
         client.predict(video, "what is happening", "video-qa-msvd", api_name="/answer_video"),
         client.predict(audio, api_name="/caption_audio"),
     ]
-    for answer, info in calls:
+    for answer, info, *seen in calls:
         assert isinstance(answer, str) and "tokens" in info and "cpu/float32" in info
+        assert len(seen) == 3, "then what the model saw: media, tokens, description"
+
+
+def test_endpoints_return_what_the_model_saw_after_the_answer(client, media_files):
+    image = handle_file(str(media_files["image"]))
+    answer, info, media, tokens, described = client.predict(image, "What is this?", api_name="/answer_image")
+    [picture] = media
+    seen = np.asarray(Image.open(picture["image"]).convert("RGB"))
+    encoder_input = prepare_image(str(media_files["image"]))  # what the tiny ViT received
+    assert torch.equal(TF.normalize(TF.to_tensor(seen), CLIP_MEAN, CLIP_STD), encoder_input), "a lossless PNG of it"
+    assert "64×48" in picture["caption"] and "224×224" in described
+    assert "".join(t["token"] for t in tokens).replace("</s>", "").strip() == answer
+    assert all(0 < t["class_or_confidence"] <= 1 for t in tokens)
+    assert "what&nbsp;is&nbsp;this??&lt;/a&gt;" in described.lower() and "| beam |" in described
+    video = handle_file(str(media_files["video"]))
+    *_, frames, tokens, described = client.predict(video, "what is happening", "video-qa-msvd", api_name="/answer_video")
+    assert [f["caption"] for f in frames] == [f"{i / 8:.2f} s (frame {i})" for i in frame_indices(8, 12)]
+    *_, spectrogram, tokens, described = client.predict(handle_file(str(media_files["audio"])), api_name="/caption_audio")
+    assert len(spectrogram) == 1 and Image.open(spectrogram[0]["image"]).size == (1024, 256)
+    assert "padded with silence" in spectrogram[0]["caption"]
 
 
 def test_api_lists_the_documented_parameters_and_named_outputs(client):
@@ -97,9 +119,9 @@ def test_api_lists_the_documented_parameters_and_named_outputs(client):
         assert names[:2] == (["media", "question"] if name.startswith("/answer") else ["media", "task"])
         assert ("frames" in names) == name.endswith("_video"), "frames only where it is used"
         assert all(p["parameter_has_default"] for p in endpoint["parameters"][2:])
+        seen = demo_app.SEEN_LABELS[name.split("_")[1]]
         assert [r["label"] for r in endpoint["returns"]] == [
-            "Answer" if name.startswith("/answer") else "Caption",
-            "Details",
+            "Answer" if name.startswith("/answer") else "Caption", "Details", seen, demo_app.TOKENS_LABEL, "What the model saw"
         ]
 
 
@@ -126,7 +148,7 @@ def test_a_task_added_to_the_registry_appears_in_the_menu_and_the_api(tmp_path, 
             if p["parameter_name"] == "task"
         )
         assert "image-vqa-mine" in task["type"]["enum"]
-        answer, info = client.predict(
+        answer, info, *_ = client.predict(
             handle_file(str(media_files["image"])), "why?", "image-vqa-mine", api_name="/answer_image"
         )
         assert "`image-vqa-mine`" in info
@@ -142,8 +164,10 @@ def test_greedy_answers_stream(client, media_files):
     outputs = job.outputs()
     outputs = [output for output in outputs if not output[1].startswith("⏳")]  # load stages (first call only)
     assert len(outputs) >= 3, "several partial outputs, then the final one"
-    assert all(info == "generating…" for _, info in outputs[:-1]) and "tokens/s" in final[1]
-    texts = [answer for answer, _ in outputs]
+    assert all(output[1] == "generating…" for output in outputs[:-1]) and "tokens/s" in final[1]
+    assert len(outputs[0][2]) == 1 and outputs[0][3] == [], "the media at once, the tokens at the end"
+    assert len(final[3]) == 12 and len(final[2]) == 1
+    texts = [output[0] for output in outputs]
     assert all(b.startswith(a) for a, b in zip(texts[:-2], texts[1:-1])) and final[0] == texts[-1]
 
 
@@ -186,10 +210,11 @@ def test_user_errors_become_clear_messages(client, media_files, tmp_path, args, 
         job.result(timeout=120)
     shown = str(error.value)
     assert message in shown and "Traceback" not in shown and "upstream" not in shown
+    expected = ("", f"⚠️ {shown}", [], [], "")
     deadline = time.time() + 10  # the client may record the last output just after the error
-    while job.outputs()[-1:] != [("", f"⚠️ {shown}")] and time.time() < deadline:
+    while job.outputs()[-1:] != [expected] and time.time() < deadline:
         time.sleep(0.05)
-    assert job.outputs()[-1] == ("", f"⚠️ {shown}"), "the message stays where the answer goes, with no answer"
+    assert job.outputs()[-1] == expected, "the message stays where the answer goes, with no answer"
 
 
 @pytest.mark.parametrize("api_name", sorted(ENDPOINTS))
@@ -289,12 +314,12 @@ def test_load_stages_are_shown_before_the_answer(media_files):
         top_p=0.9,
     )
     outputs = list(demo.run("image", request))
-    stages = [info for answer, info in outputs if info.startswith("⏳")]
-    assert stages and all(answer == "" for answer, info in outputs if info.startswith("⏳"))
-    assert outputs.index(("", stages[0])) == 0 and "tokens/s" in outputs[-1][1]
+    stages = [info for answer, info, *_ in outputs if info.startswith("⏳")]
+    assert stages and all(answer == "" for answer, info, *_ in outputs if info.startswith("⏳"))
+    assert outputs[0][:2] == ("", stages[0]) and "tokens/s" in outputs[-1][1]
     assert all(re.match(r"⏳ Load(ing|ed) ", stage) for stage in stages)
     again = list(demo.run("image", request))
-    assert not any(info.startswith("⏳") for _, info in again), "nothing to load the second time"
+    assert not any(info.startswith("⏳") for _, info, *_ in again), "nothing to load the second time"
 
 
 def test_the_status_line_names_models_for_people_and_reports_preloads(media_files, tmp_path, monkeypatch):
@@ -401,7 +426,7 @@ def test_a_fractional_file_size_limit_starts_and_holds(tmp_path, media_files):
         big = write_wav(tmp_path / "big.wav", seconds=2.0)  # 62 kB: over 0.05 MB
         with pytest.raises(Exception, match="(?i)size|large|limit"):
             client.predict(handle_file(str(big)), api_name="/caption_audio")
-        answer, info = client.predict(
+        answer, info, *_ = client.predict(
             handle_file(str(media_files["audio"])), preset="fast", max_new_tokens=2, api_name="/caption_audio"
         )
         assert "tokens/s" in info
@@ -583,6 +608,6 @@ def test_the_queue_bound_holds_under_a_burst(media_files, monkeypatch, api_name)
 
 def test_info_line_tells_a_long_question_its_limit_and_beams_their_timing(client, media_files):
     question = "what is the man holding in the picture and why " * 3
-    answer, info = client.predict(handle_file(str(media_files["image"])), question, api_name="/answer_image")
+    answer, info, *_ = client.predict(handle_file(str(media_files["image"])), question, api_name="/answer_image")
     assert "Long question" in info and "Max new tokens" in info
     assert "3-beam search" in info and "first token" not in info
