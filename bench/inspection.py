@@ -83,7 +83,7 @@ class RandomModels:
 
 
 SPENT = {"media": 0.0, "decoding": 0.0}  # seconds of inspection-only work in the current request
-MEDIA_WORK = ("viewable", "spectrogram_picture", "media_duration")  # what Inspector.prepare adds to the plain path
+MEDIA_WORK = ("viewable", "spectrogram_picture", "clip_seconds")  # what Inspector.prepare adds to the plain path
 
 
 def _timed(kind: str, method: Callable, *args: Any) -> Any:

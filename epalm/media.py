@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -20,8 +19,6 @@ from typing import IO, Any, Iterator, Union
 import av
 
 from .errors import UserError
-
-log = logging.getLogger(__name__)
 
 PLAYLIST_FORMATS = {"hls", "dash", "concat"}  # FFmpeg demuxers that open further files named inside the file
 Source = Union[str, os.PathLike, bytes, bytearray, memoryview, IO[bytes]]
@@ -160,20 +157,3 @@ def container_duration(container: av.container.InputContainer) -> float | None:
         return container.duration / av.time_base
     durations = [float(s.duration * s.time_base) for s in container.streams if s.duration and s.time_base]
     return max(durations) if durations else None
-
-
-def media_duration(src: Any, limits: MediaLimits = MediaLimits()) -> float | None:
-    """Length in seconds of a video or audio file, or of a Gradio microphone tuple (rate, samples);
-    None when it cannot be told cheaply (images, unreadable or oversized files: the loaders say why)."""
-    if isinstance(src, tuple) and len(src) == 2:
-        rate, samples = src
-        try:
-            return len(samples) / float(rate) if float(rate) > 0 else None
-        except TypeError:
-            return None
-    try:
-        with local_path(src, limits) as path, open_container(path, "a video or audio") as container:
-            return container_duration(container)
-    except MediaError as exc:
-        log.debug("no duration for %r: %s", src, exc)
-        return None
