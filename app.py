@@ -4,22 +4,69 @@
     python app.py --tiny          # tiny random models, no download (answers are meaningless)
 
 Every flag has an environment variable (for Hugging Face Spaces): see `python app.py --help`.
+The tabs, menus and API endpoints are built from the task registry: a task added to
+`checkpoints/tasks.yaml` (or the file named by EPALM_TASKS) appears here without code changes.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-import threading
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Iterator
 
-import gradio as gr
+from epalm.media import MediaLimits  # light: no torch, so that --help answers at once
 
-from epalm import AdapterError, InputError, MediaError, MediaLimits, OutOfMemory, Pipeline, WeightsUnavailable
-from epalm.media import media_duration
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    env = os.environ.get
+    limits = MediaLimits()
+    parser = argparse.ArgumentParser(description="eP-ALM demo (Gradio)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--device", default=env("EPALM_DEVICE", "auto"), help="cpu, cuda, cuda:N or auto [EPALM_DEVICE]")
+    parser.add_argument(
+        "--dtype", default=env("EPALM_DTYPE", "auto"), help="float32, bfloat16, float16 or auto (float16 on GPU, float32 on CPU) [EPALM_DTYPE]"
+    )
+    parser.add_argument("--host", default=env("GRADIO_SERVER_NAME", "127.0.0.1"), help="address to serve on [GRADIO_SERVER_NAME]")
+    parser.add_argument("--port", type=int, default=int(env("GRADIO_SERVER_PORT", "7860")), help="[GRADIO_SERVER_PORT]")
+    parser.add_argument("--share", action="store_true", default=env_flag("EPALM_SHARE"), help="public gradio.live link [EPALM_SHARE]")
+    parser.add_argument("--tiny", action="store_true", default=env_flag("EPALM_TINY"), help="tiny random models, no network [EPALM_TINY]")
+    parser.add_argument(
+        "--preload", nargs="*", default=(env("EPALM_PRELOAD") or "").split(), metavar="TASK",
+        help="load these tasks at start-up, in the background [EPALM_PRELOAD]",
+    )
+    parser.add_argument(
+        "--max-file-size", type=float, default=float(env("EPALM_MAX_FILE_SIZE", limits.max_file_bytes / 2**20)),
+        help="upload limit in MB [EPALM_MAX_FILE_SIZE]",
+    )
+    parser.add_argument(
+        "--max-duration", type=float, default=float(env("EPALM_MAX_DURATION", limits.max_clip_seconds)),
+        help="longest video or audio clip, in seconds [EPALM_MAX_DURATION]",
+    )
+    parser.add_argument(
+        "--concurrency", type=int, default=int(env("EPALM_CONCURRENCY", "0")),
+        help="model calls at once; 0: 1 on CPU, 2 on GPU [EPALM_CONCURRENCY]",
+    )
+    parser.add_argument("--queue-size", type=int, default=int(env("EPALM_QUEUE_SIZE", "32")), help="waiting requests before 'busy' [EPALM_QUEUE_SIZE]")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()  # --help and bad flags are answered here, before gradio and torch are imported
+
+import inspect  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Callable, Iterator  # noqa: E402
+
+import gradio as gr  # noqa: E402
+
+from epalm import PRESETS, InputError, Pipeline, Task, UserError  # noqa: E402
+from epalm.pipeline import MAX_QUESTION_CHARS  # noqa: E402
 
 try:  # ZeroGPU on Hugging Face Spaces: model calls get a GPU only inside @spaces.GPU
     import spaces
@@ -30,230 +77,289 @@ except ImportError:
 
 log = logging.getLogger("epalm.app")
 EXAMPLES = Path(__file__).resolve().parent / "examples"
-USER_ERRORS = (MediaError, InputError, WeightsUnavailable, AdapterError, OutOfMemory)
-
-PRESETS = [("Paper: 3 beams", "paper"), ("Fast: greedy, streamed", "fast"), ("Sampling", "sampling")]
-CAPTION_TASKS = {
-    "image": [("COCO captions · OPT-2.7B + ViT-B", "image-caption"), ("COCO captions · OPT-6.7B + ViT-L", "image-caption-L")],
-    "video": [("MSR-VTT captions · OPT-2.7B + TimeSformer", "video-caption")],
-    "audio": [("AudioCaps captions · OPT-2.7B + AST", "audio-caption")],
-}
-QA_TASKS = {
-    "image": [
-        ("VQAv2 · OPT-2.7B + ViT-B", "image-vqa"),
-        ("GQA · OPT-2.7B + ViT-B", "image-gqa"),
-        ("VQAv2 · OPT-6.7B + ViT-L", "image-vqa-L"),
-        ("GQA · OPT-6.7B + ViT-L", "image-gqa-L"),
-    ],
-    "video": [("MSRVTT-QA · OPT-2.7B + TimeSformer", "video-qa-msrvtt"), ("MSVD-QA · OPT-2.7B + TimeSformer", "video-qa-msvd")],
-}
+MODALITIES = ("image", "video", "audio")
 MEDIA_NAMES = {"image": "an image", "video": "a video", "audio": "an audio clip"}
+PRESET_LABELS = {"paper": "Paper: 3 beams", "fast": "Fast: greedy, streamed", "sampling": "Sampling"}
+QUESTIONS = {"image": "What is in the picture?", "video": "What is happening?", "audio": "What is making this sound?"}
+DELETE_CACHE = (600, 3600)  # every 10 minutes, delete uploads older than an hour
 
 
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
+@dataclass(frozen=True)
+class Kind:
+    """How a kind of task (registry `kind`) appears: its sub-tab, button, output box and endpoint."""
+
+    tab: str
+    button: str
+    output: str
+    endpoint: str
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    env = os.environ.get
-    parser = argparse.ArgumentParser(description="eP-ALM demo (Gradio)")
-    parser.add_argument("--device", default=env("EPALM_DEVICE", "auto"), help="cpu, cuda or auto [EPALM_DEVICE]")
-    parser.add_argument("--dtype", default=env("EPALM_DTYPE"), help="float32, bfloat16 or float16 [EPALM_DTYPE]")
-    parser.add_argument("--host", default=env("GRADIO_SERVER_NAME", "127.0.0.1"), help="[GRADIO_SERVER_NAME]")
-    parser.add_argument("--port", type=int, default=int(env("GRADIO_SERVER_PORT", "7860")), help="[GRADIO_SERVER_PORT]")
-    parser.add_argument("--share", action="store_true", default=env_flag("EPALM_SHARE"), help="public gradio.live link [EPALM_SHARE]")
-    parser.add_argument("--tiny", action="store_true", default=env_flag("EPALM_TINY"), help="tiny random models, no network [EPALM_TINY]")
-    parser.add_argument("--preload", nargs="*", default=(env("EPALM_PRELOAD") or "").split(), metavar="TASK", help="load these tasks at start-up, in the background [EPALM_PRELOAD]")
-    parser.add_argument("--max-file-size", type=float, default=float(env("EPALM_MAX_FILE_SIZE", "200")), help="upload limit in MB [EPALM_MAX_FILE_SIZE]")
-    parser.add_argument("--max-duration", type=float, default=float(env("EPALM_MAX_DURATION", "1800")), help="longest video/audio in seconds [EPALM_MAX_DURATION]")
-    parser.add_argument("--concurrency", type=int, default=int(env("EPALM_CONCURRENCY", "0")) or None, help="model calls at once (default 1 on CPU, 2 on GPU) [EPALM_CONCURRENCY]")
-    parser.add_argument("--queue-size", type=int, default=int(env("EPALM_QUEUE_SIZE", "32")), help="waiting requests before 'busy' [EPALM_QUEUE_SIZE]")
-    return parser.parse_args(argv)
+KINDS = {"caption": Kind("Caption", "Caption", "Caption", "caption"), "qa": Kind("Ask a question", "Answer", "Answer", "answer")}
 
 
 @dataclass
 class Demo:
-    """The handlers behind the UI and the API; each turns library errors into `gr.Error`s."""
+    """The handlers behind the UI and the API; each turns library errors into messages for people."""
 
     pipeline: Pipeline
-    max_duration: float
+    preloading: dict[str, str] = field(default_factory=dict)  # task id -> "loading…", "ready" or the failure
 
     def status(self) -> str:
-        loaded = ", ".join(self.pipeline.loaded()) or "nothing yet (models load on first use)"
-        mode = " · **tiny random models**" if self.pipeline.models.tiny else ""
-        return f"Device **{self.pipeline.device.type}** · dtype **{str(self.pipeline.dtype).replace('torch.', '')}**{mode} · loaded: {loaded}"
+        pipe = self.pipeline
+        loaded = ", ".join(pipe.loaded()) or "nothing yet (models load on first use)"
+        parts = [f"Device **{pipe.device.type}** · **{pipe.dtype_name}**"]
+        parts.append(f"**tiny random stand-ins** loaded for: {loaded}" if pipe.random_weights else f"loaded: {loaded}")
+        for task_id, state in self.preloading.items():
+            if state != "ready":
+                parts.append(f"preload of `{task_id}`: {state}")
+        return " · ".join(parts)
 
-    def run(
-        self, modality: str, media: Any, question: str | None, task: str, preset: str,
-        max_new_tokens: float, temperature: float, top_p: float, frames: float | None, progress: gr.Progress,
-    ) -> Iterator[tuple[str, str]]:
-        if media is None or media == "":
-            raise gr.Error(f"Please upload {MEDIA_NAMES[modality]} first.")
-        decoding: dict[str, Any] = {}
-        if preset == "sampling":
-            decoding.update(temperature=float(temperature), top_p=float(top_p))
-        if max_new_tokens:
-            decoding.update(max_new_tokens=int(max_new_tokens), max_length=None)
-        if frames:
-            decoding["num_frames"] = int(frames)
-        report = lambda message: progress(None, desc=message)  # noqa: E731
+    def start_preload(self, task_ids: list[str]) -> threading.Thread:
+        """Load these tasks in the background, one after the other; the status line shows each outcome."""
+        self.preloading.update({task_id: "waiting" for task_id in task_ids})
+        thread = threading.Thread(target=self._preload, args=(task_ids,), daemon=True)
+        thread.start()
+        return thread
+
+    def _preload(self, task_ids: list[str]) -> None:
+        for task_id in task_ids:
+            self.preloading[task_id] = "loading…"
+            try:
+                self.pipeline.preload([task_id])
+                self.preloading[task_id] = "ready"
+            except UserError as exc:
+                log.warning("preload of %s failed: %s", task_id, exc)
+                self.preloading[task_id] = f"failed: {exc}"
+            except Exception as exc:
+                log.exception("preload of %s failed", task_id)
+                self.preloading[task_id] = f"failed: {type(exc).__name__}: {exc}"
+
+    def preloading_now(self) -> bool:
+        return any(state in ("waiting", "loading…") for state in self.preloading.values())
+
+    def run(self, modality: str, request: dict[str, Any], progress: Callable[..., Any]) -> Iterator[tuple[str, str]]:
+        """Stream (answer, info) pairs for one request; the first pair clears the previous answer.
+        A refused or failed request leaves its message in the info box and raises a `gr.Error`."""
+        yield "", ""
         try:
-            for answer in self.pipeline.stream(media, task, question, preset=preset, progress=report, **decoding):
-                info = f"`{answer.task}` · {answer.timings.summary()} · {answer.device}/{answer.dtype}" if answer.done else "generating…"
-                yield answer.text, info
-        except USER_ERRORS as exc:
-            raise gr.Error(str(exc)) from exc
+            yield from self._answers(modality, request, progress)
+        except UserError as exc:
+            log.info("refused a %s request: %s", modality, exc)
+            message = str(exc)
         except Exception as exc:
-            log.exception("request failed")
-            raise gr.Error(f"Something went wrong: {type(exc).__name__}: {exc}") from exc
+            log.exception("%s request failed", modality)
+            message = f"Something went wrong: {type(exc).__name__}: {exc}"
+        else:
+            return
+        yield "", f"⚠️ {message}"
+        raise gr.Error(message, print_exception=False)
 
-    def check_duration(self, media: Any, *rest: Any) -> list[dict]:
-        """Validator: refuse over-long video/audio before queuing the request."""
-        ok, message = True, ""
-        if media:
-            seconds = media_duration(media)
-            if seconds is not None and seconds > self.max_duration:
-                ok, message = False, f"This clip is {_duration(seconds)} long; the limit is {_duration(self.max_duration)}."
-        return [gr.validate(ok, message)] + [gr.validate(True, "") for _ in rest]
+    def _answers(self, modality: str, request: dict[str, Any], progress: Callable[..., Any]) -> Iterator[tuple[str, str]]:
+        media = request["media"]
+        if media is None or media == "":
+            raise InputError(f"Please upload {MEDIA_NAMES[modality]} first.")
+        decoding: dict[str, Any] = {}
+        if request["preset"] == "sampling":
+            decoding.update(temperature=float(request["temperature"]), top_p=float(request["top_p"]))
+        if request["max_new_tokens"]:
+            decoding.update(max_new_tokens=int(request["max_new_tokens"]), max_length=None)
+        if request.get("frames"):
+            decoding["num_frames"] = int(request["frames"])
+        report = lambda message: progress(None, desc=message)  # noqa: E731
+        answers = self.pipeline.stream(
+            media, request["task"], request.get("question"), preset=request["preset"], progress=report, **decoding
+        )
+        for answer in answers:
+            if answer.done:
+                yield answer.text, f"`{answer.task}` · {answer.timings.summary()} · {answer.device}/{answer.dtype}"
+            else:
+                yield answer.text, "generating…"
 
 
-def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} seconds" if seconds < 120 else f"{seconds / 60:.0f} minutes"
+def _original_upload(image: gr.Image) -> gr.Image:
+    """Make an image input hand the uploaded file itself to the handler. Gradio's `Image` would decode
+    and convert it with Pillow first (all of it, however large, dropping alpha and clipping 16-bit
+    values); `epalm` reads the header first and converts the way the CLI does. (An instance
+    attribute, not a subclass: Gradio writes a .pyi stub next to the module of every subclass.)"""
+    image.preprocess = lambda payload: None if payload is None else payload.path  # type: ignore[method-assign]
+    return image
 
 
-def _handler(demo: Demo, modality: str, with_question: bool) -> Callable[..., Iterator[tuple[str, str]]]:
-    """A named, typed endpoint: media (and question) first, then task and decoding settings."""
-    default_task = (QA_TASKS if with_question else CAPTION_TASKS)[modality][0][1]
+def _media_input(modality: str) -> gr.components.Component:
+    if modality == "image":
+        image = gr.Image(label="Image", sources=["upload", "webcam", "clipboard"], type="filepath", elem_id="image-input")
+        return _original_upload(image)
+    if modality == "video":
+        return gr.Video(label="Video", sources=["upload", "webcam"], elem_id="video-input")
+    return gr.Audio(label="Audio", sources=["upload", "microphone"], type="filepath", elem_id="audio-input")
 
-    if with_question:
 
-        def endpoint(media, question: str, task: str = default_task, preset: str = "paper", max_new_tokens: float = 0,
-                     temperature: float = 0.7, top_p: float = 0.9, frames: float = 0, progress=gr.Progress()):
-            yield from demo.run(modality, media, question, task, preset, max_new_tokens, temperature, top_p, frames, progress)
-    else:
+def _parameters(modality: str, kind: str, tasks: list[Task]) -> list[inspect.Parameter]:
+    """The endpoint's parameters, in API order: media (and question) first, then settings with defaults."""
+    p = lambda name, default=inspect.Parameter.empty: inspect.Parameter(  # noqa: E731
+        name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default
+    )
+    params = [p("media")] + ([p("question")] if kind == "qa" else [])
+    params += [p("task", tasks[0].id), p("preset", "paper"), p("max_new_tokens", 0), p("temperature", 0.7), p("top_p", 0.9)]
+    return params + ([p("frames", 0)] if modality == "video" else [])
 
-        def endpoint(media, task: str = default_task, preset: str = "paper", max_new_tokens: float = 0,
-                     temperature: float = 0.7, top_p: float = 0.9, frames: float = 0, progress=gr.Progress()):
-            yield from demo.run(modality, media, None, task, preset, max_new_tokens, temperature, top_p, frames, progress)
 
-    endpoint.__name__ = f"{'answer' if with_question else 'caption'}_{modality}"
+def _endpoint(demo: Demo, modality: str, kind: str, tasks: list[Task]) -> Callable[..., Iterator[tuple[str, str]]]:
+    """A named endpoint whose API parameters are exactly the inputs this modality and kind use."""
+    params = _parameters(modality, kind, tasks)
+    names = [param.name for param in params]
+
+    def endpoint(*values: Any) -> Iterator[tuple[str, str]]:
+        *inputs, progress = values  # gradio passes the gr.Progress after the inputs
+        yield from demo.run(modality, dict(zip(names, inputs)), progress)
+
+    progress = inspect.Parameter("progress", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=gr.Progress())
+    endpoint.__signature__ = inspect.Signature(params + [progress])  # type: ignore[attr-defined]
+    endpoint.__name__ = f"{KINDS[kind].endpoint}_{modality}"
     return gpu(endpoint)
 
 
-def _examples(modality: str) -> list[list[str]]:
-    """(file, question) pairs from examples/ (see examples/README.md)."""
+def _examples(modality: str, kind: str) -> list[list[str]]:
+    """Files under examples/<modality>/ (see examples/README.md), each with a question in question mode."""
     folder = EXAMPLES / modality
-    files = sorted(p for p in folder.glob("*") if p.suffix.lower() not in (".md", ".txt")) if folder.is_dir() else []
-    questions = {"image": "What is in the picture?", "video": "What is happening?"}
-    return [[str(f), questions.get(modality, "")] for f in files]
+    files = sorted(p for p in folder.glob("*") if p.suffix.lower() not in (".md", ".txt", ".py")) if folder.is_dir() else []
+    return [[str(f), QUESTIONS[modality]] if kind == "qa" else [str(f)] for f in files]
 
 
-def _tab(demo: Demo, modality: str, concurrency: int, status: gr.Markdown) -> None:
-    media_input = {
-        "image": lambda: gr.Image(label="Image", sources=["upload", "webcam", "clipboard"], type="filepath", elem_id="image-input"),
-        "video": lambda: gr.Video(label="Video", sources=["upload", "webcam"], elem_id="video-input"),
-        "audio": lambda: gr.Audio(label="Audio", sources=["upload", "microphone"], type="filepath", elem_id="audio-input"),
-    }[modality]
-    has_qa = modality in QA_TASKS
+def _kind_tab(
+    demo: Demo, modality: str, kind: str, tasks: list[Task], media: Any, settings: list, concurrency: int
+) -> tuple[Any, list]:
+    """One sub-tab (Caption, or Ask a question): model menu, question, Run and Stop, output, examples.
+    Returns the model event and its output boxes."""
+    ui = KINDS[kind]
+    prefix = f"{modality}-{kind}"
+    task = gr.Dropdown([(t.menu_label, t.id) for t in tasks], value=tasks[0].id, label="Model", elem_id=f"{prefix}-task")
+    question = None
+    if kind == "qa":
+        question = gr.Textbox(
+            label="Question", placeholder="e.g. What is the dog doing?", max_length=MAX_QUESTION_CHARS, elem_id=f"{prefix}-question"
+        )
+    with gr.Row():
+        run = gr.Button(ui.button, variant="primary", elem_id=f"{prefix}-run")
+        stop = gr.Button("Stop", variant="secondary", scale=0, min_width=100, elem_id=f"{prefix}-stop")
+    answer = gr.Textbox(label=ui.output, lines=3, buttons=["copy"], elem_id=f"{prefix}-answer")
+    info = gr.Markdown(label="Details", elem_id=f"{prefix}-info")
+    inputs = [media] + ([question] if question is not None else []) + [task, *settings]
+    triggers = [run.click] + ([question.submit] if question is not None else [])
+    event = gr.on(
+        triggers, _endpoint(demo, modality, kind, tasks), inputs=inputs, outputs=[answer, info], api_name=f"{ui.endpoint}_{modality}",
+        concurrency_id="model", concurrency_limit=concurrency, show_progress="full", show_progress_on=[answer],
+    )
+    stop.click(None, None, None, cancels=[event])
+    rows = _examples(modality, kind)
+    if rows and modality == "audio":  # the examples table shows file names only: give each a player
+        with gr.Row(elem_id=f"{prefix}-players"):
+            for row in rows:
+                gr.Audio(row[0], label=Path(row[0]).name, interactive=False)
+    if rows:
+        _examples_table(prefix, [media] + ([question] if question is not None else []), rows)
+    return event, [answer, info]
+
+
+def _examples_table(prefix: str, inputs: list, rows: list[list[str]]) -> None:
+    """Clicking an example fills the inputs, then presses the visible button: it runs the same
+    endpoint, task and settings as the user would. (Not gr.Examples: it fills inputs with
+    gr.update, which rebuilds the image input as a plain gr.Image in the session, undoing
+    `_original_upload`.)"""
+    table = gr.Dataset(
+        components=inputs, samples=rows, type="values", headers=[c.label for c in inputs],
+        label="Examples (click one to run it)", elem_id=f"{prefix}-examples",
+    )
+
+    def load_example(row: list[str]) -> Any:
+        return row if len(row) > 1 else row[0]
+
+    filled = table.click(load_example, table, inputs, queue=False, show_progress="hidden", api_visibility="private")
+    filled.then(None, js=f"() => {{ document.getElementById('{prefix}-run').click(); }}")
+
+
+def _tab(demo: Demo, modality: str, tasks: dict[str, list[Task]], concurrency: int) -> list:
+    """One modality: the media input and shared settings, then a sub-tab per kind of task.
+    Returns (model event, output boxes) per sub-tab."""
     with gr.Row():
         with gr.Column():
-            media = media_input()
-            mode = gr.Radio([("Caption", "caption"), ("Ask a question", "qa")], value="caption", label="Task", visible=has_qa)
-            caption_task = gr.Dropdown(CAPTION_TASKS[modality], value=CAPTION_TASKS[modality][0][1], label="Model")
-            qa_task = gr.Dropdown(QA_TASKS.get(modality, [("", "")]), value=QA_TASKS.get(modality, [("", "")])[0][1], label="Model", visible=False)
-            question = gr.Textbox(
-                label="Question", placeholder="e.g. What is the dog doing?", max_length=300, visible=False, elem_id=f"{modality}-question"
-            )
+            media = _media_input(modality)
             with gr.Accordion("Advanced", open=False):
-                preset = gr.Radio(PRESETS, value="paper", label="Decoding")
+                preset = gr.Radio([(PRESET_LABELS.get(name, name), name) for name in PRESETS], value="paper", label="Decoding")
                 temperature = gr.Slider(0.1, 2.0, value=0.7, step=0.05, label="Temperature (sampling)")
                 top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p (sampling)")
-                max_new_tokens = gr.Slider(0, 64, value=0, step=1, label="Max new tokens (0 = the paper's max_length 30)")
-                frames = gr.Slider(0, 32, value=0, step=1, label="Frames to sample (0 = the task's: 16 caption, 8 QA)", visible=modality == "video")
-            caption_button = gr.Button("Caption", variant="primary")
-            answer_button = gr.Button("Answer", variant="primary", visible=False)
+                max_new_tokens = gr.Slider(0, 64, value=0, step=1, label="Max new tokens (0 = the task's own limit)")
+                settings = [preset, max_new_tokens, temperature, top_p]
+                if modality == "video":
+                    settings.append(gr.Slider(0, 32, value=0, step=1, label="Frames to sample (0 = the task's)"))
         with gr.Column():
-            answer = gr.Textbox(label="Answer", lines=3, buttons=["copy"], elem_id=f"{modality}-answer")
-            info = gr.Markdown(elem_id=f"{modality}-info")
-    settings = [preset, max_new_tokens, temperature, top_p, frames]
-    events = dict(concurrency_id="model", concurrency_limit=concurrency, show_progress="minimal")
-    caption_event = caption_button.click(
-        _handler(demo, modality, False), [media, caption_task, *settings], [answer, info], api_name=f"caption_{modality}",
-        validator=demo.check_duration if modality != "image" else None, **events,
-    )
-    caption_event.then(demo.status, None, status, api_visibility="private", queue=False)
-    if has_qa:
-        answer_event = answer_button.click(
-            _handler(demo, modality, True), [media, question, qa_task, *settings], [answer, info], api_name=f"answer_{modality}",
-            validator=demo.check_duration if modality != "image" else None, **events,
-        )
-        answer_event.then(demo.status, None, status, api_visibility="private", queue=False)
-        question.submit(
-            _handler(demo, modality, True), [media, question, qa_task, *settings], [answer, info], api_visibility="private", **events
-        )
-        mode.change(
-            lambda m: [gr.update(visible=(m == "caption") == shows_caption) for shows_caption in (True, False, True, False, False)],
-            mode, [caption_task, qa_task, caption_button, answer_button, question], api_visibility="private", queue=False,
-        )
-    examples = _examples(modality)
-    if examples:
-        gr.Examples(
-            examples=[row if has_qa else row[:1] for row in examples],
-            inputs=[media, question] if has_qa else [media],
-            outputs=[answer, info],
-            fn=_example_fn(demo, modality),
-            cache_examples=True,
-            cache_mode="lazy",
-            api_visibility="private",
-            label="Examples (click one)",
-        )
+            events = []
+            with gr.Tabs():
+                for kind, kind_tasks in tasks.items():
+                    with gr.Tab(KINDS[kind].tab, elem_id=f"{modality}-{kind}-tab"):
+                        events.append(_kind_tab(demo, modality, kind, kind_tasks, media, settings, concurrency))
+    outputs = [component for _, components in events for component in components]
+    # a new upload clears the answers about the previous one (in the browser: no request is made)
+    media.change(None, None, outputs, js=f"() => Array({len(outputs)}).fill('')")
+    return events
 
 
-def _example_fn(demo: Demo, modality: str) -> Callable:
-    """Examples run the paper setting: a caption, or an answer when the row has a question."""
-    caption_task = CAPTION_TASKS[modality][0][1]
-    qa_task = QA_TASKS[modality][0][1] if modality in QA_TASKS else None
-
-    def example(media, question=None, progress=gr.Progress()):
-        task = qa_task if question and qa_task else caption_task
-        yield from demo.run(modality, media, question or None, task, "paper", 0, 0.7, 0.9, 0, progress)
-
-    return gpu(example)
+def tasks_by_modality(pipeline: Pipeline) -> dict[str, dict[str, list[Task]]]:
+    """modality -> kind -> tasks, in registry order (what the tabs and menus show)."""
+    grouped: dict[str, dict[str, list[Task]]] = {}
+    for task in pipeline.tasks.values():
+        grouped.setdefault(task.modality, {}).setdefault(task.kind, []).append(task)
+    return {m: {k: grouped[m][k] for k in KINDS if k in grouped[m]} for m in MODALITIES if m in grouped}
 
 
-def build(pipeline: Pipeline, max_duration: float = 1800, concurrency: int | None = None) -> gr.Blocks:
+def build(
+    pipeline: Pipeline, concurrency: int | None = None, demo: Demo | None = None, delete_cache: tuple[int, int] = DELETE_CACHE
+) -> gr.Blocks:
     """The whole UI. `concurrency` = model calls at once (default: 1 on CPU, 2 on GPU)."""
-    demo = Demo(pipeline, max_duration)
+    demo = demo or Demo(pipeline)
     concurrency = concurrency or (2 if pipeline.device.type == "cuda" else 1)
-    with gr.Blocks(title="eP-ALM demo") as blocks:
+    with gr.Blocks(title="eP-ALM demo", delete_cache=delete_cache) as blocks:
         gr.Markdown(
             "# eP-ALM: Efficient Perceptual Augmentation of Language Models\n"
             "A frozen OPT language model reads frozen image, video and audio encoders through a few million trained "
             "parameters ([paper](https://arxiv.org/abs/2303.11403), ICCV 2023). Upload a file, ask for a caption or a question."
         )
-        if pipeline.models.tiny:
+        if pipeline.random_weights:
             gr.Markdown("⚠️ **Smoke mode (`--tiny`)**: tiny random models, nothing downloaded. The answers are meaningless.", elem_id="tiny-banner")
         status = gr.Markdown(demo.status(), elem_id="status")
-        for modality in ("image", "video", "audio"):
+        events = []
+        for modality, tasks in tasks_by_modality(pipeline).items():
             with gr.Tab(modality.capitalize(), id=modality, elem_id=f"{modality}-tab"):
-                _tab(demo, modality, concurrency, status)
+                events += _tab(demo, modality, tasks, concurrency)
+        for event, _ in events:
+            event.then(demo.status, None, status, api_visibility="private", queue=False)
+        timer = gr.Timer(2.0, active=demo.preloading_now())
+        timer.tick(lambda: (demo.status(), gr.Timer(active=demo.preloading_now())), None, [status, timer], api_visibility="private", queue=False)
         blocks.load(demo.status, None, status, api_visibility="private", queue=False)
     return blocks
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def main(args: argparse.Namespace, block: bool = True) -> gr.Blocks:
+    """Serve the app; with `block=False`, return the running app (tests stop it with `.close()`)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    limits = MediaLimits(max_file_bytes=int(args.max_file_size * 2**20))
-    pipeline = Pipeline(device=args.device, dtype=args.dtype, tiny=args.tiny, limits=limits)
-    if args.preload:  # in the background: the page is served at once
-        threading.Thread(target=pipeline.preload, args=(args.preload,), daemon=True).start()
-    blocks = build(pipeline, args.max_duration, args.concurrency)
+    max_file_bytes = int(args.max_file_size * 2**20)
+    limits = MediaLimits(max_file_bytes=max_file_bytes, max_clip_seconds=args.max_duration)
+    try:
+        pipeline = Pipeline(device=args.device, dtype=args.dtype, tiny=args.tiny, limits=limits)
+        unknown = [task_id for task_id in args.preload if task_id not in pipeline.tasks]
+        if unknown:
+            raise UserError(f"unknown task(s) to preload: {', '.join(unknown)}; known tasks: {', '.join(pipeline.tasks)}")
+    except UserError as exc:
+        sys.exit(f"error: {exc}")
+    demo = Demo(pipeline)
+    demo.start_preload(args.preload)  # in the background: the page is served at once
+    blocks = build(pipeline, args.concurrency or None, demo)
     blocks.queue(max_size=args.queue_size, default_concurrency_limit=args.concurrency or 1).launch(
-        server_name=args.host, server_port=args.port, share=args.share, max_file_size=f"{args.max_file_size:g}mb",
-        allowed_paths=[str(EXAMPLES)],
+        server_name=args.host, server_port=args.port, share=args.share, max_file_size=max_file_bytes,
+        allowed_paths=[str(EXAMPLES)], prevent_thread_lock=not block, quiet=not block,
     )
+    return blocks
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)

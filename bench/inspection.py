@@ -56,16 +56,16 @@ SETTINGS = {"paper": dict(num_beams=3, max_length=12), "greedy": dict(num_beams=
 
 
 class RandomModels:
-    """A `Pipeline` model source with random weights at the real shapes (`bench.harness` builders):
-    the registry's tasks unchanged, every encoder of the paper's size."""
+    """A `Pipeline` model source (`epalm.ModelSource`) with random weights at the real shapes
+    (`bench.harness` builders): the registry's tasks unchanged, every encoder of the paper's size."""
 
-    tiny = False
+    random_weights = True
 
     def __init__(self, lm_name: str = "opt-2.7b") -> None:
         self.lm_name = lm_name
 
-    def adapt(self, task: Any) -> Any:
-        return task
+    def tasks(self, registry: dict[str, Any]) -> dict[str, Any]:
+        return dict(registry)
 
     def lm(self, ref: Any, dtype: torch.dtype) -> tuple[Any, Any]:
         return H.build_lm(self.lm_name, dtype, torch.device("cpu")), tiny_tokenizer()
@@ -83,7 +83,7 @@ class RandomModels:
 
 
 SPENT = {"media": 0.0, "decoding": 0.0}  # seconds of inspection-only work in the current request
-MEDIA_WORK = ("viewable", "spectrogram_picture", "media_duration")  # what Inspector.prepare adds to the plain path
+MEDIA_WORK = ("viewable", "spectrogram_picture", "clip_seconds")  # what Inspector.prepare adds to the plain path
 
 
 def _timed(kind: str, method: Callable, *args: Any) -> Any:
@@ -188,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modalities", nargs="+", default=modalities, choices=modalities)
     parser.add_argument("--out", type=Path, help="also write the rows as JSON here")
     args = parser.parse_args(argv)
-    models = None if args.tiny else RandomModels(args.lm)
-    pipe = Pipeline(device="cpu", dtype=args.dtype, tiny=args.tiny, models=models)
+    source = None if args.tiny else RandomModels(args.lm)
+    pipe = Pipeline(device="cpu", dtype=args.dtype, tiny=args.tiny, source=source)
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     rows = measure(pipe, args.repeats, log, args.quiet_wait, tuple(args.modalities))
     print(markdown(rows, "tiny" if args.tiny else args.lm, args.dtype))

@@ -7,16 +7,40 @@
     for partial in pipe.stream("clip.mp4", "video-caption", preset="fast"):
         print(partial.text)
     pipe.caption("cat.jpg", task="image-caption", inspect=True).inspection  # what the model saw, how sure it was
+
+The names below are imported on first use, so that `import epalm.media` or a command's `--help`
+does not pay for importing torch and transformers.
 """
 
-from .decoding import PRESETS, DecodingOptions
-from .hub import AdapterError, WeightsUnavailable
-from .inspection import Inspection
-from .media import MediaError, MediaLimits
-from .pipeline import Answer, InputError, OutOfMemory, Pipeline, Timings
-from .tasks import Task, load_registry
+from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "PRESETS": "decoding", "DecodingOptions": "decoding", "InputError": "errors", "UserError": "errors",
+    "AdapterError": "hub", "WeightsUnavailable": "hub", "Inspection": "inspection", "MediaError": "media",
+    "MediaLimits": "media",
+    "Answer": "pipeline", "OutOfMemory": "pipeline", "Pipeline": "pipeline", "Timings": "pipeline",
+    "ModelSource": "store", "Task": "tasks", "load_registry": "tasks",
+}
 __all__ = [
     "PRESETS", "AdapterError", "Answer", "DecodingOptions", "Inspection", "InputError", "MediaError", "MediaLimits",
-    "OutOfMemory", "Pipeline", "Task", "Timings", "WeightsUnavailable", "load_registry",
+    "ModelSource", "OutOfMemory", "Pipeline", "Task", "Timings", "UserError", "WeightsUnavailable", "load_registry",
 ]
+
+if TYPE_CHECKING:
+    from .decoding import PRESETS, DecodingOptions
+    from .errors import InputError, UserError
+    from .hub import AdapterError, WeightsUnavailable
+    from .inspection import Inspection
+    from .media import MediaError, MediaLimits
+    from .pipeline import Answer, OutOfMemory, Pipeline, Timings
+    from .store import ModelSource
+    from .tasks import Task, load_registry
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'epalm' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -14,12 +14,11 @@ import sys
 from pathlib import Path
 
 from . import parity
-from .hub import AdapterError, WeightsUnavailable, convert, push_to_hub
-from .media import MediaError, MediaLimits
-from .pipeline import InputError, OutOfMemory, Pipeline
-from .tasks import RegistryError, get_task, load_registry
-
-USER_ERRORS = (MediaError, InputError, WeightsUnavailable, AdapterError, OutOfMemory, RegistryError)
+from .errors import UserError
+from .hub import convert, push_to_hub
+from .media import MediaLimits
+from .pipeline import Pipeline
+from .tasks import get_task, load_registry
 
 
 def _model_flags(parser: argparse.ArgumentParser) -> None:
@@ -91,7 +90,7 @@ def _run(args: argparse.Namespace, question: str | None) -> int:
     failed, folders = 0, set()
     try:
         pipeline = Pipeline(device=args.device, dtype=args.dtype, tiny=args.tiny, registry=load_registry(args.registry) if args.registry else None, limits=limits)
-    except USER_ERRORS as exc:
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     inspect = args.save_inputs is not None
@@ -108,7 +107,7 @@ def _run(args: argparse.Namespace, question: str | None) -> int:
                 folder = _inputs_folder(args.save_inputs, path, folders)
                 answer.inspection.save(folder, answer.text)
                 record["inputs"] = str(folder)
-        except USER_ERRORS as exc:
+        except UserError as exc:
             failed += 1
             record, line = {"path": path, "error": str(exc)}, f"{path}\tERROR: {exc}"
         except Exception as exc:  # an unforeseen failure on one file must not stop the batch
@@ -136,7 +135,7 @@ def _convert(args: argparse.Namespace) -> int:
         print(f"wrote {out}")
         if args.push_to_hub:
             print(f"uploaded to {push_to_hub(out, args.push_to_hub)}")
-    except (KeyError, *USER_ERRORS) as exc:
+    except (KeyError, UserError) as exc:
         print(f"error: {exc.args[0] if isinstance(exc, KeyError) else exc}", file=sys.stderr)
         return 2
     return 0

@@ -75,7 +75,7 @@ def load_audio(
     else:
         with local_path(src, limits) as path:
             samples, rate = _decode(path, limits, max_seconds)
-    check_duration(len(samples) / rate, limits.max_audio_seconds, "recording")
+    check_duration(len(samples) / rate, limits.max_clip_seconds, "recording")
     if max_seconds is not None:
         samples = samples[: math.ceil(max_seconds * rate)]
     wave = torch.from_numpy(_to_float(samples))
@@ -110,7 +110,7 @@ def _decode(path: str, limits: MediaLimits, max_seconds: float | None) -> tuple[
             extra = " (it contains only video)" if container.streams.video else ""
             raise MediaError(f"This file has no audio track{extra}.")
         stream = container.streams.audio[0]
-        check_duration(container_duration(container), limits.max_audio_seconds, "recording")
+        check_duration(container_duration(container), limits.max_clip_seconds, "recording")
         chunks: list[np.ndarray] = []
         rate, total, wanted = stream.codec_context.sample_rate or 0, 0, None
         try:
@@ -123,7 +123,7 @@ def _decode(path: str, limits: MediaLimits, max_seconds: float | None) -> tuple[
                 total += len(chunks[-1])
                 if wanted is not None and total >= wanted:
                     break
-                check_duration(total / rate, limits.max_audio_seconds, "recording")  # headers can lie
+                check_duration(total / rate, limits.max_clip_seconds, "recording")  # headers can lie
         except MediaError:
             raise
         except (av.error.FFmpegError, ValueError) as exc:

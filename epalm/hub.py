@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, OPTForCausalLM, PreTrainedTokenizerBase
 
 from .encoders import Encoder, wrap_encoder
+from .errors import UserError
 from .model import Adapter
 from .tasks import AdapterSource, EncoderRef, ModelRef, Task
 
@@ -41,11 +42,11 @@ ADAPTER_CONFIG = "adapter_config.json"
 _ADAPTER_PREFIXES = ("connector.", "prompt_module.")
 
 
-class WeightsUnavailable(RuntimeError):
+class WeightsUnavailable(UserError, RuntimeError):
     """A file or model could not be had (offline, missing, gated); the message says what to do."""
 
 
-class AdapterError(ValueError):
+class AdapterError(UserError, ValueError):
     """An adapter file is unsafe, unreadable, or does not fit the task's models."""
 
 
@@ -229,9 +230,12 @@ def push_to_hub(folder: str | Path, repo_id: str) -> str:
 
 
 class HubModels:
-    """Loads the real pretrained models, each from the Hub cache (downloading once)."""
+    """The real pretrained models (a `store.ModelSource`), each from the Hub cache (downloading once)."""
 
-    tiny = False
+    random_weights = False
+
+    def tasks(self, registry: dict[str, Task]) -> dict[str, Task]:
+        return dict(registry)
 
     def lm(self, ref: ModelRef, dtype: torch.dtype) -> tuple[OPTForCausalLM, PreTrainedTokenizerBase]:
         try:

@@ -25,7 +25,7 @@ from PIL import Image
 from .audio import FRAME_LENGTH_MS, FRAME_SHIFT_MS, AudioTransform, audio_fbank, load_window, window_seconds
 from .decoding import DecodingOptions
 from .image import ImageTransform, image_tensor, load_image
-from .media import MediaLimits, media_duration
+from .media import MediaLimits, container_duration, local_path, open_container
 from .model import InjectionConfig
 from .tasks import Task
 from .video import VideoTransform, sample_frames, video_tensor
@@ -207,6 +207,17 @@ def injection_text(injection: InjectionConfig) -> str:
     return f"{blocks}, through {connector}, into {layers} (shallow blocks to earlier layers)"
 
 
+def clip_seconds(media: Any, sample_rate: int, limits: MediaLimits) -> float | None:
+    """The whole clip's length: from an array's samples (a Gradio `(rate, samples)` pair, or samples at
+    `sample_rate`), or from a file's header; None when the header does not say."""
+    if isinstance(media, tuple):
+        return max(np.shape(media[1])) / float(media[0])
+    if isinstance(media, (np.ndarray, torch.Tensor)):
+        return max(np.shape(media)) / sample_rate
+    with local_path(media, limits) as path, open_container(path, "audio") as container:
+        return container_duration(container)
+
+
 def decoding_settings(options: DecodingOptions) -> dict[str, Any]:
     """The settings that shaped the answer, by strategy."""
     if options.max_new_tokens is not None:
@@ -260,8 +271,7 @@ class Inspector:
         needed = round(window_seconds(transform) * rate)  # samples behind target_length frames
         duration = len(wave) / rate
         if len(wave) > needed:  # the window was filled: how long is the whole clip?
-            is_array = isinstance(media, (np.ndarray, torch.Tensor))
-            duration = max(np.shape(media)) / rate if is_array else media_duration(media, limits)
+            duration = clip_seconds(media, rate, limits)
         self.seen = Seen(
             "audio", [spectrogram_picture(fbank)], [], duration=duration, heard_seconds=min(len(wave), needed) / rate,
             cut=len(wave) > needed, padded=len(wave) < needed, spectrogram=fbank.numpy(),

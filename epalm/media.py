@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -19,13 +18,13 @@ from typing import IO, Any, Iterator, Union
 
 import av
 
-log = logging.getLogger(__name__)
+from .errors import UserError
 
 PLAYLIST_FORMATS = {"hls", "dash", "concat"}  # FFmpeg demuxers that open further files named inside the file
 Source = Union[str, os.PathLike, bytes, bytearray, memoryview, IO[bytes]]
 
 
-class MediaError(ValueError):
+class MediaError(UserError, ValueError):
     """A file or array that cannot be turned into model input; the message says why."""
 
 
@@ -38,8 +37,7 @@ class MediaLimits:
     max_file_bytes: int = 200 * 2**20  # 200 MB
     max_pixels: int = 100_000_000  # an image's width × height, checked before its pixels are decoded
     max_frame_pixels: int = 4096 * 2304  # a video frame's width × height (4K fits; the sampled frames stay in memory)
-    max_video_seconds: float = 3600.0
-    max_audio_seconds: float = 3600.0
+    max_clip_seconds: float = 1800.0  # a video's or audio clip's length (the app's --max-duration)
 
 
 def describe_bytes(size: float) -> str:
@@ -159,20 +157,3 @@ def container_duration(container: av.container.InputContainer) -> float | None:
         return container.duration / av.time_base
     durations = [float(s.duration * s.time_base) for s in container.streams if s.duration and s.time_base]
     return max(durations) if durations else None
-
-
-def media_duration(src: Any, limits: MediaLimits = MediaLimits()) -> float | None:
-    """Length in seconds of a video or audio file, or of a Gradio microphone tuple (rate, samples);
-    None when it cannot be told cheaply (images, unreadable or oversized files: the loaders say why)."""
-    if isinstance(src, tuple) and len(src) == 2:
-        rate, samples = src
-        try:
-            return len(samples) / float(rate) if float(rate) > 0 else None
-        except TypeError:
-            return None
-    try:
-        with local_path(src, limits) as path, open_container(path, "a video or audio") as container:
-            return container_duration(container)
-    except MediaError as exc:
-        log.debug("no duration for %r: %s", src, exc)
-        return None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator
@@ -19,11 +18,13 @@ import torch
 from .audio import prepare_audio
 from .decoding import PRESETS, DecodingOptions, generate, stream_text, stream_tokens
 from .encoders import Encoder
-from .hub import HubModels, Progress, load_adapter
+from .errors import InputError, UserError
+from .hub import HubModels, Progress
 from .image import prepare_image
 from .inspection import Inspection, Inspector
 from .media import MediaLimits
-from .model import EPALM, Adapter, pack_linear_weights
+from .model import EPALM, Adapter
+from .store import ModelSource, ModelStore
 from .tasks import Task, get_task, load_registry
 from .video import prepare_video
 
@@ -31,15 +32,10 @@ log = logging.getLogger(__name__)
 
 MAX_QUESTION_CHARS = 300
 MAX_QUESTION_TOKENS = 64
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _PREPARE: dict[str, Callable[..., torch.Tensor]] = {"image": prepare_image, "video": prepare_video, "audio": prepare_audio}
 
 
-class InputError(ValueError):
-    """A request the user can fix: unknown task, missing or overlong question, bad settings."""
-
-
-class OutOfMemory(RuntimeError):
+class OutOfMemory(UserError, RuntimeError):
     """The device ran out of memory; the message says what to try."""
 
 
@@ -79,26 +75,6 @@ class Answer:
     inspection: Inspection | None = None  # with `inspect=True`: what the model saw (and, when done, how sure it was)
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("CUDA was requested but no GPU is available; use --device cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "auto"):
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise InputError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    if DTYPES[dtype] is torch.float16 and device.type == "cpu":
-        raise InputError("float16 is for GPUs; on CPU use float32 or bfloat16")
-    return DTYPES[dtype]
-
-
 class Pipeline:
     """Serve every registry task from shared models.
 
@@ -114,49 +90,40 @@ class Pipeline:
         registry: dict[str, Task] | None = None,
         limits: MediaLimits | None = None,
         progress: Progress | None = None,
-        models: Any = None,
+        source: ModelSource | None = None,
         pack_weights: bool = True,
     ) -> None:
-        """`pack_weights`: on CPU, store the LM's linear weights in oneDNN's blocked layout (a decode
-        step is bound by reading the weights; packed, it runs 2-6x faster, see bench/RESULTS.md)."""
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        self.pack_weights = pack_weights
-        if models is None:
+        """`source`: where the weights come from (default: the Hub; `tiny=True`: tiny random models).
+        `pack_weights`: see `store.ModelStore`. `progress` hears every load stage and download."""
+        if source is None:
             if tiny:
                 from .tiny import TinyModels
 
-                models = TinyModels()
+                source = TinyModels()
             else:
-                models = HubModels()
-        self.models = models
-        tasks = registry if registry is not None else load_registry()
-        self.tasks: dict[str, Task] = {k: models.adapt(t) for k, t in tasks.items()} if models.tiny else dict(tasks)
+                source = HubModels()
+        self.store = ModelStore(source, device, dtype, pack_weights, progress)
+        self.tasks: dict[str, Task] = source.tasks(registry if registry is not None else load_registry())
         self.limits = limits or MediaLimits()
-        self.progress = progress
-        self._loaded: dict[tuple, Any] = {}
-        self._locks: dict[tuple, threading.Lock] = {}
-        self._guard = threading.Lock()
 
-    # -- loading ---------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.store.device
 
-    def _report(self, message: str, progress: Progress | None) -> None:
-        log.info(message)
-        for callback in {progress, self.progress} - {None}:
-            callback(message)
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.store.dtype
 
-    def _get(self, key: tuple, what: str, loader: Callable[[], Any], progress: Progress | None) -> Any:
-        with self._guard:
-            if key in self._loaded:
-                return self._loaded[key]
-            lock = self._locks.setdefault(key, threading.Lock())
-        with lock:  # one thread loads, the others wait for it instead of loading a second copy
-            if key not in self._loaded:
-                self._report(f"Loading {what}…", progress)
-                started = time.perf_counter()
-                self._loaded[key] = loader()
-                self._report(f"Loaded {what} in {time.perf_counter() - started:.1f} s", progress)
-        return self._loaded[key]
+    @property
+    def dtype_name(self) -> str:
+        return self.store.dtype_name
+
+    @property
+    def random_weights(self) -> bool:
+        """True when the models are random (`tiny`): the answers are meaningless."""
+        return self.store.source.random_weights
+
+    # -- models ----------------------------------------------------------------------------
 
     def task(self, task_id: str) -> Task:
         try:
@@ -165,31 +132,14 @@ class Pipeline:
             raise InputError(str(exc.args[0])) from exc
 
     def lm(self, task: Task, progress: Progress | None = None) -> tuple[EPALM, Any]:
-        def load() -> tuple[EPALM, Any]:
-            lm, tokenizer = self.models.lm(task.lm, self.dtype)
-            model = EPALM(lm.to(self.device, self.dtype))
-            if self.pack_weights:
-                log.info("packed %d linear layers of %s", pack_linear_weights(model), task.lm.id)
-            return model, tokenizer
-
-        return self._get(("lm", task.lm), f"language model {task.lm.id}", load, progress)
+        """The task's language model (with injection) and tokenizer, loaded on first use."""
+        return self.store.lm(task, progress)
 
     def encoder(self, task: Task, progress: Progress | None = None) -> Encoder:
-        def load() -> Encoder:
-            return self.models.encoder(task.encoder, task.modality, self.dtype).to(self.device)
-
-        return self._get(("encoder", task.encoder, task.modality), f"{task.modality} encoder {task.encoder.id}", load, progress)
+        return self.store.encoder(task, progress)
 
     def adapter(self, task: Task, progress: Progress | None = None) -> Adapter:
-        lm, _ = self.lm(task, progress)
-        encoder = self.encoder(task, progress)
-
-        def load() -> Adapter:
-            state = self.models.adapter_state(task, progress)
-            adapter = load_adapter(task, state, encoder.dim, lm.config.hidden_size, lm.config.word_embed_proj_dim)
-            return adapter.to(self.device)  # stays float32: a few MB, and the precision matters
-
-        return self._get(("adapter", task.id), f"adapter for {task.id}", load, progress)
+        return self.store.adapter(task, progress)
 
     def preload(self, task_ids: list[str], progress: Progress | None = None) -> None:
         for task_id in task_ids:
@@ -197,14 +147,10 @@ class Pipeline:
 
     def loaded(self) -> list[str]:
         """Human-readable names of what is in memory now."""
-        names = []
-        for key in list(self._loaded):
-            kind, ref = key[0], key[1]
-            names.append(f"{kind} {ref if isinstance(ref, str) else ref.id}")
-        return names
+        return self.store.loaded()
 
     def cached(self, task_id: str) -> dict[str, bool]:
-        return self.models.cached(self.task(task_id))
+        return self.store.source.cached(self.task(task_id))
 
     # -- answering -------------------------------------------------------------------------
 
@@ -270,7 +216,7 @@ class Pipeline:
         if inspector:
             inspector.read_prompt(input_ids, tokenizer)
         adapter, encoder = self.adapter(spec, progress), self.encoder(spec, progress)
-        dtype = str(self.dtype).replace("torch.", "")
+        dtype = self.store.dtype_name
         with self._out_of_memory(spec):
             started = time.perf_counter()
             features = encoder(pixels[None].to(self.device), spec.injection.num_features)

@@ -18,6 +18,7 @@ import yaml
 
 from .audio import AudioTransform
 from .decoding import DecodingOptions
+from .errors import UserError
 from .image import ImageTransform
 from .model import InjectionConfig
 from .video import VideoTransform
@@ -35,6 +36,11 @@ class ModelRef:
 
     id: str
     revision: str = "main"
+    name: str = ""  # for people ("OPT-2.7B"); the id when empty
+
+    @property
+    def display_name(self) -> str:
+        return self.name or self.id
 
 
 @dataclass(frozen=True)
@@ -45,7 +51,12 @@ class EncoderRef:
     library: str
     id: str
     revision: str = "main"
+    name: str = ""  # for people ("ViT-B/16"); the id when empty
     config: tuple[tuple[str, object], ...] = ()
+
+    @property
+    def display_name(self) -> str:
+        return self.name or self.id
 
 
 @dataclass(frozen=True)
@@ -81,6 +92,7 @@ class TextFormat:
 class Task:
     id: str
     title: str
+    label: str  # short, for menus: "VQAv2", "COCO captions"
     modality: str
     kind: str
     lm: ModelRef
@@ -95,8 +107,13 @@ class Task:
     def needs_question(self) -> bool:
         return self.kind == "qa"
 
+    @property
+    def menu_label(self) -> str:
+        """"VQAv2 · OPT-2.7B + ViT-B/16": what a person picks the task by."""
+        return f"{self.label} · {self.lm.display_name} + {self.encoder.display_name}"
 
-class RegistryError(ValueError):
+
+class RegistryError(UserError, ValueError):
     """The registry file is malformed; the message names the task and the field."""
 
 
@@ -120,6 +137,7 @@ def _build(task_id: str, entry: dict, base_dir: Path) -> Task:
         return Task(
             id=task_id,
             title=entry.get("title", task_id),
+            label=entry.get("label", entry.get("title", task_id)),
             modality=modality,
             kind=kind,
             lm=lm,

@@ -17,7 +17,9 @@ from transformers import ASTConfig, ASTModel, OPTConfig, OPTForCausalLM, PreTrai
 from timm.models.vision_transformer import VisionTransformer
 
 from .encoders import Encoder, wrap_encoder
+from .hub import Progress, fetch, is_cached, read_adapter
 from .model import Adapter, InjectionConfig
+from .tasks import EncoderRef, ModelRef, Task
 
 TINY_WIDTH = 32  # hidden size of the tiny LM and encoders
 TOKENIZER_VOCAB = 500  # byte-level BPE: 256 bytes + 4 specials + merges
@@ -110,28 +112,39 @@ def tiny_adapter(injection: InjectionConfig = TINY_INJECTION, seed: int = 0) -> 
 
 
 class TinyModels:
-    """The model source of `--tiny`: same interface as `hub.HubModels`, random tiny weights.
+    """The model source of `--tiny` (a `store.ModelSource`): tiny random models, nothing downloaded.
 
     Every task keeps its shared-connector and prompt-MLP settings but injects into the tiny LM's
-    layers; adapters are random, seeded by the task id, so answers are stable but meaningless.
+    layers. Adapters are random, seeded by the task id, so answers are stable but meaningless; with
+    `adapter_files`, each task's adapter file is read instead (Hub or local path, as the real
+    source does): an adapter trained on the tiny models, or a test of the download path.
     """
 
-    tiny = True
+    random_weights = True
 
-    def adapt(self, task):
+    def __init__(self, adapter_files: bool = False) -> None:
+        self.adapter_files = adapter_files
+
+    def tasks(self, registry: dict[str, Task]) -> dict[str, Task]:
+        return {task_id: self._adapt(task) for task_id, task in registry.items()}
+
+    @staticmethod
+    def _adapt(task: Task) -> Task:
         injection = replace(
             TINY_INJECTION, shared_connector=task.injection.shared_connector, prompt_mlp=task.injection.prompt_mlp
         )
         return replace(task, injection=injection)
 
-    def lm(self, ref, dtype: torch.dtype):
+    def lm(self, ref: ModelRef, dtype: torch.dtype) -> tuple[OPTForCausalLM, PreTrainedTokenizerFast]:
         return tiny_lm(seed=zlib.crc32(ref.id.encode()) % 1000).to(dtype), tiny_tokenizer()
 
-    def encoder(self, ref, modality: str, dtype: torch.dtype) -> Encoder:
+    def encoder(self, ref: EncoderRef, modality: str, dtype: torch.dtype) -> Encoder:
         return tiny_encoder(modality, seed=zlib.crc32(ref.id.encode()) % 1000).to(dtype)
 
-    def adapter_state(self, task, progress=None) -> dict[str, torch.Tensor]:
+    def adapter_state(self, task: Task, progress: Progress | None = None) -> dict[str, torch.Tensor]:
+        if self.adapter_files:
+            return read_adapter(fetch(task.adapter, progress))
         return tiny_adapter(task.injection, seed=zlib.crc32(task.id.encode())).state_dict()
 
-    def cached(self, task) -> dict[str, bool]:
-        return {"adapter": True, "lm": True, "encoder": True}
+    def cached(self, task: Task) -> dict[str, bool]:
+        return {"adapter": is_cached(task.adapter) if self.adapter_files else True, "lm": True, "encoder": True}

@@ -112,7 +112,7 @@ def _probe(path: str, limits: MediaLimits) -> _Track:
             raise MediaError(f"This file has no video track{extra}.")
         stream = streams[0]
         duration = container_duration(container)
-        check_duration(duration, limits.max_video_seconds, "video")
+        check_duration(duration, limits.max_clip_seconds, "video")
         _check_frame_size(stream.codec_context.width, stream.codec_context.height, limits)  # from the header
         try:
             first = next(container.decode(stream), None)

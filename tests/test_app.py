@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
+import os
+import re
 import socket
+import struct
+import subprocess
+import sys
 import time
 import urllib.request
+import zlib
+from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from gradio.utils import get_upload_folder
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
+from PIL import Image
 
 import app as demo_app
-from epalm import Pipeline
+from epalm import MediaLimits, Pipeline
+from epalm.image import prepare_image
 
-from conftest import write_video
+from conftest import ROOT, write_video, write_wav
+
+ENDPOINTS = {"/caption_image", "/answer_image", "/caption_video", "/answer_video", "/caption_audio"}
 
 
 def free_port() -> int:
@@ -22,12 +36,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve(pipeline: Pipeline, **kwargs):
-    blocks = demo_app.build(pipeline, max_duration=kwargs.pop("max_duration", 1800))
+def serve(pipeline: Pipeline, max_file_size: int | None = None, **build_args):
+    blocks = demo_app.build(pipeline, **build_args)
     port = free_port()
     blocks.queue(max_size=16).launch(
         server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-        max_file_size=kwargs.pop("max_file_size", None), allowed_paths=[str(demo_app.EXAMPLES)],
+        max_file_size=max_file_size, allowed_paths=[str(demo_app.EXAMPLES)],
     )
     return blocks, f"http://127.0.0.1:{port}/"
 
@@ -71,22 +85,52 @@ def test_every_named_endpoint_answers_with_the_paper_defaults(client, media_file
         assert isinstance(answer, str) and "tokens" in info and "cpu/float32" in info
 
 
-def test_api_lists_the_documented_parameters(client):
-    api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    assert {"/caption_image", "/answer_image", "/caption_video", "/answer_video", "/caption_audio"} <= set(api)
-    names = [p["parameter_name"] for p in api["/answer_image"]["parameters"]]
-    assert names[:3] == ["media", "question", "task"] and "preset" in names
-    assert all(p["parameter_has_default"] for p in api["/answer_image"]["parameters"][2:])
+def test_api_lists_the_documented_parameters_and_named_outputs(client):
+    api = client.view_api(print_info=False, return_format="dict")
+    assert set(api["named_endpoints"]) == ENDPOINTS and not api["unnamed_endpoints"]
+    for name, endpoint in api["named_endpoints"].items():
+        names = [p["parameter_name"] for p in endpoint["parameters"]]
+        assert names[:2] == (["media", "question"] if name.startswith("/answer") else ["media", "task"])
+        assert ("frames" in names) == name.endswith("_video"), "frames only where it is used"
+        assert all(p["parameter_has_default"] for p in endpoint["parameters"][2:])
+        assert [r["label"] for r in endpoint["returns"]] == ["Answer" if name.startswith("/answer") else "Caption", "Details"]
 
 
-def test_greedy_answers_stream(client, media_files):
+def test_a_task_added_to_the_registry_appears_in_the_menu_and_the_api(tmp_path, monkeypatch, media_files):
+    registry = (ROOT / "checkpoints" / "tasks.yaml").read_text()
+    extra = registry.replace("\n  image-vqa:\n", "\n  image-vqa-mine:\n    title: My VQA\n    label: MyVQA\n    modality: image\n"
+                             "    kind: qa\n    lm: *opt27\n    encoder: *vit_b\n    preprocess: *image_pre\n    injection: *inject_base\n"
+                             "    text: *qa_text\n    generation: *paper\n    adapter: {<<: *space, filename: mine.pth}\n\n  image-vqa:\n")
+    (tmp_path / "tasks.yaml").write_text(extra)
+    monkeypatch.setenv("EPALM_TASKS", str(tmp_path / "tasks.yaml"))
+    blocks, url = serve(Pipeline(device="cpu", tiny=True))
+    try:
+        menus = [c["props"] for c in blocks.config["components"] if c["props"].get("elem_id") == "image-qa-task"]
+        assert ("MyVQA · OPT-2.7B + ViT-B/16", "image-vqa-mine") in [tuple(choice) for choice in menus[0]["choices"]]
+        client = Client(url, verbose=False)
+        task = next(p for p in client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/answer_image"]["parameters"]
+                    if p["parameter_name"] == "task")
+        assert "image-vqa-mine" in task["type"]["enum"]
+        answer, info = client.predict(handle_file(str(media_files["image"])), "why?", "image-vqa-mine", api_name="/answer_image")
+        assert "`image-vqa-mine`" in info
+    finally:
+        blocks.close()
+
+
+def test_greedy_answers_stream_after_clearing_the_previous_answer(client, media_files):
     job = client.submit(handle_file(str(media_files["image"])), preset="fast", max_new_tokens=12, api_name="/caption_image")
     final = job.result(timeout=120)
     outputs = job.outputs()
-    assert len(outputs) >= 3, "several partial outputs, then the final one"
-    assert all(info == "generating…" for _, info in outputs[:-1]) and "tokens/s" in final[1]
-    texts = [answer for answer, _ in outputs]
+    assert outputs[0] == ("", ""), "the old answer is cleared first"
+    assert len(outputs) >= 4, "several partial outputs, then the final one"
+    assert all(info == "generating…" for _, info in outputs[1:-1]) and "tokens/s" in final[1]
+    texts = [answer for answer, _ in outputs[1:]]
     assert all(b.startswith(a) for a, b in zip(texts[:-2], texts[1:-1])) and final[0] == texts[-1]
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
 
 
 @pytest.mark.parametrize(
@@ -96,34 +140,122 @@ def test_greedy_answers_stream(client, media_files):
         ((None, "why?"), "/answer_video", "Please upload a video first"),
         (("IMAGE", "  "), "/answer_image", "Please type a question"),
         (("IMAGE", "why " * 100), "/answer_image", "characters long; the limit is 300"),
-        (("TEXT",), "/caption_image", ""),
-        (("TEXT",), "/caption_audio", ""),
+        (("notes.png",), "/caption_image", "Could not read this file as an image"),
+        (("empty.png",), "/caption_image", "The file is empty"),
+        (("noise.jpg",), "/caption_image", "Could not read this file as an image"),
+        (("VIDEO",), "/caption_image", "Could not read this file as an image"),
+        (("AUDIO",), "/caption_image", "Could not read this file as an image"),
+        (("bomb.png",), "/caption_image", "the limit is 100 megapixels"),
+        (("notes.wav",), "/caption_audio", "Could not read this file as audio"),
+        (("AUDIO",), "/caption_video", "no video track"),
     ],
 )
 def test_user_errors_become_clear_messages(client, media_files, tmp_path, args, api_name, message):
-    text = tmp_path / "notes.txt"
-    text.write_text("not a picture")
-    values = {"IMAGE": handle_file(str(media_files["image"])), "TEXT": handle_file(str(text))}
-    args = tuple(values.get(a, a) if isinstance(a, str) else a for a in args)
+    files = {
+        "IMAGE": media_files["image"], "VIDEO": media_files["video"], "AUDIO": media_files["audio"],
+        "notes.png": _write(tmp_path / "notes.png", b"not a picture"), "notes.wav": _write(tmp_path / "notes.wav", b"la la"),
+        "empty.png": _write(tmp_path / "empty.png", b""),
+        "noise.jpg": _write(tmp_path / "noise.jpg", np.random.default_rng(0).bytes(5000)),
+        "bomb.png": _write(tmp_path / "bomb.png", png_header_only(20_000, 20_000)),
+    }
+    args = tuple(handle_file(str(files[a])) if a in files else a for a in args)
+    job = client.submit(*args, api_name=api_name)
     with pytest.raises(AppError) as error:
-        client.predict(*args, api_name=api_name)
+        job.result(timeout=120)
     shown = str(error.value)
-    assert message in shown and "Traceback" not in shown and len(shown) > 10
+    assert message in shown and "Traceback" not in shown and "upstream" not in shown
+    assert job.outputs()[-1] == ("", f"⚠️ {shown}"), "the message stays where the answer goes; no old answer"
+
+
+@pytest.mark.parametrize("api_name", sorted(ENDPOINTS))
+def test_out_of_range_settings_are_readable_on_every_endpoint(client, media_files, api_name):
+    modality = api_name.split("_")[1]
+    args = [handle_file(str(media_files[modality]))] + (["why?"] if api_name.startswith("/answer") else [])
+    with pytest.raises(AppError, match="greater than maximum value 64"):
+        client.predict(*args, max_new_tokens=500, api_name=api_name)
+    with pytest.raises(AppError, match="unknown decoding preset|not in the list of choices|Value: turbo"):
+        client.predict(*args, preset="turbo", api_name=api_name)
 
 
 @pytest.mark.parametrize(
-    "limits, message",
-    [({"max_file_size": 20_000}, "(?i)size|large|limit"), ({}, "This clip is 5 seconds long; the limit is 2 seconds")],
+    "limits, max_file_size, message",
+    [(MediaLimits(), 20_000, "(?i)size|large|limit"), (MediaLimits(max_clip_seconds=2.0), None, "This video is 5.0 seconds long; the limit is 2.0 seconds")],
     ids=["file-size", "duration"],
 )
-def test_too_large_and_too_long_uploads_are_refused(tmp_path, limits, message):
+@pytest.mark.parametrize("api_name", ["/caption_video", "/answer_video"])
+def test_too_large_and_too_long_uploads_are_refused(tmp_path, limits, max_file_size, message, api_name):
     long_video = write_video(tmp_path / "long.mp4", frames=40, fps=8)  # 5 s, about 30 kB
-    blocks, url = serve(Pipeline(device="cpu", tiny=True), max_duration=2.0, **limits)
+    pipeline = Pipeline(device="cpu", tiny=True, limits=limits)
+    blocks, url = serve(pipeline, max_file_size=max_file_size)
     try:
+        args = [handle_file(str(long_video))] + (["why?"] if api_name == "/answer_video" else [])
         with pytest.raises(Exception, match=message):
-            Client(url, verbose=False).predict(handle_file(str(long_video)), api_name="/caption_video")
+            Client(url, verbose=False).predict(*args, api_name=api_name)
+        assert pipeline.loaded() == [], "refused before any model loads"
     finally:
         blocks.close()
+
+
+def test_only_the_documented_endpoints_run_models(tiny_app):
+    """Every event that runs a model is one of the five endpoints (the question box's Enter included);
+    the other server-side events only load an example's values or refresh the status line."""
+    blocks = demo_app.build(tiny_app[0])
+    endpoints = {}
+    for fn in blocks.fns.values():
+        if fn.fn is None:
+            continue
+        name = fn.fn.__name__
+        assert name in {"load_example", "status", "<lambda>"} or f"/{fn.api_name}" in ENDPOINTS, name
+        if f"/{fn.api_name}" in ENDPOINTS:
+            endpoints[fn.api_name] = fn
+    assert {f"/{name}" for name in endpoints} == ENDPOINTS
+    triggers = {name: [event for _, event in fn.targets] for name, fn in endpoints.items()}
+    assert triggers["answer_video"] == ["click", "submit"] and triggers["caption_video"] == ["click"]
+
+
+def test_the_stop_button_cancels_its_event(tiny_app):
+    blocks = demo_app.build(tiny_app[0])
+    config = blocks.config
+    ids = {c["id"]: c["props"].get("elem_id") for c in config["components"]}
+    by_api = {d["api_name"]: d["id"] for d in config["dependencies"]}
+    for dependency in config["dependencies"]:
+        if dependency["cancels"]:
+            stop = ids[dependency["targets"][0][0]]
+            modality, kind = stop.split("-")[:2]
+            assert dependency["cancels"] == [by_api[f"{demo_app.KINDS[kind].endpoint}_{modality}"]]
+    stops = [d for d in config["dependencies"] if d["cancels"]]
+    assert len(stops) == len(ENDPOINTS)
+
+
+def test_audio_examples_can_be_played_before_they_are_run(tiny_app):
+    config = demo_app.build(tiny_app[0]).config
+    players = {c["props"]["label"]: c["props"]["value"] for c in config["components"] if c["type"] == "audio" and c["props"].get("interactive") is False}
+    examples = sorted(p.name for p in (demo_app.EXAMPLES / "audio").iterdir() if p.suffix != ".md")
+    assert sorted(players) == examples and all(Path(value["path"]).is_file() for value in players.values())
+
+
+def test_load_stages_reach_the_page_as_progress(media_files):
+    demo = demo_app.Demo(Pipeline(device="cpu", tiny=True))
+    shown: list[str] = []
+    request = dict(media=str(media_files["image"]), task="image-caption", preset="fast", max_new_tokens=2, temperature=0.7, top_p=0.9)
+    outputs = list(demo.run("image", request, lambda fraction, desc: shown.append(desc)))
+    assert any(m.startswith("Loading OPT-2.7B language model") for m in shown)
+    assert any(m.startswith("Loaded COCO captions adapter") for m in shown) and "tokens/s" in outputs[-1][1]
+
+
+def test_the_status_line_names_models_for_people_and_reports_preloads(media_files, tmp_path, monkeypatch):
+    demo = demo_app.Demo(Pipeline(device="cpu", tiny=True))
+    assert "tiny random stand-ins" in demo.status() and "nothing yet" in demo.status()
+    demo.start_preload(["audio-caption"]).join(timeout=120)
+    assert "**tiny random stand-ins** loaded for: OPT-2.7B language model, AST audio encoder" in demo.status()
+    assert "facebook/" not in demo.status() and "preload" not in demo.status()
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    real = demo_app.Demo(Pipeline(device="cpu"))
+    real.start_preload(["image-caption"]).join(timeout=120)
+    assert re.search(r"preload of `image-caption`: failed: Cannot get .*facebook/opt-2.7b", real.status())
 
 
 def test_missing_weights_offline_name_the_repo(media_files, tmp_path, monkeypatch):
@@ -153,7 +285,20 @@ def test_out_of_memory_is_said(tiny_app, client, media_files, monkeypatch):
         client.predict(handle_file(str(media_files["audio"])), api_name="/caption_audio")
 
 
-def test_flags_have_environment_equivalents(monkeypatch):
+def test_user_errors_are_logged_as_one_line(client, tmp_path, capfd, caplog):
+    bad = _write(tmp_path / "bad.png", b"not a picture")
+    caplog.set_level("INFO", logger="epalm.app")
+    with pytest.raises(AppError):
+        client.predict(handle_file(str(bad)), api_name="/caption_image")
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err + caplog.text
+    assert [r.getMessage() for r in caplog.records if r.name == "epalm.app"] == [
+        "refused a image request: Could not read this file as an image: it is not a format Pillow knows "
+        "(JPEG, PNG, WebP, GIF, BMP, TIFF...) or it is damaged."
+    ]
+
+
+def test_flags_have_environment_equivalents_and_help_shows_defaults(monkeypatch):
     monkeypatch.setenv("EPALM_TINY", "1")
     monkeypatch.setenv("EPALM_DEVICE", "cpu")
     monkeypatch.setenv("EPALM_CONCURRENCY", "3")
@@ -161,3 +306,194 @@ def test_flags_have_environment_equivalents(monkeypatch):
     args = demo_app.parse_args([])
     assert args.tiny and args.device == "cpu" and args.concurrency == 3 and args.preload == ["image-caption", "audio-caption"]
     assert demo_app.parse_args(["--port", "9999", "--dtype", "bfloat16"]).port == 9999
+    assert demo_app.parse_args([]).max_duration == MediaLimits().max_clip_seconds, "one duration limit, the library's"
+
+
+def test_help_answers_without_importing_gradio_or_torch():
+    code = "import runpy, sys; sys.argv = ['app.py', '--help']\ntry:\n    runpy.run_path('app.py', run_name='__main__')\n" \
+           "except SystemExit:\n    pass\nprint(sorted({'gradio', 'torch'} & set(sys.modules)))"
+    env = {**os.environ, "COLUMNS": "300"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120, env=env)
+    assert out.stdout.strip().endswith("[]"), out.stdout + out.stderr
+    assert "(default: 7860)" in out.stdout and "(default: 1800.0)" in out.stdout and "(default: 200.0)" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [(["--preload", "nope"], "error: unknown task(s) to preload: nope; known tasks: image-caption"),
+     (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--dtype", "float64"], "error: ")],
+)
+def test_bad_start_up_flags_are_one_line_errors(flags, message):
+    with pytest.raises(SystemExit) as exit_:
+        demo_app.main(demo_app.parse_args(["--tiny", *flags]), block=False)
+    assert str(exit_.value).startswith(message) and "\n" not in str(exit_.value)
+
+
+def test_a_fractional_file_size_limit_starts_and_holds(tmp_path, media_files):
+    port = free_port()
+    args = demo_app.parse_args(["--tiny", "--max-file-size", "0.05", "--port", str(port), "--device", "cpu"])
+    blocks = demo_app.main(args, block=False)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        big = write_wav(tmp_path / "big.wav", seconds=2.0)  # 62 kB: over 0.05 MB
+        with pytest.raises(Exception, match="(?i)size|large|limit"):
+            client.predict(handle_file(str(big)), api_name="/caption_audio")
+        answer, info = client.predict(handle_file(str(media_files["audio"])), preset="fast", max_new_tokens=2, api_name="/caption_audio")
+        assert "tokens/s" in info
+    finally:
+        blocks.close()
+
+
+def test_old_uploads_are_deleted(media_files, tmp_path):
+    blocks, url = serve(Pipeline(device="cpu", tiny=True), delete_cache=(1, 1))
+    try:
+        client = Client(url, verbose=False)
+        client.predict(handle_file(str(media_files["image"])), preset="fast", max_new_tokens=2, api_name="/caption_image")
+        uploads = list(Path(get_upload_folder()).rglob("photo.jpg"))
+        assert uploads, "the upload is in the cache while fresh"
+        deadline = time.time() + 20
+        while any(p.exists() for p in uploads) and time.time() < deadline:
+            time.sleep(0.5)
+        assert not any(p.exists() for p in uploads)
+    finally:
+        blocks.close()
+
+
+# -- image uploads: the original file goes to epalm --------------------------------------------------------------
+
+
+def _rgba(p: Path) -> Path:
+    pixels = np.random.default_rng(1).integers(0, 255, (40, 50, 4), dtype=np.uint8)
+    Image.fromarray(pixels, "RGBA").save(p / "rgba.png")
+    return p / "rgba.png"
+
+
+def _palette(p: Path) -> Path:
+    image = Image.new("P", (30, 20), 1)
+    image.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    image.save(p / "palette.png", transparency=0)
+    return p / "palette.png"
+
+
+def _grey16(p: Path) -> Path:
+    Image.fromarray((np.arange(600, dtype=np.uint16).reshape(20, 30) * 100)).save(p / "grey16.png")
+    return p / "grey16.png"
+
+
+def _cmyk(p: Path) -> Path:
+    Image.new("CMYK", (50, 40), (0, 128, 255, 20)).save(p / "cmyk.jpg")
+    return p / "cmyk.jpg"
+
+
+def _exif_rotated(p: Path) -> Path:
+    pixels = np.zeros((40, 60, 3), np.uint8)
+    pixels[:10, :10] = (0, 255, 0)
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    Image.fromarray(pixels).save(p / "rotated.jpg", exif=exif, quality=95)
+    return p / "rotated.jpg"
+
+
+@pytest.mark.parametrize("make", [_rgba, _palette, _grey16, _cmyk, _exif_rotated], ids=lambda f: f.__name__.strip("_"))
+def test_the_app_sees_the_same_pixels_as_the_cli(tiny_app, client, tmp_path, monkeypatch, make):
+    pipeline, _ = tiny_app
+    original = make(tmp_path)
+    received = []
+    stream = pipeline.stream
+
+    def recording(media, *args, **kwargs):
+        received.append(media)
+        return stream(media, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "stream", recording)
+    client.predict(handle_file(str(original)), preset="fast", max_new_tokens=2, api_name="/caption_image")
+    assert Path(received[0]).read_bytes() == original.read_bytes(), "the upload itself, not a re-encoded copy"
+    assert torch.equal(prepare_image(received[0]), prepare_image(original))
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width × height (no pixel data worth decoding)."""
+    chunk = lambda kind, data: struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))  # noqa: E731
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+def big_png(path: Path, side: int) -> Path:
+    """A valid side × side transparent RGBA PNG, compressed row by row (never held in memory whole)."""
+    chunk = lambda kind, data: struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))  # noqa: E731
+    compressor, row, parts = zlib.compressobj(9), b"\x00" * (1 + 4 * side), []
+    for _ in range(side):
+        parts.append(compressor.compress(row))
+    parts.append(compressor.flush())
+    header = struct.pack(">IIBBBBB", side, side, 8, 6, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b""))
+    return path
+
+
+def _memory_kb(field: str) -> int:
+    return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
+
+
+def test_an_oversized_image_is_refused_from_its_header(client, tmp_path):
+    """12000 × 12000 RGBA (144 megapixels, 576 MB decoded): refused without decoding it."""
+    huge = big_png(tmp_path / "huge.png", 12_000)
+    Path("/proc/self/clear_refs").write_text("5")  # reset this process's memory high-water mark
+    idle = _memory_kb("VmRSS")
+    started = time.perf_counter()
+    with pytest.raises(AppError, match="12000×12000 pixels; the limit is 100 megapixels"):
+        client.predict(handle_file(str(huge)), api_name="/caption_image")
+    assert _memory_kb("VmHWM") - idle < 100 * 1024, "peak memory of the server stays within 100 MB of idle"
+    assert time.perf_counter() - started < 30
+
+
+@pytest.mark.parametrize("api_name", sorted(ENDPOINTS))
+def test_the_queue_bound_holds_under_a_burst(media_files, monkeypatch, api_name):
+    """60 clients join at once while the model is busy: the queue takes `max_size`, the rest are told it is full."""
+    import json
+    import threading
+    import urllib.error
+
+    import httpx
+
+    pipeline = Pipeline(device="cpu", tiny=True)
+    release = threading.Event()
+
+    def busy(*args, **kwargs):
+        release.wait(60)  # the model stays busy until the burst is over
+        return iter(())
+
+    monkeypatch.setattr(pipeline, "stream", busy)
+    blocks = demo_app.build(pipeline)
+    port = free_port()
+    blocks.queue(max_size=8).launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        verb, modality = api_name.strip("/").split("_")
+        kind = "qa" if verb == "answer" else "caption"
+        fn_index = next(i for i, fn in blocks.fns.items() if f"/{fn.api_name}" == api_name)
+        with open(media_files[modality], "rb") as upload:
+            path = httpx.post(f"http://127.0.0.1:{port}/gradio_api/upload", files={"files": upload}).json()[0]
+        media = {"path": path, "meta": {"_type": "gradio.FileData"}}
+        task = demo_app.tasks_by_modality(pipeline)[modality][kind][0].id
+        data = [media] + (["why?"] if kind == "qa" else []) + [task, "paper", 0, 0.7, 0.9]
+        data += [0] if modality == "video" else []
+        statuses: list[int] = []
+
+        def join(i: int) -> None:
+            body = json.dumps({"data": data, "fn_index": fn_index, "session_hash": f"s{i}", "event_data": None, "trigger_id": None})
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/gradio_api/queue/join", body.encode(),
+                                             {"Content-Type": "application/json"})
+            try:
+                statuses.append(urllib.request.urlopen(request, timeout=60).status)
+            except urllib.error.HTTPError as exc:
+                statuses.append(exc.code)
+
+        threads = [threading.Thread(target=join, args=(i,)) for i in range(60)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert statuses.count(200) <= 8 + 1, "at most max_size waiting and one running"
+        assert statuses.count(503) >= 60 - 9 and len(statuses) == 60
+    finally:
+        release.set()
+        blocks.close()

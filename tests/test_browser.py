@@ -6,6 +6,8 @@ Screenshots land in test-output/browser/ (or $EPALM_TEST_OUTPUT) for a person to
 from __future__ import annotations
 
 import os
+import re
+import time
 from pathlib import Path
 
 import pytest
@@ -18,58 +20,146 @@ from test_app import serve
 
 CHROMIUM = "/usr/bin/chromium"
 OUTPUT = Path(os.environ.get("EPALM_TEST_OUTPUT", ROOT / "test-output")) / "browser"
+KINDS = {"image": ["caption", "qa"], "video": ["caption", "qa"], "audio": ["caption"]}
+DEFAULT_TASK = {"image": {"caption": "image-caption", "qa": "image-vqa"}, "video": {"caption": "video-caption", "qa": "video-qa-msrvtt"},
+                "audio": {"caption": "audio-caption"}}
 
 
 @pytest.fixture(scope="module")
-def page():
-    blocks, url = serve(Pipeline(device="cpu", tiny=True))
+def browser():
     with sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path=CHROMIUM,
             args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
         )
-        page = browser.new_page(viewport={"width": 1280, "height": 1000})
-        page.goto(url)
-        expect(page.get_by_text("Smoke mode")).to_be_visible(timeout=30_000)
-        yield page
+        yield browser
         browser.close()
+
+
+def open_app(browser, pipeline: Pipeline):
+    blocks, url = serve(pipeline)
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.goto(url)
+    expect(page.get_by_text("Smoke mode")).to_be_visible(timeout=30_000)
+    return blocks, page
+
+
+@pytest.fixture(scope="module")
+def page(browser):
+    blocks, page = open_app(browser, Pipeline(device="cpu", tiny=True))
+    yield page
+    page.close()
     blocks.close()
 
 
 def example_file(modality: str) -> Path:
-    files = sorted(p for p in (ROOT / "examples" / modality).iterdir() if p.suffix not in (".md", ".txt"))
+    files = sorted(p for p in (ROOT / "examples" / modality).iterdir() if p.suffix not in (".md", ".txt", ".py"))
     assert files, f"no {modality} example"
     return files[0]
 
 
-def panel(page, modality: str):
-    page.get_by_role("tab", name=modality.capitalize()).click()
-    return page.locator(f"#{modality}-tab")
+def open_mode(page, modality: str, kind: str):
+    page.get_by_role("tab", name=modality.capitalize(), exact=True).click()
+    if len(KINDS[modality]) > 1:
+        page.get_by_role("tab", name={"caption": "Caption", "qa": "Ask a question"}[kind], exact=True).click()
+    return page.locator(f"#{modality}-{kind}-tab")
 
 
-def wait_for_answer(page, modality: str, task: str) -> str:
+def wait_for_answer(page, prefix: str, task: str) -> str:
     """The final answer: the line naming the task and its timings appears when generation is done."""
-    expect(page.locator(f"#{modality}-info")).to_contain_text(task, timeout=120_000)
-    expect(page.locator(f"#{modality}-info")).to_contain_text("tokens/s")
-    answer = page.locator(f"#{modality}-answer textarea")
+    info = page.locator(f"#{prefix}-info")
+    expect(info).to_have_text(re.compile(rf"^\s*{re.escape(task)} · "), timeout=120_000)  # exactly this task
+    expect(info).to_contain_text("tokens/s")
+    answer = page.locator(f"#{prefix}-answer textarea")
     expect(answer).not_to_have_value("", timeout=10_000)
     return answer.input_value()
 
 
-@pytest.mark.parametrize("modality", ["image", "video", "audio"])
-def test_caption_and_answer_in_each_tab(page, modality):
-    tab = panel(page, modality)
-    tab.locator("input[type=file]").first.set_input_files(str(example_file(modality)))
+def upload(page, modality: str, path: Path) -> None:
+    page.locator(f"#{modality}-input input[type=file]").first.set_input_files(str(path))
     uploaded = page.locator(f"#{modality}-input").locator("img, video, audio").first
     uploaded.wait_for(state="attached", timeout=30_000)  # the upload has reached the server
-    tab.get_by_role("button", name="Caption", exact=True).click()
-    caption = wait_for_answer(page, modality, f"{modality}-caption")
-    assert caption.strip()
-    if modality != "audio":
-        tab.get_by_label("Ask a question").check()
-        page.locator(f"#{modality}-question textarea").fill("What is happening here?")
-        tab.get_by_role("button", name="Answer", exact=True).click()
-        assert wait_for_answer(page, modality, {"image": "image-vqa", "video": "video-qa-msrvtt"}[modality]).strip()
+
+
+@pytest.mark.parametrize("modality", ["image", "video", "audio"])
+def test_caption_and_answer_in_each_tab(page, modality):
+    open_mode(page, modality, "caption")
+    upload(page, modality, example_file(modality))
+    page.locator(f"#{modality}-caption-run").click()
+    assert wait_for_answer(page, f"{modality}-caption", f"{modality}-caption").strip()
+    expect(page.locator(f"#{modality}-caption-answer")).to_contain_text("Caption")
+    if "qa" in KINDS[modality]:
+        open_mode(page, modality, "qa")
+        page.locator(f"#{modality}-qa-question textarea").fill("What is happening here?")
+        page.locator(f"#{modality}-qa-question textarea").press("Enter")  # Enter runs the same endpoint as the button
+        assert wait_for_answer(page, f"{modality}-qa", DEFAULT_TASK[modality]["qa"]).strip()
+    page.locator(f"#{modality}-input").get_by_role("button", name=re.compile("^(Clear|Remove Image)$")).first.click()
+    for kind in KINDS[modality]:  # answers about the removed file are gone
+        expect(page.locator(f"#{modality}-{kind}-answer textarea")).to_have_value("")
     OUTPUT.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(OUTPUT / f"{modality}.png"), full_page=True)
     assert (OUTPUT / f"{modality}.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("modality, kind", [(m, k) for m, kinds in KINDS.items() for k in kinds])
+def test_an_example_runs_the_mode_and_task_on_screen(page, modality, kind):
+    tab = open_mode(page, modality, kind)
+    prefix = f"{modality}-{kind}"
+    choices = page.locator(f"#{prefix}-task")
+    task = DEFAULT_TASK[modality][kind]
+    if modality == "image":  # pick another model than the default: the example must use the one shown
+        choices.locator("input").click()
+        page.get_by_role("option", name="GQA · OPT-2.7B + ViT-B/16" if kind == "qa" else "COCO captions · OPT-6.7B + ViT-L/16").click()
+        task = "image-gqa" if kind == "qa" else "image-caption-L"
+    examples = tab.locator(f"#{prefix}-examples")
+    headers = examples.locator("th").all_inner_texts()
+    assert ("Question" in " ".join(headers)) == (kind == "qa"), "a question column only in question mode"
+    examples.locator(".gallery-item, tbody tr").first.click()
+    assert wait_for_answer(page, prefix, task).strip()
+    if kind == "qa":
+        expect(page.locator(f"#{prefix}-question textarea")).not_to_have_value("")
+
+
+def test_a_bad_image_gets_our_message_where_the_answer_goes(page, tmp_path):
+    bad = tmp_path / "notes.png"
+    bad.write_text("this is not a picture")
+    tab = open_mode(page, "image", "caption")
+    # an example first: filling the inputs must not give the session Gradio's own image decoding back
+    tab.locator("#image-caption-examples .gallery-item, #image-caption-examples tbody tr").first.click()
+    expect(page.locator("#image-caption-info")).to_contain_text("tokens/s", timeout=120_000)
+    page.locator("#image-input input[type=file]").first.set_input_files(str(bad))
+    expect(page.locator("#image-input img").first).to_have_attribute("src", re.compile("notes.png"), timeout=30_000)
+    page.locator("#image-caption-run").click()
+    info = page.locator("#image-caption-info")
+    expect(info).to_contain_text("Could not read this file as an image", timeout=60_000)
+    expect(page.locator("#image-caption-answer textarea")).to_have_value("")
+    page.screenshot(path=str(OUTPUT / "bad-image.png"), full_page=True)
+
+
+def test_stop_ends_a_running_answer(browser, media_files):
+    pipeline = Pipeline(device="cpu", tiny=True)
+    stream = pipeline.stream
+
+    def slow(*args, **kwargs):  # the real stream, one partial answer every 0.3 s
+        for answer in stream(*args, **kwargs):
+            time.sleep(0.3)
+            yield answer
+
+    pipeline.stream = slow
+    blocks, page = open_app(browser, pipeline)
+    try:
+        upload(page, "image", media_files["image"])
+        page.get_by_text("Advanced").click()
+        page.get_by_label("Fast: greedy, streamed").check()
+        page.locator("#image-caption-run").click()
+        answer = page.locator("#image-caption-answer textarea")
+        expect(answer).not_to_have_value("", timeout=60_000)
+        page.locator("#image-caption-stop").click()
+        page.wait_for_timeout(1000)
+        stopped = answer.input_value()
+        page.wait_for_timeout(2000)
+        assert answer.input_value() == stopped, "no more partial answers after Stop"
+        expect(page.locator("#image-caption-info")).not_to_contain_text("tokens/s")
+    finally:
+        page.close()
+        blocks.close()

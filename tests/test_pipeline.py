@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from epalm.hub import HubModels, WeightsUnavailable
+from epalm.hub import WeightsUnavailable
 from epalm.media import MediaError
 from epalm.pipeline import InputError, OutOfMemory, Pipeline
 from epalm.tiny import TinyModels
@@ -57,7 +57,7 @@ def test_tasks_sharing_an_lm_share_one_object():
         pipe.adapter(task)
     assert pipe.lm(caption)[0] is lm and pipe.lm(audio)[0] is lm
     assert pipe.encoder(vqa) is pipe.encoder(caption)
-    assert sum(1 for name in pipe.loaded() if name.startswith("lm ")) == 1
+    assert sum(1 for name in pipe.loaded() if "language model" in name) == 1
     assert sum(p.numel() for p in lm.parameters()) == params_before, "adapters are not added to the LM"
     assert sum(p.numel() for p in pipe.adapter(caption).parameters()) < params_before
 
@@ -90,14 +90,14 @@ def test_loading_happens_once_and_reports_progress(media_files):
     assert pipe.loaded() == []
     pipe.caption(media_files["image"], "image-caption", preset="fast", max_new_tokens=2, max_length=None)
     loads = [m for m in messages if m.startswith("Loading")]
-    assert len(loads) == 3 and any("language model" in m for m in loads)
+    assert len(loads) == 3 and any("OPT-2.7B language model" in m for m in loads)
     pipe.caption(media_files["image"], "image-caption", preset="fast", max_new_tokens=2, max_length=None)
     assert len([m for m in messages if m.startswith("Loading")]) == 3
     pipe.preload(["image-vqa", "audio-caption"])  # what app.py --preload runs in the background
-    assert sorted(pipe.loaded()) == sorted(
-        ["lm facebook/opt-2.7b", "encoder vit_base_patch16_224.augreg_in21k_ft_in1k", "adapter image-caption",
-         "adapter image-vqa", "encoder MIT/ast-finetuned-audioset-10-10-0.4593", "adapter audio-caption"]
-    )
+    assert pipe.loaded() == [
+        "OPT-2.7B language model", "ViT-B/16 image encoder", "COCO captions adapter (image-caption)",
+        "VQAv2 adapter (image-vqa)", "AST audio encoder", "AudioCaps captions adapter (audio-caption)",
+    ]
 
 
 def test_user_errors_are_clear(pipe, media_files, tmp_path):
@@ -141,10 +141,7 @@ def test_missing_weights_name_the_repo_and_the_fix(media_files, fake_hub, monkey
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
-    class TinyModelsRealAdapters(TinyModels):
-        adapter_state = HubModels.adapter_state
-
-    pipe = Pipeline(device="cpu", models=TinyModelsRealAdapters())
+    pipe = Pipeline(device="cpu", source=TinyModels(adapter_files=True))
     with pytest.raises(WeightsUnavailable, match=r"mshukor/eP-ALM.*not in the local Hugging Face cache"):
         pipe.caption(media_files["image"], "image-caption")
     with pytest.raises(WeightsUnavailable, match=r"facebook/opt-2.7b.*hf download facebook/opt-2.7b"):
@@ -153,16 +150,13 @@ def test_missing_weights_name_the_repo_and_the_fix(media_files, fake_hub, monkey
 
 def test_adapter_from_the_hub_drives_the_answer(media_files, fake_hub):
     """An adapter served by the (fake) Hub in the original .pth format is the one used."""
-    class TinyModelsRealAdapters(TinyModels):
-        adapter_state = HubModels.adapter_state
-
     tiny = Pipeline(device="cpu", tiny=True)
     state = tiny.adapter(tiny.task("image-caption")).state_dict()
     buffer = __import__("io").BytesIO()
     torch.save({"model": state, "optimizer": {}, "lr_scheduler": {}}, buffer)
     task = tiny.task("image-caption")
     fake_hub.add(task.adapter.repo_id, task.adapter.filename, buffer.getvalue(), repo_type="space")
-    real = Pipeline(device="cpu", models=TinyModelsRealAdapters())
+    real = Pipeline(device="cpu", source=TinyModels(adapter_files=True))
     settings = dict(preset="fast", max_new_tokens=6, max_length=None)
     assert real.caption(media_files["image"], "image-caption", **settings).text == tiny.caption(media_files["image"], "image-caption", **settings).text
     assert len(fake_hub.downloads) == 1
