@@ -65,8 +65,7 @@ from typing import Any, Callable, Iterator  # noqa: E402
 
 import gradio as gr  # noqa: E402
 
-from epalm import PRESETS, InputError, Pipeline, Task, UserError  # noqa: E402
-from epalm.pipeline import MAX_QUESTION_CHARS  # noqa: E402
+from epalm import DEFAULT_PRESET, MAX_QUESTION_CHARS, PRESETS, InputError, Pipeline, Task, UserError  # noqa: E402
 
 try:  # ZeroGPU on Hugging Face Spaces: model calls get a GPU only inside @spaces.GPU
     import spaces
@@ -79,7 +78,6 @@ log = logging.getLogger("epalm.app")
 EXAMPLES = Path(__file__).resolve().parent / "examples"
 MODALITIES = ("image", "video", "audio")
 MEDIA_NAMES = {"image": "an image", "video": "a video", "audio": "an audio clip"}
-PRESET_LABELS = {"paper": "Paper: 3 beams", "fast": "Fast: greedy, streamed", "sampling": "Sampling"}
 QUESTIONS = {"image": "What is in the picture?", "video": "What is happening?", "audio": "What is making this sound?"}
 DELETE_CACHE = (600, 3600)  # every 10 minutes, delete uploads older than an hour
 
@@ -162,7 +160,7 @@ class Demo:
         if request["preset"] == "sampling":
             decoding.update(temperature=float(request["temperature"]), top_p=float(request["top_p"]))
         if request["max_new_tokens"]:
-            decoding.update(max_new_tokens=int(request["max_new_tokens"]), max_length=None)
+            decoding.update(max_new_tokens=int(request["max_new_tokens"]))
         if request.get("frames"):
             decoding["num_frames"] = int(request["frames"])
         report = lambda message: progress(None, desc=message)  # noqa: E731
@@ -171,7 +169,8 @@ class Demo:
         )
         for answer in answers:
             if answer.done:
-                yield answer.text, f"`{answer.task}` · {answer.timings.summary()} · {answer.device}/{answer.dtype}"
+                info = f"`{answer.task}` · {answer.timings.summary()} · {answer.device}/{answer.dtype}"
+                yield answer.text, info + (f"  \n{answer.notice} (Advanced › Max new tokens)" if answer.notice else "")
             else:
                 yield answer.text, "generating…"
 
@@ -200,7 +199,7 @@ def _parameters(modality: str, kind: str, tasks: list[Task]) -> list[inspect.Par
         name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default
     )
     params = [p("media")] + ([p("question")] if kind == "qa" else [])
-    params += [p("task", tasks[0].id), p("preset", "paper"), p("max_new_tokens", 0), p("temperature", 0.7), p("top_p", 0.9)]
+    params += [p("task", tasks[0].id), p("preset", DEFAULT_PRESET), p("max_new_tokens", 0), p("temperature", 0.7), p("top_p", 0.9)]
     return params + ([p("frames", 0)] if modality == "video" else [])
 
 
@@ -285,7 +284,7 @@ def _tab(demo: Demo, modality: str, tasks: dict[str, list[Task]], concurrency: i
         with gr.Column():
             media = _media_input(modality)
             with gr.Accordion("Advanced", open=False):
-                preset = gr.Radio([(PRESET_LABELS.get(name, name), name) for name in PRESETS], value="paper", label="Decoding")
+                preset = gr.Radio([(p.label, name) for name, p in PRESETS.items()], value=DEFAULT_PRESET, label="Decoding")
                 temperature = gr.Slider(0.1, 2.0, value=0.7, step=0.05, label="Temperature (sampling)")
                 top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p (sampling)")
                 max_new_tokens = gr.Slider(0, 64, value=0, step=1, label="Max new tokens (0 = the task's own limit)")

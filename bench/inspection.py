@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import functools
 import json
 import os
@@ -51,8 +52,8 @@ REQUESTS = [  # (task, example file)
     ("video-caption", "examples/video/cat_zoom.mp4"),
     ("audio-caption", "examples/audio/speech.mp3"),
 ]
-# A COCO caption is about 11 tokens: random weights never stop, so answers are cut there (BOS + 11).
-SETTINGS = {"paper": dict(num_beams=3, max_length=12), "greedy": dict(num_beams=1, max_length=12)}
+# A COCO caption is about 11 tokens: random weights never stop, so answers are cut there.
+SETTINGS = {"paper": dict(num_beams=3, max_new_tokens=11), "greedy": dict(num_beams=1, max_new_tokens=11)}
 
 
 class RandomModels:
@@ -68,7 +69,7 @@ class RandomModels:
         return dict(registry)
 
     def lm(self, ref: Any, dtype: torch.dtype) -> tuple[Any, Any]:
-        return H.build_lm(self.lm_name, dtype, torch.device("cpu")), tiny_tokenizer()
+        return H.build_lm(self.lm_name, dtype, torch.device("cpu")), copy.deepcopy(tiny_tokenizer())  # the pipeline adds to it
 
     def encoder(self, ref: Any, modality: str, dtype: torch.dtype) -> Any:
         return H.build_encoder("real", modality, dtype, torch.device("cpu"))

@@ -18,24 +18,26 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
-    "PRESETS": "decoding", "DecodingOptions": "decoding", "InputError": "errors", "UserError": "errors",
+    "DEFAULT_PRESET": "decoding", "PRESETS": "decoding", "Preset": "decoding", "DecodingOptions": "decoding",
+    "MAX_QUESTION_CHARS": "pipeline", "MAX_QUESTION_TOKENS": "pipeline", "InputError": "errors", "UserError": "errors",
     "AdapterError": "hub", "WeightsUnavailable": "hub", "Inspection": "inspection", "MediaError": "media",
     "MediaLimits": "media",
     "Answer": "pipeline", "OutOfMemory": "pipeline", "Pipeline": "pipeline", "Timings": "pipeline",
     "ModelSource": "store", "Task": "tasks", "load_registry": "tasks",
 }
 __all__ = [
-    "PRESETS", "AdapterError", "Answer", "DecodingOptions", "Inspection", "InputError", "MediaError", "MediaLimits",
-    "ModelSource", "OutOfMemory", "Pipeline", "Task", "Timings", "UserError", "WeightsUnavailable", "load_registry",
+    "DEFAULT_PRESET", "MAX_QUESTION_CHARS", "MAX_QUESTION_TOKENS", "PRESETS", "AdapterError", "Answer",
+    "DecodingOptions", "Inspection", "InputError", "MediaError", "MediaLimits", "ModelSource", "OutOfMemory",
+    "Pipeline", "Preset", "Task", "Timings", "UserError", "WeightsUnavailable", "load_registry",
 ]
 
 if TYPE_CHECKING:
-    from .decoding import PRESETS, DecodingOptions
+    from .decoding import DEFAULT_PRESET, PRESETS, DecodingOptions, Preset
     from .errors import InputError, UserError
     from .hub import AdapterError, WeightsUnavailable
     from .inspection import Inspection
     from .media import MediaError, MediaLimits
-    from .pipeline import Answer, OutOfMemory, Pipeline, Timings
+    from .pipeline import MAX_QUESTION_CHARS, MAX_QUESTION_TOKENS, Answer, OutOfMemory, Pipeline, Timings
     from .store import ModelSource
     from .tasks import Task, load_registry
 

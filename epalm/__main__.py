@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from . import parity
+from .decoding import DEFAULT_PRESET, PRESETS
 from .errors import UserError
 from .hub import convert, push_to_hub
 from .media import MediaLimits
@@ -27,15 +28,18 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
     parser.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16, float16 (GPU default)")
     parser.add_argument("--registry", help="another task registry file (default: checkpoints/tasks.yaml)")
-    parser.add_argument("--preset", choices=["paper", "fast", "sampling"], help="decoding preset (default: the task's, paper)")
+    presets = "; ".join(preset.label for preset in PRESETS.values())
+    parser.add_argument(
+        "--preset", choices=list(PRESETS), default=DEFAULT_PRESET, help=f"rules over the task's decoding ({presets})"
+    )
     parser.add_argument("--beams", dest="num_beams", type=int, help="number of beams (1 = greedy)")
     parser.add_argument("--sample", dest="do_sample", action="store_const", const=True, help="sample instead of greedy")
     parser.add_argument("--temperature", type=float)
     parser.add_argument("--top-p", dest="top_p", type=float)
     parser.add_argument("--top-k", dest="top_k", type=int)
     parser.add_argument("--seed", type=int, help="seed for sampling")
-    parser.add_argument("--max-new-tokens", dest="max_new_tokens", type=int)
-    parser.add_argument("--max-length", dest="max_length", type=int, help="input ids + new tokens, as the original counted")
+    parser.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, help="answer length (replaces max-length)")
+    parser.add_argument("--max-length", dest="max_length", type=int, help="input + new ids (paper: 30)")
     parser.add_argument("--frames", dest="num_frames", type=int, help="video frames to sample (default: the task's)")
     parser.add_argument("--max-file-size", type=float, default=None, help="refuse media files larger than this many MB")
     parser.add_argument("--jsonl", action="store_true", help="one JSON object per path")
@@ -85,8 +89,6 @@ def _tasks(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, question: str | None) -> int:
     limits = MediaLimits() if args.max_file_size is None else MediaLimits(max_file_bytes=int(args.max_file_size * 2**20))
     decoding = {k: getattr(args, k) for k in ("num_beams", "do_sample", "temperature", "top_p", "top_k", "seed", "max_new_tokens", "max_length")}
-    if args.max_new_tokens is not None and args.max_length is None:
-        decoding["max_length"] = None
     failed, folders = 0, set()
     try:
         pipeline = Pipeline(device=args.device, dtype=args.dtype, tiny=args.tiny, registry=load_registry(args.registry) if args.registry else None, limits=limits)
@@ -101,8 +103,10 @@ def _run(args: argparse.Namespace, question: str | None) -> int:
                 answer = pipeline.caption(path, args.task, **settings)
             else:
                 answer = pipeline.answer(path, question, args.task, **settings)
-            record = {"path": path, "answer": answer.text, "timings": vars(answer.timings)}
+            record = {"path": path, "answer": answer.text, "timings": vars(answer.timings), "notice": answer.notice}
             line = f"{path}\t{answer.text}"
+            if answer.notice:
+                print(f"note: {path}: {answer.notice} (--max-new-tokens N sets it)", file=sys.stderr)
             if inspect:
                 folder = _inputs_folder(args.save_inputs, path, folders)
                 answer.inspection.save(folder, answer.text)

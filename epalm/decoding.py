@@ -3,13 +3,14 @@ version the adapters were evaluated with), over eP-ALM's cached decoder or, as a
 original uncached algorithm that re-runs the whole sequence every step.
 
 Returned ids follow the original `generate`: input ids (with their padding) then new tokens;
-`max_length` counts input ids plus new tokens; at least one token is always generated.
+`max_length` counts input ids plus new tokens, but always leaves room for `min_answer_tokens`
+new tokens (1 by default: the original's rule that at least one token is generated).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 from transformers.generation.logits_process import (
@@ -24,7 +25,8 @@ from .model import EPALM, DecodeState, Prefix
 
 @dataclass(frozen=True)
 class DecodingOptions:
-    """How to generate. The defaults are the paper's: 3 beams, max_length 30."""
+    """How to generate, like transformers' `GenerationConfig`. The defaults are the paper's:
+    3 beams, max_length 30."""
 
     num_beams: int = 3
     do_sample: bool = False
@@ -33,6 +35,7 @@ class DecodingOptions:
     top_p: float = 1.0
     max_length: int | None = 30  # input ids + new tokens, as the original counts
     max_new_tokens: int | None = None  # when set, replaces max_length
+    min_answer_tokens: int = 1  # a prompt leaving fewer new tokens under max_length extends the limit to this many
     length_penalty: float = 1.0
     eos_token_id: int = 2
     pad_token_id: int = 1
@@ -48,13 +51,26 @@ class DecodingOptions:
             raise ValueError("set max_length or max_new_tokens")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
+        if self.min_answer_tokens < 1:
+            raise ValueError("min_answer_tokens must be >= 1")
         if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
             raise ValueError("need temperature > 0, 0 < top_p <= 1 and top_k >= 0")
 
     def length_limit(self, input_length: int) -> int:
+        """The most ids (input and new) a row may reach.
+
+        `max_length` as the original counted it, unless the prompt leaves fewer than
+        `min_answer_tokens` new tokens: the original then crashed in beam search (30+ ids) or cut the
+        answer to a token or two; a decode that ends before the original limit is unchanged by this.
+        """
         if self.max_new_tokens is not None:
             return input_length + self.max_new_tokens
-        return self.max_length
+        return max(self.max_length, input_length + self.min_answer_tokens)
+
+    def extends_limit(self, input_length: int) -> bool:
+        """Whether a prompt this long leaves too little room under `max_length`, so that
+        `length_limit` raised it to `min_answer_tokens` new tokens."""
+        return self.max_new_tokens is None and input_length + self.min_answer_tokens > self.max_length
 
     @property
     def streams(self) -> bool:
@@ -62,11 +78,27 @@ class DecodingOptions:
         return self.num_beams == 1
 
 
-PRESETS: dict[str, DecodingOptions] = {
-    "paper": DecodingOptions(),
-    "fast": DecodingOptions(num_beams=1),
-    "sampling": DecodingOptions(num_beams=1, do_sample=True, temperature=0.7, top_p=0.9),
+@dataclass(frozen=True)
+class Preset:
+    """A named rule over a task's own generation settings: the fields it sets replace the task's,
+    every other field (length limits, minimum answer, seed) stays the task's."""
+
+    label: str  # for people: what the preset does
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def apply(self, options: DecodingOptions) -> DecodingOptions:
+        return replace(options, **self.overrides)
+
+
+PRESETS: dict[str, Preset] = {
+    "paper": Preset("Paper: the task's settings (3 beams)"),
+    "fast": Preset("Fast: greedy, streamed", {"num_beams": 1, "do_sample": False}),
+    "sampling": Preset(
+        "Sampling: temperature 0.7, top-p 0.9, streamed",
+        {"num_beams": 1, "do_sample": True, "temperature": 0.7, "top_p": 0.9},
+    ),
 }
+DEFAULT_PRESET = "paper"
 
 
 @dataclass

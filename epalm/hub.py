@@ -243,7 +243,6 @@ class HubModels:
             tokenizer = AutoTokenizer.from_pretrained(ref.id, revision=ref.revision)
         except (OSError, ValueError) as exc:
             raise _unavailable(f"the language model '{ref.id}'", ref.id, exc) from exc
-        tokenizer.add_special_tokens({"additional_special_tokens": ["</a>"]})  # as the QA training scripts did
         return lm, tokenizer
 
     def encoder(self, ref: EncoderRef, modality: str, dtype: torch.dtype) -> Encoder:

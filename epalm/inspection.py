@@ -223,7 +223,7 @@ def decoding_settings(options: DecodingOptions) -> dict[str, Any]:
     if options.max_new_tokens is not None:
         limit: dict[str, Any] = {"max_new_tokens": options.max_new_tokens}
     else:
-        limit = {"max_length": options.max_length}
+        limit = {"max_length": options.max_length, "min_answer_tokens": options.min_answer_tokens}
     if options.num_beams > 1:
         beams = {"num_beams": options.num_beams, "length_penalty": options.length_penalty}
         return {"strategy": "beam search", **beams, **limit}

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .audio import prepare_audio
-from .decoding import PRESETS, DecodingOptions, generate, stream_text, stream_tokens
+from .decoding import DEFAULT_PRESET, PRESETS, DecodingOptions, generate, stream_text, stream_tokens
 from .encoders import Encoder
 from .errors import InputError, UserError
 from .hub import HubModels, Progress
@@ -25,13 +25,17 @@ from .inspection import Inspection, Inspector
 from .media import MediaLimits
 from .model import EPALM, Adapter
 from .store import ModelSource, ModelStore
-from .tasks import Task, get_task, load_registry
+from .tasks import Task, answer_tokens, get_task, load_registry
 from .video import prepare_video
 
 log = logging.getLogger(__name__)
 
+# The question limits, the same in the library, the CLI and the app. The token limit bounds the prompt ids (BOS,
+# question, the task's "?</a>"); the characters, checked first, are the cheap bound: 300 characters of English are
+# about 75 OPT tokens, well inside it, so only densely tokenized text (symbols, non-Latin scripts) meets the token
+# limit. However long the prompt within these limits, the task's `min_answer_tokens` still fit after it.
 MAX_QUESTION_CHARS = 300
-MAX_QUESTION_TOKENS = 64
+MAX_QUESTION_TOKENS = 128
 _PREPARE: dict[str, Callable[..., torch.Tensor]] = {"image": prepare_image, "video": prepare_video, "audio": prepare_audio}
 
 
@@ -41,30 +45,29 @@ class OutOfMemory(UserError, RuntimeError):
 
 @dataclass
 class Timings:
-    encode_s: float = 0.0  # media decoding + preprocessing + encoder + adapter
-    first_token_s: float = 0.0  # from the start of decoding to the first token shown (beams: the whole search)
-    generate_s: float = 0.0  # the whole decoding
-    new_tokens: int = 0
+    """Where the time of one answer went, as of the answer it belongs to."""
 
-    @property
-    def decode_s(self) -> float:
-        """Decoding after the first token (0 for beam search, whose answer comes at once)."""
-        return self.generate_s - self.first_token_s
+    encode_s: float = 0.0  # media decoding + preprocessing + encoder + adapter
+    first_token_s: float | None = None  # start of decoding to the first token shown; None for beam search (none early)
+    generate_s: float = 0.0  # decoding so far
+    new_tokens: int = 0
+    num_beams: int = 1
 
     @property
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.generate_s if self.generate_s > 0 else 0.0
 
     def summary(self) -> str:
-        return (
-            f"encode {self.encode_s:.2f} s · first token {self.first_token_s:.2f} s · "
-            f"{self.new_tokens} tokens in {self.generate_s:.2f} s ({self.tokens_per_s:.1f} tokens/s)"
-        )
+        tokens = f"{self.new_tokens} tokens in {self.generate_s:.2f} s ({self.tokens_per_s:.1f} tokens/s)"
+        if self.first_token_s is None:  # beam search: no token is final before the search ends
+            return f"encode {self.encode_s:.2f} s · {self.num_beams}-beam search: {tokens}, shown at its end"
+        return f"encode {self.encode_s:.2f} s · first token {self.first_token_s:.2f} s · {tokens}"
 
 
 @dataclass
 class Answer:
-    """A (partial) answer: `done` is False while streaming, True for the final text."""
+    """A (partial) answer: `done` is False while streaming, True for the final text. `notice` tells
+    the user about a setting changed for this request (a long question's raised length limit)."""
 
     text: str
     task: str
@@ -72,6 +75,7 @@ class Answer:
     timings: Timings = field(default_factory=Timings)
     device: str = "cpu"
     dtype: str = "float32"
+    notice: str | None = None
     inspection: Inspection | None = None  # with `inspect=True`: what the model saw (and, when done, how sure it was)
 
 
@@ -102,8 +106,9 @@ class Pipeline:
                 source = TinyModels()
             else:
                 source = HubModels()
-        self.store = ModelStore(source, device, dtype, pack_weights, progress)
         self.tasks: dict[str, Task] = source.tasks(registry if registry is not None else load_registry())
+        special_tokens = {task.lm: answer_tokens(self.tasks.values(), task.lm) for task in self.tasks.values()}
+        self.store = ModelStore(source, device, dtype, pack_weights, progress, special_tokens)
         self.limits = limits or MediaLimits()
 
     @property
@@ -132,7 +137,8 @@ class Pipeline:
             raise InputError(str(exc.args[0])) from exc
 
     def lm(self, task: Task, progress: Progress | None = None) -> tuple[EPALM, Any]:
-        """The task's language model (with injection) and tokenizer, loaded on first use."""
+        """The task's language model (with injection) and tokenizer (with the registry's answer tokens),
+        loaded on first use."""
         return self.store.lm(task, progress)
 
     def encoder(self, task: Task, progress: Progress | None = None) -> Encoder:
@@ -155,12 +161,14 @@ class Pipeline:
     # -- answering -------------------------------------------------------------------------
 
     def decoding_options(self, task: Task, preset: str | None = None, **overrides: Any) -> DecodingOptions:
-        """The task's decoding (the paper's), or a preset, with the given fields replaced."""
-        if preset is not None and preset not in PRESETS:
+        """The task's settings, the preset's rules applied (default: paper, the task's own), then
+        `overrides` (fields of `DecodingOptions`; None means "not given")."""
+        preset = preset or DEFAULT_PRESET
+        if preset not in PRESETS:
             raise InputError(f"unknown decoding preset {preset!r}; choose one of {', '.join(PRESETS)}")
-        base = task.generation if preset in (None, "paper") else PRESETS[preset]
         try:
-            return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+            options = PRESETS[preset].apply(task.generation)
+            return replace(options, **{k: v for k, v in overrides.items() if v is not None})
         except (TypeError, ValueError) as exc:
             raise InputError(f"invalid decoding settings: {exc}") from exc
 
@@ -180,6 +188,24 @@ class Pipeline:
         if len(ids) > MAX_QUESTION_TOKENS:
             raise InputError(f"The question is {len(ids)} tokens long; the limit is {MAX_QUESTION_TOKENS}. Please shorten it.")
         return torch.tensor([ids], device=self.device)
+
+    @staticmethod
+    def _check_length(options: DecodingOptions, prompt_ids: int, positions: int) -> str | None:
+        """Refuse a length the LM has no positions for; return the notice for a limit raised to
+        leave a long question its task's minimum answer."""
+        limit = options.length_limit(prompt_ids)
+        if limit > positions:
+            raise InputError(
+                f"{prompt_ids} prompt tokens and {limit - prompt_ids} new tokens exceed the model's {positions} "
+                "positions; lower max new tokens."
+            )
+        if not options.extends_limit(prompt_ids):
+            return None
+        return (
+            f"Long question: its {prompt_ids} tokens leave {max(0, options.max_length - prompt_ids)} of the task's "
+            f"{options.max_length} (max_length counts the question), so the answer was allowed up to "
+            f"{options.min_answer_tokens} new tokens; raise max new tokens for a longer answer."
+        )
 
     @torch.inference_mode()  # as a decorator: entered per step, never held across a yield
     def stream(
@@ -204,13 +230,14 @@ class Pipeline:
             if not 1 <= num_frames <= 64:
                 raise InputError("frames to sample must be between 1 and 64")
             transform = replace(transform, num_frames=num_frames)
-        timings = Timings()
+        timings = Timings(num_beams=options.num_beams)
         started = time.perf_counter()
         inspector = Inspector(spec) if inspect else None
         pixels = (inspector.prepare if inspector else _PREPARE[spec.modality])(media, transform, self.limits)
         timings.encode_s = time.perf_counter() - started
         lm, tokenizer = self.lm(spec, progress)
         input_ids = self._text_ids(spec, question, tokenizer)
+        notice = self._check_length(options, input_ids.shape[1], lm.config.max_position_embeddings)
         options = replace(options, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         trace = inspector.trace if inspector else None
         if inspector:
@@ -229,18 +256,18 @@ class Pipeline:
                 partial = inspector.partial(options) if inspector else None
                 tokens = stream_tokens(lm, prefix, input_ids, mask, options, trace)
                 for text in stream_text(self._timed(tokens, timings, started, ids), tokenizer):
-                    yield Answer(text.strip(), spec.id, False, timings, self.device.type, dtype, inspection=partial)
+                    yield Answer(text.strip(), spec.id, False, replace(timings), self.device.type, dtype, notice, partial)
                 text = tokenizer.decode(ids, skip_special_tokens=True)
                 inspected = inspector.result(tokenizer, input_ids, options, ids) if inspector else None
             else:
                 generated = generate(lm, prefix, input_ids, mask, options, trace)
                 output = generated.sequences[0, input_ids.shape[1] :]
-                timings.first_token_s = timings.generate_s = time.perf_counter() - started
+                timings.generate_s = time.perf_counter() - started
                 timings.new_tokens = int((output != options.pad_token_id).sum())
                 text = tokenizer.decode(output, skip_special_tokens=True)
                 hypotheses = generated.hypotheses[0] if generated.hypotheses else None
                 inspected = inspector.result(tokenizer, input_ids, options, output.tolist(), hypotheses) if inspector else None
-        yield Answer(text.strip(), spec.id, True, timings, self.device.type, dtype, inspection=inspected)
+        yield Answer(text.strip(), spec.id, True, timings, self.device.type, dtype, notice, inspected)
 
     @staticmethod
     def _timed(tokens: Iterator[torch.Tensor], timings: Timings, started: float, ids: list[int]) -> Iterator[torch.Tensor]:

@@ -90,8 +90,10 @@ class ModelStore:
         dtype: str | torch.dtype | None = None,
         pack_weights: bool = True,
         progress: Progress | None = None,
+        special_tokens: dict[ModelRef, list[str]] | None = None,
     ) -> None:
         self.source = source
+        self.special_tokens = special_tokens or {}  # per LM: tokens its tokenizer must keep whole (`</a>`)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.pack_weights = pack_weights
@@ -128,6 +130,8 @@ class ModelStore:
     def lm(self, task: Task, progress: Progress | None = None) -> tuple[EPALM, PreTrainedTokenizerBase]:
         def load() -> tuple[EPALM, PreTrainedTokenizerBase]:
             lm, tokenizer = self.source.lm(task.lm, self.dtype)
+            if self.special_tokens.get(task.lm):
+                tokenizer.add_special_tokens({"additional_special_tokens": self.special_tokens[task.lm]})
             model = EPALM(lm.to(self.device, self.dtype))
             if self.pack_weights:
                 log.info("packed %d linear layers of %s", pack_linear_weights(model), task.lm.id)

@@ -1,7 +1,8 @@
 """The task registry: what each released adapter needs, read from `checkpoints/tasks.yaml`.
 
 A task names its LM, its encoder, the preprocessing, the injection and prompt settings, the text
-format, the paper's decoding defaults and where its adapter lives on the Hub. Users add tasks or
+format, its decoding settings (the paper's, plus the fewest new tokens a long question leaves room
+for) and where its adapter lives on the Hub. Users add tasks or
 point one at their own adapter by editing the YAML (or passing another file); no code changes.
 """
 
@@ -12,7 +13,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Iterable, Union
 
 import yaml
 
@@ -73,11 +74,16 @@ class AdapterSource:
 class TextFormat:
     """How the LM input is written. Captions start from BOS alone (`prompt: ""`); questions are
     `{question}?</a>` as in the original, whose questions already ended with "?" (so the model saw
-    "...??</a>"): with `question_mark`, a question typed without "?" gets one first."""
+    "...??</a>"): with `question_mark`, a question typed without "?" gets one first.
+    `answer_token` is the special token the QA training scripts added to the tokenizer (`</a>`)."""
 
     prompt: str = ""
     answer_token: str | None = None
     question_mark: bool = False
+
+    def __post_init__(self) -> None:
+        if self.answer_token and self.answer_token not in self.prompt:
+            raise ValueError(f"answer_token {self.answer_token!r} does not occur in the prompt {self.prompt!r}")
 
     def render(self, question: str | None) -> str:
         if "{question}" not in self.prompt:
@@ -152,6 +158,12 @@ def _build(task_id: str, entry: dict, base_dir: Path) -> Task:
         raise
     except (KeyError, TypeError, ValueError) as exc:
         raise RegistryError(f"task {task_id!r} in the registry: {exc}") from exc
+
+
+def answer_tokens(tasks: Iterable[Task], lm: ModelRef) -> list[str]:
+    """The special tokens the tokenizer of `lm` needs: the answer tokens of every task on that LM,
+    so that one shared tokenizer reads every task's prompt as its training script did."""
+    return sorted({task.text.answer_token for task in tasks if task.lm == lm and task.text.answer_token})
 
 
 def load_registry(path: str | Path | None = None) -> dict[str, Task]:

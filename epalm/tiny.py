@@ -7,6 +7,7 @@ fbanks), so the media layer and the pipeline run unchanged on them.
 
 from __future__ import annotations
 
+import copy
 import functools
 import zlib
 from dataclasses import replace
@@ -23,7 +24,6 @@ from .tasks import EncoderRef, ModelRef, Task
 
 TINY_WIDTH = 32  # hidden size of the tiny LM and encoders
 TOKENIZER_VOCAB = 500  # byte-level BPE: 256 bytes + 4 specials + merges
-ANSWER_TOKEN = "</a>"
 
 _CORPUS = """
 a man riding a wave on top of a surfboard. a cat sitting on a couch next to a remote control.
@@ -39,7 +39,8 @@ yes no one two three red blue green white black a the of in on with and is are w
 @functools.lru_cache(maxsize=1)
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer that behaves like OPT's: `<s>`=0, `<pad>`=1, `</s>`=2, `<unk>`=3,
-    `</s>` prepended to every sequence as BOS, right padding, `</a>` an added special token."""
+    `</s>` prepended to every sequence as BOS, right padding. Answer tokens (`</a>`) are added by
+    the pipeline from the registry, to a copy (see `TinyModels.lm`)."""
     specials = ["<s>", "<pad>", "</s>", "<unk>"]
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -52,14 +53,13 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe, bos_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>", padding_side="right"
     )
-    tokenizer.add_special_tokens({"additional_special_tokens": [ANSWER_TOKEN]})
     return tokenizer
 
 
 def tiny_lm(seed: int = 0, **overrides: object) -> OPTForCausalLM:
-    """A 6-layer OPT with a vocabulary that covers the tiny tokenizer (and `</a>`)."""
+    """A 6-layer OPT with a vocabulary that covers the tiny tokenizer and a few added tokens (`</a>`)."""
     config = dict(
-        vocab_size=len(tiny_tokenizer()) + 8,
+        vocab_size=TOKENIZER_VOCAB + 1,  # fixed, so the weights do not depend on the tokens a pipeline adds
         hidden_size=TINY_WIDTH,
         word_embed_proj_dim=TINY_WIDTH,
         num_hidden_layers=6,
@@ -136,7 +136,8 @@ class TinyModels:
         return replace(task, injection=injection)
 
     def lm(self, ref: ModelRef, dtype: torch.dtype) -> tuple[OPTForCausalLM, PreTrainedTokenizerFast]:
-        return tiny_lm(seed=zlib.crc32(ref.id.encode()) % 1000).to(dtype), tiny_tokenizer()
+        # a copy, as a fresh load would be: the pipeline adds the registry's answer tokens to it
+        return tiny_lm(seed=zlib.crc32(ref.id.encode()) % 1000).to(dtype), copy.deepcopy(tiny_tokenizer())
 
     def encoder(self, ref: EncoderRef, modality: str, dtype: torch.dtype) -> Encoder:
         return tiny_encoder(modality, seed=zlib.crc32(ref.id.encode()) % 1000).to(dtype)

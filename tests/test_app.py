@@ -100,7 +100,7 @@ def test_a_task_added_to_the_registry_appears_in_the_menu_and_the_api(tmp_path, 
     registry = (ROOT / "checkpoints" / "tasks.yaml").read_text()
     extra = registry.replace("\n  image-vqa:\n", "\n  image-vqa-mine:\n    title: My VQA\n    label: MyVQA\n    modality: image\n"
                              "    kind: qa\n    lm: *opt27\n    encoder: *vit_b\n    preprocess: *image_pre\n    injection: *inject_base\n"
-                             "    text: *qa_text\n    generation: *paper\n    adapter: {<<: *space, filename: mine.pth}\n\n  image-vqa:\n")
+                             "    text: *qa_text\n    generation: *qa_paper\n    adapter: {<<: *space, filename: mine.pth}\n\n  image-vqa:\n")
     (tmp_path / "tasks.yaml").write_text(extra)
     monkeypatch.setenv("EPALM_TASKS", str(tmp_path / "tasks.yaml"))
     blocks, url = serve(Pipeline(device="cpu", tiny=True))
@@ -497,3 +497,10 @@ def test_the_queue_bound_holds_under_a_burst(media_files, monkeypatch, api_name)
     finally:
         release.set()
         blocks.close()
+
+
+def test_info_line_tells_a_long_question_its_limit_and_beams_their_timing(client, media_files):
+    question = "what is the man holding in the picture and why " * 3
+    answer, info = client.predict(handle_file(str(media_files["image"])), question, api_name="/answer_image")
+    assert "Long question" in info and "Max new tokens" in info
+    assert "3-beam search" in info and "first token" not in info

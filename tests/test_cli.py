@@ -96,3 +96,14 @@ def test_unknown_task_is_an_error_not_a_traceback(media_files):
 @pytest.mark.parametrize("argv", [["parity", str(PARITY_CASES[0])]])
 def test_parity_subcommand(argv):
     assert main(argv) == 0
+
+
+def test_a_long_question_says_its_answer_limit_was_raised(media_files, capsys):
+    question = "what is the man holding in the picture and why " * 3
+    path = str(media_files["image"])
+    assert main(["ask", "--tiny", "--task", "image-vqa", "-q", question, path]) == 0
+    out = capsys.readouterr()
+    assert out.out.startswith(f"{path}\t") and "note:" not in out.out
+    assert f"note: {path}: Long question" in out.err and "--max-new-tokens N" in out.err
+    assert main(["ask", "--tiny", "--task", "image-vqa", "-q", question, "--jsonl", "--preset", "fast", path]) == 0
+    assert "up to 8 new tokens" in json.loads(capsys.readouterr().out)["notice"]

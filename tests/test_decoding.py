@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from epalm.decoding import PRESETS, DecodingOptions, generate, stream_text, stream_tokens
+from epalm.decoding import DEFAULT_PRESET, PRESETS, DecodingOptions, generate, stream_text, stream_tokens
 from epalm.model import InjectionConfig
 
 from test_model import make, padded_batch
@@ -13,7 +13,7 @@ from test_model import make, padded_batch
 SETTINGS = {
     "greedy": DecodingOptions(num_beams=1, max_length=20),
     "beam3": DecodingOptions(num_beams=3, max_length=20),
-    "beam2_new_tokens": DecodingOptions(num_beams=2, max_length=None, max_new_tokens=9),
+    "beam2_new_tokens": DecodingOptions(num_beams=2, max_new_tokens=9),
 }
 LAYOUTS = {
     "end_is_last": InjectionConfig(1, 5, 2, prompt_len=3),
@@ -86,11 +86,11 @@ def test_beam_length_normalisation_counts_input_ids():
 def test_sampling_is_seeded_and_respects_top_k():
     lm, prefix = make(LAYOUTS["end_is_last"])
     ids = torch.tensor([[2, 40]])
-    options = DecodingOptions(num_beams=1, do_sample=True, top_k=1, max_new_tokens=6, max_length=None, seed=7)
+    options = DecodingOptions(num_beams=1, do_sample=True, top_k=1, max_new_tokens=6, seed=7)
     with torch.inference_mode():
-        greedy = generate(lm, prefix, ids, torch.ones_like(ids), DecodingOptions(num_beams=1, max_new_tokens=6, max_length=None))
+        greedy = generate(lm, prefix, ids, torch.ones_like(ids), DecodingOptions(num_beams=1, max_new_tokens=6))
         top1 = generate(lm, prefix, ids, torch.ones_like(ids), options)
-        hot = DecodingOptions(num_beams=1, do_sample=True, temperature=5.0, max_new_tokens=6, max_length=None, seed=11)
+        hot = DecodingOptions(num_beams=1, do_sample=True, temperature=5.0, max_new_tokens=6, seed=11)
         first, second = (generate(lm, prefix, ids, torch.ones_like(ids), hot).sequences for _ in range(2))
     assert torch.equal(top1.sequences, greedy.sequences)
     assert torch.equal(first, second)
@@ -99,7 +99,7 @@ def test_sampling_is_seeded_and_respects_top_k():
 def test_streaming_yields_growing_prefixes_that_end_in_the_final_text(tokenizer):
     lm, prefix = make(LAYOUTS["end_is_last"])
     ids = torch.tensor([[2, 40]])
-    options = DecodingOptions(num_beams=1, max_new_tokens=12, max_length=None)
+    options = DecodingOptions(num_beams=1, max_new_tokens=12)
     with torch.inference_mode():
         parts = list(stream_text(stream_tokens(lm, prefix, ids, torch.ones_like(ids), options), tokenizer))
         final = generate(lm, prefix, ids, torch.ones_like(ids), options).sequences[0, 2:]
@@ -115,6 +115,60 @@ def test_options_are_validated():
         DecodingOptions(max_length=None, max_new_tokens=None)
     with pytest.raises(ValueError):
         DecodingOptions(temperature=0)
-    assert PRESETS["paper"].num_beams == 3 and PRESETS["paper"].max_length == 30
     with pytest.raises(ValueError):
-        next(stream_tokens(None, None, torch.zeros(1, 1), torch.zeros(1, 1), PRESETS["paper"]))
+        DecodingOptions(min_answer_tokens=0)
+    with pytest.raises(ValueError):
+        next(stream_tokens(None, None, torch.zeros(1, 1), torch.zeros(1, 1), DecodingOptions()))
+
+
+def test_presets_are_rules_over_the_task_settings():
+    """A preset sets only its own fields: a task's length limits, minimum answer and seed survive it."""
+    task = DecodingOptions(num_beams=4, max_new_tokens=5, min_answer_tokens=3, seed=9, length_penalty=0.5)
+    assert PRESETS[DEFAULT_PRESET].apply(task) == task, "paper: the task's own settings"
+    fast, sampling = PRESETS["fast"].apply(task), PRESETS["sampling"].apply(task)
+    assert (fast.num_beams, fast.do_sample, fast.max_new_tokens, fast.seed) == (1, False, 5, 9)
+    assert (sampling.num_beams, sampling.do_sample, sampling.temperature, sampling.top_p) == (1, True, 0.7, 0.9)
+    assert (sampling.max_new_tokens, sampling.min_answer_tokens, sampling.seed) == (5, 3, 9)
+    assert fast.streams and sampling.streams and not task.streams
+    assert all(preset.label for preset in PRESETS.values())
+
+
+STRATEGIES = {
+    "beam3": dict(num_beams=3),
+    "greedy": dict(num_beams=1),
+    "sampling": dict(num_beams=1, do_sample=True, temperature=0.7, top_p=0.9, seed=5),
+}
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("prompt_ids", [28, 29, 30, 31, 60])
+@pytest.mark.parametrize("min_answer", [1, 8])
+def test_long_prompts_get_the_minimum_answer_room(strategy, prompt_ids, min_answer):
+    """max_length 30 counted over the prompt: 4.24's beam finalize crashed at 30+ ids, and greedy
+    or sampling gave one token. With `min_answer_tokens` the limit leaves that many new tokens
+    (1: the original's own rule of one token)."""
+    lm, prefix = make(LAYOUTS["end_is_last"])
+    ids = torch.randint(4, 400, (1, prompt_ids), generator=torch.Generator().manual_seed(prompt_ids))
+    ids[0, 0] = 2
+    never = lm.config.vocab_size  # an EOS id outside the vocabulary: every allowed token is generated
+    options = DecodingOptions(max_length=30, min_answer_tokens=min_answer, eos_token_id=never, **STRATEGIES[strategy])
+    room = max(30 - prompt_ids, min_answer)
+    assert options.length_limit(prompt_ids) == prompt_ids + room
+    assert options.extends_limit(prompt_ids) == (30 - prompt_ids < min_answer)
+    with torch.inference_mode():
+        out = generate(lm, prefix, ids, torch.ones_like(ids), options).sequences
+    assert torch.equal(out[:, :prompt_ids], ids)
+    assert out.shape[1] == prompt_ids + room
+
+
+def test_a_raised_limit_continues_the_original_greedy_answer():
+    """Where the original cut a greedy answer at max_length, the raised limit only adds tokens."""
+    lm, prefix = make(LAYOUTS["end_is_last"])
+    ids = torch.randint(4, 400, (1, 28), generator=torch.Generator().manual_seed(1))
+    ids[0, 0] = 2
+    with torch.inference_mode():
+        cut = DecodingOptions(num_beams=1, max_length=30)
+        raised = DecodingOptions(num_beams=1, max_length=30, min_answer_tokens=8)
+        original, longer = (generate(lm, prefix, ids, torch.ones_like(ids), o).sequences for o in (cut, raised))
+    assert original.shape[1] == 30 and longer.shape[1] == 36
+    assert torch.equal(longer[:, :30], original)

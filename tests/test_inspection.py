@@ -131,7 +131,9 @@ def test_beams_are_ranked_and_their_scores_add_up(pipe, media_files):
         length = 1 + len(beam.tokens) - stopped  # BOS and the new tokens, the EOS not counted (transformers 4.24)
         assert beam.score == pytest.approx(sum(t.logprob for t in beam.tokens) / length, abs=1e-5)
         assert beam.logprob == pytest.approx(sum(t.logprob for t in beam.tokens))
-    assert inspection.decoding == {"strategy": "beam search", "num_beams": 3, "length_penalty": 1.0, "max_length": 14}
+    assert inspection.decoding == {
+        "strategy": "beam search", "num_beams": 3, "length_penalty": 1.0, "max_length": 14, "min_answer_tokens": 20
+    }
 
 
 def test_sampling_reports_its_settings(pipe, media_files):
@@ -176,7 +178,7 @@ def test_describe_says_it_all_in_markdown_that_shows_text_as_typed(pipe, media_f
     text = answer.inspection.describe()
     assert "**Input:** The 64×48 image, resized to 224×224" in text
     assert "<code>[P×4]&lt;/s&gt;is&nbsp;*this*&nbsp;`it`&nbsp;|&nbsp;&lt;b&gt;??&lt;/a&gt;</code>" in text
-    assert "**Decoding:** beam search · num beams 3 · length penalty 1.0 · max length 24" in text
+    assert "**Decoding:** beam search · num beams 3 · length penalty 1.0 · max length 24 · min answer tokens 8" in text
     table = [line for line in text.splitlines() if line.startswith("| ")]
     assert len(table) == 1 + 3 and table[1].startswith(f"| 1 | {answer.text.split()[0]}")
     assert text.count("<code>") == 2 + len(answer.inspection.tokens)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from epalm.decoding import DecodingOptions, generate
 from epalm.parity import encoder_input, load_case, main, run_case
 
 from conftest import PARITY_CASES, ROOT
@@ -57,3 +58,23 @@ def test_layer_inputs_and_masks_match_the_original(case):
         if f"decoder_additive_mask.{i}" in debug:
             want = debug[f"decoder_additive_mask.{i}"]
             assert torch.equal(mask == 0, want == 0), f"layer {i}: attended positions differ"
+
+
+@pytest.mark.parametrize("case", PARITY_CASES, ids=lambda p: p.name)
+def test_a_raised_length_limit_keeps_every_answer_that_ended_before_the_original_one(case):
+    """`min_answer_tokens` raises max_length for long prompts; where the original's decode ended
+    (EOS, or a finished beam search) before its limit, the ids are still the original's."""
+    manifest, lm, encoder, adapter = load_case(case)
+    inputs, expected = load_file(case / "inputs.safetensors"), load_file(case / "expected.safetensors")
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    ended_early = [spec for spec in manifest["generation"] if expected[spec["key"]].shape[1] < spec["max_length"]]
+    assert ended_early, "the fixtures hold decodes that end on EOS"
+    with torch.inference_mode():
+        prefix = adapter.prefix(encoder(encoder_input(manifest, inputs), adapter.config.num_features))
+        for spec in ended_early:
+            options = DecodingOptions(
+                num_beams=spec["num_beams"], max_length=spec["max_length"], min_answer_tokens=spec["max_length"],
+                eos_token_id=spec["eos_token_id"], pad_token_id=spec["pad_token_id"],
+            )
+            assert options.extends_limit(ids.shape[1])
+            assert torch.equal(generate(lm, prefix, ids, mask, options).sequences, expected[spec["key"]]), spec["key"]

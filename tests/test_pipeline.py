@@ -8,9 +8,11 @@ from dataclasses import replace
 import pytest
 import torch
 
+from epalm.decoding import PRESETS, DecodingOptions
 from epalm.hub import WeightsUnavailable
 from epalm.media import MediaError
-from epalm.pipeline import InputError, OutOfMemory, Pipeline
+from epalm.pipeline import MAX_QUESTION_CHARS, MAX_QUESTION_TOKENS, InputError, OutOfMemory, Pipeline
+from epalm.tasks import TextFormat, load_registry
 from epalm.tiny import TinyModels
 
 
@@ -25,7 +27,7 @@ def pipe() -> Pipeline:
      ("video-qa-msvd", "video", "what happens"), ("audio-caption", "audio", None)],
 )
 def test_every_modality_answers(pipe, media_files, task, modality, question):
-    result = pipe.stream(media_files[modality], task, question, preset="fast", max_new_tokens=6, max_length=None)
+    result = pipe.stream(media_files[modality], task, question, preset="fast", max_new_tokens=6)
     answers = list(result)
     final = answers[-1]
     assert final.done and final.task == task and isinstance(final.text, str)
@@ -40,11 +42,11 @@ def test_paper_preset_is_the_default_and_is_beam_search(pipe, media_files):
 
 
 def test_streaming_gives_growing_prefixes_ending_in_the_final_text(pipe, media_files):
-    parts = [a.text for a in pipe.stream(media_files["image"], "image-caption", preset="fast", max_new_tokens=12, max_length=None)]
+    parts = [a.text for a in pipe.stream(media_files["image"], "image-caption", preset="fast", max_new_tokens=12)]
     assert len(parts) >= 3
     assert all(b.startswith(a) for a, b in zip(parts[:-2], parts[1:-1]))
     assert parts[-1] == parts[-2] or parts[-1].startswith(parts[-2])
-    whole = pipe.caption(media_files["image"], "image-caption", preset="fast", max_new_tokens=12, max_length=None)
+    whole = pipe.caption(media_files["image"], "image-caption", preset="fast", max_new_tokens=12)
     assert whole.text == parts[-1]
 
 
@@ -65,7 +67,7 @@ def test_tasks_sharing_an_lm_share_one_object():
 def test_concurrent_calls_for_different_tasks_do_not_mix_adapters(media_files):
     pipe = Pipeline(device="cpu", tiny=True)
     jobs = [("image-caption", None), ("image-vqa", "what is it"), ("image-gqa", "where is it"), ("image-caption", None)]
-    settings = dict(preset="fast", max_new_tokens=8, max_length=None)
+    settings = dict(preset="fast", max_new_tokens=8)
     alone = [list(pipe.stream(media_files["image"], t, q, **settings))[-1].text for t, q in jobs]
     assert len(set(alone[:3])) > 1, "different adapters give different answers"
     results: dict[int, str] = {}
@@ -88,10 +90,10 @@ def test_loading_happens_once_and_reports_progress(media_files):
     messages: list[str] = []
     pipe = Pipeline(device="cpu", tiny=True, progress=messages.append)
     assert pipe.loaded() == []
-    pipe.caption(media_files["image"], "image-caption", preset="fast", max_new_tokens=2, max_length=None)
+    pipe.caption(media_files["image"], "image-caption", preset="fast", max_new_tokens=2)
     loads = [m for m in messages if m.startswith("Loading")]
     assert len(loads) == 3 and any("OPT-2.7B language model" in m for m in loads)
-    pipe.caption(media_files["image"], "image-caption", preset="fast", max_new_tokens=2, max_length=None)
+    pipe.caption(media_files["image"], "image-caption", preset="fast", max_new_tokens=2)
     assert len([m for m in messages if m.startswith("Loading")]) == 3
     pipe.preload(["image-vqa", "audio-caption"])  # what app.py --preload runs in the background
     assert pipe.loaded() == [
@@ -157,14 +159,14 @@ def test_adapter_from_the_hub_drives_the_answer(media_files, fake_hub):
     task = tiny.task("image-caption")
     fake_hub.add(task.adapter.repo_id, task.adapter.filename, buffer.getvalue(), repo_type="space")
     real = Pipeline(device="cpu", source=TinyModels(adapter_files=True))
-    settings = dict(preset="fast", max_new_tokens=6, max_length=None)
+    settings = dict(preset="fast", max_new_tokens=6)
     assert real.caption(media_files["image"], "image-caption", **settings).text == tiny.caption(media_files["image"], "image-caption", **settings).text
     assert len(fake_hub.downloads) == 1
 
 
 def test_bfloat16_pipeline_runs(media_files):
     pipe = Pipeline(device="cpu", dtype="bfloat16", tiny=True)
-    answer = pipe.caption(media_files["audio"], "audio-caption", preset="fast", max_new_tokens=4, max_length=None)
+    answer = pipe.caption(media_files["audio"], "audio-caption", preset="fast", max_new_tokens=4)
     assert answer.done and answer.dtype == "bfloat16"
     assert pipe.adapter(pipe.task("audio-caption")).connector[0].weight.dtype == torch.float32
     with pytest.raises(InputError, match="float16 is for GPUs"):
@@ -173,7 +175,7 @@ def test_bfloat16_pipeline_runs(media_files):
 
 def test_a_stream_can_be_resumed_from_other_threads(pipe, media_files):
     """Web servers pull each partial answer in whichever worker thread is free."""
-    stream = pipe.stream(media_files["image"], "image-caption", preset="fast", max_new_tokens=8, max_length=None)
+    stream = pipe.stream(media_files["image"], "image-caption", preset="fast", max_new_tokens=8)
     pulled: list = []
     while not pulled or not pulled[-1].done:
         worker = threading.Thread(target=lambda: pulled.append(next(stream)))
@@ -181,16 +183,102 @@ def test_a_stream_can_be_resumed_from_other_threads(pipe, media_files):
         worker.join()
         assert len(pulled) < 20
     assert not torch.is_inference_mode_enabled(), "the inference mode does not leak into the caller"
-    same = pipe.caption(media_files["image"], "image-caption", preset="fast", max_new_tokens=8, max_length=None)
+    same = pipe.caption(media_files["image"], "image-caption", preset="fast", max_new_tokens=8)
     assert pulled[-1].text == same.text
 
 
 def test_cpu_weights_are_packed_unless_asked_not_to(media_files):
     from epalm.model import PackedLinear
 
-    settings = dict(preset="fast", max_new_tokens=8, max_length=None)
+    settings = dict(preset="fast", max_new_tokens=8)
     packed, dense = Pipeline(device="cpu", tiny=True), Pipeline(device="cpu", tiny=True, pack_weights=False)
     task = packed.task("image-caption")
     assert isinstance(packed.lm(task)[0].decoder.layers[0].fc1, PackedLinear)
     assert not isinstance(dense.lm(task)[0].decoder.layers[0].fc1, PackedLinear)
     assert packed.caption(media_files["image"], "image-caption", **settings).text == dense.caption(media_files["image"], "image-caption", **settings).text
+
+
+def test_presets_keep_the_tasks_own_limits(media_files):
+    """A task whose registry sets a 5-token answer keeps it under every preset."""
+    tasks = load_registry()
+    short = DecodingOptions(num_beams=3, max_new_tokens=5)
+    registry = {**tasks, "image-caption": replace(tasks["image-caption"], generation=short)}
+    pipe = Pipeline(device="cpu", tiny=True, registry=registry)
+    task = pipe.task("image-caption")
+    for preset in PRESETS:
+        assert pipe.decoding_options(task, preset).max_new_tokens == 5
+        answer = pipe.caption(media_files["image"], "image-caption", preset=preset)
+        assert 1 <= answer.timings.new_tokens <= 5 + (preset == "paper")  # beam search counts its closing EOS
+    assert pipe.decoding_options(task, "fast", max_new_tokens=7).max_new_tokens == 7
+
+
+def test_each_partial_answer_has_its_own_timings(pipe, media_files):
+    answers = list(pipe.stream(media_files["image"], "image-caption", preset="fast", max_new_tokens=12))
+    assert len({id(a.timings) for a in answers}) == len(answers)
+    counts = [a.timings.new_tokens for a in answers]
+    assert counts == sorted(counts) and counts[0] < counts[-1], "an early partial keeps the count it was shown with"
+    assert all(a.timings.first_token_s == answers[0].timings.first_token_s for a in answers)
+    assert "first token" in answers[-1].timings.summary()
+
+
+def test_beam_search_timings_claim_no_first_token(pipe, media_files):
+    answer = pipe.caption(media_files["image"], "image-caption")
+    assert answer.timings.first_token_s is None and answer.timings.num_beams == 3
+    summary = answer.timings.summary()
+    assert "first token" not in summary and "3-beam search" in summary and "tokens/s" in summary
+
+
+def test_answer_tokens_are_the_registrys(media_files):
+    """The tokenizer gains each task's answer token, read from the registry: one id, at the prompt's end."""
+    tasks = load_registry()
+    vqa = tasks["image-vqa"]
+    custom = replace(vqa, text=TextFormat("{question}<ans>", "<ans>"))
+    pipe = Pipeline(device="cpu", tiny=True, registry={"image-vqa": vqa, "custom": replace(custom, id="custom")})
+    tokenizer = pipe.lm(pipe.task("custom"))[1]
+    for token in ("</a>", "<ans>"):
+        assert tokenizer.convert_tokens_to_ids(token) not in (None, tokenizer.unk_token_id)
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        assert tokenizer(f"what{token}", add_special_tokens=False).input_ids[-1] == token_id
+    assert pipe.answer(media_files["image"], "what is it", "custom", preset="fast", max_new_tokens=3).done
+
+
+def _question(tokenizer, task, prompt_ids: int) -> str:
+    """A question whose prompt (BOS, question, the task's template) is exactly `prompt_ids` ids."""
+    for word in (" a", " the", " cat"):
+        question = "what"
+        while (length := len(tokenizer(task.text.render(question)).input_ids)) < prompt_ids:  # BOS included
+            question += word
+        if length == prompt_ids:
+            return question
+    raise AssertionError(f"no question of {prompt_ids} prompt ids")
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("prompt_ids", [28, 29, 30, 31, 60])
+def test_long_questions_get_the_tasks_minimum_answer(pipe, media_files, preset, prompt_ids):
+    """max_length 30 counts the question: the original crashed with beams at 30+ ids and cut answers
+    to a token or two; here the answer gets the task's min_answer_tokens, and the answer says so."""
+    task = pipe.task("image-vqa")
+    tokenizer = pipe.lm(task)[1]
+    answer = pipe.answer(media_files["image"], _question(tokenizer, task, prompt_ids), "image-vqa", preset=preset)
+    room = task.generation.min_answer_tokens
+    assert answer.done and 1 <= answer.timings.new_tokens <= room + (preset == "paper")
+    assert f"its {prompt_ids} tokens leave {max(0, 30 - prompt_ids)} of the task's 30" in answer.notice
+    assert f"up to {room} new tokens; raise max new tokens" in answer.notice
+    short = pipe.answer(media_files["image"], "what is it", "image-vqa", preset=preset)
+    assert short.notice is None
+    question = _question(tokenizer, task, prompt_ids)
+    chosen = pipe.answer(media_files["image"], question, "image-vqa", preset=preset, max_new_tokens=3)
+    assert chosen.notice is None and chosen.timings.new_tokens <= 3 + (preset == "paper")
+
+
+def test_question_limits_are_one_pair_of_numbers(pipe, media_files):
+    """A question as long as the character limit allows, in ordinary words, fits the token limit."""
+    question = ("what is the man holding in the picture " * 20)[:MAX_QUESTION_CHARS]
+    assert pipe.answer(media_files["image"], question, "image-vqa", preset="fast").done
+    with pytest.raises(InputError, match=f"characters long; the limit is {MAX_QUESTION_CHARS}"):
+        pipe.answer(media_files["image"], question + "?" * 1, "image-vqa")
+    with pytest.raises(InputError, match=f"tokens long; the limit is {MAX_QUESTION_TOKENS}"):
+        pipe.answer(media_files["image"], "\u2603" * MAX_QUESTION_CHARS, "image-vqa")
+    with pytest.raises(InputError, match="exceed the model's 256 positions"):
+        pipe.answer(media_files["image"], "what", "image-vqa", max_new_tokens=300)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from epalm.tasks import RegistryError, TextFormat, get_task, load_registry
+from epalm.tasks import RegistryError, TextFormat, answer_tokens, get_task, load_registry
 
 TASK_IDS = [
     "image-caption", "image-vqa", "image-gqa", "video-caption", "video-qa-msrvtt", "video-qa-msvd",
@@ -51,7 +51,7 @@ def test_a_user_registry_adds_a_task_with_a_local_adapter(tmp_path):
     preprocess: {size: 224}
     injection: {start_layer: 2, end_layer: 4, num_features: 2}
     text: {prompt: ""}
-    generation: {num_beams: 1, max_new_tokens: 5, max_length: null}
+    generation: {num_beams: 1, max_new_tokens: 5}
     adapter: {filename: adapters/mine}
 """
     path = tmp_path / "tasks.yaml"
@@ -78,3 +78,19 @@ def test_malformed_entries_name_the_task(tmp_path, entry, message):
 def test_unknown_task_lists_the_known_ones():
     with pytest.raises(KeyError, match="image-caption"):
         get_task("nope")
+
+
+def test_generation_settings_hold_each_tasks_minimum_answer():
+    for task in load_registry().values():
+        assert task.generation.min_answer_tokens == (8 if task.needs_question else 20)
+        if not task.needs_question:  # BOS alone: the paper's limit always leaves 29 new tokens
+            assert task.text.prompt == "" and not task.generation.extends_limit(1)
+
+
+def test_answer_tokens_come_from_the_registry():
+    tasks = load_registry()
+    lm = tasks["image-vqa"].lm
+    assert answer_tokens(tasks.values(), lm) == ["</a>"], "captions on the same LM need the same tokenizer"
+    assert answer_tokens([tasks["image-caption"]], lm) == []
+    with pytest.raises(ValueError, match="does not occur in the prompt"):
+        TextFormat("{question}?", "</a>")
