@@ -56,6 +56,7 @@ if __name__ == "__main__":
     ARGS = parse_args()  # --help and bad flags are answered here, before gradio and torch are imported
 
 import inspect  # noqa: E402
+import json  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
@@ -65,7 +66,9 @@ from typing import Any, Callable, Iterator  # noqa: E402
 
 import gradio as gr  # noqa: E402
 
-from epalm import DEFAULT_PRESET, MAX_QUESTION_CHARS, PRESETS, InputError, Pipeline, Task, UserError  # noqa: E402
+from epalm import (  # noqa: E402
+    DEFAULT_PRESET, MAX_QUESTION_CHARS, PRESETS, Inspection, InputError, Pipeline, Task, UserError,
+)
 
 try:  # ZeroGPU on Hugging Face Spaces: model calls get a GPU only inside @spaces.GPU
     import spaces
@@ -78,6 +81,13 @@ log = logging.getLogger("epalm.app")
 EXAMPLES = Path(__file__).resolve().parent / "examples"
 MODALITIES = ("image", "video", "audio")
 MEDIA_NAMES = {"image": "an image", "video": "a video", "audio": "an audio clip"}
+SEEN_LABELS = {
+    "image": "The encoder's input: the picture resized to 224×224",
+    "video": "The frames sampled for the encoder, with their times",
+    "audio": "The log-mel spectrogram the encoder heard (time →, pitch ↑)",
+}
+TOKENS_LABEL = "Answer tokens, shaded by the model's probability"
+NOTHING_SEEN = ([], [], "")  # the panel cleared: gallery, tokens, description
 QUESTIONS = {"image": "What is in the picture?", "video": "What is happening?", "audio": "What is making this sound?"}
 DELETE_CACHE = (600, 3600)  # every 10 minutes, delete uploads older than an hour
 
@@ -135,10 +145,10 @@ class Demo:
     def preloading_now(self) -> bool:
         return any(state in ("waiting", "loading…") for state in self.preloading.values())
 
-    def run(self, modality: str, request: dict[str, Any], progress: Callable[..., Any]) -> Iterator[tuple[str, str]]:
-        """Stream (answer, info) pairs for one request; the first pair clears the previous answer.
-        A refused or failed request leaves its message in the info box and raises a `gr.Error`."""
-        yield "", ""
+    def run(self, modality: str, request: dict[str, Any], progress: Callable[..., Any]) -> Iterator[tuple]:
+        """Stream (answer, info, *what the model saw) for one request; the first clears the previous
+        answer. A refused or failed request leaves its message in the info box and raises a `gr.Error`."""
+        yield "", "", *NOTHING_SEEN
         try:
             yield from self._answers(modality, request, progress)
         except UserError as exc:
@@ -149,10 +159,10 @@ class Demo:
             message = f"Something went wrong: {type(exc).__name__}: {exc}"
         else:
             return
-        yield "", f"⚠️ {message}"
+        yield "", f"⚠️ {message}", *NOTHING_SEEN
         raise gr.Error(message, print_exception=False)
 
-    def _answers(self, modality: str, request: dict[str, Any], progress: Callable[..., Any]) -> Iterator[tuple[str, str]]:
+    def _answers(self, modality: str, request: dict[str, Any], progress: Callable[..., Any]) -> Iterator[tuple]:
         media = request["media"]
         if media is None or media == "":
             raise InputError(f"Please upload {MEDIA_NAMES[modality]} first.")
@@ -165,14 +175,26 @@ class Demo:
             decoding["num_frames"] = int(request["frames"])
         report = lambda message: progress(None, desc=message)  # noqa: E731
         answers = self.pipeline.stream(
-            media, request["task"], request.get("question"), preset=request["preset"], progress=report, **decoding
+            media, request["task"], request.get("question"), preset=request["preset"], progress=report, inspect=True,
+            **decoding,
         )
+        shown = False
         for answer in answers:
             if answer.done:
                 info = f"`{answer.task}` · {answer.timings.summary()} · {answer.device}/{answer.dtype}"
-                yield answer.text, info + (f"  \n{answer.notice} (Advanced › Max new tokens)" if answer.notice else "")
-            else:
-                yield answer.text, "generating…"
+                info += f"  \n{answer.notice} (Advanced › Max new tokens)" if answer.notice else ""
+                yield answer.text, info, *seen_outputs(answer.inspection)
+            else:  # the media and the prompt once, while the tokens stream
+                yield answer.text, "generating…", *((gr.skip(),) * 3 if shown else seen_outputs(answer.inspection))
+                shown = True
+
+
+def seen_outputs(inspection: Inspection) -> tuple[list, list, str]:
+    """The panel's values: the encoder's input as (picture, caption) pairs, the answer's tokens
+    with their probabilities (shaded by HighlightedText), and the rest in words."""
+    pictures = list(zip(inspection.seen.images, inspection.seen.captions))
+    tokens = [(token.text, round(token.prob, 4)) for token in inspection.tokens]
+    return pictures, tokens, inspection.describe()
 
 
 def _original_upload(image: gr.Image) -> gr.Image:
@@ -203,12 +225,12 @@ def _parameters(modality: str, kind: str, tasks: list[Task]) -> list[inspect.Par
     return params + ([p("frames", 0)] if modality == "video" else [])
 
 
-def _endpoint(demo: Demo, modality: str, kind: str, tasks: list[Task]) -> Callable[..., Iterator[tuple[str, str]]]:
+def _endpoint(demo: Demo, modality: str, kind: str, tasks: list[Task]) -> Callable[..., Iterator[tuple]]:
     """A named endpoint whose API parameters are exactly the inputs this modality and kind use."""
     params = _parameters(modality, kind, tasks)
     names = [param.name for param in params]
 
-    def endpoint(*values: Any) -> Iterator[tuple[str, str]]:
+    def endpoint(*values: Any) -> Iterator[tuple]:
         *inputs, progress = values  # gradio passes the gr.Progress after the inputs
         yield from demo.run(modality, dict(zip(names, inputs)), progress)
 
@@ -243,10 +265,19 @@ def _kind_tab(
         stop = gr.Button("Stop", variant="secondary", scale=0, min_width=100, elem_id=f"{prefix}-stop")
     answer = gr.Textbox(label=ui.output, lines=3, buttons=["copy"], elem_id=f"{prefix}-answer")
     info = gr.Markdown(label="Details", elem_id=f"{prefix}-info")
+    with gr.Accordion("What the model saw", open=True, elem_id=f"{prefix}-seen"):
+        seen = gr.Gallery(
+            label=SEEN_LABELS[modality], columns=4 if modality == "video" else 1, height="auto", object_fit="contain",
+            format="png", interactive=False, elem_id=f"{prefix}-seen-media",
+        )
+        tokens = gr.HighlightedText(label=TOKENS_LABEL, elem_id=f"{prefix}-tokens")
+        described = gr.Markdown(label="What the model saw", elem_id=f"{prefix}-seen-text")
+    outputs = [answer, info, seen, tokens, described]
     inputs = [media] + ([question] if question is not None else []) + [task, *settings]
     triggers = [run.click] + ([question.submit] if question is not None else [])
     event = gr.on(
-        triggers, _endpoint(demo, modality, kind, tasks), inputs=inputs, outputs=[answer, info], api_name=f"{ui.endpoint}_{modality}",
+        triggers, _endpoint(demo, modality, kind, tasks), inputs=inputs, outputs=outputs,
+        api_name=f"{ui.endpoint}_{modality}",
         concurrency_id="model", concurrency_limit=concurrency, show_progress="full", show_progress_on=[answer],
     )
     stop.click(None, None, None, cancels=[event])
@@ -257,7 +288,7 @@ def _kind_tab(
                 gr.Audio(row[0], label=Path(row[0]).name, interactive=False)
     if rows:
         _examples_table(prefix, [media] + ([question] if question is not None else []), rows)
-    return event, [answer, info]
+    return event, outputs
 
 
 def _examples_table(prefix: str, inputs: list, rows: list[list[str]]) -> None:
@@ -299,7 +330,8 @@ def _tab(demo: Demo, modality: str, tasks: dict[str, list[Task]], concurrency: i
                         events.append(_kind_tab(demo, modality, kind, kind_tasks, media, settings, concurrency))
     outputs = [component for _, components in events for component in components]
     # a new upload clears the answers about the previous one (in the browser: no request is made)
-    media.change(None, None, outputs, js=f"() => Array({len(outputs)}).fill('')")
+    cleared = json.dumps(["", "", *NOTHING_SEEN] * len(events))
+    media.change(None, None, outputs, js=f"() => {cleared}")
     return events
 
 

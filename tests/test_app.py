@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms.functional as TF
 from gradio.utils import get_upload_folder
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
@@ -23,7 +24,8 @@ from PIL import Image
 
 import app as demo_app
 from epalm import MediaLimits, Pipeline
-from epalm.image import prepare_image
+from epalm.image import CLIP_MEAN, CLIP_STD, prepare_image
+from epalm.video import frame_indices
 
 from conftest import ROOT, write_video, write_wav
 
@@ -81,8 +83,28 @@ def test_every_named_endpoint_answers_with_the_paper_defaults(client, media_file
         client.predict(video, "what is happening", "video-qa-msvd", api_name="/answer_video"),
         client.predict(audio, api_name="/caption_audio"),
     ]
-    for answer, info in calls:
+    for answer, info, *seen in calls:
         assert isinstance(answer, str) and "tokens" in info and "cpu/float32" in info
+        assert len(seen) == 3, "then what the model saw: media, tokens, description"
+
+
+def test_endpoints_return_what_the_model_saw_after_the_answer(client, media_files):
+    image = handle_file(str(media_files["image"]))
+    answer, info, media, tokens, described = client.predict(image, "What is this?", api_name="/answer_image")
+    [picture] = media
+    seen = np.asarray(Image.open(picture["image"]).convert("RGB"))
+    encoder_input = prepare_image(str(media_files["image"]))  # what the tiny ViT received
+    assert torch.equal(TF.normalize(TF.to_tensor(seen), CLIP_MEAN, CLIP_STD), encoder_input), "a lossless PNG of it"
+    assert "64×48" in picture["caption"] and "224×224" in described
+    assert "".join(t["token"] for t in tokens).replace("</s>", "").strip() == answer
+    assert all(0 < t["class_or_confidence"] <= 1 for t in tokens)
+    assert "what&nbsp;is&nbsp;this??&lt;/a&gt;" in described.lower() and "| beam |" in described
+    video = handle_file(str(media_files["video"]))
+    *_, frames, tokens, described = client.predict(video, "what is happening", "video-qa-msvd", api_name="/answer_video")
+    assert [f["caption"] for f in frames] == [f"{i / 8:.2f} s (frame {i})" for i in frame_indices(8, 12)]
+    *_, spectrogram, tokens, described = client.predict(handle_file(str(media_files["audio"])), api_name="/caption_audio")
+    assert len(spectrogram) == 1 and Image.open(spectrogram[0]["image"]).size == (1024, 256)
+    assert "padded with silence" in spectrogram[0]["caption"]
 
 
 def test_api_lists_the_documented_parameters_and_named_outputs(client):
@@ -93,7 +115,10 @@ def test_api_lists_the_documented_parameters_and_named_outputs(client):
         assert names[:2] == (["media", "question"] if name.startswith("/answer") else ["media", "task"])
         assert ("frames" in names) == name.endswith("_video"), "frames only where it is used"
         assert all(p["parameter_has_default"] for p in endpoint["parameters"][2:])
-        assert [r["label"] for r in endpoint["returns"]] == ["Answer" if name.startswith("/answer") else "Caption", "Details"]
+        seen = demo_app.SEEN_LABELS[name.split("_")[1]]
+        assert [r["label"] for r in endpoint["returns"]] == [
+            "Answer" if name.startswith("/answer") else "Caption", "Details", seen, demo_app.TOKENS_LABEL, "What the model saw"
+        ]
 
 
 def test_a_task_added_to_the_registry_appears_in_the_menu_and_the_api(tmp_path, monkeypatch, media_files):
@@ -111,7 +136,7 @@ def test_a_task_added_to_the_registry_appears_in_the_menu_and_the_api(tmp_path, 
         task = next(p for p in client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/answer_image"]["parameters"]
                     if p["parameter_name"] == "task")
         assert "image-vqa-mine" in task["type"]["enum"]
-        answer, info = client.predict(handle_file(str(media_files["image"])), "why?", "image-vqa-mine", api_name="/answer_image")
+        answer, info, *_ = client.predict(handle_file(str(media_files["image"])), "why?", "image-vqa-mine", api_name="/answer_image")
         assert "`image-vqa-mine`" in info
     finally:
         blocks.close()
@@ -121,10 +146,12 @@ def test_greedy_answers_stream_after_clearing_the_previous_answer(client, media_
     job = client.submit(handle_file(str(media_files["image"])), preset="fast", max_new_tokens=12, api_name="/caption_image")
     final = job.result(timeout=120)
     outputs = job.outputs()
-    assert outputs[0] == ("", ""), "the old answer is cleared first"
+    assert outputs[0] == ("", "", [], [], ""), "the old answer is cleared first"
     assert len(outputs) >= 4, "several partial outputs, then the final one"
-    assert all(info == "generating…" for _, info in outputs[1:-1]) and "tokens/s" in final[1]
-    texts = [answer for answer, _ in outputs[1:]]
+    assert all(output[1] == "generating…" for output in outputs[1:-1]) and "tokens/s" in final[1]
+    assert len(outputs[1][2]) == 1 and outputs[1][3] == [], "the media at once, the tokens at the end"
+    assert len(final[3]) == 12 and len(final[2]) == 1
+    texts = [output[0] for output in outputs[1:]]
     assert all(b.startswith(a) for a, b in zip(texts[:-2], texts[1:-1])) and final[0] == texts[-1]
 
 
@@ -164,7 +191,7 @@ def test_user_errors_become_clear_messages(client, media_files, tmp_path, args, 
         job.result(timeout=120)
     shown = str(error.value)
     assert message in shown and "Traceback" not in shown and "upstream" not in shown
-    assert job.outputs()[-1] == ("", f"⚠️ {shown}"), "the message stays where the answer goes; no old answer"
+    assert job.outputs()[-1] == ("", f"⚠️ {shown}", [], [], ""), "the message stays where the answer goes; no old answer"
 
 
 @pytest.mark.parametrize("api_name", sorted(ENDPOINTS))
@@ -338,7 +365,9 @@ def test_a_fractional_file_size_limit_starts_and_holds(tmp_path, media_files):
         big = write_wav(tmp_path / "big.wav", seconds=2.0)  # 62 kB: over 0.05 MB
         with pytest.raises(Exception, match="(?i)size|large|limit"):
             client.predict(handle_file(str(big)), api_name="/caption_audio")
-        answer, info = client.predict(handle_file(str(media_files["audio"])), preset="fast", max_new_tokens=2, api_name="/caption_audio")
+        answer, info, *_ = client.predict(
+            handle_file(str(media_files["audio"])), preset="fast", max_new_tokens=2, api_name="/caption_audio"
+        )
         assert "tokens/s" in info
     finally:
         blocks.close()
@@ -501,6 +530,6 @@ def test_the_queue_bound_holds_under_a_burst(media_files, monkeypatch, api_name)
 
 def test_info_line_tells_a_long_question_its_limit_and_beams_their_timing(client, media_files):
     question = "what is the man holding in the picture and why " * 3
-    answer, info = client.predict(handle_file(str(media_files["image"])), question, api_name="/answer_image")
+    answer, info, *_ = client.predict(handle_file(str(media_files["image"])), question, api_name="/answer_image")
     assert "Long question" in info and "Max new tokens" in info
     assert "3-beam search" in info and "first token" not in info
