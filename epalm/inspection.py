@@ -177,8 +177,12 @@ def _percent(prob: float) -> str:
 
 
 def _code(text: str) -> str:
-    """Text in a code span, exactly (HTML-escaped, so backticks and `</a>` show as typed)."""
-    return f"<code>{html.escape(text).replace(' ', '&nbsp;')}</code>"
+    """Text in a code span, exactly (HTML-escaped, Markdown's own marks as entities, so `</a>`, `_` and
+    backticks show as typed)."""
+    escaped = html.escape(text).replace(" ", "&nbsp;")
+    for mark in "_*`~\\[]":
+        escaped = escaped.replace(mark, f"&#{ord(mark)};")
+    return f"<code>{escaped}</code>"
 
 
 def viewable(pixels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:

@@ -100,9 +100,10 @@ def test_endpoints_return_what_the_model_saw_after_the_answer(client, media_file
     assert all(0 < t["class_or_confidence"] <= 1 for t in tokens)
     assert "what&nbsp;is&nbsp;this??&lt;/a&gt;" in described.lower() and "| beam |" in described
     video = handle_file(str(media_files["video"]))
-    *_, frames, tokens, described = client.predict(video, "what is happening", "video-qa-msvd", api_name="/answer_video")
+    *_, frames, tokens, described = client.predict(video, "what is up", "video-qa-msvd", api_name="/answer_video")
     assert [f["caption"] for f in frames] == [f"{i / 8:.2f} s (frame {i})" for i in frame_indices(8, 12)]
-    *_, spectrogram, tokens, described = client.predict(handle_file(str(media_files["audio"])), api_name="/caption_audio")
+    audio = handle_file(str(media_files["audio"]))
+    *_, spectrogram, tokens, described = client.predict(audio, api_name="/caption_audio")
     assert len(spectrogram) == 1 and Image.open(spectrogram[0]["image"]).size == (1024, 256)
     assert "padded with silence" in spectrogram[0]["caption"]
 
@@ -117,7 +118,8 @@ def test_api_lists_the_documented_parameters_and_named_outputs(client):
         assert all(p["parameter_has_default"] for p in endpoint["parameters"][2:])
         seen = demo_app.SEEN_LABELS[name.split("_")[1]]
         assert [r["label"] for r in endpoint["returns"]] == [
-            "Answer" if name.startswith("/answer") else "Caption", "Details", seen, demo_app.TOKENS_LABEL, "What the model saw"
+            "Answer" if name.startswith("/answer") else "Caption", "Details", seen, demo_app.TOKENS_LABEL,
+            "What the model saw",
         ]
 
 
@@ -136,7 +138,8 @@ def test_a_task_added_to_the_registry_appears_in_the_menu_and_the_api(tmp_path, 
         task = next(p for p in client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/answer_image"]["parameters"]
                     if p["parameter_name"] == "task")
         assert "image-vqa-mine" in task["type"]["enum"]
-        answer, info, *_ = client.predict(handle_file(str(media_files["image"])), "why?", "image-vqa-mine", api_name="/answer_image")
+        image = handle_file(str(media_files["image"]))
+        answer, info, *_ = client.predict(image, "why?", "image-vqa-mine", api_name="/answer_image")
         assert "`image-vqa-mine`" in info
     finally:
         blocks.close()
@@ -191,7 +194,7 @@ def test_user_errors_become_clear_messages(client, media_files, tmp_path, args, 
         job.result(timeout=120)
     shown = str(error.value)
     assert message in shown and "Traceback" not in shown and "upstream" not in shown
-    assert job.outputs()[-1] == ("", f"⚠️ {shown}", [], [], ""), "the message stays where the answer goes; no old answer"
+    assert job.outputs()[-1] == ("", f"⚠️ {shown}", [], [], ""), "the message stays where the answer goes"
 
 
 @pytest.mark.parametrize("api_name", sorted(ENDPOINTS))

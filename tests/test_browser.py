@@ -163,3 +163,29 @@ def test_stop_ends_a_running_answer(browser, media_files):
     finally:
         page.close()
         blocks.close()
+
+
+@pytest.mark.parametrize("modality, frames", [("image", 1), ("video", 16), ("audio", 1)])
+def test_the_panel_shows_what_the_model_saw(page, modality, frames):
+    """After an answer: the encoder's input (one picture, each sampled frame, or the spectrogram), the
+    answer's tokens shaded by probability, and the prompt and beams in words. Screenshots for people."""
+    tab = open_mode(page, modality, "caption")
+    prefix = f"{modality}-caption"
+    tab.locator(f"#{prefix}-examples .gallery-item, #{prefix}-examples tbody tr").first.click()
+    assert wait_for_answer(page, prefix, f"{modality}-caption").strip()
+    pictures = page.locator(f"#{prefix}-seen-media img")
+    expect(pictures).to_have_count(frames, timeout=30_000)
+    expect(pictures.first).to_be_visible()
+    caption = {"image": "224×224", "video": "(frame ", "audio": " s of the clip"}[modality]
+    expect(page.locator(f"#{prefix}-seen-media")).to_contain_text(caption)
+    answer = "".join(page.locator(f"#{prefix}-answer textarea").input_value().split())
+    expect(page.locator(f"#{prefix}-tokens")).to_contain_text("shaded by the model's probability")
+    assert answer in "".join(page.locator(f"#{prefix}-tokens").inner_text().split()), "the answer, token by token"
+    text = page.locator(f"#{prefix}-seen-text")
+    expect(text).to_contain_text("Prompt the language model read")
+    expect(text).to_contain_text("[P×")
+    expect(text.locator("table")).to_contain_text("score")  # the paper's 3 beams, ranked
+    OUTPUT.mkdir(parents=True, exist_ok=True)
+    page.locator(f"#{prefix}-seen").scroll_into_view_if_needed()
+    page.screenshot(path=str(OUTPUT / f"{modality}-seen.png"), full_page=True)
+    assert (OUTPUT / f"{modality}-seen.png").stat().st_size > 20_000

@@ -177,7 +177,7 @@ def test_describe_says_it_all_in_markdown_that_shows_text_as_typed(pipe, media_f
     answer = pipe.answer(media_files["image"], "is *this* `it` | <b>?", "image-vqa", max_length=24, inspect=True)
     text = answer.inspection.describe()
     assert "**Input:** The 64×48 image, resized to 224×224" in text
-    assert "<code>[P×4]&lt;/s&gt;is&nbsp;*this*&nbsp;`it`&nbsp;|&nbsp;&lt;b&gt;??&lt;/a&gt;</code>" in text
+    assert "<code>&#91;P×4&#93;&lt;/s&gt;is&nbsp;&#42;this&#42;&nbsp;&#96;it&#96;&nbsp;|&nbsp;&lt;b&gt;??&lt;/a&gt;</code>" in text
     assert "**Decoding:** beam search · num beams 3 · length penalty 1.0 · max length 24 · min answer tokens 8" in text
     table = [line for line in text.splitlines() if line.startswith("| ")]
     assert len(table) == 1 + 3 and table[1].startswith(f"| 1 | {answer.text.split()[0]}")
