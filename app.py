@@ -91,14 +91,22 @@ import logging  # noqa: E402
 import queue  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any, Callable, Iterator  # noqa: E402
+from typing import Any  # noqa: E402
 
 import gradio as gr  # noqa: E402
 
 from epalm import (  # noqa: E402
-    DEFAULT_PRESET, MAX_QUESTION_CHARS, PRESETS, Inspection, InputError, Pipeline, Task, UserError,
+    DEFAULT_PRESET,
+    MAX_QUESTION_CHARS,
+    PRESETS,
+    InputError,
+    Inspection,
+    Pipeline,
+    Task,
+    UserError,
 )
 
 try:  # ZeroGPU on Hugging Face Spaces: model calls get a GPU only inside @spaces.GPU
@@ -209,8 +217,13 @@ class Demo:
             decoding["num_frames"] = int(request["frames"])
         stages: queue.SimpleQueue = queue.SimpleQueue()
         answers = self.pipeline.stream(
-            media, request["task"], request.get("question"), preset=request["preset"], progress=stages.put,
-            inspect=True, **decoding,
+            media,
+            request["task"],
+            request.get("question"),
+            preset=request["preset"],
+            progress=stages.put,
+            inspect=True,
+            **decoding,
         )
         first = _first_in_background(answers, stages)
         while (stage := stages.get()) is not first:  # checks, loading and downloads until the first answer
@@ -344,8 +357,13 @@ def _kind_tab(
     info = gr.Markdown(label="Details", elem_id=f"{prefix}-info")
     with gr.Accordion("What the model saw", open=True, elem_id=f"{prefix}-seen"):
         seen = gr.Gallery(
-            label=SEEN_LABELS[modality], columns=4 if modality == "video" else 1, height="auto", object_fit="contain",
-            format="png", interactive=False, elem_id=f"{prefix}-seen-media",
+            label=SEEN_LABELS[modality],
+            columns=4 if modality == "video" else 1,
+            height="auto",
+            object_fit="contain",
+            format="png",
+            interactive=False,
+            elem_id=f"{prefix}-seen-media",
         )
         tokens = gr.HighlightedText(label=TOKENS_LABEL, elem_id=f"{prefix}-tokens")
         described = gr.Markdown(label="What the model saw", elem_id=f"{prefix}-seen-text")

@@ -28,8 +28,9 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +44,6 @@ from bench.timing import wait_for_quiet  # noqa: E402
 from epalm import inspection as inspection_module  # noqa: E402
 from epalm import pipeline as pipeline_module  # noqa: E402
 from epalm.inspection import Inspector  # noqa: E402
-from epalm.model import Adapter  # noqa: E402
 from epalm.pipeline import Pipeline  # noqa: E402
 from epalm.tiny import tiny_adapter, tiny_tokenizer  # noqa: E402
 
@@ -120,7 +120,10 @@ def answer_time(pipe: Pipeline, task: str, path: str, setting: str, inspect: boo
 
 
 def measure(
-    pipe: Pipeline, repeats: int, log: Callable[[str], None], quiet_wait: float = 10.0,
+    pipe: Pipeline,
+    repeats: int,
+    log: Callable[[str], None],
+    quiet_wait: float = 10.0,
     modalities: tuple[str, ...] = ("image", "video", "audio"),
 ) -> list[dict]:
     """One warm-up pair (it loads the models), then `repeats` alternating pairs per request."""
@@ -150,14 +153,24 @@ def measure(
                 work = max(extra["media"]) + max(extra["decoding"])
                 wall = {inspect: statistics.median(r["wall"] for r in runs[inspect]) for inspect in runs}
                 row = dict(
-                    task=task, file=str(Path(path).relative_to(ROOT)), setting=setting,
-                    new_tokens=runs[False][-1]["new_tokens"], cores=cores, plain_cpu_s=plain_cpu,
-                    plain_wall_s=wall[False], inspected_wall_s=wall[True], media_extra_ms=max(extra["media"]) * 1e3,
-                    decoding_extra_ms=max(extra["decoding"]) * 1e3, direct_pct=100 * work / (plain_cpu / cores),
-                    ab_pct=100 * (wall[True] - wall[False]) / wall[False], repeats=repeats,
+                    task=task,
+                    file=str(Path(path).relative_to(ROOT)),
+                    setting=setting,
+                    new_tokens=runs[False][-1]["new_tokens"],
+                    cores=cores,
+                    plain_cpu_s=plain_cpu,
+                    plain_wall_s=wall[False],
+                    inspected_wall_s=wall[True],
+                    media_extra_ms=max(extra["media"]) * 1e3,
+                    decoding_extra_ms=max(extra["decoding"]) * 1e3,
+                    direct_pct=100 * work / (plain_cpu / cores),
+                    ab_pct=100 * (wall[True] - wall[False]) / wall[False],
+                    repeats=repeats,
                 )
-                log(f"{task} {setting}: plain {plain_cpu:.2f} CPU s ({wall[False]:.2f} s wall), inspection work "
-                    f"{work * 1e3:.1f} ms ({row['direct_pct']:.2f} %), A/B {row['ab_pct']:+.1f} %")
+                log(
+                    f"{task} {setting}: plain {plain_cpu:.2f} CPU s ({wall[False]:.2f} s wall), inspection work "
+                    f"{work * 1e3:.1f} ms ({row['direct_pct']:.2f} %), A/B {row['ab_pct']:+.1f} %"
+                )
                 rows.append(row)
     return rows
 

@@ -29,11 +29,28 @@ from pathlib import Path
 import torch
 
 OPT_27B = {  # facebook/opt-2.7b's config.json
-    "_remove_final_layer_norm": False, "activation_dropout": 0.0, "activation_function": "relu",
-    "architectures": ["OPTForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 2, "do_layer_norm_before": True,
-    "dropout": 0.1, "eos_token_id": 2, "ffn_dim": 10240, "hidden_size": 2560, "init_std": 0.02, "layerdrop": 0.0,
-    "max_position_embeddings": 2048, "model_type": "opt", "num_attention_heads": 32, "num_hidden_layers": 32,
-    "pad_token_id": 1, "prefix": "</s>", "torch_dtype": "float16", "use_cache": True, "vocab_size": 50272,
+    "_remove_final_layer_norm": False,
+    "activation_dropout": 0.0,
+    "activation_function": "relu",
+    "architectures": ["OPTForCausalLM"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 2,
+    "do_layer_norm_before": True,
+    "dropout": 0.1,
+    "eos_token_id": 2,
+    "ffn_dim": 10240,
+    "hidden_size": 2560,
+    "init_std": 0.02,
+    "layerdrop": 0.0,
+    "max_position_embeddings": 2048,
+    "model_type": "opt",
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "pad_token_id": 1,
+    "prefix": "</s>",
+    "torch_dtype": "float16",
+    "use_cache": True,
+    "vocab_size": 50272,
     "word_embed_proj_dim": 2560,
 }
 METHODS = ("transformers", "epalm")
@@ -82,8 +99,13 @@ def measure(method: str, folder: Path, dtype: torch.dtype) -> dict:
     gc.collect()
     parameters = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
     return {
-        "method": method, "before_gib": before, "peak_gib": _memory_gib("VmHWM"), "settled_gib": _memory_gib("VmRSS"),
-        "parameters_gib": parameters, "seconds": seconds, "threads": sorted(t.name for t in threading.enumerate()),
+        "method": method,
+        "before_gib": before,
+        "peak_gib": _memory_gib("VmHWM"),
+        "settled_gib": _memory_gib("VmRSS"),
+        "parameters_gib": parameters,
+        "seconds": seconds,
+        "threads": sorted(t.name for t in threading.enumerate()),
     }
 
 

@@ -27,15 +27,24 @@ LM_SHAPES: dict[str, dict] = {
         hidden_size=2560, num_hidden_layers=32, ffn_dim=10240, num_attention_heads=32, word_embed_proj_dim=2560
     ),
     "opt-350m": dict(
-        hidden_size=1024, num_hidden_layers=24, ffn_dim=4096, num_attention_heads=16, word_embed_proj_dim=512,
+        hidden_size=1024,
+        num_hidden_layers=24,
+        ffn_dim=4096,
+        num_attention_heads=16,
+        word_embed_proj_dim=512,
         do_layer_norm_before=False,
     ),
     "opt-125m": dict(
         hidden_size=768, num_hidden_layers=12, ffn_dim=3072, num_attention_heads=12, word_embed_proj_dim=768
     ),
     "tiny": dict(
-        hidden_size=64, num_hidden_layers=6, ffn_dim=128, num_attention_heads=4, word_embed_proj_dim=64,
-        vocab_size=512, max_position_embeddings=128,
+        hidden_size=64,
+        num_hidden_layers=6,
+        ffn_dim=128,
+        num_attention_heads=4,
+        word_embed_proj_dim=64,
+        vocab_size=512,
+        max_position_embeddings=128,
     ),
 }
 BASE_LM = "facebook/opt-2.7b"  # the LM of the paper's base adapters
@@ -47,18 +56,33 @@ ENCODER_FAMILIES = ("real", "small", "tiny")
 _ENCODER_SPECS: dict[str, dict[str, tuple[str, str, dict]]] = {
     "small": {
         "image": ("timm", "vit_small_patch16_224", dict(num_classes=0)),
-        "video": ("transformers", "TimesformerModel", dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6,
-                                                            intermediate_size=1536)),
-        "audio": ("transformers", "ASTModel", dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6,
-                                                   intermediate_size=1536)),
+        "video": (
+            "transformers",
+            "TimesformerModel",
+            dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, intermediate_size=1536),
+        ),
+        "audio": (
+            "transformers",
+            "ASTModel",
+            dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, intermediate_size=1536),
+        ),
     },
     "tiny": {
-        "image": ("timm", "VisionTransformer", dict(img_size=224, patch_size=32, embed_dim=32, depth=6, num_heads=2,
-                                                   num_classes=0)),
-        "video": ("transformers", "TimesformerModel", dict(patch_size=32, hidden_size=32, num_hidden_layers=6,
-                                                            num_attention_heads=2, intermediate_size=64)),
-        "audio": ("transformers", "ASTModel", dict(hidden_size=32, num_hidden_layers=6, num_attention_heads=2,
-                                                   intermediate_size=64)),
+        "image": (
+            "timm",
+            "VisionTransformer",
+            dict(img_size=224, patch_size=32, embed_dim=32, depth=6, num_heads=2, num_classes=0),
+        ),
+        "video": (
+            "transformers",
+            "TimesformerModel",
+            dict(patch_size=32, hidden_size=32, num_hidden_layers=6, num_attention_heads=2, intermediate_size=64),
+        ),
+        "audio": (
+            "transformers",
+            "ASTModel",
+            dict(hidden_size=32, num_hidden_layers=6, num_attention_heads=2, intermediate_size=64),
+        ),
     },
 }
 _TRANSFORMERS_ENCODERS = {"video": "TimesformerModel", "audio": "ASTModel"}

@@ -1,6 +1,6 @@
 """Targets and the markdown report of a benchmark run (bench/results.json -> bench/RESULTS.md).
 
-    python bench/report.py bench/results.json bench/RESULTS.md   # re-render without re-measuring
+python bench/report.py bench/results.json bench/RESULTS.md   # re-render without re-measuring
 """
 
 from __future__ import annotations
@@ -71,7 +71,11 @@ def targets(results: dict) -> list[dict]:
         name = name[0]
         # user-facing (our fastest against the original as it ran), then the same kernels on both sides
         ours = _ours(config, "paper", name)
-        for mode, reference in (("cached_packed", "uncached"), ("cached", "uncached"), ("cached_packed", "uncached_packed")):
+        for mode, reference in (
+            ("cached_packed", "uncached"),
+            ("cached", "uncached"),
+            ("cached_packed", "uncached_packed"),
+        ):
             run, unc = _find(config, mode, "paper", name), _find(config, reference, "paper", name)
             if not run or not unc:
                 continue
@@ -80,8 +84,12 @@ def targets(results: dict) -> list[dict]:
             diagnostic = not (run is ours and reference == "uncached")
             ratio = _med(unc, "e2e_s") / _med(run, "e2e_s")
             check = next(
-                (c for c in config.get("checks", [])
-                 if (c["mode"], c.get("reference", "uncached"), c["input"], c["setting"]) == (mode, reference, name, "paper")),
+                (
+                    c
+                    for c in config.get("checks", [])
+                    if (c["mode"], c.get("reference", "uncached"), c["input"], c["setting"])
+                    == (mode, reference, name, "paper")
+                ),
                 None,
             )
             identical = check["identical"] if check else None
@@ -90,8 +98,13 @@ def targets(results: dict) -> list[dict]:
                     config=tag,
                     target="paper caption >= 10x faster than uncached, identical ids"
                     + (" (same kernels both sides; not the target)" if diagnostic else ""),
-                    mode=mode, reference=reference, value=ratio, unit="x",
-                    met=bool(ratio >= SPEEDUP_TARGET and identical), identical=identical, diagnostic=diagnostic,
+                    mode=mode,
+                    reference=reference,
+                    value=ratio,
+                    unit="x",
+                    met=bool(ratio >= SPEEDUP_TARGET and identical),
+                    identical=identical,
+                    diagnostic=diagnostic,
                     detail=f"vs {MODE_LABELS[reference]}: {_med(unc, 'e2e_s'):.1f} s -> {_med(run, 'e2e_s'):.2f} s; "
                     f"ids {'identical' if identical else 'differ'}",
                 )
@@ -102,8 +115,12 @@ def targets(results: dict) -> list[dict]:
                 ratio = _med(ours, "e2e_s") / _med(hf, "e2e_s")
                 out.append(
                     dict(
-                        config=tag, target=f"{setting}: at least as fast as transformers generate", mode=ours["mode"],
-                        value=ratio, unit="x its time", met=ratio <= HF_TARGET,
+                        config=tag,
+                        target=f"{setting}: at least as fast as transformers generate",
+                        mode=ours["mode"],
+                        value=ratio,
+                        unit="x its time",
+                        met=ratio <= HF_TARGET,
                         detail=f"{_med(ours, 'e2e_s'):.2f} s (encoder included) vs {_med(hf, 'e2e_s'):.2f} s",
                     )
                 )
@@ -111,14 +128,20 @@ def targets(results: dict) -> list[dict]:
         if greedy and bound:
             # The LM's work per token does not depend on the input: pool every input's greedy runs.
             pooled = sorted(
-                t for run in config["runs"] if run["mode"] == greedy["mode"] and run["setting"] == "greedy"
+                t
+                for run in config["runs"]
+                if run["mode"] == greedy["mode"] and run["setting"] == "greedy"
                 for t in run.get("per_token_runs_s") or [_med(run, "per_token_s")]
             )
             per_token = statistics.median(pooled)
             out.append(
                 dict(
-                    config=tag, target="greedy per-token decode within 2x of the bandwidth bound", mode=greedy["mode"],
-                    value=per_token / bound, unit="x the bound", met=per_token / bound <= BOUND_TARGET,
+                    config=tag,
+                    target="greedy per-token decode within 2x of the bandwidth bound",
+                    mode=greedy["mode"],
+                    value=per_token / bound,
+                    unit="x the bound",
+                    met=per_token / bound <= BOUND_TARGET,
                     detail=f"median {per_token * 1e3:.0f} ms/token over {len(pooled)} runs (all inputs; best "
                     f"{pooled[0] * 1e3:.0f}) vs bound {bound * 1e3:.0f} ms "
                     f"({config['weights']['decode_weight_bytes'] / 1e9:.2f} GB at {best_bandwidth(config):.0f} GB/s)",
@@ -205,8 +228,9 @@ def config_section(config: dict) -> list[str]:
     if config.get("packing"):
         pk = config["packing"]
         lines.append(
-            f"Packing {pk['linears']} Linear layers (oneDNN blocked layout) took {pk['seconds']:.1f} s; resident memory "
-            f"changed by {pk['rss_delta_bytes'] / 1e9:+.2f} GB (the packed head is an extra copy of the embedding, "
+            f"Packing {pk['linears']} Linear layers (oneDNN blocked layout) took {pk['seconds']:.1f} s; "
+            f"resident memory changed by {pk['rss_delta_bytes'] / 1e9:+.2f} GB "
+            f"(the packed head is an extra copy of the embedding, "
             f"{pk.get('head_bytes', 0) / 1e9:.2f} GB; the allocator's reuse of freed memory blurs such deltas)."
         )
     floors = config.get("linear_floor", {})
@@ -223,29 +247,58 @@ def config_section(config: dict) -> list[str]:
     rows = []
     for run in config["runs"]:
         found = [
-            c for c in config.get("checks", []) if (c["mode"], c["input"], c["setting"]) == (run["mode"], run["input"], run["setting"])
+            c
+            for c in config.get("checks", [])
+            if (c["mode"], c["input"], c["setting"]) == (run["mode"], run["input"], run["setting"])
         ]
-        same = ", ".join(
-            ("yes" if c["identical"] else f"no (from id {c['first_difference']})")
-            + (" (packed)" if c.get("reference") == "uncached_packed" else "")
-            for c in found
-        ) or "-"
+        same = (
+            ", ".join(
+                ("yes" if c["identical"] else f"no (from id {c['first_difference']})")
+                + (" (packed)" if c.get("reference") == "uncached_packed" else "")
+                for c in found
+            )
+            or "-"
+        )
         bw = sorted(run.get("bandwidth_gbps") or [])
         redone = len(run.get("discarded_disturbed_e2e_s") or [])
-        flags = f"{run.get('repeats')}" + (f" (+{redone} redone)" if redone else "") + (
-            f", {run['kept_disturbed']} disturbed" if run.get("kept_disturbed") else ""
+        flags = (
+            f"{run.get('repeats')}"
+            + (f" (+{redone} redone)" if redone else "")
+            + (f", {run['kept_disturbed']} disturbed" if run.get("kept_disturbed") else "")
         )
         rows.append(
             [
-                run["input"] or "(text only)", run["setting"], MODE_LABELS.get(run["mode"], run["mode"]),
-                _s(run.get("encoder_s"), digits=3), _s(run.get("first_token_s")), _s(run.get("per_token_s"), 1e3, 0),
-                _s(run.get("decode_tokens_per_s"), digits=2), _s(run.get("e2e_s")), _gb(run.get("peak_bytes")),
-                _gb(run.get("peak_delta_bytes")), same, "-" if not bw else (f"{bw[0]:.0f}" if bw[0] == bw[-1] else f"{bw[0]:.0f}–{bw[-1]:.0f}"), flags,
+                run["input"] or "(text only)",
+                run["setting"],
+                MODE_LABELS.get(run["mode"], run["mode"]),
+                _s(run.get("encoder_s"), digits=3),
+                _s(run.get("first_token_s")),
+                _s(run.get("per_token_s"), 1e3, 0),
+                _s(run.get("decode_tokens_per_s"), digits=2),
+                _s(run.get("e2e_s")),
+                _gb(run.get("peak_bytes")),
+                _gb(run.get("peak_delta_bytes")),
+                same,
+                "-" if not bw else (f"{bw[0]:.0f}" if bw[0] == bw[-1] else f"{bw[0]:.0f}–{bw[-1]:.0f}"),
+                flags,
             ]
         )
     lines += _table(
-        ["input", "setting", "decoding", "encoder s", "first token s", "per token ms", "decode tok/s", "end-to-end s",
-         "peak RSS GB", "peak Δ GB", "ids = uncached", "bw GB/s", "n"],
+        [
+            "input",
+            "setting",
+            "decoding",
+            "encoder s",
+            "first token s",
+            "per token ms",
+            "decode tok/s",
+            "end-to-end s",
+            "peak RSS GB",
+            "peak Δ GB",
+            "ids = uncached",
+            "bw GB/s",
+            "n",
+        ],
         rows,
     )
     lines.append("")
@@ -259,12 +312,19 @@ def config_section(config: dict) -> list[str]:
     ad = config.get("adapters")
     if ad:
         lines.append(
-            f"Memory, one LM serving all {len(ad['tasks'])} base tasks vs one task (parameter bytes): LM {_gb(ad['lm_bytes'])} GB; "
-            f"encoders " + ", ".join(f"{k} {_gb(v)} GB" for k, v in ad["encoder_bytes"].items())
-            + f"; one adapter {ad['adapter_bytes'][ad['tasks'][0]] / 1e6:.1f} MB ({ad['adapter_params'] / 1e6:.1f} M params); "
+            f"Memory, one LM serving all {len(ad['tasks'])} base tasks vs one task (parameter bytes): "
+            f"LM {_gb(ad['lm_bytes'])} GB; encoders "
+            + ", ".join(f"{k} {_gb(v)} GB" for k, v in ad["encoder_bytes"].items())
+            + f"; one adapter {ad['adapter_bytes'][ad['tasks'][0]] / 1e6:.1f} MB "
+            f"({ad['adapter_params'] / 1e6:.1f} M params); "
             f"all adapters {ad['all_adapters_bytes'] / 1e6:.0f} MB"
-            + (f" (measured RSS growth {ad['all_adapters_rss_delta_bytes'] / 1e6:.0f} MB)" if ad.get("all_adapters_rss_delta_bytes") else "")
-            + f". **One task {_gb(ad['one_task_bytes'])} GB, all {len(ad['tasks'])} tasks {_gb(ad['all_tasks_bytes'])} GB** "
+            + (
+                f" (measured RSS growth {ad['all_adapters_rss_delta_bytes'] / 1e6:.0f} MB)"
+                if ad.get("all_adapters_rss_delta_bytes")
+                else ""
+            )
+            + f". **One task {_gb(ad['one_task_bytes'])} GB, "
+            f"all {len(ad['tasks'])} tasks {_gb(ad['all_tasks_bytes'])} GB** "
             f"(+{(ad['all_tasks_bytes'] / ad['one_task_bytes'] - 1) * 100:.0f}%)."
         )
         lines.append("")
@@ -272,8 +332,8 @@ def config_section(config: dict) -> list[str]:
         top = ", ".join(f"{o['op']} {o['share'] * 100:.0f}%" for o in prof["ops"][:6])
         lines.append(
             f"Profile of one cached decode step ({prof['setting']}, {prof['rows']} row(s), {prof['kernels']} kernels, "
-            f"{prof['step_wall_s'] * 1e3:.0f} ms under the profiler): matrix products {prof['matmul_share'] * 100:.0f}% of "
-            f"self time; top ops: {top}."
+            f"{prof['step_wall_s'] * 1e3:.0f} ms under the profiler): "
+            f"matrix products {prof['matmul_share'] * 100:.0f}% of self time; top ops: {top}."
         )
     if config.get("profiles"):
         lines.append("")
@@ -307,11 +367,21 @@ def markdown(results: dict, notes: str | None = None) -> str:
         "",
     ]
     rows = [
-        [t["config"], t["target"], MODE_LABELS.get(t["mode"], t["mode"]), f"{t['value']:.2f} {t['unit']}", t["detail"],
-         "-" if t.get("diagnostic") else ("**met**" if t["met"] else "missed")]
+        [
+            t["config"],
+            t["target"],
+            MODE_LABELS.get(t["mode"], t["mode"]),
+            f"{t['value']:.2f} {t['unit']}",
+            t["detail"],
+            "-" if t.get("diagnostic") else ("**met**" if t["met"] else "missed"),
+        ]
         for t in results.get("targets", [])
     ]
-    lines += _table(["configuration", "target", "decoding", "value", "detail", ""], rows) if rows else ["(no targets measured)"]
+    lines += (
+        _table(["configuration", "target", "decoding", "value", "detail", ""], rows)
+        if rows
+        else ["(no targets measured)"]
+    )
     lines += ["", "## Results", ""]
     for config in results["configurations"]:
         lines += config_section(config) + [""]

@@ -37,7 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small shapes only (OPT-125m shape, small encoders)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", nargs="+", choices=list(DTYPES), help="default: float32 bfloat16 (cpu), float16 bfloat16 (cuda)")
+    p.add_argument(
+        "--dtype", nargs="+", choices=list(DTYPES), help="default: float32 bfloat16 (cpu), float16 bfloat16 (cuda)"
+    )
     p.add_argument(
         "--lm", nargs="+", choices=list(models.LM_SHAPES), help="LM shapes (default opt-2.7b; --quick opt-125m)"
     )
@@ -49,7 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, help="timed repetitions per run (default 3; --quick 2)")
     p.add_argument("--uncached-repeats", type=int, default=1, help="repetitions of the slow uncached runs")
     p.add_argument(
-        "--baseline-inputs", nargs="+", default=None,
+        "--baseline-inputs",
+        nargs="+",
+        default=None,
         help="inputs on which the uncached original and the default-kernel cached decode run "
         "(default: the first, image). The LM's work does not depend on the modality.",
     )
@@ -59,16 +63,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--bandwidth-gib", type=float, default=2.0, help="buffer size of the bandwidth measurement")
-    p.add_argument("--probe-mib", type=int, help="buffer of the bandwidth sample around each group of runs (512; --quick 128)")
     p.add_argument(
-        "--quiet-wait", type=float, default=300.0,
+        "--probe-mib", type=int, help="buffer of the bandwidth sample around each group of runs (512; --quick 128)"
+    )
+    p.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=300.0,
         help="seconds to wait at most, before each group of runs, for other processes to leave the CPU",
     )
     p.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
     p.add_argument("--markdown", default=str(ROOT / "bench" / "RESULTS.md"))
     p.add_argument("--in-process", action="store_true", help="run configurations here, not in subprocesses")
     p.add_argument(
-        "--append", action="store_true",
+        "--append",
+        action="store_true",
         help="keep the configurations already in --out (one measured later replaces the same LM/dtype/device)",
     )
     p.add_argument("--worker", help=argparse.SUPPRESS)  # path of a worker config (JSON)
@@ -90,11 +99,23 @@ def plan(args: argparse.Namespace) -> list[dict]:
     baselines = args.baseline_inputs or [inputs[0]]
     return [
         dict(
-            lm=lm, dtype=dtype, device=args.device, encoders=args.encoders, inputs=inputs,
-            baseline_inputs=[b for b in baselines if b in inputs], settings=args.settings, repeats=args.repeats,
-            uncached_repeats=args.uncached_repeats, new_tokens=args.new_tokens, pack=not args.no_pack,
-            hf=not args.no_hf, profile=not args.no_profile, threads=args.threads,
-            bandwidth_gib=args.bandwidth_gib, probe_mib=args.probe_mib, quiet_wait_s=args.quiet_wait,
+            lm=lm,
+            dtype=dtype,
+            device=args.device,
+            encoders=args.encoders,
+            inputs=inputs,
+            baseline_inputs=[b for b in baselines if b in inputs],
+            settings=args.settings,
+            repeats=args.repeats,
+            uncached_repeats=args.uncached_repeats,
+            new_tokens=args.new_tokens,
+            pack=not args.no_pack,
+            hf=not args.no_hf,
+            profile=not args.no_profile,
+            threads=args.threads,
+            bandwidth_gib=args.bandwidth_gib,
+            probe_mib=args.probe_mib,
+            quiet_wait_s=args.quiet_wait,
         )
         for lm in args.lm
         for dtype in args.dtype
@@ -162,8 +183,15 @@ def run_configuration(config: dict, save) -> dict:
         for name in config["inputs"]
     }
     work = runs.Workload(
-        lm, dev, injection, encoders, adapters, inputs, new_tokens=config["new_tokens"],
-        probe_mib=config.get("probe_mib", 512), quiet_wait_s=config.get("quiet_wait_s", 300.0),
+        lm,
+        dev,
+        injection,
+        encoders,
+        adapters,
+        inputs,
+        new_tokens=config["new_tokens"],
+        probe_mib=config.get("probe_mib", 512),
+        quiet_wait_s=config.get("quiet_wait_s", 300.0),
     )
     result["injection"] = injection.__dict__
     result["weights"] = {
@@ -181,8 +209,10 @@ def run_configuration(config: dict, save) -> dict:
     def measure(groups: list) -> None:
         for run in runs.interleave(work, groups, log=log):
             result["runs"].append(run)
-            log(f"{run['mode']:<18} {run['input'] or '-':<8} {run['setting']:<6} median e2e {run['e2e_s']['median']:.2f}s "
-                f"per-token {run['per_token_s']['median'] * 1e3:.0f}ms")
+            log(
+                f"{run['mode']:<18} {run['input'] or '-':<8} {run['setting']:<6} "
+                f"median e2e {run['e2e_s']['median']:.2f}s per-token {run['per_token_s']['median'] * 1e3:.0f}ms"
+            )
         save(result)
 
     for name in config["inputs"]:
@@ -212,7 +242,9 @@ def run_configuration(config: dict, save) -> dict:
         packed = pack_linear_weights(lm)
         gc.collect()
         result["packing"] = {
-            "linears": packed, "seconds": time.perf_counter() - t0, "rss_delta_bytes": timing.rss_bytes() - rss0,
+            "linears": packed,
+            "seconds": time.perf_counter() - t0,
+            "rss_delta_bytes": timing.rss_bytes() - rss0,
             "head_bytes": models.param_bytes(lm.decoder.embed_tokens),
         }
         if not packed:
@@ -259,8 +291,14 @@ def id_checks(runs: list[dict]) -> list[dict]:
                     if diff is None and len(a) != len(b):
                         diff = min(len(a), len(b))
                     out.append(
-                        dict(mode=mode, reference=reference, input=run["input"], setting=run["setting"],
-                             identical=diff is None, first_difference=diff)
+                        dict(
+                            mode=mode,
+                            reference=reference,
+                            input=run["input"],
+                            setting=run["setting"],
+                            identical=diff is None,
+                            first_difference=diff,
+                        )
                     )
     return out
 
@@ -288,11 +326,17 @@ def run_subprocess(config: dict, timeout: float | None = None) -> dict:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(cfg), "--worker-out", str(out)]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, stdout=None, stderr=subprocess.PIPE, text=True, timeout=timeout)
-        result = json.loads(out.read_text()) if out.exists() else {"lm": config["lm"], "dtype": config["dtype"], "config": config}
+        result = (
+            json.loads(out.read_text())
+            if out.exists()
+            else {"lm": config["lm"], "dtype": config["dtype"], "config": config}
+        )
         result["wall_s"] = time.perf_counter() - t0
         if proc.returncode != 0:
             sys.stderr.write(proc.stderr[-4000:])
-            result["error"] = f"worker exited with {proc.returncode}: {proc.stderr.strip().splitlines()[-1:] if proc.stderr else ''}"
+            result["error"] = (
+                f"worker exited with {proc.returncode}: {proc.stderr.strip().splitlines()[-1:] if proc.stderr else ''}"
+            )
         return result
 
 
@@ -317,12 +361,14 @@ def main(argv: list[str] | None = None) -> int:
         results["command"] = previous.get("command", "") + " ; " + results["command"]
     for config in plan(args):
         key = (config["lm"], config["dtype"], config["device"])
-        results["configurations"] = [c for c in results["configurations"] if (c["lm"], c["dtype"], c.get("device")) != key]
+        results["configurations"] = [
+            c for c in results["configurations"] if (c["lm"], c["dtype"], c.get("device")) != key
+        ]
         print(f"== {config['lm']} {config['dtype']} on {config['device']}", flush=True)
         if args.in_process:
             result = {}
             try:
-                run_configuration(config, lambda r: result.update(r))
+                run_configuration(config, result.update)
             except Exception:
                 result["error"] = traceback.format_exc(limit=3)
         else:

@@ -8,8 +8,8 @@ from __future__ import annotations
 import gc
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
@@ -153,8 +153,10 @@ def interleave(
                 continue
             group.runs.append(run)
             if log:
-                log(f"{group.mode:<18} {group.input or '-':<8} {group.setting:<6} run {len(group.runs)}: "
-                    f"e2e {run['e2e_s']:.2f}s per-token {run['per_token_s'] * 1e3:.0f}ms")
+                log(
+                    f"{group.mode:<18} {group.input or '-':<8} {group.setting:<6} run {len(group.runs)}: "
+                    f"e2e {run['e2e_s']:.2f}s per-token {run['per_token_s'] * 1e3:.0f}ms"
+                )
     return [group.result() for group in groups]
 
 

@@ -7,7 +7,7 @@ import contextlib
 import os
 import statistics
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -97,7 +97,7 @@ class CpuMonitor:
         steal = fields[7] if len(fields) > 7 else 0
         return busy / hz, steal / hz
 
-    def __enter__(self) -> "CpuMonitor":
+    def __enter__(self) -> CpuMonitor:
         self._start = (self._stat(), sum(os.times()[:2]), time.perf_counter())
         return self
 

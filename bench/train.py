@@ -45,6 +45,8 @@ def available_bytes() -> float:
     except OSError:
         pass
     return float("inf")
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 

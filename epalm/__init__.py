@@ -50,10 +50,7 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:  # for type checkers and editors; `X as X` marks a re-export
-    from .presets import DEFAULT_PRESET as DEFAULT_PRESET
-    from .presets import PRESETS as PRESETS
     from .decoding import DecodingOptions as DecodingOptions
-    from .presets import Preset as Preset
     from .errors import InputError as InputError
     from .errors import UserError as UserError
     from .hub import AdapterError as AdapterError
@@ -67,6 +64,9 @@ if TYPE_CHECKING:  # for type checkers and editors; `X as X` marks a re-export
     from .pipeline import OutOfMemory as OutOfMemory
     from .pipeline import Pipeline as Pipeline
     from .pipeline import Timings as Timings
+    from .presets import DEFAULT_PRESET as DEFAULT_PRESET
+    from .presets import PRESETS as PRESETS
+    from .presets import Preset as Preset
     from .store import ModelSource as ModelSource
     from .tasks import Task as Task
     from .tasks import load_registry as load_registry

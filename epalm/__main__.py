@@ -169,7 +169,6 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", dest="progress", action="store_false")
 
 
-
 def _tasks(registry: dict[str, Task]) -> int:
     from .hub import HubModels
 
@@ -235,18 +234,31 @@ def _run(args: argparse.Namespace, question: str | None) -> int:
     from .pipeline import Pipeline
     from .tasks import load_registry
 
-    limits = MediaLimits() if args.max_file_size is None else MediaLimits(max_file_bytes=int(args.max_file_size * 2**20))
-    decoding = {k: getattr(args, k) for k in ("num_beams", "do_sample", "temperature", "top_p", "top_k", "seed", "max_new_tokens", "max_length")}
+    limits = (
+        MediaLimits() if args.max_file_size is None else MediaLimits(max_file_bytes=int(args.max_file_size * 2**20))
+    )
+    decoding = {
+        k: getattr(args, k)
+        for k in ("num_beams", "do_sample", "temperature", "top_p", "top_k", "seed", "max_new_tokens", "max_length")
+    }
     failed, folders = 0, set()
     try:
-        pipeline = Pipeline(device=args.device, dtype=args.dtype, tiny=args.tiny, registry=load_registry(args.registry) if args.registry else None, limits=limits)
+        pipeline = Pipeline(
+            device=args.device,
+            dtype=args.dtype,
+            tiny=args.tiny,
+            registry=load_registry(args.registry) if args.registry else None,
+            limits=limits,
+        )
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     inspect = args.save_inputs is not None
     for path in args.paths:
         try:
-            settings = dict(preset=args.preset, num_frames=args.num_frames, adapter=args.adapter, inspect=inspect, **decoding)
+            settings = dict(
+                preset=args.preset, num_frames=args.num_frames, adapter=args.adapter, inspect=inspect, **decoding
+            )
             if question is None:
                 answer = pipeline.caption(path, args.task, **settings)
             else:
@@ -265,7 +277,10 @@ def _run(args: argparse.Namespace, question: str | None) -> int:
         except Exception as exc:  # an unforeseen failure on one file must not stop the batch
             log.info("unexpected failure on %s", path, exc_info=True)  # the traceback, with -v
             failed += 1
-            record, line = {"path": path, "error": f"{type(exc).__name__}: {exc}"}, f"{path}\tERROR: {type(exc).__name__}: {exc}"
+            record, line = (
+                {"path": path, "error": f"{type(exc).__name__}: {exc}"},
+                f"{path}\tERROR: {type(exc).__name__}: {exc}",
+            )
         print(json.dumps(record) if args.jsonl else line, flush=True)
     return 2 if failed else 0
 

@@ -128,7 +128,9 @@ def _decode(path: str, limits: MediaLimits, max_seconds: float | None) -> tuple[
             raise
         except (av.error.FFmpegError, ValueError) as exc:
             if not chunks:
-                raise MediaError(f"Could not decode the audio track: the file is damaged or its codec is not supported ({exc}).") from exc
+                raise MediaError(
+                    f"Could not decode the audio track: the file is damaged or its codec is not supported ({exc})."
+                ) from exc
             log.warning("audio decoding stopped early (%s); using the first %.1f s", exc, total / rate)
     if total == 0:
         raise MediaError("The audio track is empty (no samples).")
@@ -171,20 +173,30 @@ def audio_fbank(waveform: torch.Tensor, transform: AudioTransform = AudioTransfo
     if wave.numel() < window:
         wave = torch.nn.functional.pad(wave, (0, window - wave.numel()))
     fbank = torchaudio.compliance.kaldi.fbank(
-        wave[None], htk_compat=True, sample_frequency=transform.sample_rate, use_energy=False, window_type="hanning",
-        num_mel_bins=transform.mel_bins, dither=0.0, frame_shift=FRAME_SHIFT_MS,
+        wave[None],
+        htk_compat=True,
+        sample_frequency=transform.sample_rate,
+        use_energy=False,
+        window_type="hanning",
+        num_mel_bins=transform.mel_bins,
+        dither=0.0,
+        frame_shift=FRAME_SHIFT_MS,
     )
     missing = transform.target_length - fbank.shape[0]
     fbank = torch.nn.functional.pad(fbank, (0, 0, 0, missing)) if missing > 0 else fbank[: transform.target_length]
     return (fbank - transform.norm_mean) / (transform.norm_std * 2)
 
 
-def load_window(src: Any, transform: AudioTransform = AudioTransform(), limits: MediaLimits = MediaLimits()) -> torch.Tensor:
+def load_window(
+    src: Any, transform: AudioTransform = AudioTransform(), limits: MediaLimits = MediaLimits()
+) -> torch.Tensor:
     """`load_audio` of only the start the model hears (plus the resampling margin): longer than
     `window_seconds` exactly when the clip is cut."""
     return load_audio(src, transform.sample_rate, limits, max_seconds=window_seconds(transform) + RESAMPLE_MARGIN_S)
 
 
-def prepare_audio(src: Any, transform: AudioTransform = AudioTransform(), limits: MediaLimits = MediaLimits()) -> torch.Tensor:
+def prepare_audio(
+    src: Any, transform: AudioTransform = AudioTransform(), limits: MediaLimits = MediaLimits()
+) -> torch.Tensor:
     """`load_window` then `audio_fbank`: AST input [target_length, mel_bins]."""
     return audio_fbank(load_window(src, transform, limits), transform)

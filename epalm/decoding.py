@@ -9,8 +9,9 @@ new tokens (1 by default: the original's rule that at least one token is generat
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol
+from typing import Protocol
 
 import torch
 from transformers.generation.logits_process import (
@@ -143,14 +144,20 @@ class UncachedSession:
         self.prefix = self.prefix.select(index)
 
 
-def _session(model: EPALM, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix: Prefix, options: DecodingOptions) -> Session:
+def _session(
+    model: EPALM, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix: Prefix, options: DecodingOptions
+) -> Session:
     kind = CachedSession if options.use_cache else UncachedSession
     return kind(model, input_ids, attention_mask, prefix)
 
 
 @torch.inference_mode()  # as a decorator: entered per step, so a consumer may resume it in any thread
 def stream_tokens(
-    model: EPALM, prefix: Prefix, input_ids: torch.Tensor, attention_mask: torch.Tensor, options: DecodingOptions,
+    model: EPALM,
+    prefix: Prefix,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    options: DecodingOptions,
     callback: StepCallback | None = None,
     trace: Trace | None = None,
 ) -> Iterator[torch.Tensor]:
@@ -225,7 +232,11 @@ class _Hypotheses:
 
 @torch.inference_mode()
 def beam_search(
-    model: EPALM, prefix: Prefix, input_ids: torch.Tensor, attention_mask: torch.Tensor, options: DecodingOptions,
+    model: EPALM,
+    prefix: Prefix,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    options: DecodingOptions,
     callback: StepCallback | None = None,
     trace: Trace | None = None,
 ) -> GenerationOutput:
@@ -258,7 +269,9 @@ def beam_search(
             if done[b]:
                 continue
             filled = 0
-            for rank, (token, score, beam) in enumerate(zip(top_tokens[b].tolist(), top_scores[b].tolist(), top_beams[b].tolist())):
+            for rank, (token, score, beam) in enumerate(
+                zip(top_tokens[b].tolist(), top_scores[b].tolist(), top_beams[b].tolist())
+            ):
                 row = b * k + beam
                 if token == eos:
                     if rank < k:
@@ -281,7 +294,14 @@ def beam_search(
 
 
 def _finalize(
-    hyps: list[_Hypotheses], done: list[bool], ids: torch.Tensor, beam_scores: torch.Tensor, limit: int, eos: int, pad: int, k: int
+    hyps: list[_Hypotheses],
+    done: list[bool],
+    ids: torch.Tensor,
+    beam_scores: torch.Tensor,
+    limit: int,
+    eos: int,
+    pad: int,
+    k: int,
 ) -> GenerationOutput:
     for b, hyp in enumerate(hyps):
         if not done[b]:
@@ -299,7 +319,11 @@ def _finalize(
 
 
 def generate(
-    model: EPALM, prefix: Prefix, input_ids: torch.Tensor, attention_mask: torch.Tensor, options: DecodingOptions,
+    model: EPALM,
+    prefix: Prefix,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    options: DecodingOptions,
     callback: StepCallback | None = None,
     trace: Trace | None = None,
 ) -> GenerationOutput:

@@ -17,9 +17,9 @@ import logging
 import pickle
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import timm
@@ -52,7 +52,10 @@ ADAPTER_WEIGHTS = "adapter.safetensors"
 _ADAPTER_PREFIXES = ("connector.", "prompt_module.")
 # the weight files `from_pretrained` looks for, in its order of preference (timm: the first and third)
 WEIGHT_FILES = (
-    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
 )
 TIMM_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # special_tokens_map.json repeats tokenizer_config.json (and, read by transformers 5, prints a line per token on stdout)
@@ -217,7 +220,8 @@ class _Fetcher:
         cache = hub_constants.HF_HUB_CACHE
         return WeightsUnavailable(
             f"Cannot get {self.files.what}: {self.files.where(name)} is not in the local Hugging Face cache ({cache})"
-            + (f" and {reason}" if reason else "") + ".",
+            + (f" and {reason}" if reason else "")
+            + ".",
             not_cached=True,
         )
 
@@ -316,7 +320,9 @@ def _refused_globals(path: Path, exc: pickle.UnpicklingError) -> list[str]:
     return found or re.findall(r"GLOBAL (\S+) (?:was not an allowed global|whose module)", str(exc))
 
 
-def load_adapter(task: Task, state: dict[str, torch.Tensor], encoder_dim: int, hidden_size: int, embed_dim: int) -> Adapter:
+def load_adapter(
+    task: Task, state: dict[str, torch.Tensor], encoder_dim: int, hidden_size: int, embed_dim: int
+) -> Adapter:
     """An fp32 `Adapter` for `task`, loaded strictly; a mismatch names the task, key and shapes."""
     adapter = Adapter(task.injection, encoder_dim, hidden_size, embed_dim)
     expected = adapter.state_dict()
@@ -356,7 +362,9 @@ def adapter_config(task: Task) -> dict:
 def convert(src: str | Path, task: Task, out_dir: str | Path) -> Path:
     """Write `adapter.safetensors`, `adapter_config.json` and a model card for an original checkpoint."""
     state = read_adapter(src)
-    return save_adapter(state, adapter_config(task), _model_card(task, Path(src).name, sum(v.numel() for v in state.values())), out_dir)
+    return save_adapter(
+        state, adapter_config(task), _model_card(task, Path(src).name, sum(v.numel() for v in state.values())), out_dir
+    )
 
 
 def save_adapter(state: dict[str, torch.Tensor], config: dict, card: str, out_dir: str | Path) -> Path:
@@ -372,6 +380,9 @@ def save_adapter(state: dict[str, torch.Tensor], config: dict, card: str, out_di
 
 def _model_card(task: Task, source: str, parameters: int) -> str:
     origin = f"{task.adapter.repo_id} ({task.adapter.filename})" if task.adapter.repo_id else source
+    inj = task.injection
+    connectors = "one shared connector" if inj.shared_connector else "one connector per block"
+    prompt = f"{inj.prompt_len}-token prompt" + (" with MLP" if inj.prompt_mlp else "")
     return f"""---
 library_name: epalm-demo
 tags: [eP-ALM, multimodal, {task.modality}, {task.kind}]
@@ -384,8 +395,8 @@ Language Models", ICCV 2023) for the task `{task.id}`.
 
 - Language model (frozen): `{task.lm.id}`
 - Encoder (frozen): `{task.encoder.id}` ({task.encoder.library})
-- Injection: layers {task.injection.start_layer}..{task.injection.end_layer - 1}, last {task.injection.num_features} encoder blocks,
-  {"one shared connector" if task.injection.shared_connector else "one connector per block"}, {task.injection.prompt_len}-token prompt{" with MLP" if task.injection.prompt_mlp else ""}
+- Injection: layers {inj.start_layer}..{inj.end_layer - 1}, last {inj.num_features} encoder blocks,
+  {connectors}, {prompt}
 - Converted from: {origin}, tensors unchanged (`adapter.safetensors`), settings in `adapter_config.json`.
 
 Licence: the weights are the eP-ALM authors' (github.com/mshukor/eP-ALM); use them under the terms they

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from typing import Union
 
 import numpy as np
 import torch
@@ -29,7 +28,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 BACKGROUND = (255, 255, 255)  # transparent pixels are shown on white, as an image viewer would
 _WIDE_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")  # 16/32-bit grey: Pillow's own convert clips them
 
-ImageSource = Union[Source, Image.Image, np.ndarray]
+ImageSource = Source | Image.Image | np.ndarray
 
 
 @dataclass(frozen=True)
@@ -62,7 +61,8 @@ def load_image(src: ImageSource, limits: MediaLimits = MediaLimits()) -> Image.I
         raise MediaError(f"Image is {size}; the limit is {limits.max_pixels / 1e6:g} megapixels.") from exc
     except UnidentifiedImageError as exc:
         raise MediaError(
-            "Could not read this file as an image: it is not a format Pillow knows (JPEG, PNG, WebP, GIF, BMP, TIFF...) or it is damaged."
+            "Could not read this file as an image: it is not a format Pillow knows "
+            "(JPEG, PNG, WebP, GIF, BMP, TIFF...) or it is damaged."
         ) from exc
     except Exception as exc:  # a header Pillow recognised but could not parse
         raise MediaError(f"The image file is damaged ({exc or type(exc).__name__}).") from exc
@@ -153,6 +153,8 @@ def image_tensor(image: Image.Image, transform: ImageTransform = ImageTransform(
     return TF.normalize(TF.to_tensor(resized), transform.mean, transform.std)
 
 
-def prepare_image(src: ImageSource, transform: ImageTransform = ImageTransform(), limits: MediaLimits = MediaLimits()) -> torch.Tensor:
+def prepare_image(
+    src: ImageSource, transform: ImageTransform = ImageTransform(), limits: MediaLimits = MediaLimits()
+) -> torch.Tensor:
     """`load_image` then `image_tensor`: ViT input [3, size, size] for one image."""
     return image_tensor(load_image(src, limits), transform)

@@ -143,8 +143,10 @@ class Inspection:
             tokens = " ".join(f"{_code(t.text)} {_percent(t.prob)}" for t in self.tokens)
             parts.append(f"**Answer tokens and the model's probability of each:** {tokens}")
         if self.beams:
-            rows = [f"| {rank} | {_escape(b.text) or '(empty)'} | {b.score:.3f} | {_percent(math.exp(b.logprob))} |"
-                    for rank, b in enumerate(self.beams, 1)]
+            rows = [
+                f"| {rank} | {_escape(b.text) or '(empty)'} | {b.score:.3f} | {_percent(math.exp(b.logprob))} |"
+                for rank, b in enumerate(self.beams, 1)
+            ]
             parts.append("\n".join(["| beam | text | score (ranked by) | probability |", "|---|---|---|---|", *rows]))
         return "\n\n".join(parts)
 
@@ -233,8 +235,12 @@ def decoding_settings(options: DecodingOptions) -> dict[str, Any]:
         return {"strategy": "beam search", **beams, **limit}
     if options.do_sample:
         return {
-            "strategy": "sampling", "temperature": options.temperature, "top_p": options.top_p, "top_k": options.top_k,
-            "seed": options.seed, **limit,
+            "strategy": "sampling",
+            "temperature": options.temperature,
+            "top_p": options.top_p,
+            "top_k": options.top_k,
+            "seed": options.seed,
+            **limit,
         }
     return {"strategy": "greedy", **limit}
 
@@ -260,9 +266,12 @@ class Inspector:
             sampled = sample_frames(media, transform.num_frames, limits)
             pixels = video_tensor(sampled.frames, transform)
             self.seen = Seen(
-                "video", list(viewable(pixels, transform.mean, transform.std)),
+                "video",
+                list(viewable(pixels, transform.mean, transform.std)),
                 [f"{t:.2f} s (frame {i})" for t, i in zip(sampled.timestamps, sampled.indices)],
-                frame_indices=list(sampled.indices), timestamps=sampled.timestamps, duration=sampled.duration,
+                frame_indices=list(sampled.indices),
+                timestamps=sampled.timestamps,
+                duration=sampled.duration,
             )
         else:
             pixels = self._audio(media, transform, limits)
@@ -277,8 +286,14 @@ class Inspector:
         if len(wave) > needed:  # the window was filled: how long is the whole clip?
             duration = clip_seconds(media, rate, limits)
         self.seen = Seen(
-            "audio", [spectrogram_picture(fbank)], [], duration=duration, heard_seconds=min(len(wave), needed) / rate,
-            cut=len(wave) > needed, padded=len(wave) < needed, spectrogram=fbank.numpy(),
+            "audio",
+            [spectrogram_picture(fbank)],
+            [],
+            duration=duration,
+            heard_seconds=min(len(wave), needed) / rate,
+            cut=len(wave) > needed,
+            padded=len(wave) < needed,
+            spectrogram=fbank.numpy(),
         )
         self.seen.captions = [self.seen.summary()]
         return fbank
@@ -297,7 +312,11 @@ class Inspector:
         return Inspection(self.seen, self.prompt, injection_text(self.task.injection), decoding_settings(options))
 
     def result(
-        self, tokenizer: Any, input_ids: torch.Tensor, options: DecodingOptions, new_ids: list[int],
+        self,
+        tokenizer: Any,
+        input_ids: torch.Tensor,
+        options: DecodingOptions,
+        new_ids: list[int],
         hypotheses: list[tuple[float, torch.Tensor]] | None = None,
     ) -> Inspection:
         """The final inspection: the answer's tokens `new_ids` with their probabilities and, for beam

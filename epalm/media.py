@@ -12,16 +12,17 @@ import contextlib
 import io
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Iterator, Union
+from typing import IO, Any
 
 import av
 
 from .errors import UserError
 
 PLAYLIST_FORMATS = {"hls", "dash", "concat"}  # FFmpeg demuxers that open further files named inside the file
-Source = Union[str, os.PathLike, bytes, bytearray, memoryview, IO[bytes]]
+Source = str | os.PathLike | bytes | bytearray | memoryview | IO[bytes]
 
 
 class MediaError(UserError, ValueError):
@@ -136,11 +137,14 @@ def open_container(path: str, what: str) -> av.container.InputContainer:
         container = av.open(path, mode="r", options={"protocol_whitelist": "file"})
     except (av.error.FFmpegError, OSError, UnicodeDecodeError, ValueError) as exc:
         raise MediaError(
-            f"Could not read this file as {what}: it is damaged, truncated, or not a format FFmpeg knows ({_reason(exc)})."
+            f"Could not read this file as {what}: it is damaged, truncated, "
+            f"or not a format FFmpeg knows ({_reason(exc)})."
         ) from exc
     if set(container.format.name.split(",")) & PLAYLIST_FORMATS:
         container.close()
-        raise MediaError("Playlists (HLS, DASH, concat lists) are not accepted; please upload the video or audio file itself.")
+        raise MediaError(
+            "Playlists (HLS, DASH, concat lists) are not accepted; please upload the video or audio file itself."
+        )
     return container
 
 

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -96,7 +96,7 @@ class Adapter(nn.Module):
         """[B, P, embed_dim]: identical for every row and independent of the input."""
         return self.prompt_module(batch_size)
 
-    def prefix(self, features: torch.Tensor) -> "Prefix":
+    def prefix(self, features: torch.Tensor) -> Prefix:
         """Everything the LM needs from the encoder side for one batch."""
         return Prefix(self.project(features), self.prompt(features.shape[1]), self.config)
 
@@ -109,11 +109,11 @@ class Prefix:
     prompt: torch.Tensor  # [B, P, embed_dim]
     injection: InjectionConfig
 
-    def select(self, index: torch.Tensor) -> "Prefix":
+    def select(self, index: torch.Tensor) -> Prefix:
         """The rows `index` of the batch (beam expansion and reordering)."""
         return replace(self, visual=self.visual.index_select(1, index), prompt=self.prompt.index_select(0, index))
 
-    def repeat_interleave(self, repeats: int) -> "Prefix":
+    def repeat_interleave(self, repeats: int) -> Prefix:
         """Row b -> rows b*k .. b*k+k-1, the layout beam search uses."""
         return self.select(torch.arange(self.prompt.shape[0], device=self.prompt.device).repeat_interleave(repeats))
 
@@ -140,7 +140,9 @@ class KVCache:
         finally:
             self.mode = "append"
 
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, **_: object) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, **_: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if layer_idx not in self.keys:
             self.keys[layer_idx], self.values[layer_idx] = key, value
         elif self.mode == "append_after_first":
@@ -251,7 +253,9 @@ class EPALM(nn.Module):
         """The original forward over the whole sequence; returns (hidden before the head,
         input of layer `end`). With a cache, layers before `end` store their keys/values."""
         injection = prefix.injection
-        full_mask = torch.cat([attention_mask.new_ones(attention_mask.shape[0], prefix.prompt.shape[1]), attention_mask], 1)
+        full_mask = torch.cat(
+            [attention_mask.new_ones(attention_mask.shape[0], prefix.prompt.shape[1]), attention_mask], 1
+        )
         mask = additive_mask(full_mask, full_mask.shape[1], self.dtype)
         hidden = self._embed(input_ids, attention_mask, prefix.prompt)
         # embedding dropout, as the original's decoder had; active only while the LM is in train mode (training)
@@ -313,7 +317,9 @@ class EPALM(nn.Module):
         rows_mask = torch.cat([torch.zeros_like(mask), mask], dim=2)
         with state.cache.using("append_after_first"):
             both = self.decoder.layers[refresh_layer](
-                torch.cat([self._visual(prefix, refresh_layer), hidden], dim=1), attention_mask=rows_mask, cache=state.cache
+                torch.cat([self._visual(prefix, refresh_layer), hidden], dim=1),
+                attention_mask=rows_mask,
+                cache=state.cache,
             )
         visual_out, hidden = both[:, :1], both[:, 1:]
         if self._cached_late_layer(injection) is not None:
@@ -354,7 +360,7 @@ class PackedLinear(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def checked(cls, linear: nn.Linear) -> "PackedLinear | None":
+    def checked(cls, linear: nn.Linear) -> PackedLinear | None:
         """The packed layer if, on a 3-row input (a beam step), it gives the dense layer's outputs up
         to rounding; None (logged) if this torch's oneDNN calls are missing, fail or disagree."""
         weight = linear.weight
@@ -373,7 +379,9 @@ class PackedLinear(nn.Module):
         if not error <= cls.TOLERANCE.get(weight.dtype, 0.0):  # NaN fails too
             logger.warning(
                 "oneDNN packed weights disagree with the dense layer in torch %s (relative error %.3g); keeping the "
-                "dense layers", torch.__version__, error,
+                "dense layers",
+                torch.__version__,
+                error,
             )
             return None
         return packed

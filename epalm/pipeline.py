@@ -10,14 +10,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
+from .adapters import adapter_task
 from .audio import prepare_audio
 from .decoding import DecodingOptions, generate, stream_text, stream_tokens
-from .adapters import adapter_task
 from .encoders import Encoder
 from .errors import InputError, UserError
 from .hub import HubModels, Progress
@@ -38,7 +39,11 @@ log = logging.getLogger(__name__)
 # limit. However long the prompt within these limits, the task's `min_answer_tokens` still fit after it.
 MAX_QUESTION_CHARS = 300
 MAX_QUESTION_TOKENS = 128
-_PREPARE: dict[str, Callable[..., torch.Tensor]] = {"image": prepare_image, "video": prepare_video, "audio": prepare_audio}
+_PREPARE: dict[str, Callable[..., torch.Tensor]] = {
+    "image": prepare_image,
+    "video": prepare_video,
+    "audio": prepare_audio,
+}
 
 
 class OutOfMemory(UserError, RuntimeError):
@@ -207,7 +212,9 @@ class Pipeline:
         """BOS then the task's text, as the original tokenizer call produced them."""
         ids = task.text.prompt_ids(tokenizer, question)
         if len(ids) > MAX_QUESTION_TOKENS:
-            raise InputError(f"The question is {len(ids)} tokens long; the limit is {MAX_QUESTION_TOKENS}. Please shorten it.")
+            raise InputError(
+                f"The question is {len(ids)} tokens long; the limit is {MAX_QUESTION_TOKENS}. Please shorten it."
+            )
         return torch.tensor([ids], device=self.device)
 
     @staticmethod
@@ -284,8 +291,14 @@ class Pipeline:
                 tokens = stream_tokens(lm, prefix, input_ids, mask, options, trace=trace)
                 for text in stream_text(self._timed(tokens, timings, started, ids), tokenizer):
                     yield Answer(
-                        text.strip(), spec.id, False, replace(timings), self.device.type, dtype,
-                        inspection=partial, notice=notice,
+                        text.strip(),
+                        spec.id,
+                        False,
+                        replace(timings),
+                        self.device.type,
+                        dtype,
+                        inspection=partial,
+                        notice=notice,
                     )
                 text = tokenizer.decode(ids, skip_special_tokens=True)
                 inspected = inspector.result(tokenizer, input_ids, options, ids) if inspector else None
@@ -296,13 +309,15 @@ class Pipeline:
                 timings.new_tokens = int((output != options.pad_token_id).sum())
                 text = tokenizer.decode(output, skip_special_tokens=True)
                 hypotheses = generated.hypotheses[0] if generated.hypotheses else None
-                inspected = inspector.result(tokenizer, input_ids, options, output.tolist(), hypotheses) if inspector else None
-        yield Answer(
-            text.strip(), spec.id, True, timings, self.device.type, dtype, inspection=inspected, notice=notice
-        )
+                inspected = (
+                    inspector.result(tokenizer, input_ids, options, output.tolist(), hypotheses) if inspector else None
+                )
+        yield Answer(text.strip(), spec.id, True, timings, self.device.type, dtype, inspection=inspected, notice=notice)
 
     @staticmethod
-    def _timed(tokens: Iterator[torch.Tensor], timings: Timings, started: float, ids: list[int]) -> Iterator[torch.Tensor]:
+    def _timed(
+        tokens: Iterator[torch.Tensor], timings: Timings, started: float, ids: list[int]
+    ) -> Iterator[torch.Tensor]:
         for step in tokens:
             now = time.perf_counter()
             if not ids:
@@ -335,11 +350,15 @@ class Pipeline:
 
 def _is_oom(exc: BaseException) -> bool:
     message = str(exc).lower()
-    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in message or "can't allocate memory" in message
+    return (
+        isinstance(exc, (torch.OutOfMemoryError, MemoryError))
+        or "out of memory" in message
+        or "can't allocate memory" in message
+    )
 
 
 def _last(answers: Iterator[Answer]) -> Answer:
     final = None
-    for final in answers:
+    for final in answers:  # noqa: B007 (keeps the last one)
         pass
     return final

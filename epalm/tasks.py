@@ -12,9 +12,9 @@ import functools
 import json
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Union
 
 import yaml
 
@@ -31,7 +31,7 @@ DEFAULT_REGISTRY = _CHECKOUT_REGISTRY if _CHECKOUT_REGISTRY.is_file() else Path(
 ADAPTER_CONFIG = "adapter_config.json"  # the settings file of our adapter folders (hub.py writes them)
 MODALITIES = ("image", "video", "audio")
 KINDS = ("caption", "qa")
-Transform = Union[ImageTransform, VideoTransform, AudioTransform]
+Transform = ImageTransform | VideoTransform | AudioTransform
 _TRANSFORMS = {"image": ImageTransform, "video": VideoTransform, "audio": AudioTransform}
 
 
@@ -129,7 +129,7 @@ class Task:
 
     @property
     def menu_label(self) -> str:
-        """"VQAv2 · OPT-2.7B + ViT-B/16": what a person picks the task by."""
+        """ "VQAv2 · OPT-2.7B + ViT-B/16": what a person picks the task by."""
         return f"{self.label} · {self.lm.display_name} + {self.encoder.display_name}"
 
 

@@ -16,9 +16,17 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import ASTConfig, ASTModel, OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast, TimesformerConfig, TimesformerModel
 from timm.models.vision_transformer import VisionTransformer
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    ASTConfig,
+    ASTModel,
+    OPTConfig,
+    OPTForCausalLM,
+    PreTrainedTokenizerFast,
+    TimesformerConfig,
+    TimesformerModel,
+)
 
 from .encoders import Encoder, wrap_encoder
 from .hub import Progress, fetch, is_cached, read_adapter
@@ -55,12 +63,22 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=TOKENIZER_VOCAB, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=TOKENIZER_VOCAB,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     bpe.train_from_iterator(_CORPUS.split("\n"), trainer=trainer)
-    bpe.post_processor = processors.TemplateProcessing(single="</s> $A", pair="</s> $A </s> $B", special_tokens=[("</s>", 2)])
+    bpe.post_processor = processors.TemplateProcessing(
+        single="</s> $A", pair="</s> $A </s> $B", special_tokens=[("</s>", 2)]
+    )
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>", padding_side="right"
+        tokenizer_object=bpe,
+        bos_token="</s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        padding_side="right",
     )
     return tokenizer
 
@@ -141,18 +159,35 @@ def tiny_encoder(modality: str, seed: int = 0) -> Encoder:
     """A random 4-block encoder of the given modality with the real models' input sizes."""
     torch.manual_seed(seed)
     if modality == "image":
-        model = VisionTransformer(img_size=224, patch_size=32, embed_dim=TINY_WIDTH, depth=4, num_heads=2, num_classes=0)
+        model = VisionTransformer(
+            img_size=224, patch_size=32, embed_dim=TINY_WIDTH, depth=4, num_heads=2, num_classes=0
+        )
     elif modality == "video":
         config = TimesformerConfig(
-            image_size=224, patch_size=32, num_frames=8, hidden_size=TINY_WIDTH, num_hidden_layers=4,
-            num_attention_heads=2, intermediate_size=64, layer_norm_eps=1e-6, attn_implementation="eager",
+            image_size=224,
+            patch_size=32,
+            num_frames=8,
+            hidden_size=TINY_WIDTH,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            intermediate_size=64,
+            layer_norm_eps=1e-6,
+            attn_implementation="eager",
         )
         model = TimesformerModel(config)
     elif modality == "audio":
         config = ASTConfig(
-            hidden_size=TINY_WIDTH, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, layer_norm_eps=1e-6,
-            max_length=1024, num_mel_bins=128, attn_implementation="eager",
-            patch_size=32, frequency_stride=32, time_stride=32,  # 128 patches, not 1212: 40x faster, still distinct
+            hidden_size=TINY_WIDTH,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            intermediate_size=64,
+            layer_norm_eps=1e-6,
+            max_length=1024,
+            num_mel_bins=128,
+            attn_implementation="eager",
+            patch_size=32,
+            frequency_stride=32,
+            time_stride=32,  # 128 patches, not 1212: 40x faster, still distinct
             initializer_range=0.5,  # at 0.02 the [CLS] of a random AST is the same for any sound
         )
         model = ASTModel(config)

@@ -33,16 +33,17 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from .data import Dataset, DataError, Example, decode_all, detect_kind, load_folder
+from .data import DataError, Dataset, Example, decode_all, detect_kind, load_folder
 from .decoding import generate
 from .hub import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, push_to_hub, save_adapter
 from .metrics import caption_scores, vqa_accuracy
@@ -134,7 +135,7 @@ class TrainConfig:
     progress: bool = True
     log_every: int = 10  # steps between the training-loss lines of log.jsonl (every epoch also gets one)
 
-    def resolved(self, task: Task) -> "TrainConfig":
+    def resolved(self, task: Task) -> TrainConfig:
         recipe = paper_recipe(task)
         return replace(self, **{k: getattr(recipe, k) for k in asdict(recipe) if getattr(self, k) is None})
 
@@ -455,6 +456,7 @@ Best {self.metric}: {best.get(self.metric, float("nan")):.4f} at epoch {best.get
 ## Use
     python -m epalm {command} FILE --adapter {self.config.push_to_hub or self.out}{" --tiny" if config["tiny"] else ""}
 """
+
     def _adapter(self) -> Adapter:
         return self.accelerator.unwrap_model(self.model).adapter
 

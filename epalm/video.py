@@ -18,8 +18,9 @@ then /255 and CLIP normalisation.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import av
 import numpy as np
@@ -104,7 +105,9 @@ def sample_frames(src: Source, num_frames: int = 8, limits: MediaLimits = MediaL
             try:
                 return SampledFrames(*_read_decord(path, num_frames, track), track.fps, track.duration)
             except Exception as exc:  # decord raises its own errors (and worse) on files it cannot handle
-                log.info("decord could not decode this video (%s); decoding it with PyAV", str(exc).splitlines()[0][:200])
+                log.info(
+                    "decord could not decode this video (%s); decoding it with PyAV", str(exc).splitlines()[0][:200]
+                )
         frames, indices = _read_pyav(path, num_frames, track)
     upright = np.ascontiguousarray(np.rot90(frames, k=track.rotation // 90, axes=(1, 2)))
     return SampledFrames(upright, indices, track.fps, track.duration)
@@ -127,16 +130,26 @@ def _probe(path: str, limits: MediaLimits) -> _Track:
         try:
             first = next(container.decode(stream), None)
         except (av.error.FFmpegError, ValueError) as exc:
-            raise MediaError(f"Could not decode the video track: the file is damaged or its codec is not supported ({exc}).") from exc
+            raise MediaError(
+                f"Could not decode the video track: the file is damaged or its codec is not supported ({exc})."
+            ) from exc
         if first is None:
             raise MediaError("The video track has no frames (the file may be empty or truncated).")
         _check_frame_size(first.width, first.height, limits)
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         fps = float(rate) if rate else (stream.frames / duration if stream.frames and duration else 25.0)
-        start = float(stream.start_time * stream.time_base) if stream.start_time is not None and stream.time_base else 0.0
+        start = (
+            float(stream.start_time * stream.time_base) if stream.start_time is not None and stream.time_base else 0.0
+        )
         return _Track(
-            index=stream.index, width=first.width, height=first.height, frames=stream.frames or 0, fps=fps,
-            start=start, rotation=round((first.rotation or 0) / 90) % 4 * 90, duration=duration,
+            index=stream.index,
+            width=first.width,
+            height=first.height,
+            frames=stream.frames or 0,
+            fps=fps,
+            start=start,
+            rotation=round((first.rotation or 0) / 90) % 4 * 90,
+            duration=duration,
         )
 
 
@@ -227,12 +240,17 @@ def video_tensor(frames: np.ndarray | torch.Tensor, transform: VideoTransform = 
         raise ValueError(f"expected uint8 frames [T, H, W, 3], got {video.dtype} {tuple(video.shape)}")
     size = [transform.size, transform.size]
     resized = torch.stack(
-        [TF.resize(frame, size, interpolation=InterpolationMode.BICUBIC, antialias=False) for frame in video.permute(0, 3, 1, 2)]
+        [
+            TF.resize(frame, size, interpolation=InterpolationMode.BICUBIC, antialias=False)
+            for frame in video.permute(0, 3, 1, 2)
+        ]
     )
     return TF.normalize(resized.float().div(255.0), transform.mean, transform.std)
 
 
-def prepare_video(src: Source, transform: VideoTransform = VideoTransform(), limits: MediaLimits = MediaLimits()) -> torch.Tensor:
+def prepare_video(
+    src: Source, transform: VideoTransform = VideoTransform(), limits: MediaLimits = MediaLimits()
+) -> torch.Tensor:
     """`load_video_frames` then `video_tensor`: TimeSformer input [T, 3, size, size] for one clip
     (add the batch dimension for `pixel_values` [B, T, 3, H, W])."""
     return video_tensor(load_video_frames(src, transform.num_frames, limits), transform)

@@ -34,11 +34,20 @@ def save_photos() -> dict[str, Image.Image]:
     return images
 
 
-def camera_move(image: Image.Image, path: Path, start: tuple[float, ...], end: tuple[float, ...], seconds: float, size: tuple[int, int]) -> None:
+def camera_move(
+    image: Image.Image,
+    path: Path,
+    start: tuple[float, ...],
+    end: tuple[float, ...],
+    seconds: float,
+    size: tuple[int, int],
+) -> None:
     """A smooth (eased) move of a crop box from `start` to `end` (left, top, right, bottom), as H.264."""
     frames = int(seconds * FPS)
     with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=Fraction(FPS), options={"crf": "27", "preset": "slow", "threads": "1"})
+        stream = container.add_stream(
+            "libx264", rate=Fraction(FPS), options={"crf": "27", "preset": "slow", "threads": "1"}
+        )
         stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
         for i in range(frames):
             t = i / (frames - 1)

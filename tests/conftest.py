@@ -167,7 +167,9 @@ def write_video(path: Path, frames: int = 12, size: tuple[int, int] = (64, 48), 
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
         for _ in range(frames):
-            frame = av.VideoFrame.from_ndarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8), format="rgb24")
+            frame = av.VideoFrame.from_ndarray(
+                rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8), format="rgb24"
+            )
             container.mux(stream.encode(frame))
         container.mux(stream.encode())
     return path
@@ -220,12 +222,31 @@ def save_numpy1_checkpoint(state: dict, path: Path) -> Path:
 # -- the real repos, at reduced sizes --------------------------------------------------------------
 
 REAL_LM_CONFIG = {  # facebook/opt-2.7b's config.json keys, with reduced sizes (32 layers, as the injection needs)
-    "_name_or_path": "facebook/opt-2.7b", "_remove_final_layer_norm": False, "activation_dropout": 0.0,
-    "activation_function": "relu", "architectures": ["OPTForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 2,
-    "do_layer_norm_before": True, "dropout": 0.1, "eos_token_id": 2, "ffn_dim": 32, "hidden_size": 16,
-    "init_std": 0.02, "layerdrop": 0.0, "max_position_embeddings": 128, "model_type": "opt", "num_attention_heads": 2,
-    "num_hidden_layers": 32, "pad_token_id": 1, "prefix": "</s>", "torch_dtype": "float16",
-    "transformers_version": "4.21.0.dev0", "use_cache": True, "vocab_size": 512, "word_embed_proj_dim": 16,
+    "_name_or_path": "facebook/opt-2.7b",
+    "_remove_final_layer_norm": False,
+    "activation_dropout": 0.0,
+    "activation_function": "relu",
+    "architectures": ["OPTForCausalLM"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 2,
+    "do_layer_norm_before": True,
+    "dropout": 0.1,
+    "eos_token_id": 2,
+    "ffn_dim": 32,
+    "hidden_size": 16,
+    "init_std": 0.02,
+    "layerdrop": 0.0,
+    "max_position_embeddings": 128,
+    "model_type": "opt",
+    "num_attention_heads": 2,
+    "num_hidden_layers": 32,
+    "pad_token_id": 1,
+    "prefix": "</s>",
+    "torch_dtype": "float16",
+    "transformers_version": "4.21.0.dev0",
+    "use_cache": True,
+    "vocab_size": 512,
+    "word_embed_proj_dim": 16,
 }
 REDUCED_VIT = {"embed_dim": 32, "depth": 6, "num_heads": 2}  # registry overrides: timm builds the model from its name
 TIMESFORMER, AST = "facebook/timesformer-base-finetuned-k600", "MIT/ast-finetuned-audioset-10-10-0.4593"
@@ -240,10 +261,20 @@ def _opt_tokenizer_files() -> dict[str, bytes]:
     with tempfile.TemporaryDirectory() as folder:
         tiny_tokenizer().backend_tokenizer.model.save(folder)
         files = {name: (Path(folder) / name).read_bytes() for name in ("vocab.json", "merges.txt")}
-    special = {"bos_token": {"content": "</s>", **_TOKEN}, "eos_token": {"content": "</s>", **_TOKEN},
-               "unk_token": {"content": "</s>", **_TOKEN}, "pad_token": {"content": "<pad>", **_TOKEN}}
-    config = {"errors": "replace", **special, "add_prefix_space": False, "special_tokens_map_file": None,
-              "name_or_path": "patrickvonplaten/opt-30b", "add_bos_token": True}
+    special = {
+        "bos_token": {"content": "</s>", **_TOKEN},
+        "eos_token": {"content": "</s>", **_TOKEN},
+        "unk_token": {"content": "</s>", **_TOKEN},
+        "pad_token": {"content": "<pad>", **_TOKEN},
+    }
+    config = {
+        "errors": "replace",
+        **special,
+        "add_prefix_space": False,
+        "special_tokens_map_file": None,
+        "name_or_path": "patrickvonplaten/opt-30b",
+        "add_bos_token": True,
+    }
     files["tokenizer_config.json"] = json.dumps(config).encode()
     files["special_tokens_map.json"] = json.dumps(special).encode()
     return files
@@ -259,9 +290,12 @@ def _torch_bytes(state: dict) -> bytes:
 
 # transformers 5 renamed ViT-style layers (AST's among them); the released checkpoints keep the 4.x names
 AST_4X_NAMES = [
-    (r"(^|\.)layers\.(\d+)\.", r"\1encoder.layer.\2."), (r"attention\.q_proj", "attention.attention.query"),
-    (r"attention\.k_proj", "attention.attention.key"), (r"attention\.v_proj", "attention.attention.value"),
-    (r"attention\.o_proj", "attention.output.dense"), (r"mlp\.fc1", "intermediate.dense"),
+    (r"(^|\.)layers\.(\d+)\.", r"\1encoder.layer.\2."),
+    (r"attention\.q_proj", "attention.attention.query"),
+    (r"attention\.k_proj", "attention.attention.key"),
+    (r"attention\.v_proj", "attention.attention.value"),
+    (r"attention\.o_proj", "attention.output.dense"),
+    (r"mlp\.fc1", "intermediate.dense"),
     (r"mlp\.fc2", "output.dense"),
 ]
 
@@ -314,15 +348,30 @@ def build_real_repos() -> dict[tuple[str, str, str], bytes]:
     vit_state = safetensors.torch.save({k: v.contiguous() for k, v in vit.state_dict().items()})
     files[("model", "timm/vit_base_patch16_224.augreg_in21k_ft_in1k", "model.safetensors")] = vit_state
 
-    video = TimesformerForVideoClassification(TimesformerConfig(
-        image_size=224, patch_size=32, num_frames=8, hidden_size=32, num_hidden_layers=6, num_attention_heads=2,
-        intermediate_size=64, num_labels=600,
-    ))
+    video = TimesformerForVideoClassification(
+        TimesformerConfig(
+            image_size=224,
+            patch_size=32,
+            num_frames=8,
+            hidden_size=32,
+            num_hidden_layers=6,
+            num_attention_heads=2,
+            intermediate_size=64,
+            num_labels=600,
+        )
+    )
     files.update((("model", TIMESFORMER, k), v) for k, v in _transformers_repo(video).items())
-    audio = ASTForAudioClassification(ASTConfig(
-        hidden_size=32, num_hidden_layers=6, num_attention_heads=2, intermediate_size=64, max_length=1024,
-        num_mel_bins=128, num_labels=527,
-    ))
+    audio = ASTForAudioClassification(
+        ASTConfig(
+            hidden_size=32,
+            num_hidden_layers=6,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_length=1024,
+            num_mel_bins=128,
+            num_labels=527,
+        )
+    )
     ast = _transformers_repo(audio, ast_4x_name)
     ast["model.safetensors"] = safetensors.torch.save({ast_4x_name(k): v for k, v in audio.state_dict().items()})
     files.update((("model", AST, k), v) for k, v in ast.items())

@@ -122,7 +122,10 @@ def test_api_lists_the_documented_parameters_and_named_outputs(client):
         assert all(p["parameter_has_default"] for p in endpoint["parameters"][2:])
         seen = demo_app.SEEN_LABELS[name.split("_")[1]]
         assert [r["label"] for r in endpoint["returns"]] == [
-            "Answer" if name.startswith("/answer") else "Caption", "Details", seen, demo_app.TOKENS_LABEL,
+            "Answer" if name.startswith("/answer") else "Caption",
+            "Details",
+            seen,
+            demo_app.TOKENS_LABEL,
             "What the model saw",
         ]
 
@@ -133,7 +136,8 @@ def test_a_task_added_to_the_registry_appears_in_the_menu_and_the_api(tmp_path, 
         "\n  image-vqa:\n",
         "\n  image-vqa-mine:\n    title: My VQA\n    label: MyVQA\n    modality: image\n"
         "    kind: qa\n    lm: *opt27\n    encoder: *vit_b\n    preprocess: *image_pre\n    injection: *inject_base\n"
-        "    text: *qa_text\n    generation: *qa_paper\n    adapter: {<<: *space, filename: mine.pth}\n\n  image-vqa:\n",
+        "    text: *qa_text\n    generation: *qa_paper\n"
+        "    adapter: {<<: *space, filename: mine.pth}\n\n  image-vqa:\n",
     )
     (tmp_path / "tasks.yaml").write_text(extra)
     monkeypatch.setenv("EPALM_TASKS", str(tmp_path / "tasks.yaml"))
@@ -471,7 +475,7 @@ def _palette(p: Path) -> Path:
 
 
 def _grey16(p: Path) -> Path:
-    Image.fromarray((np.arange(600, dtype=np.uint16).reshape(20, 30) * 100)).save(p / "grey16.png")
+    Image.fromarray(np.arange(600, dtype=np.uint16).reshape(20, 30) * 100).save(p / "grey16.png")
     return p / "grey16.png"
 
 

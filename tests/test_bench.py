@@ -14,18 +14,45 @@ from conftest import ROOT
 
 sys.path.insert(0, str(ROOT))
 
-from bench import models, report, timing  # noqa: E402
-from bench import run as bench_run  # noqa: E402
+from bench import models, report, timing
+from bench import run as bench_run
 
-TINY = ["--lm", "tiny", "--encoders", "tiny", "--dtype", "float32", "--repeats", "1", "--new-tokens", "5",
-        "--bandwidth-gib", "0.03", "--probe-mib", "8", "--quiet-wait", "0"]
+TINY = [
+    "--lm",
+    "tiny",
+    "--encoders",
+    "tiny",
+    "--dtype",
+    "float32",
+    "--repeats",
+    "1",
+    "--new-tokens",
+    "5",
+    "--bandwidth-gib",
+    "0.03",
+    "--probe-mib",
+    "8",
+    "--quiet-wait",
+    "0",
+]
 
 
 @pytest.fixture(scope="module")
 def bench_output(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    args = TINY + ["--modalities", "image", "audio", "--baseline-inputs", "image", "audio", "--in-process", "--out", str(out / "results.json"),
-                   "--markdown", str(out / "RESULTS.md")]
+    args = TINY + [
+        "--modalities",
+        "image",
+        "audio",
+        "--baseline-inputs",
+        "image",
+        "audio",
+        "--in-process",
+        "--out",
+        str(out / "results.json"),
+        "--markdown",
+        str(out / "RESULTS.md"),
+    ]
     assert bench_run.main(args) == 0
     return json.loads((out / "results.json").read_text()), (out / "RESULTS.md").read_text()
 
@@ -44,8 +71,12 @@ def test_results_json_has_every_measurement(bench_output):
     for setting in ("paper", "greedy"):
         assert ("hf_generate", None, setting) in modes
         for name in ("image", "audio"):
-            assert {("uncached", name, setting), ("cached", name, setting), ("cached_packed", name, setting),
-                    ("uncached_packed", name, setting)} <= modes
+            assert {
+                ("uncached", name, setting),
+                ("cached", name, setting),
+                ("cached_packed", name, setting),
+                ("uncached_packed", name, setting),
+            } <= modes
     for run in config["runs"]:
         assert run["new_tokens"] == 5, "decoding is forced to the full length"
         for key in ("first_token_s", "prefill_s", "step_median_s", "per_token_s", "e2e_s", "tokens_per_s"):
@@ -71,8 +102,17 @@ def test_cached_ids_equal_uncached_ids_in_the_bench(bench_output):
 
 def test_markdown_has_machine_targets_and_tables(bench_output, tmp_path):
     results, md = bench_output
-    for text in ("## Machine", "## Targets", "## Results", "per token ms", "ids = uncached", "bandwidth",
-                 "Profile of one cached decode step", report.NOTES_START, "one task"):
+    for text in (
+        "## Machine",
+        "## Targets",
+        "## Results",
+        "per token ms",
+        "ids = uncached",
+        "bandwidth",
+        "Profile of one cached decode step",
+        report.NOTES_START,
+        "one task",
+    ):
         assert text in md
     assert len(results["targets"]) >= 4
     # hand-written notes survive a regeneration

@@ -11,7 +11,7 @@ from conftest import ROOT
 
 sys.path.insert(0, str(ROOT))
 
-from bench import inspection as bench_inspection  # noqa: E402
+from bench import inspection as bench_inspection
 
 
 def test_the_overhead_bench_measures_both_ways(tmp_path, capsys):

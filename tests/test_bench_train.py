@@ -10,7 +10,7 @@ from conftest import ROOT
 
 sys.path.insert(0, str(ROOT))
 
-from bench import train as bench_train  # noqa: E402
+from bench import train as bench_train
 
 
 def test_training_bench_runs_and_rewrites_its_section(tmp_path):

@@ -71,7 +71,22 @@ def test_ask_jsonl_on_video_and_audio(media_files, capsys):
     assert code == 0, err
     record = json.loads(out)
     assert record["path"] == str(media_files["video"]) and isinstance(record["answer"], str) and "timings" in record
-    assert main(["caption", "--tiny", "--task", "audio-caption", "--preset", "fast", "--max-new-tokens", "3", str(media_files["audio"])]) == 0
+    assert (
+        main(
+            [
+                "caption",
+                "--tiny",
+                "--task",
+                "audio-caption",
+                "--preset",
+                "fast",
+                "--max-new-tokens",
+                "3",
+                str(media_files["audio"]),
+            ]
+        )
+        == 0
+    )
 
 
 def test_save_inputs_writes_what_the_model_saw_per_file(media_files, tmp_path, capsys):
@@ -87,10 +102,32 @@ def test_save_inputs_writes_what_the_model_saw_per_file(media_files, tmp_path, c
     assert len(data["beams"]) == 2 and data["tokens"] == data["beams"][0]["tokens"]
     assert data["seen"]["files"] == ["input.png"] and data["decoding"]["strategy"] == "beam search"
     assert Image.open(out / name / "input.png").size == (224, 224)
-    assert main(["caption", "--tiny", "--task", "video-caption", "--preset", "fast", "--max-new-tokens", "2",
-                 "--frames", "4", "--save-inputs", str(out), paths[1]]) == 0
+    assert (
+        main(
+            [
+                "caption",
+                "--tiny",
+                "--task",
+                "video-caption",
+                "--preset",
+                "fast",
+                "--max-new-tokens",
+                "2",
+                "--frames",
+                "4",
+                "--save-inputs",
+                str(out),
+                paths[1],
+            ]
+        )
+        == 0
+    )
     assert sorted(p.name for p in (out / media_files["video"].name).iterdir()) == [
-        "frame01.png", "frame02.png", "frame03.png", "frame04.png", "inspection.json"
+        "frame01.png",
+        "frame02.png",
+        "frame03.png",
+        "frame04.png",
+        "inspection.json",
     ]
 
 
@@ -137,9 +174,14 @@ def test_an_unknown_task_is_one_usage_error_before_any_file(media_files, capsys)
 
 @pytest.mark.parametrize(
     "argv, message",
-    [(["ask", "-q", "what is it?", "--task", "image-caption"], "'image-caption' writes captions and takes no question: "
-      "use `caption`, or ask with one of: image-vqa, image-gqa"),
-     (["caption", "--task", "video-qa-msvd"], "'video-qa-msvd' answers questions: use `ask --question ...`")],
+    [
+        (
+            ["ask", "-q", "what is it?", "--task", "image-caption"],
+            "'image-caption' writes captions and takes no question: "
+            "use `caption`, or ask with one of: image-vqa, image-gqa",
+        ),
+        (["caption", "--task", "video-qa-msvd"], "'video-qa-msvd' answers questions: use `ask --question ...`"),
+    ],
 )
 def test_a_task_of_the_other_kind_is_a_usage_error(media_files, capsys, argv, message):
     with pytest.raises(SystemExit):

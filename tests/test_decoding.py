@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from epalm.decoding import DecodingOptions, generate, stream_text, stream_tokens
-from epalm.presets import DEFAULT_PRESET, PRESETS
 from epalm.model import InjectionConfig
+from epalm.presets import DEFAULT_PRESET, PRESETS
 
 from test_model import make, padded_batch
 

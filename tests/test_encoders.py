@@ -26,7 +26,9 @@ def test_features_match_the_original_blocks(case):
     assert every_block.shape[0] == depth and manifest["modality"] == encoder.modality
 
 
-@pytest.mark.parametrize("modality, shape", [("image", (2, 3, 224, 224)), ("video", (2, 8, 3, 224, 224)), ("audio", (2, 1024, 128))])
+@pytest.mark.parametrize(
+    "modality, shape", [("image", (2, 3, 224, 224)), ("video", (2, 8, 3, 224, 224)), ("audio", (2, 1024, 128))]
+)
 def test_tiny_encoders_take_real_input_sizes(modality, shape):
     encoder = tiny_encoder(modality)
     with torch.inference_mode():

@@ -11,7 +11,16 @@ from dataclasses import replace
 import pytest
 import torch
 
-from epalm.hub import ADAPTER_CONFIG, AdapterError, WeightsUnavailable, convert, fetch, is_cached, load_adapter, read_adapter
+from epalm.hub import (
+    ADAPTER_CONFIG,
+    AdapterError,
+    WeightsUnavailable,
+    convert,
+    fetch,
+    is_cached,
+    load_adapter,
+    read_adapter,
+)
 from epalm.parity import load_case
 from epalm.tasks import AdapterSource, load_registry
 
@@ -98,8 +107,9 @@ def test_a_malicious_pickle_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "checkpoint_best.pth"
     torch.save({"model": {"connector.0.weight": torch.zeros(2, 2)}, "config": _Payload(str(marker))}, path)
-    with pytest.raises(AdapterError,
-                       match=r"Refused to load checkpoint_best.pth: it asks to run Python code \(io.open\)"):
+    with pytest.raises(
+        AdapterError, match=r"Refused to load checkpoint_best.pth: it asks to run Python code \(io.open\)"
+    ):
         read_adapter(path)
     assert not marker.exists()
 
@@ -155,10 +165,12 @@ def test_a_sharded_checkpoint_is_located_with_its_shards_and_read_into_the_dtype
     """opt-6.7b's layout: `pytorch_model.bin.index.json` naming two shards, no safetensors."""
     import io
 
-    from epalm.hub import RepoFiles, WEIGHT_FILES, locate, read_weights
+    from epalm.hub import WEIGHT_FILES, RepoFiles, locate, read_weights
 
-    shards = {"pytorch_model-00001-of-00002.bin": {"a": torch.ones(2, dtype=torch.float16)},
-              "pytorch_model-00002-of-00002.bin": {"b": torch.full((3,), 2.0, dtype=torch.float16)}}
+    shards = {
+        "pytorch_model-00001-of-00002.bin": {"a": torch.ones(2, dtype=torch.float16)},
+        "pytorch_model-00002-of-00002.bin": {"b": torch.full((3,), 2.0, dtype=torch.float16)},
+    }
     index = {"metadata": {}, "weight_map": {key: name for name, state in shards.items() for key in state}}
     fake_hub.add("facebook/opt-6.7b", "pytorch_model.bin.index.json", json.dumps(index).encode())
     for name, state in shards.items():

@@ -18,7 +18,6 @@ from epalm.video import frame_indices
 
 from conftest import write_video, write_wav
 
-
 FAST = dict(preset="fast", inspect=True)
 
 
@@ -133,7 +132,11 @@ def test_beams_are_ranked_and_their_scores_add_up(pipe, media_files):
         assert beam.score == pytest.approx(sum(t.logprob for t in beam.tokens) / length, abs=1e-5)
         assert beam.logprob == pytest.approx(sum(t.logprob for t in beam.tokens))
     assert inspection.decoding == {
-        "strategy": "beam search", "num_beams": 3, "length_penalty": 1.0, "max_length": 14, "min_answer_tokens": 20
+        "strategy": "beam search",
+        "num_beams": 3,
+        "length_penalty": 1.0,
+        "max_length": 14,
+        "min_answer_tokens": 20,
     }
 
 
@@ -141,15 +144,19 @@ def test_sampling_reports_its_settings(pipe, media_files):
     settings = {**FAST, "preset": "sampling", "seed": 5, "max_new_tokens": 4}
     answer = pipe.caption(media_files["image"], "image-caption", **settings)
     assert answer.inspection.decoding == {
-        "strategy": "sampling", "temperature": 0.7, "top_p": 0.9, "top_k": 0, "seed": 5, "max_new_tokens": 4
+        "strategy": "sampling",
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "top_k": 0,
+        "seed": 5,
+        "max_new_tokens": 4,
     }
     assert all(0 < t.prob <= 1 for t in answer.inspection.tokens) and len(answer.inspection.tokens) >= 1
 
 
 def test_a_trace_does_not_change_beam_search():
-    from epalm.tiny import tiny_adapter, tiny_lm
-
     from epalm.model import EPALM
+    from epalm.tiny import tiny_adapter, tiny_lm
 
     lm, adapter = EPALM(tiny_lm(seed=2)), tiny_adapter(seed=2)
     prefix = adapter.prefix(torch.randn(3, 1, 32))
@@ -178,7 +185,10 @@ def test_describe_says_it_all_in_markdown_that_shows_text_as_typed(pipe, media_f
     answer = pipe.answer(media_files["image"], "is *this* `it` | <b>?", "image-vqa", max_length=24, inspect=True)
     text = answer.inspection.describe()
     assert "**Input:** The 64×48 image, resized to 224×224" in text
-    assert "<code>&#91;P×4&#93;&lt;/s&gt;is&nbsp;&#42;this&#42;&nbsp;&#96;it&#96;&nbsp;|&nbsp;&lt;b&gt;??&lt;/a&gt;</code>" in text
+    assert (
+        "<code>&#91;P×4&#93;&lt;/s&gt;is&nbsp;&#42;this&#42;&nbsp;&#96;it&#96;&nbsp;|&nbsp;&lt;b&gt;??&lt;/a&gt;</code>"
+        in text
+    )
     assert "**Decoding:** beam search · num beams 3 · length penalty 1.0 · max length 24 · min answer tokens 8" in text
     table = [line for line in text.splitlines() if line.startswith("| ")]
     assert len(table) == 1 + 3 and table[1].startswith(f"| 1 | {answer.text.split()[0]}")

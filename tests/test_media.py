@@ -10,8 +10,9 @@ import struct
 import sys
 import wave
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import av
 import numpy as np
@@ -37,9 +38,17 @@ def noise_image(width: int, height: int, seed: int = 0) -> np.ndarray:
 
 
 def write_video(
-    path: Path, frames: int = 12, size: tuple[int, int] = (64, 48), fps: int = 8, codec: str = "libx264",
-    pix_fmt: str = "yuv420p", rotation: float | None = None, audio: bool = False, gop: int = 12,
-    container_options: dict | None = None, seed: int = 0,
+    path: Path,
+    frames: int = 12,
+    size: tuple[int, int] = (64, 48),
+    fps: int = 8,
+    codec: str = "libx264",
+    pix_fmt: str = "yuv420p",
+    rotation: float | None = None,
+    audio: bool = False,
+    gop: int = 12,
+    container_options: dict | None = None,
+    seed: int = 0,
 ) -> Path:
     """Frames whose red channel encodes their index (7·i mod 256) plus a green marker top-left."""
     rng = np.random.default_rng(seed)
@@ -64,7 +73,9 @@ def write_video(
 def tone(seconds: float, rate: int, channels: int = 1, freq: float = 440.0) -> np.ndarray:
     """[channels, n] float32: a sine on channel 0, quieter different tones on the others."""
     t = np.arange(int(round(seconds * rate))) / rate
-    return np.stack([0.3 / (c + 1) * np.sin(2 * np.pi * freq * (c + 1) * t) for c in range(channels)]).astype(np.float32)
+    return np.stack([0.3 / (c + 1) * np.sin(2 * np.pi * freq * (c + 1) * t) for c in range(channels)]).astype(
+        np.float32
+    )
 
 
 def _audio_stream(container: Any, codec: str, rate: int, channels: int, sample_fmt: str | None = None) -> Any:
@@ -79,7 +90,9 @@ def _encode_audio(container: Any, stream: Any, samples: np.ndarray, rate: int) -
     layout = "mono" if samples.shape[0] == 1 else "stereo"
     step = stream.codec_context.frame_size or 1024
     for start in range(0, samples.shape[1], step):
-        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples[:, start : start + step]), format="fltp", layout=layout)
+        frame = av.AudioFrame.from_ndarray(
+            np.ascontiguousarray(samples[:, start : start + step]), format="fltp", layout=layout
+        )
         frame.sample_rate, frame.pts = rate, start
         for packet in stream.encode(frame):
             container.mux(packet)
@@ -87,9 +100,13 @@ def _encode_audio(container: Any, stream: Any, samples: np.ndarray, rate: int) -
         container.mux(packet)
 
 
-def write_audio(path: Path, codec: str, seconds: float = 1.0, rate: int = 44100, channels: int = 2, sample_fmt: str | None = None) -> Path:
+def write_audio(
+    path: Path, codec: str, seconds: float = 1.0, rate: int = 44100, channels: int = 2, sample_fmt: str | None = None
+) -> Path:
     with av.open(str(path), "w") as container:
-        _encode_audio(container, _audio_stream(container, codec, rate, channels, sample_fmt), tone(seconds, rate, channels), rate)
+        _encode_audio(
+            container, _audio_stream(container, codec, rate, channels, sample_fmt), tone(seconds, rate, channels), rate
+        )
     return path
 
 
@@ -118,7 +135,12 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
 def png_bytes(width: int, height: int, bit_depth: int, color_type: int, raw: bytes) -> bytes:
     """A PNG written by hand: a header claiming any size, and the given (filtered) rows."""
     header = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", zlib.compress(raw)) + _png_chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(raw))
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def save(image: Image.Image, path: Path, **kwargs: Any) -> Path:
@@ -158,11 +180,13 @@ def truncated(path: Path, keep: float = 0.5) -> Path:
 def test_image_tensor_is_the_original_test_transform(tmp_path):
     pixels = noise_image(300, 170)
     path = save(Image.fromarray(pixels), tmp_path / "photo.png")
-    original = transforms.Compose([
-        transforms.Resize((224, 224), interpolation=InterpolationMode.BICUBIC),
-        transforms.ToTensor(),
-        transforms.Normalize(CLIP_MEAN, CLIP_STD),
-    ])
+    original = transforms.Compose(
+        [
+            transforms.Resize((224, 224), interpolation=InterpolationMode.BICUBIC),
+            transforms.ToTensor(),
+            transforms.Normalize(CLIP_MEAN, CLIP_STD),
+        ]
+    )
     expected = original(Image.fromarray(pixels))
     got = prepare_image(path)
     assert got.shape == (3, 224, 224) and got.dtype == torch.float32
@@ -201,7 +225,9 @@ def test_video_tensor_is_the_original_non_antialiased_uint8_resize():
     expected = (resized.float() / 255.0 - mean) / std
     assert torch.allclose(got, expected, atol=1e-6)
     shrunk = video_tensor(frames, VideoTransform(size=32))  # downscaling: antialiasing would change it
-    antialiased = transforms.functional.resize(frames.permute(0, 3, 1, 2), [32, 32], InterpolationMode.BICUBIC, antialias=True)
+    antialiased = transforms.functional.resize(
+        frames.permute(0, 3, 1, 2), [32, 32], InterpolationMode.BICUBIC, antialias=True
+    )
     assert not torch.allclose(shrunk, (antialiased.float() / 255.0 - mean) / std, atol=1e-3)
 
 
@@ -242,7 +268,10 @@ def test_video_layer_works_without_decord(tmp_path, monkeypatch):
     assert torch.equal(video.prepare_video(path), prepare_video(path))
 
 
-@pytest.mark.parametrize("rotation, shape, marker", [(-90, (64, 48), "top-right"), (90, (64, 48), "bottom-left"), (180, (48, 64), "bottom-right")])
+@pytest.mark.parametrize(
+    "rotation, shape, marker",
+    [(-90, (64, 48), "top-right"), (90, (64, 48), "bottom-left"), (180, (48, 64), "bottom-right")],
+)
 def test_rotated_video_is_turned_upright(tmp_path, rotation, shape, marker):
     frames = load_video_frames(write_video(tmp_path / "phone.mp4", rotation=rotation), 4)
     assert frames.shape[1:3] == shape
@@ -259,8 +288,14 @@ def test_fbank_is_the_originals_kaldi_call():
     assert got.shape == (1024, 128) and got.dtype == torch.float32
     centred = wave16k - wave16k.mean()
     fbank = torchaudio.compliance.kaldi.fbank(
-        centred[None], htk_compat=True, sample_frequency=16000, use_energy=False, window_type="hanning",
-        num_mel_bins=128, dither=0.0, frame_shift=10,
+        centred[None],
+        htk_compat=True,
+        sample_frequency=16000,
+        use_energy=False,
+        window_type="hanning",
+        num_mel_bins=128,
+        dither=0.0,
+        frame_shift=10,
     )
     frames = fbank.shape[0]
     assert frames == 1 + (len(wave16k) - 400) // 160  # 25 ms windows every 10 ms, snip_edges
@@ -270,8 +305,14 @@ def test_fbank_is_the_originals_kaldi_call():
     assert abs(padding - 0.467) < 1e-3
     assert torch.allclose(got[frames:], torch.full((1024 - frames, 128), padding))
     uncentred = torchaudio.compliance.kaldi.fbank(
-        wave16k[None], htk_compat=True, sample_frequency=16000, use_energy=False, window_type="hanning",
-        num_mel_bins=128, dither=0.0, frame_shift=10,
+        wave16k[None],
+        htk_compat=True,
+        sample_frequency=16000,
+        use_energy=False,
+        window_type="hanning",
+        num_mel_bins=128,
+        dither=0.0,
+        frame_shift=10,
     )
     assert torch.allclose(uncentred, fbank, atol=1e-3)  # the mean subtraction changes nothing (per-frame DC removal)
 
@@ -294,7 +335,9 @@ def test_first_channel_resampled_to_16k(tmp_path):
     first = torch.from_numpy(samples[:, 0].astype(np.float32) / 32768)
     expected = audio_fbank(torchaudio.functional.resample(first, rate, 16000))
     assert torch.allclose(prepare_audio(stereo), expected, atol=1e-4)
-    only_second = audio_fbank(torchaudio.functional.resample(torch.from_numpy(samples[:, 1].astype(np.float32) / 32768), rate, 16000))
+    only_second = audio_fbank(
+        torchaudio.functional.resample(torch.from_numpy(samples[:, 1].astype(np.float32) / 32768), rate, 16000)
+    )
     assert not torch.allclose(prepare_audio(stereo), only_second, atol=1e-2)
     assert torch.allclose(prepare_audio((rate, samples)), expected, atol=1e-4)  # Gradio's microphone format
 
@@ -309,7 +352,9 @@ def test_wav_samples_are_scaled_as_torchaudio_load(tmp_path, width):
 
 
 def test_image_orientation_depth_and_transparency(tmp_path):
-    upright = load_image(jpeg_with_orientation(tmp_path / "exif6.jpg", 6))  # stored landscape, shown rotated 90° clockwise
+    upright = load_image(
+        jpeg_with_orientation(tmp_path / "exif6.jpg", 6)
+    )  # stored landscape, shown rotated 90° clockwise
     assert upright.size == (40, 60)
     green = np.asarray(upright)[:, :, 1] > 128
     assert green[:10, -10:].mean() > 0.8  # the stored top-left is now top-right
@@ -327,7 +372,12 @@ def test_same_file_same_tensor(tmp_path):
     video = write_video(tmp_path / "v.mp4", frames=30)
     rotated = write_video(tmp_path / "r.mp4", frames=30, rotation=90)
     sound = write_audio(tmp_path / "s.mp3", "libmp3lame")
-    for prepare, src in ((prepare_image, image), (prepare_video, video), (prepare_video, rotated), (prepare_audio, sound)):
+    for prepare, src in (
+        (prepare_image, image),
+        (prepare_video, video),
+        (prepare_video, rotated),
+        (prepare_audio, sound),
+    ):
         assert torch.equal(prepare(src), prepare(src))
 
 
@@ -337,7 +387,9 @@ def test_long_files_cost_what_short_ones_do(tmp_path):
     minutes = write_wav(tmp_path / "ten_minutes.wav", np.zeros(16000 * 600, np.int16))
     assert prepare_audio(minutes).shape == (1024, 128)
     for rotation in (None, 90):
-        path = write_video(tmp_path / f"long{rotation}.mp4", frames=3000, fps=5, size=(32, 32), gop=50, rotation=rotation)
+        path = write_video(
+            tmp_path / f"long{rotation}.mp4", frames=3000, fps=5, size=(32, 32), gop=50, rotation=rotation
+        )
         assert prepare_video(path, VideoTransform(num_frames=16)).shape == (16, 3, 224, 224)
 
 
@@ -389,88 +441,306 @@ CORPUS: list[tuple[str, str, Builder, Any, MediaLimits]] = [
     # images
     ("exif-rotated jpeg", "image", lambda p: jpeg_with_orientation(p / "r.jpg", 8), IMAGE, MediaLimits()),
     ("cmyk jpeg", "image", _cmyk, IMAGE, MediaLimits()),
-    ("16-bit grey png", "image", lambda p: save(Image.fromarray(np.arange(600, dtype=np.uint16).reshape(20, 30) * 100), p / "g16.png"), IMAGE, MediaLimits()),
-    ("48-bit rgb png", "image", lambda p: png_bytes(2, 1, 16, 2, b"\x00" + b"\xff\xff\x00\x00\x80\x00" * 2), IMAGE, MediaLimits()),
+    (
+        "16-bit grey png",
+        "image",
+        lambda p: save(Image.fromarray(np.arange(600, dtype=np.uint16).reshape(20, 30) * 100), p / "g16.png"),
+        IMAGE,
+        MediaLimits(),
+    ),
+    (
+        "48-bit rgb png",
+        "image",
+        lambda p: png_bytes(2, 1, 16, 2, b"\x00" + b"\xff\xff\x00\x00\x80\x00" * 2),
+        IMAGE,
+        MediaLimits(),
+    ),
     ("palette png with transparency", "image", _palette_transparent, IMAGE, MediaLimits()),
-    ("grey + alpha png", "image", lambda p: save(Image.new("LA", (10, 10), (128, 100)), p / "la.png"), IMAGE, MediaLimits()),
+    (
+        "grey + alpha png",
+        "image",
+        lambda p: save(Image.new("LA", (10, 10), (128, 100)), p / "la.png"),
+        IMAGE,
+        MediaLimits(),
+    ),
     ("animated gif", "image", _animated_gif, IMAGE, MediaLimits()),
     ("animated webp", "image", _animated_webp, IMAGE, MediaLimits()),
     ("1x1 image", "image", lambda p: save(Image.new("RGB", (1, 1), (9, 9, 9)), p / "dot.png"), IMAGE, MediaLimits()),
     ("1-bit tiff", "image", lambda p: save(Image.new("1", (33, 7), 1), p / "bits.tif"), IMAGE, MediaLimits()),
-    ("float tiff", "image", lambda p: save(Image.fromarray(np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)), p / "f.tif"), IMAGE, MediaLimits()),
-    ("png header claiming 100000x100000", "image", lambda p: png_bytes(100000, 100000, 8, 2, b"\x00" * 64), "megapixels; the limit is 100 megapixels", MediaLimits()),
-    ("2000x2000 over a 1 MP limit", "image", lambda p: png_bytes(2000, 2000, 8, 2, b"\x00" * 64), "Image is 2000×2000 pixels; the limit is 1 megapixels", MediaLimits(max_pixels=1_000_000)),
-    ("truncated jpeg", "image", lambda p: truncated(save(Image.fromarray(noise_image(200, 200)), p / "t.jpg")), "truncated or damaged", MediaLimits()),
+    (
+        "float tiff",
+        "image",
+        lambda p: save(Image.fromarray(np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)), p / "f.tif"),
+        IMAGE,
+        MediaLimits(),
+    ),
+    (
+        "png header claiming 100000x100000",
+        "image",
+        lambda p: png_bytes(100000, 100000, 8, 2, b"\x00" * 64),
+        "megapixels; the limit is 100 megapixels",
+        MediaLimits(),
+    ),
+    (
+        "2000x2000 over a 1 MP limit",
+        "image",
+        lambda p: png_bytes(2000, 2000, 8, 2, b"\x00" * 64),
+        "Image is 2000×2000 pixels; the limit is 1 megapixels",
+        MediaLimits(max_pixels=1_000_000),
+    ),
+    (
+        "truncated jpeg",
+        "image",
+        lambda p: truncated(save(Image.fromarray(noise_image(200, 200)), p / "t.jpg")),
+        "truncated or damaged",
+        MediaLimits(),
+    ),
     ("empty file", "image", _file("empty.jpg", b""), "The file is empty", MediaLimits()),
-    ("text named .jpg", "image", _file("notes.jpg", b"not a picture at all"), "Could not read this file as an image", MediaLimits()),
+    (
+        "text named .jpg",
+        "image",
+        _file("notes.jpg", b"not a picture at all"),
+        "Could not read this file as an image",
+        MediaLimits(),
+    ),
     ("missing file", "image", lambda p: p / "nowhere.jpg", "File not found", MediaLimits()),
     ("a folder", "image", lambda p: p, "folder", MediaLimits()),
-    ("over the file-size limit", "image", lambda p: save(Image.fromarray(noise_image(64, 64)), p / "big.png"), "the limit is", MediaLimits(max_file_bytes=1000)),
-    ("jpeg bytes", "image", lambda p: save(Image.fromarray(noise_image(20, 20)), p / "b.jpg").read_bytes(), IMAGE, MediaLimits()),
-    ("file object", "image", lambda p: io.BytesIO(save(Image.fromarray(noise_image(20, 20)), p / "f.png").read_bytes()), IMAGE, MediaLimits()),
+    (
+        "over the file-size limit",
+        "image",
+        lambda p: save(Image.fromarray(noise_image(64, 64)), p / "big.png"),
+        "the limit is",
+        MediaLimits(max_file_bytes=1000),
+    ),
+    (
+        "jpeg bytes",
+        "image",
+        lambda p: save(Image.fromarray(noise_image(20, 20)), p / "b.jpg").read_bytes(),
+        IMAGE,
+        MediaLimits(),
+    ),
+    (
+        "file object",
+        "image",
+        lambda p: io.BytesIO(save(Image.fromarray(noise_image(20, 20)), p / "f.png").read_bytes()),
+        IMAGE,
+        MediaLimits(),
+    ),
     ("grey uint8 array", "image", lambda p: np.zeros((5, 7), np.uint8), IMAGE, MediaLimits()),
     ("rgba float array", "image", lambda p: np.random.default_rng(0).random((9, 5, 4)), IMAGE, MediaLimits()),
     ("uint16 rgb array", "image", lambda p: np.full((9, 5, 3), 60000, np.uint16), IMAGE, MediaLimits()),
     ("NaN float array", "image", lambda p: np.full((4, 4, 3), np.nan, np.float32), "NaN", MediaLimits()),
     ("4-d array", "image", lambda p: np.zeros((2, 3, 4, 5), np.uint8), "Expected an image array", MediaLimits()),
     ("empty array", "image", lambda p: np.zeros((0, 5, 3), np.uint8), "no pixels", MediaLimits()),
-    ("16-bit PIL image object", "image", lambda p: Image.fromarray(np.full((6, 6), 1000, np.uint16)), IMAGE, MediaLimits()),
+    (
+        "16-bit PIL image object",
+        "image",
+        lambda p: Image.fromarray(np.full((6, 6), 1000, np.uint16)),
+        IMAGE,
+        MediaLimits(),
+    ),
     # video
     ("portrait 360x640", "video", lambda p: write_video(p / "portrait.mp4", size=(360, 640)), VIDEO, MediaLimits()),
-    ("odd 97x61 yuv444p", "video", lambda p: write_video(p / "odd.mp4", size=(97, 61), pix_fmt="yuv444p"), VIDEO, MediaLimits()),
-    ("odd 97x61 vp9 webm", "video", lambda p: write_video(p / "odd.webm", size=(97, 61), codec="libvpx-vp9"), VIDEO, MediaLimits()),
+    (
+        "odd 97x61 yuv444p",
+        "video",
+        lambda p: write_video(p / "odd.mp4", size=(97, 61), pix_fmt="yuv444p"),
+        VIDEO,
+        MediaLimits(),
+    ),
+    (
+        "odd 97x61 vp9 webm",
+        "video",
+        lambda p: write_video(p / "odd.webm", size=(97, 61), codec="libvpx-vp9"),
+        VIDEO,
+        MediaLimits(),
+    ),
     ("rotated phone video", "video", lambda p: write_video(p / "rot.mp4", rotation=-90), VIDEO, MediaLimits()),
     ("one frame", "video", lambda p: write_video(p / "one.mp4", frames=1), VIDEO, MediaLimits()),
     ("3 frames for 8 samples", "video", lambda p: write_video(p / "three.mp4", frames=3), VIDEO, MediaLimits()),
     ("mkv without frame count", "video", lambda p: write_video(p / "v.mkv", frames=20), VIDEO, MediaLimits()),
     ("mpeg4 avi", "video", lambda p: write_video(p / "v.avi", codec="mpeg4"), VIDEO, MediaLimits()),
     ("animated gif as video", "video", _animated_gif, VIDEO, MediaLimits()),
-    ("still png as video", "video", lambda p: save(Image.fromarray(noise_image(30, 20)), p / "still.png"),
-     "This file is a still image (png), not a video: use an image task for it.", MediaLimits()),
-    ("still jpeg as video", "video", lambda p: save(Image.fromarray(noise_image(30, 20)), p / "s.jpg"),
-     "still image (mjpeg)", MediaLimits()),
-    ("still gif as video", "video", lambda p: save(Image.new("RGB", (9, 9)), p / "s.gif"), "still image (gif)",
-     MediaLimits()),
-    ("webp bytes as video", "video", lambda p: save(Image.new("RGB", (9, 9)), p / "s.webp").read_bytes(),
-     "still image (webp)", MediaLimits()),
+    (
+        "still png as video",
+        "video",
+        lambda p: save(Image.fromarray(noise_image(30, 20)), p / "still.png"),
+        "This file is a still image (png), not a video: use an image task for it.",
+        MediaLimits(),
+    ),
+    (
+        "still jpeg as video",
+        "video",
+        lambda p: save(Image.fromarray(noise_image(30, 20)), p / "s.jpg"),
+        "still image (mjpeg)",
+        MediaLimits(),
+    ),
+    (
+        "still gif as video",
+        "video",
+        lambda p: save(Image.new("RGB", (9, 9)), p / "s.gif"),
+        "still image (gif)",
+        MediaLimits(),
+    ),
+    (
+        "webp bytes as video",
+        "video",
+        lambda p: save(Image.new("RGB", (9, 9)), p / "s.webp").read_bytes(),
+        "still image (webp)",
+        MediaLimits(),
+    ),
     ("video with sound", "video", lambda p: write_video(p / "av.mp4", frames=16, audio=True), VIDEO, MediaLimits()),
     ("video bytes", "video", lambda p: write_video(p / "b.mp4").read_bytes(), VIDEO, MediaLimits()),
-    ("truncated mp4 (index at the end)", "video", lambda p: truncated(write_video(p / "t.mp4", frames=40)), "Could not read this file as a video", MediaLimits()),
-    ("truncated faststart mp4", "video", lambda p: truncated(write_video(p / "fs.mp4", frames=40, container_options={"movflags": "faststart"})), VIDEO, MediaLimits()),
+    (
+        "truncated mp4 (index at the end)",
+        "video",
+        lambda p: truncated(write_video(p / "t.mp4", frames=40)),
+        "Could not read this file as a video",
+        MediaLimits(),
+    ),
+    (
+        "truncated faststart mp4",
+        "video",
+        lambda p: truncated(write_video(p / "fs.mp4", frames=40, container_options={"movflags": "faststart"})),
+        VIDEO,
+        MediaLimits(),
+    ),
     ("audio only given as video", "video", _mp3, "no video track (it contains only audio)", MediaLimits()),
-    ("text named .mp4", "video", _file("notes.mp4", b"hello, I am not a video"), "Could not read this file as a video", MediaLimits()),
+    (
+        "text named .mp4",
+        "video",
+        _file("notes.mp4", b"hello, I am not a video"),
+        "Could not read this file as a video",
+        MediaLimits(),
+    ),
     ("empty mp4", "video", _file("empty.mp4", b""), "The file is empty", MediaLimits()),
-    ("HLS playlist naming a local file", "video", _playlist, "Playlists (HLS, DASH, concat lists) are not accepted", MediaLimits()),
-    ("longer than the limit", "video", lambda p: write_video(p / "long.mp4", frames=40, fps=8), "This video is 5.0 seconds long; the limit is 2.0 seconds", MediaLimits(max_clip_seconds=2)),
-    ("frames over the pixel limit", "video", lambda p: write_video(p / "wide.mp4"), "megapixels per frame", MediaLimits(max_frame_pixels=1000)),
+    (
+        "HLS playlist naming a local file",
+        "video",
+        _playlist,
+        "Playlists (HLS, DASH, concat lists) are not accepted",
+        MediaLimits(),
+    ),
+    (
+        "longer than the limit",
+        "video",
+        lambda p: write_video(p / "long.mp4", frames=40, fps=8),
+        "This video is 5.0 seconds long; the limit is 2.0 seconds",
+        MediaLimits(max_clip_seconds=2),
+    ),
+    (
+        "frames over the pixel limit",
+        "video",
+        lambda p: write_video(p / "wide.mp4"),
+        "megapixels per frame",
+        MediaLimits(max_frame_pixels=1000),
+    ),
     # audio
-    ("8-bit wav", "audio", lambda p: write_wav(p / "u8.wav", np.full(8000, 128, np.uint8) + 20, width=1), AUDIO, MediaLimits()),
+    (
+        "8-bit wav",
+        "audio",
+        lambda p: write_wav(p / "u8.wav", np.full(8000, 128, np.uint8) + 20, width=1),
+        AUDIO,
+        MediaLimits(),
+    ),
     ("24-bit wav", "audio", lambda p: write_wav(p / "s24.wav", np.arange(8000) * 500, width=3), AUDIO, MediaLimits()),
-    ("stereo 44.1 kHz wav", "audio", lambda p: write_audio(p / "st.wav", "pcm_s16le", sample_fmt="s16"), AUDIO, MediaLimits()),
+    (
+        "stereo 44.1 kHz wav",
+        "audio",
+        lambda p: write_audio(p / "st.wav", "pcm_s16le", sample_fmt="s16"),
+        AUDIO,
+        MediaLimits(),
+    ),
     ("mp3", "audio", _mp3, AUDIO, MediaLimits()),
     ("flac", "audio", lambda p: write_audio(p / "a.flac", "flac", sample_fmt="s16"), AUDIO, MediaLimits()),
-    ("ogg opus", "audio", lambda p: write_audio(p / "a.ogg", "libopus", rate=48000, sample_fmt="flt"), AUDIO, MediaLimits()),
+    (
+        "ogg opus",
+        "audio",
+        lambda p: write_audio(p / "a.ogg", "libopus", rate=48000, sample_fmt="flt"),
+        AUDIO,
+        MediaLimits(),
+    ),
     ("m4a aac", "audio", lambda p: write_audio(p / "a.m4a", "aac"), AUDIO, MediaLimits()),
-    ("audio track of a video", "audio", lambda p: write_video(p / "av.mp4", frames=16, audio=True), AUDIO, MediaLimits()),
-    ("video without audio", "audio", lambda p: write_video(p / "mute.mp4"), "no audio track (it contains only video)", MediaLimits()),
+    (
+        "audio track of a video",
+        "audio",
+        lambda p: write_video(p / "av.mp4", frames=16, audio=True),
+        AUDIO,
+        MediaLimits(),
+    ),
+    (
+        "video without audio",
+        "audio",
+        lambda p: write_video(p / "mute.mp4"),
+        "no audio track (it contains only video)",
+        MediaLimits(),
+    ),
     ("silence", "audio", lambda p: write_wav(p / "silence.wav", np.zeros(16000, np.int16)), AUDIO, MediaLimits()),
-    ("0.1 s clip", "audio", lambda p: write_wav(p / "short.wav", (tone(0.1, 16000)[0] * 20000).astype(np.int16)), AUDIO, MediaLimits()),
-    ("10 ms clip (under one window)", "audio", lambda p: write_wav(p / "tiny.wav", np.full(160, 1000, np.int16)), AUDIO, MediaLimits()),
+    (
+        "0.1 s clip",
+        "audio",
+        lambda p: write_wav(p / "short.wav", (tone(0.1, 16000)[0] * 20000).astype(np.int16)),
+        AUDIO,
+        MediaLimits(),
+    ),
+    (
+        "10 ms clip (under one window)",
+        "audio",
+        lambda p: write_wav(p / "tiny.wav", np.full(160, 1000, np.int16)),
+        AUDIO,
+        MediaLimits(),
+    ),
     ("empty wav", "audio", lambda p: write_wav(p / "empty.wav", np.zeros(0, np.int16)), "empty", MediaLimits()),
-    ("corrupt wav header", "audio", _file("bad.wav", b"RIFF\x10\x00\x00\x00WAVEfmt " + bytes(range(40))), "Could not", MediaLimits()),
+    (
+        "corrupt wav header",
+        "audio",
+        _file("bad.wav", b"RIFF\x10\x00\x00\x00WAVEfmt " + bytes(range(40))),
+        "Could not",
+        MediaLimits(),
+    ),
     ("text named .wav", "audio", _file("notes.wav", b"la la la"), "Could not read this file as audio", MediaLimits()),
     ("truncated mp3", "audio", lambda p: truncated(_mp3(p)), AUDIO, MediaLimits()),
-    ("unusual 44101 Hz rate", "audio", lambda p: write_wav(p / "odd.wav", np.zeros(4410, np.int16), rate=44101), "unusual", MediaLimits()),
-    ("longer than the limit", "audio", lambda p: write_wav(p / "long.wav", np.zeros(16000 * 90, np.int16)), "This recording is 90 seconds long; the limit is 60 seconds", MediaLimits(max_clip_seconds=60)),
-    ("microphone int16 mono", "audio", lambda p: (48000, (tone(1.0, 48000)[0] * 20000).astype(np.int16)), AUDIO, MediaLimits()),
-    ("microphone int16 stereo", "audio", lambda p: (44100, (tone(1.0, 44100, 2).T * 20000).astype(np.int16)), AUDIO, MediaLimits()),
+    (
+        "unusual 44101 Hz rate",
+        "audio",
+        lambda p: write_wav(p / "odd.wav", np.zeros(4410, np.int16), rate=44101),
+        "unusual",
+        MediaLimits(),
+    ),
+    (
+        "longer than the limit",
+        "audio",
+        lambda p: write_wav(p / "long.wav", np.zeros(16000 * 90, np.int16)),
+        "This recording is 90 seconds long; the limit is 60 seconds",
+        MediaLimits(max_clip_seconds=60),
+    ),
+    (
+        "microphone int16 mono",
+        "audio",
+        lambda p: (48000, (tone(1.0, 48000)[0] * 20000).astype(np.int16)),
+        AUDIO,
+        MediaLimits(),
+    ),
+    (
+        "microphone int16 stereo",
+        "audio",
+        lambda p: (44100, (tone(1.0, 44100, 2).T * 20000).astype(np.int16)),
+        AUDIO,
+        MediaLimits(),
+    ),
     ("microphone float32", "audio", lambda p: (22050, tone(0.5, 22050)[0]), AUDIO, MediaLimits()),
     ("bare tensor at 16 kHz", "audio", lambda p: torch.zeros(2, 16000), AUDIO, MediaLimits()),
     ("NaN float array", "audio", lambda p: (16000, np.full(1600, np.nan, np.float32)), "NaN", MediaLimits()),
     ("empty recording", "audio", lambda p: (16000, np.zeros(0, np.int16)), "empty", MediaLimits()),
     ("sample rate 0", "audio", lambda p: (0, np.zeros(100, np.int16)), "not valid", MediaLimits()),
     ("3-d samples", "audio", lambda p: (16000, np.zeros((2, 2, 2), np.int16)), "Expected audio samples", MediaLimits()),
-    ("int64 samples", "audio", lambda p: (16000, np.zeros(100, np.int64)), "Unsupported audio sample type", MediaLimits()),
+    (
+        "int64 samples",
+        "audio",
+        lambda p: (16000, np.zeros(100, np.int64)),
+        "Unsupported audio sample type",
+        MediaLimits(),
+    ),
 ]
 PREPARE = {"image": prepare_image, "video": prepare_video, "audio": prepare_audio}
 TRANSFORMS = {"image": ImageTransform(), "video": VideoTransform(num_frames=8), "audio": AudioTransform()}

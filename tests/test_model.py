@@ -143,7 +143,10 @@ VARIANTS = {
     "late_layers_recomputed": (InjectionConfig(1, 3, 2, prompt_len=3), {}),
     "end_beyond_layers": (InjectionConfig(2, 9, 3, prompt_len=2), {}),
     "post_ln": (InjectionConfig(1, 4, 3, prompt_len=3), {"do_layer_norm_before": False}),
-    "project_in_out": (InjectionConfig(2, 5, 3, shared_connector=True, prompt_len=4, prompt_mlp=False), {"word_embed_proj_dim": 16}),
+    "project_in_out": (
+        InjectionConfig(2, 5, 3, shared_connector=True, prompt_len=4, prompt_mlp=False),
+        {"word_embed_proj_dim": 16},
+    ),
     "n1_start0_no_prompt": (InjectionConfig(0, 4, 1, prompt_len=0), {}),
     "clamped_schedule": (InjectionConfig(0, 5, 3, prompt_len=2), {}),
 }
@@ -220,7 +223,8 @@ def _wrong_linear(x, weight, bias, attr, scalars, algorithm):
 
 
 @pytest.mark.parametrize(
-    "op, replacement", [("_reorder_linear_weight", _failing_reorder), ("_linear_pointwise", _wrong_linear)],
+    "op, replacement",
+    [("_reorder_linear_weight", _failing_reorder), ("_linear_pointwise", _wrong_linear)],
     ids=["broken_op", "wrong_result"],
 )
 def test_packing_falls_back_to_dense_layers_when_onednn_changes(monkeypatch, caplog, op, replacement):

@@ -56,7 +56,10 @@ def test_requirements_test_txt_pins_the_test_extra():
 def test_decord_is_only_required_where_it_has_wheels():
     decord = pinned("requirements.txt")["decord"]
     for platform, machine, wanted in [
-        ("linux", "x86_64", True), ("win32", "AMD64", True), ("darwin", "arm64", False), ("linux", "aarch64", False),
+        ("linux", "x86_64", True),
+        ("win32", "AMD64", True),
+        ("darwin", "arm64", False),
+        ("linux", "aarch64", False),
     ]:
         assert decord.marker.evaluate({"sys_platform": platform, "platform_machine": machine}) is wanted
 
@@ -70,7 +73,7 @@ def test_installed_package_finds_its_registry(tmp_path, monkeypatch):
     """A wheel has no checkpoints/ folder: the build copies the registry into the package (the
     force-include below), and epalm.tasks falls back to that copy. Laid out here as pip installs it
     and imported under another name (the torch and transformers already imported are reused)."""
-    (source, target), = PROJECT["tool"]["hatch"]["build"]["targets"]["wheel"]["force-include"].items()
+    ((source, target),) = PROJECT["tool"]["hatch"]["build"]["targets"]["wheel"]["force-include"].items()
     assert (ROOT / source).resolve() == tasks.DEFAULT_REGISTRY
     package = tmp_path / "site-packages" / "epalm"
     shutil.copytree(ROOT / "epalm", package, ignore=shutil.ignore_patterns("__pycache__"))

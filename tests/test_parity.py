@@ -79,8 +79,11 @@ def test_a_raised_length_limit_keeps_every_answer_that_ended_before_the_original
         prefix = adapter.prefix(encoder(encoder_input(manifest, inputs), adapter.config.num_features))
         for spec in ended_early:
             options = DecodingOptions(
-                num_beams=spec["num_beams"], max_length=spec["max_length"], min_answer_tokens=spec["max_length"],
-                eos_token_id=spec["eos_token_id"], pad_token_id=spec["pad_token_id"],
+                num_beams=spec["num_beams"],
+                max_length=spec["max_length"],
+                min_answer_tokens=spec["max_length"],
+                eos_token_id=spec["eos_token_id"],
+                pad_token_id=spec["pad_token_id"],
             )
             assert options.extends_limit(ids.shape[1])
             assert torch.equal(generate(lm, prefix, ids, mask, options).sequences, expected[spec["key"]]), spec["key"]

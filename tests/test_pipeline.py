@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 import pytest
 import torch
 
 from epalm.decoding import DecodingOptions
-from epalm.presets import PRESETS
 from epalm.hub import WeightsUnavailable
 from epalm.media import MediaError
 from epalm.pipeline import MAX_QUESTION_CHARS, MAX_QUESTION_TOKENS, InputError, OutOfMemory, Pipeline
+from epalm.presets import PRESETS
 from epalm.tasks import TextFormat, load_registry
 from epalm.tiny import TinyModels
 
@@ -23,8 +24,13 @@ def pipe() -> Pipeline:
 
 @pytest.mark.parametrize(
     "task, modality, question",
-    [("image-caption", "image", None), ("image-vqa", "image", "what is this"), ("video-caption", "video", None),
-     ("video-qa-msvd", "video", "what happens"), ("audio-caption", "audio", None)],
+    [
+        ("image-caption", "image", None),
+        ("image-vqa", "image", "what is this"),
+        ("video-caption", "video", None),
+        ("video-qa-msvd", "video", "what happens"),
+        ("audio-caption", "audio", None),
+    ],
 )
 def test_every_modality_answers(pipe, media_files, task, modality, question):
     result = pipe.stream(media_files[modality], task, question, preset="fast", max_new_tokens=6)
@@ -77,7 +83,11 @@ def test_concurrent_calls_for_different_tasks_do_not_mix_adapters(media_files):
         barrier.wait()
         results[i] = list(pipe.stream(media_files["image"], task, question, **settings))[-1].text
 
-    threads = [threading.Thread(target=worker, args=(k * len(jobs) + i, t, q)) for k in range(3) for i, (t, q) in enumerate(jobs)]
+    threads = [
+        threading.Thread(target=worker, args=(k * len(jobs) + i, t, q))
+        for k in range(3)
+        for i, (t, q) in enumerate(jobs)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -97,8 +107,12 @@ def test_loading_happens_once_and_reports_progress(media_files):
     assert len([m for m in messages if m.startswith("Loading")]) == 3
     pipe.preload(["image-vqa", "audio-caption"])  # what app.py --preload runs in the background
     assert pipe.loaded() == [
-        "OPT-2.7B language model", "ViT-B/16 image encoder", "COCO captions adapter (image-caption)",
-        "VQAv2 adapter (image-vqa)", "AST audio encoder", "AudioCaps captions adapter (audio-caption)",
+        "OPT-2.7B language model",
+        "ViT-B/16 image encoder",
+        "COCO captions adapter (image-caption)",
+        "VQAv2 adapter (image-vqa)",
+        "AST audio encoder",
+        "AudioCaps captions adapter (audio-caption)",
     ]
 
 
@@ -155,8 +169,11 @@ def test_missing_weights_name_the_repo_and_the_fix(media_files, fake_hub, monkey
     adapter = "checkpoints/float32/ePALM_caption/checkpoint_best.pth in the Space mshukor/eP-ALM"
     with pytest.raises(WeightsUnavailable, match=rf"Cannot get the adapter of image-caption: {adapter} is not .*{fix}"):
         pipe.caption(media_files["image"], "image-caption")
-    with pytest.raises(WeightsUnavailable, match=r"^Cannot get the language model facebook/opt-2.7b: config.json in "
-                       r"facebook/opt-2.7b is not in the local Hugging Face cache .*" + fix):
+    with pytest.raises(
+        WeightsUnavailable,
+        match=r"^Cannot get the language model facebook/opt-2.7b: config.json in "
+        r"facebook/opt-2.7b is not in the local Hugging Face cache .*" + fix,
+    ):
         Pipeline(device="cpu").caption(media_files["image"], "image-caption")
 
 
@@ -170,7 +187,10 @@ def test_adapter_from_the_hub_drives_the_answer(media_files, fake_hub):
     fake_hub.add(task.adapter.repo_id, task.adapter.filename, buffer.getvalue(), repo_type="space")
     real = Pipeline(device="cpu", source=TinyModels(adapter_files=True))
     settings = dict(preset="fast", max_new_tokens=6)
-    assert real.caption(media_files["image"], "image-caption", **settings).text == tiny.caption(media_files["image"], "image-caption", **settings).text
+    assert (
+        real.caption(media_files["image"], "image-caption", **settings).text
+        == tiny.caption(media_files["image"], "image-caption", **settings).text
+    )
     assert len(fake_hub.downloads) == 1
 
 
@@ -205,7 +225,10 @@ def test_cpu_weights_are_packed_unless_asked_not_to(media_files):
     task = packed.task("image-caption")
     assert isinstance(packed.lm(task)[0].decoder.layers[0].fc1, PackedLinear)
     assert not isinstance(dense.lm(task)[0].decoder.layers[0].fc1, PackedLinear)
-    assert packed.caption(media_files["image"], "image-caption", **settings).text == dense.caption(media_files["image"], "image-caption", **settings).text
+    assert (
+        packed.caption(media_files["image"], "image-caption", **settings).text
+        == dense.caption(media_files["image"], "image-caption", **settings).text
+    )
 
 
 def test_presets_keep_the_tasks_own_limits(media_files):

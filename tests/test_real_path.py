@@ -7,7 +7,6 @@ from __future__ import annotations
 import collections
 import io
 import logging
-import os
 import subprocess
 import sys
 import threading
@@ -26,17 +25,23 @@ from conftest import AST, ROOT, TIMESFORMER, ast_4x_name
 JOBS = [("image-caption", "image", None), ("video-qa-msrvtt", "video", "what is it"), ("audio-caption", "audio", None)]
 SETTINGS = dict(preset="fast", max_new_tokens=4)
 OPT, VIT = "facebook/opt-2.7b", "timm/vit_base_patch16_224.augreg_in21k_ft_in1k"
-NEEDED = {  # what these three tasks need, and nothing else the repos hold
-    f"/{OPT}/resolve/main/{name}"
-    for name in ("config.json", "tokenizer_config.json", "vocab.json", "merges.txt", "pytorch_model.bin")
-} | {
-    f"/{VIT}/resolve/main/model.safetensors",
-    f"/{TIMESFORMER}/resolve/main/config.json", f"/{TIMESFORMER}/resolve/main/pytorch_model.bin",
-    f"/{AST}/resolve/main/config.json", f"/{AST}/resolve/main/model.safetensors",
-} | {
-    f"/spaces/mshukor/eP-ALM/resolve/main/checkpoints/float32/ePALM_{name}/checkpoint_best.pth"
-    for name in ("caption", "video_qa_msrvtt", "audio_caption")
-}
+NEEDED = (
+    {  # what these three tasks need, and nothing else the repos hold
+        f"/{OPT}/resolve/main/{name}"
+        for name in ("config.json", "tokenizer_config.json", "vocab.json", "merges.txt", "pytorch_model.bin")
+    }
+    | {
+        f"/{VIT}/resolve/main/model.safetensors",
+        f"/{TIMESFORMER}/resolve/main/config.json",
+        f"/{TIMESFORMER}/resolve/main/pytorch_model.bin",
+        f"/{AST}/resolve/main/config.json",
+        f"/{AST}/resolve/main/model.safetensors",
+    }
+    | {
+        f"/spaces/mshukor/eP-ALM/resolve/main/checkpoints/float32/ePALM_{name}/checkpoint_best.pth"
+        for name in ("caption", "video_qa_msrvtt", "audio_caption")
+    }
+)
 
 
 def answers(pipe: Pipeline, media_files) -> list[str]:

@@ -7,8 +7,16 @@ import pytest
 from epalm.tasks import RegistryError, TextFormat, answer_tokens, get_task, load_registry
 
 TASK_IDS = [
-    "image-caption", "image-vqa", "image-gqa", "video-caption", "video-qa-msrvtt", "video-qa-msvd",
-    "audio-caption", "image-caption-L", "image-vqa-L", "image-gqa-L",
+    "image-caption",
+    "image-vqa",
+    "image-gqa",
+    "video-caption",
+    "video-qa-msrvtt",
+    "video-qa-msvd",
+    "audio-caption",
+    "image-caption-L",
+    "image-vqa-L",
+    "image-gqa-L",
 ]
 
 
@@ -41,7 +49,9 @@ def test_text_formats_follow_the_original():
 
 def test_a_user_registry_adds_a_task_with_a_local_adapter(tmp_path):
     source = (load_registry.__globals__["DEFAULT_REGISTRY"]).read_text()
-    extra = source + """
+    extra = (
+        source
+        + """
   my-captioner:
     title: Mine
     modality: image
@@ -54,6 +64,7 @@ def test_a_user_registry_adds_a_task_with_a_local_adapter(tmp_path):
     generation: {num_beams: 1, max_new_tokens: 5}
     adapter: {filename: adapters/mine}
 """
+    )
     path = tmp_path / "tasks.yaml"
     path.write_text(extra)
     task = get_task("my-captioner", load_registry(path))

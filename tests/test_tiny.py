@@ -9,8 +9,14 @@ from epalm.model import EPALM, InjectionConfig
 from epalm.tiny import random_lm, tiny_adapter
 
 SMALL_OPT = OPTConfig(
-    hidden_size=64, num_hidden_layers=3, ffn_dim=128, num_attention_heads=4, word_embed_proj_dim=64, vocab_size=512,
-    max_position_embeddings=64, attn_implementation="eager",
+    hidden_size=64,
+    num_hidden_layers=3,
+    ffn_dim=128,
+    num_attention_heads=4,
+    word_embed_proj_dim=64,
+    vocab_size=512,
+    max_position_embeddings=64,
+    attn_implementation="eager",
 )
 
 
