@@ -208,9 +208,8 @@ class Demo:
         media = request["media"]
         if media is None or media == "":
             raise InputError(f"Please upload {MEDIA_NAMES[modality]} first.")
-        decoding: dict[str, Any] = {}
-        if request["preset"] == "sampling":
-            decoding.update(temperature=float(request["temperature"]), top_p=float(request["top_p"]))
+        # temperature and top-p shape sampling only; decoding ignores them for beams and greedy
+        decoding: dict[str, Any] = {"temperature": float(request["temperature"]), "top_p": float(request["top_p"])}
         if request["max_new_tokens"]:
             decoding.update(max_new_tokens=int(request["max_new_tokens"]))
         if request.get("frames"):
