@@ -225,11 +225,13 @@ class Demo:
             **decoding,
         )
         first = _first_in_background(answers, stages)
-        while (stage := stages.get()) is not first:  # checks, loading and downloads until the first answer
+        stage = stages.get()
+        while stage is not first:  # checks, loading and downloads until the first answer
             while not stages.empty() and stage is not first:  # show only the latest of a burst of download reports
                 stage = stages.get()
             if stage is not first:
                 yield "", f"⏳ {stage}", *NOTHING_SEEN
+                stage = stages.get()
         if first.error is not None:
             raise first.error
         shown = False

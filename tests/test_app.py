@@ -328,6 +328,38 @@ def test_load_stages_are_shown_before_the_answer(media_files):
     assert not any(info.startswith("⏳") for _, info, *_ in again), "nothing to load the second time"
 
 
+def test_a_load_that_fails_at_once_still_ends_the_request(media_files):
+    """Load stages and the failure can reach the request's thread together: it still ends, with the message."""
+    import threading
+
+    from epalm import WeightsUnavailable
+
+    pipeline = Pipeline(device="cpu", tiny=True)
+    missing = "config.json of facebook/opt-2.7b is not in the local Hugging Face cache"
+
+    def fails_at_once(*args, progress, **kwargs):
+        progress("Loading OPT-2.7B language model…")
+        progress("Downloading config.json of facebook/opt-2.7b…")
+        raise WeightsUnavailable(missing)
+        yield  # a generator, as the real stream is
+
+    pipeline.stream = fails_at_once
+    request = dict(media=str(media_files["image"]), task="image-caption", preset="fast", max_new_tokens=2)
+    outputs, ended = [], []
+
+    def run() -> None:
+        try:
+            outputs.extend(demo_app.Demo(pipeline).run("image", {**request, "temperature": 0.7, "top_p": 0.9}))
+        except Exception as exc:
+            ended.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    assert ended and missing in str(ended[0]), "the request ended, with the message"
+    assert outputs[-1][:2] == ("", f"⚠️ {missing}")
+
+
 def test_the_status_line_names_models_for_people_and_reports_preloads(media_files, tmp_path, monkeypatch):
     demo = demo_app.Demo(Pipeline(device="cpu", tiny=True))
     assert "tiny random stand-ins" in demo.status() and "nothing yet" in demo.status()
