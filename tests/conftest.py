@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import http.server
 import os
@@ -36,6 +37,12 @@ PARITY_CASES = _parity_cases()
 # tiny models gain nothing from threads, and idle OpenMP workers spin against any other load
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # for the subprocesses the tests start
+
+
+def pytest_collection_finish(session) -> None:
+    """What the test modules imported (torch, transformers, gradio...) lives as long as the run: freeze it
+    out of the garbage collector's full passes, which would otherwise walk all of it again each time."""
+    gc.freeze()
 
 
 CHROMIUM_HELP = (
@@ -121,7 +128,8 @@ class FakeHub:
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        # shutdown() waits for the serving loop to poll: every 50 ms, not the default 0.5 s, at each teardown
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
     def add(self, repo_id: str, filename: str, data: bytes, repo_type: str = "model", revision: str = "main") -> None:
         prefix = {"model": "", "space": "spaces/", "dataset": "datasets/"}[repo_type]

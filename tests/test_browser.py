@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -151,9 +152,9 @@ def test_stop_ends_a_running_answer(browser, media_files):
     pipeline = Pipeline(device="cpu", tiny=True)
     stream = pipeline.stream
 
-    def slow(*args, **kwargs):  # the real stream, one partial answer every 0.3 s
+    def slow(*args, **kwargs):  # the real stream, one partial answer every 0.2 s
         for answer in stream(*args, **kwargs):
-            time.sleep(0.3)
+            time.sleep(0.2)
             yield answer
 
     pipeline.stream = slow
@@ -166,9 +167,9 @@ def test_stop_ends_a_running_answer(browser, media_files):
         answer = page.locator("#image-caption-answer textarea")
         expect(answer).not_to_have_value("", timeout=60_000)
         page.locator("#image-caption-stop").click()
-        page.wait_for_timeout(1000)
+        page.wait_for_timeout(800)  # a partial answer already on its way has arrived
         stopped = answer.input_value()
-        page.wait_for_timeout(2000)
+        page.wait_for_timeout(1200)  # six more partial answers' time
         assert answer.input_value() == stopped, "no more partial answers after Stop"
         expect(page.locator("#image-caption-info")).not_to_contain_text("tokens/s")
     finally:
@@ -177,15 +178,21 @@ def test_stop_ends_a_running_answer(browser, media_files):
 
 
 class SlowLoadingTinyModels(TinyModels):
-    """Tiny models whose language model takes a few seconds to load, like a real download."""
+    """Tiny models whose language model loads only once the test has seen the page say it is loading,
+    like a long real download (and never later than a minute)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
 
     def lm(self, ref, dtype, progress=None):
-        time.sleep(4)
+        self.release.wait(60)
         return super().lm(ref, dtype, progress)
 
 
 def test_load_stages_show_where_the_answer_will_appear(browser, media_files):
-    blocks, page = open_app(browser, Pipeline(device="cpu", source=SlowLoadingTinyModels()))
+    source = SlowLoadingTinyModels()
+    blocks, page = open_app(browser, Pipeline(device="cpu", source=source))
     try:
         page.get_by_role("tab", name="Audio", exact=True).click()
         upload(page, "audio", media_files["audio"])
@@ -194,8 +201,10 @@ def test_load_stages_show_where_the_answer_will_appear(browser, media_files):
             "⏳ Loading OPT-2.7B language model", timeout=30_000
         )
         page.screenshot(path=str(OUTPUT / "loading.png"), full_page=True)
+        source.release.set()
         assert wait_for_answer(page, "audio-caption", "audio-caption").strip()
     finally:
+        source.release.set()
         page.close()
         blocks.close()
 
