@@ -7,13 +7,11 @@ import hashlib
 import http.server
 import os
 import shutil
+import tempfile
 import threading
 from pathlib import Path
 
 import pytest
-import torch
-
-from epalm.tiny import tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 PARITY_DIR = ROOT / "tests" / "fixtures" / "parity"
@@ -34,14 +32,30 @@ def _parity_cases() -> list[Path]:
 
 PARITY_CASES = _parity_cases()
 
-# tiny models gain nothing from threads, and idle OpenMP workers spin against any other load
-torch.set_num_threads(1)
-os.environ.setdefault("OMP_NUM_THREADS", "1")  # for the subprocesses the tests start
+# Gradio keeps uploads in one folder per machine (/tmp/gradio), where an app with `delete_cache` (as
+# test_old_uploads_are_deleted starts) deletes every other app's uploads too: another test run's, or another
+# pytest-xdist worker's. This process's apps keep theirs in a folder of their own (set before gradio is imported).
+GRADIO_TEMP_DIR = tempfile.mkdtemp(prefix="epalm-tests-gradio-")
+os.environ["GRADIO_TEMP_DIR"] = GRADIO_TEMP_DIR
+
+
+def pytest_unconfigure(config) -> None:
+    shutil.rmtree(GRADIO_TEMP_DIR, ignore_errors=True)
+
+
+# tiny models gain nothing from threads, and idle OpenMP workers spin against any other load (this process:
+# one thread from pytest_collection_finish on; the subprocesses the tests start: OMP_NUM_THREADS)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_collection_finish(session) -> None:
-    """What the test modules imported (torch, transformers, gradio...) lives as long as the run: freeze it
-    out of the garbage collector's full passes, which would otherwise walk all of it again each time."""
+    """Once the tests are collected, before the first one. torch is set to one thread here, not when this
+    file is imported: a pytest-xdist controller imports this file, runs no test and need not import torch.
+    What collection imported lives as long as the run: freeze it out of the garbage collector's full passes,
+    which would otherwise walk all of it each time."""
+    import torch
+
+    torch.set_num_threads(1)
     gc.freeze()
 
 
@@ -73,6 +87,8 @@ def parity_cases() -> list[Path]:
 
 @pytest.fixture(scope="session")
 def tokenizer():
+    from epalm.tiny import tiny_tokenizer
+
     return tiny_tokenizer()
 
 
@@ -215,6 +231,8 @@ def save_numpy1_checkpoint(state: dict, path: Path) -> Path:
     import io
     import zipfile
 
+    import torch
+
     buffer = io.BytesIO()
     torch.save(state, buffer, pickle_protocol=2)
     with zipfile.ZipFile(buffer) as source, zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as out:
@@ -266,6 +284,8 @@ def _opt_tokenizer_files() -> dict[str, bytes]:
     import json
     import tempfile
 
+    from epalm.tiny import tiny_tokenizer
+
     with tempfile.TemporaryDirectory() as folder:
         tiny_tokenizer().backend_tokenizer.model.save(folder)
         files = {name: (Path(folder) / name).read_bytes() for name in ("vocab.json", "merges.txt")}
@@ -290,6 +310,8 @@ def _opt_tokenizer_files() -> dict[str, bytes]:
 
 def _torch_bytes(state: dict) -> bytes:
     import io
+
+    import torch
 
     buffer = io.BytesIO()
     torch.save(state, buffer, pickle_protocol=2)
@@ -334,6 +356,7 @@ def build_real_repos() -> dict[tuple[str, str, str], bytes]:
     import numpy as np
     import safetensors.torch
     import timm
+    import torch
     from transformers import ASTConfig, ASTForAudioClassification, TimesformerConfig, TimesformerForVideoClassification
 
     from epalm.model import Adapter

@@ -167,7 +167,7 @@ def test_stop_ends_a_running_answer(browser, media_files):
         answer = page.locator("#image-caption-answer textarea")
         expect(answer).not_to_have_value("", timeout=60_000)
         page.locator("#image-caption-stop").click()
-        page.wait_for_timeout(800)  # a partial answer already on its way has arrived
+        page.wait_for_timeout(1000)  # a partial answer already on its way has arrived
         stopped = answer.input_value()
         page.wait_for_timeout(1200)  # six more partial answers' time
         assert answer.input_value() == stopped, "no more partial answers after Stop"
