@@ -70,7 +70,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--concurrency",
         type=int,
         default=int(env("EPALM_CONCURRENCY", "0")),
-        help="model calls at once; 0: 1 on CPU, 2 on GPU [EPALM_CONCURRENCY]",
+        help="requests served at once; 0: the rows limit when batching, else 1 on CPU, 2 on GPU [EPALM_CONCURRENCY]",
+    )
+    parser.add_argument(
+        "--max-batch-rows",
+        type=int,
+        default=int(env("EPALM_MAX_BATCH_ROWS", "24")),
+        help="rows decoded together in one step (a 3-beam answer takes 3) [EPALM_MAX_BATCH_ROWS]",
+    )
+    parser.add_argument(
+        "--no-batching",
+        action="store_true",
+        default=env("EPALM_BATCHING", "1").strip().lower() in ("0", "false", "no", "off"),
+        help="decode each request alone instead of sharing steps with the others [EPALM_BATCHING=0]",
     )
     parser.add_argument(
         "--queue-size",
@@ -113,8 +125,10 @@ try:  # ZeroGPU on Hugging Face Spaces: model calls get a GPU only inside @space
     import spaces
 
     gpu = spaces.GPU(duration=120)
+    ZERO_GPU = True
 except ImportError:
     gpu = lambda fn: fn  # noqa: E731
+    ZERO_GPU = False
 
 log = logging.getLogger("epalm.app")
 EXAMPLES = Path(__file__).resolve().parent / "examples"
@@ -225,11 +239,13 @@ class Demo:
             **decoding,
         )
         first = _first_in_background(answers, stages)
-        while (stage := stages.get()) is not first:  # checks, loading and downloads until the first answer
-            while not stages.empty() and stage is not first:  # show only the latest of a burst of download reports
+        while True:  # checks, loading and downloads until the first answer
+            stage = stages.get()
+            while stage is not first and not stages.empty():  # show only the latest of a burst of reports
                 stage = stages.get()
-            if stage is not first:
-                yield "", f"⏳ {stage}", *NOTHING_SEEN
+            if stage is first:
+                break
+            yield "", f"⏳ {stage}", *NOTHING_SEEN
         if first.error is not None:
             raise first.error
         shown = False
@@ -457,15 +473,23 @@ def tasks_by_modality(pipeline: Pipeline) -> dict[str, dict[str, list[Task]]]:
     return {m: {k: grouped[m][k] for k in KINDS if k in grouped[m]} for m in MODALITIES if m in grouped}
 
 
+def default_concurrency(pipeline: Pipeline) -> int:
+    """Requests served at once: with batching, as many as one step may hold (the library's scheduler
+    shares each decode step among them); without, 1 on CPU and 2 on GPU (one call at a time each)."""
+    if pipeline.batching:
+        return pipeline.max_batch_rows
+    return 2 if pipeline.device.type == "cuda" else 1
+
+
 def build(
     pipeline: Pipeline,
     concurrency: int | None = None,
     demo: Demo | None = None,
     delete_cache: tuple[int, int] = DELETE_CACHE,
 ) -> gr.Blocks:
-    """The whole UI. `concurrency` = model calls at once (default: 1 on CPU, 2 on GPU)."""
+    """The whole UI. `concurrency` = requests served at once (default: see `default_concurrency`)."""
     demo = demo or Demo(pipeline)
-    concurrency = concurrency or (2 if pipeline.device.type == "cuda" else 1)
+    concurrency = concurrency or default_concurrency(pipeline)
     with gr.Blocks(title="eP-ALM demo", delete_cache=delete_cache) as blocks:
         gr.Markdown(
             "# eP-ALM: Efficient Perceptual Augmentation of Language Models\n"
@@ -503,7 +527,14 @@ def main(args: argparse.Namespace, block: bool = True) -> gr.Blocks:
     max_file_bytes = int(args.max_file_size * 2**20)
     limits = MediaLimits(max_file_bytes=max_file_bytes, max_clip_seconds=args.max_duration)
     try:
-        pipeline = Pipeline(device=args.device, dtype=args.dtype, tiny=args.tiny, limits=limits)
+        pipeline = Pipeline(
+            device=args.device,
+            dtype=args.dtype,
+            tiny=args.tiny,
+            limits=limits,
+            batching=not (args.no_batching or ZERO_GPU),  # ZeroGPU runs each call in its own GPU process
+            max_batch_rows=args.max_batch_rows,
+        )
         unknown = [task_id for task_id in args.preload if task_id not in pipeline.tasks]
         if unknown:
             raise UserError(
@@ -513,8 +544,9 @@ def main(args: argparse.Namespace, block: bool = True) -> gr.Blocks:
         sys.exit(f"error: {exc}")
     demo = Demo(pipeline)
     demo.start_preload(args.preload)  # in the background: the page is served at once
-    blocks = build(pipeline, args.concurrency or None, demo)
-    blocks.queue(max_size=args.queue_size, default_concurrency_limit=args.concurrency or 1).launch(
+    concurrency = args.concurrency or default_concurrency(pipeline)
+    blocks = build(pipeline, concurrency, demo)
+    blocks.queue(max_size=args.queue_size, default_concurrency_limit=concurrency).launch(
         server_name=args.host,
         server_port=args.port,
         share=args.share,
