@@ -74,10 +74,10 @@ class RandomShapes:
             task_id: replace(task, injection=replace(task.injection, **layers)) for task_id, task in registry.items()
         }
 
-    def lm(self, ref: ModelRef, dtype: torch.dtype) -> tuple[Any, Any]:
+    def lm(self, ref: ModelRef, dtype: torch.dtype, progress: Any = None) -> tuple[Any, Any]:
         return models.build_lm(self.lm_name, dtype, torch.device("cpu")), copy.deepcopy(tiny_tokenizer())
 
-    def encoder(self, ref: EncoderRef, modality: str, dtype: torch.dtype) -> Any:
+    def encoder(self, ref: EncoderRef, modality: str, dtype: torch.dtype, progress: Any = None) -> Any:
         return models.build_encoder_for(self.encoders, modality, dtype, torch.device("cpu"))
 
     def adapter_state(self, task: Task, progress: Any = None) -> dict[str, torch.Tensor]:
@@ -222,10 +222,10 @@ class _Loaded(RandomShapes):
         super().__init__(source.lm_name, source.encoders)
         self.model, self._encoder, self._adapter = model, encoder, adapter
 
-    def lm(self, ref: ModelRef, dtype: torch.dtype) -> tuple[Any, Any]:
+    def lm(self, ref: ModelRef, dtype: torch.dtype, progress: Any = None) -> tuple[Any, Any]:
         return self.model.lm, copy.deepcopy(tiny_tokenizer())
 
-    def encoder(self, ref: EncoderRef, modality: str, dtype: torch.dtype) -> Any:
+    def encoder(self, ref: EncoderRef, modality: str, dtype: torch.dtype, progress: Any = None) -> Any:
         return self._encoder
 
     def adapter_state(self, task: Task, progress: Any = None) -> dict[str, torch.Tensor]:
