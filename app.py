@@ -225,11 +225,13 @@ class Demo:
             **decoding,
         )
         first = _first_in_background(answers, stages)
-        while (stage := stages.get()) is not first:  # checks, loading and downloads until the first answer
-            while not stages.empty() and stage is not first:  # show only the latest of a burst of download reports
+        while True:  # checks, loading and downloads until the first answer
+            stage = stages.get()
+            while stage is not first and not stages.empty():  # show only the latest of a burst of reports
                 stage = stages.get()
-            if stage is not first:
-                yield "", f"⏳ {stage}", *NOTHING_SEEN
+            if stage is first:
+                break
+            yield "", f"⏳ {stage}", *NOTHING_SEEN
         if first.error is not None:
             raise first.error
         shown = False
