@@ -15,8 +15,8 @@ from pathlib import Path
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from .hub import ADAPTER_WEIGHTS, AdapterError, fetch
-from .tasks import ADAPTER_CONFIG, AdapterSource, RegistryError, Task, task_from_adapter
+from .hub import ADAPTER_WEIGHTS, AdapterError, RepoFiles, locate
+from .tasks import ADAPTER_CONFIG, RegistryError, Task, task_from_adapter
 
 REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -42,9 +42,10 @@ def resolve_adapter(source: str, allow_local: bool = True, revision: str = "main
         if not allow_local:
             raise AdapterError("Local adapter folders are not allowed here; give a Hub repo id (user/name).")
         raise AdapterError(f"Adapter {source!r} is neither an existing folder nor a Hub repo id (user/name).")
-    config = fetch(AdapterSource(ADAPTER_CONFIG, repo_id=source, revision=revision))
-    fetch(AdapterSource(ADAPTER_WEIGHTS, repo_id=source, revision=revision))
-    return config.parent  # the snapshot folder holds both files
+    files = RepoFiles(
+        f"the adapter {source}", source, revision, files=(ADAPTER_CONFIG, ADAPTER_WEIGHTS), named="you gave"
+    )
+    return locate(files)[ADAPTER_CONFIG].parent  # the snapshot folder holds both files
 
 
 def adapter_task(source: str, allow_local: bool = True) -> tuple[Task, bool]:
