@@ -2,6 +2,7 @@
 
     python app.py                 # serves at once; models load on first use
     python app.py --tiny          # tiny random models, no download (answers are meaningless)
+    python app.py --allow-local-adapters   # the Adapter field also takes folders on this machine
 
 Every flag has an environment variable (for Hugging Face Spaces): see `python app.py --help`.
 The tabs, menus and API endpoints are built from the task registry: a task added to
@@ -46,6 +47,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         default=env_flag("EPALM_TINY"),
         help="tiny random models, no network [EPALM_TINY]",
+    )
+    parser.add_argument(
+        "--allow-local-adapters",
+        action="store_true",
+        default=env_flag("EPALM_ALLOW_LOCAL_ADAPTERS"),
+        help="the Adapter field also takes adapter folders on this machine, not only Hub repo ids; "
+        "for an app only you can reach [EPALM_ALLOW_LOCAL_ADAPTERS]",
     )
     parser.add_argument(
         "--preload",
@@ -120,6 +128,7 @@ from epalm import (  # noqa: E402
     Task,
     UserError,
 )
+from epalm.adapters import check_served_models, is_repo_id  # noqa: E402
 
 try:  # ZeroGPU on Hugging Face Spaces: model calls get a GPU only inside @spaces.GPU
     import spaces
@@ -134,6 +143,7 @@ log = logging.getLogger("epalm.app")
 EXAMPLES = Path(__file__).resolve().parent / "examples"
 MODALITIES = ("image", "video", "audio")
 MEDIA_NAMES = {"image": "an image", "video": "a video", "audio": "an audio clip"}
+KIND_WORDS = {"caption": "captioning", "qa": "question answering"}
 SEEN_LABELS = {
     "image": "The encoder's input: the picture resized to 224×224",
     "video": "The frames sampled for the encoder, with their times",
@@ -218,10 +228,38 @@ class Demo:
         yield "", f"⚠️ {message}", *NOTHING_SEEN
         raise gr.Error(message, print_exception=False)
 
+    def adapter_task(self, modality: str, kind: str, source: str) -> str:
+        """The task id of a user's trained adapter (a Hub repo id; a folder only if the app allows them),
+        refused unless it is a task of this tab and mode on models the app already serves."""
+        pipe = self.pipeline
+        if not pipe.allow_local_adapters and not is_repo_id(source):
+            raise InputError(
+                f"Adapter {source!r} is not a Hub repo id (user/name). Local adapter folders are allowed only "
+                "when the app is started with --allow-local-adapters (EPALM_ALLOW_LOCAL_ADAPTERS=1)."
+            )
+        task = pipe.task(pipe.use_adapter(source))
+        if (task.modality, task.kind) != (modality, kind):
+            if task.kind in tasks_by_modality(pipe).get(task.modality, {}):
+                where = f"use it in the {task.modality.capitalize()} tab, {KINDS[task.kind].tab}"
+            else:
+                where = "this app has no tab for it"
+            raise InputError(
+                f"The adapter {source} was trained for {task.modality} {KIND_WORDS[task.kind]}, "
+                f"not {modality} {KIND_WORDS[kind]}: {where}."
+            )
+        check_served_models(task, registry_tasks(pipe))
+        return task.id
+
     def _answers(self, modality: str, request: dict[str, Any]) -> Iterator[tuple]:
         media = request["media"]
         if media is None or media == "":
             raise InputError(f"Please upload {MEDIA_NAMES[modality]} first.")
+        task = request["task"]
+        adapter = (request.get("adapter") or "").strip()
+        if adapter:  # a small download at most: the LM and encoder are the registry's, loaded once for all
+            if f"adapter:{adapter}" not in self.pipeline.tasks:  # the pipeline's id for it, once it has read it
+                yield "", f"⏳ Loading the adapter {adapter}…", *NOTHING_SEEN
+            task = self.adapter_task(modality, "qa" if "question" in request else "caption", adapter)
         # temperature and top-p shape sampling only; decoding ignores them for beams and greedy
         decoding: dict[str, Any] = {"temperature": float(request["temperature"]), "top_p": float(request["top_p"])}
         if request["max_new_tokens"]:
@@ -231,7 +269,7 @@ class Demo:
         stages: queue.SimpleQueue = queue.SimpleQueue()
         answers = self.pipeline.stream(
             media,
-            request["task"],
+            task,
             request.get("question"),
             preset=request["preset"],
             progress=stages.put,
@@ -322,7 +360,7 @@ def _parameters(modality: str, kind: str, tasks: list[Task]) -> list[inspect.Par
         p("temperature", 0.7),
         p("top_p", 0.9),
     ]
-    return params + ([p("frames", 0)] if modality == "video" else [])
+    return params + ([p("frames", 0)] if modality == "video" else []) + [p("adapter", "")]
 
 
 def _endpoint(demo: Demo, modality: str, kind: str, tasks: list[Task]) -> Callable[..., Iterator[tuple]]:
@@ -357,6 +395,15 @@ def _kind_tab(
     task = gr.Dropdown(
         [(t.menu_label, t.id) for t in tasks], value=tasks[0].id, label="Model", elem_id=f"{prefix}-task"
     )
+    where = "a Hub repo id or a folder on this machine" if demo.pipeline.allow_local_adapters else "a Hub repo id"
+    adapter = gr.Textbox(
+        "",
+        label="Adapter (optional)",
+        placeholder=f"your trained adapter: {where}, e.g. me/my-adapter",
+        info=f"Used instead of the Model menu; it must be trained for {modality} {KIND_WORDS[kind]}.",
+        max_lines=1,
+        elem_id=f"{prefix}-adapter",
+    )
     question = None
     if kind == "qa":
         question = gr.Textbox(
@@ -383,7 +430,7 @@ def _kind_tab(
         tokens = gr.HighlightedText(label=TOKENS_LABEL, elem_id=f"{prefix}-tokens")
         described = gr.Markdown(label="What the model saw", elem_id=f"{prefix}-seen-text")
     outputs = [answer, info, seen, tokens, described]
-    inputs = [media] + ([question] if question is not None else []) + [task, *settings]
+    inputs = [media] + ([question] if question is not None else []) + [task, *settings, adapter]
     # the button is the one way in (Enter in the question box and example clicks press it): it clears the
     # old answer at once in the browser, then runs the endpoint
     cleared = run.click(None, None, outputs, js=f"() => {json.dumps(['', '', *NOTHING_SEEN])}")
@@ -465,10 +512,15 @@ def _tab(demo: Demo, modality: str, tasks: dict[str, list[Task]], concurrency: i
     return events
 
 
+def registry_tasks(pipeline: Pipeline) -> list[Task]:
+    """The registry's tasks, without the users' adapters the pipeline has served (ids `adapter:<source>`)."""
+    return [task for task in pipeline.tasks.values() if not task.id.startswith("adapter:")]
+
+
 def tasks_by_modality(pipeline: Pipeline) -> dict[str, dict[str, list[Task]]]:
     """modality -> kind -> tasks, in registry order (what the tabs and menus show)."""
     grouped: dict[str, dict[str, list[Task]]] = {}
-    for task in pipeline.tasks.values():
+    for task in registry_tasks(pipeline):
         grouped.setdefault(task.modality, {}).setdefault(task.kind, []).append(task)
     return {m: {k: grouped[m][k] for k in KINDS if k in grouped[m]} for m in MODALITIES if m in grouped}
 
@@ -534,6 +586,7 @@ def main(args: argparse.Namespace, block: bool = True) -> gr.Blocks:
             limits=limits,
             batching=not (args.no_batching or ZERO_GPU),  # ZeroGPU runs each call in its own GPU process
             max_batch_rows=args.max_batch_rows,
+            allow_local_adapters=args.allow_local_adapters,
         )
         unknown = [task_id for task_id in args.preload if task_id not in pipeline.tasks]
         if unknown:

@@ -88,6 +88,7 @@ class RepoFiles:
     files: tuple[str, ...] = ()
     optional: tuple[str, ...] = ()
     weights: tuple[str, ...] = ()
+    named: str = "in checkpoints/tasks.yaml"  # where the repo id was given, for the messages' hints
 
     def where(self, filename: str) -> str:
         repo = f"the Space {self.repo_id}" if self.repo_type == "space" else self.repo_id
@@ -231,11 +232,11 @@ def _unavailable(files: RepoFiles, name: str, exc: Exception) -> WeightsUnavaila
     if isinstance(exc, GatedRepoError):
         hint = f"the repository is gated: accept its terms on https://huggingface.co/{repo}, then `hf auth login`"
     elif isinstance(exc, RepositoryNotFoundError):
-        hint = f"the repository {repo} does not exist or is private (check the id in checkpoints/tasks.yaml, or log in)"
+        hint = f"the repository {repo} does not exist or is private (check the id {files.named}, or log in)"
     elif isinstance(exc, RevisionNotFoundError):
-        hint = f"{repo} has no revision {files.revision!r} (check `revision` in checkpoints/tasks.yaml)"
+        hint = f"{repo} has no revision {files.revision!r} (check the revision {files.named})"
     elif isinstance(exc, EntryNotFoundError) and not isinstance(exc, LocalEntryNotFoundError):
-        hint = f"there is no {files.where(name)} (check checkpoints/tasks.yaml)"
+        hint = f"there is no {files.where(name)} (check the repo id {files.named})"
     else:
         hint = f"downloading {files.where(name)} failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
     return WeightsUnavailable(f"Cannot get {files.what}: {hint}.", not_cached=isinstance(exc, LocalEntryNotFoundError))
