@@ -498,17 +498,19 @@ def _checkpoint_class(config: transformers.PretrainedConfig, modality: str) -> t
 
 
 def read_weights(paths: list[Path], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """A checkpoint's tensors in `dtype`, read file by file and cast tensor by tensor, each original
-    freed as soon as it is cast: the peak is about the model in `dtype` plus one file, not both
-    copies of the whole model (a `.bin` read through mmap keeps every page it touched resident)."""
+    """A checkpoint's tensors in `dtype`, cast tensor by tensor straight from the file's pages: a `.bin`
+    is memory-mapped (torch.load's mmap), so it is not first copied into memory whole, which halves the
+    read (bench/RESULTS.md, cold start). The mapped pages are the page cache's, clean and reclaimable;
+    they count in the process's peak resident size (VmHWM) but not in its own memory (RssAnon), which
+    peaks at about the model in `dtype`. Every tensor is copied out, so nothing keeps the file mapped."""
     state: dict[str, torch.Tensor] = {}
     for path in paths:
         if path.suffix == ".safetensors":
             part = load_file(path)
         else:
-            part = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+            part = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         for key in list(part):
-            state[key] = part.pop(key).to(dtype)
+            state[key] = part.pop(key).to(dtype, copy=True)
     return state
 
 
