@@ -494,21 +494,30 @@ def pack_linear_weights(model: EPALM, head: bool = True) -> int:
     The head is tied to the token embedding, which keeps its dense weight: packing the head adds
     one embedding-sized copy (0.5 GB for OPT-2.7B in float32) and saves the slowest product of a
     beam step (`head=False` keeps the tie). CPU, float32/bfloat16 only; a no-op elsewhere.
-    Do it last: packed weights do not follow `.to()`. Each layer is checked against its dense
-    self as it is packed; at the first that fails, packing stops and the rest stay dense.
-    Returns how many layers were packed."""
-    count = 0
+    Do it last: packed weights do not follow `.to()`. The first layer of each shape is checked
+    against its dense self (the same kernel and layout serve the others); at the first check that
+    fails, packing stops and the rest stay dense. Returns how many layers were packed."""
+    count, checked = 0, set()
+
+    def pack(linear: nn.Linear) -> PackedLinear | None:
+        kind = (linear.weight.shape, linear.weight.dtype, linear.bias is not None)
+        if kind in checked:
+            return PackedLinear(linear)
+        packed = PackedLinear.checked(linear)
+        checked.add(kind)
+        return packed
+
     for layer in model.decoder.layers:
         for parent in list(layer.modules()):
             for name, child in list(parent.named_children()):
                 if type(child) is nn.Linear and can_pack(child.weight):
-                    packed = PackedLinear.checked(child)
+                    packed = pack(child)
                     if packed is None:
                         return count
                     setattr(parent, name, packed)
                     count += 1
     if head and type(model.lm.lm_head) is nn.Linear and can_pack(model.lm.lm_head.weight):
-        packed = PackedLinear.checked(model.lm.lm_head)
+        packed = pack(model.lm.lm_head)
         if packed is not None:
             model.lm.lm_head = packed
             count += 1
