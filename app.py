@@ -58,9 +58,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--preload",
         nargs="*",
-        default=(env("EPALM_PRELOAD") or "").split(),
+        default=None if env("EPALM_PRELOAD") is None else env("EPALM_PRELOAD", "").split(),
         metavar="TASK",
-        help="load these tasks at start-up, in the background [EPALM_PRELOAD]",
+        help="load these tasks at start-up, in the background, so that the first answer does not wait for them; "
+        "default: the first tab's first task (most tasks share its LM); none: `--preload` alone or "
+        "EPALM_PRELOAD='' [EPALM_PRELOAD]",
     )
     parser.add_argument(
         "--max-file-size",
@@ -525,6 +527,14 @@ def tasks_by_modality(pipeline: Pipeline) -> dict[str, dict[str, list[Task]]]:
     return {m: {k: grouped[m][k] for k in KINDS if k in grouped[m]} for m in MODALITIES if m in grouped}
 
 
+def default_preload(pipeline: Pipeline) -> list[str]:
+    """What loads at start-up unless told otherwise: the task the page opens on (the first tab's first
+    menu entry), so that the first answer finds its models loaded or loading."""
+    first_tab = next(iter(tasks_by_modality(pipeline).values()), {})
+    first_kind = next(iter(first_tab.values()), [])
+    return [first_kind[0].id] if first_kind else []
+
+
 def default_concurrency(pipeline: Pipeline) -> int:
     """Requests served at once: with batching, as many as one step may hold (the library's scheduler
     shares each decode step among them); without, 1 on CPU and 2 on GPU (one call at a time each)."""
@@ -588,7 +598,8 @@ def main(args: argparse.Namespace, block: bool = True) -> gr.Blocks:
             max_batch_rows=args.max_batch_rows,
             allow_local_adapters=args.allow_local_adapters,
         )
-        unknown = [task_id for task_id in args.preload if task_id not in pipeline.tasks]
+        preload = args.preload if args.preload is not None else default_preload(pipeline)
+        unknown = [task_id for task_id in preload if task_id not in pipeline.tasks]
         if unknown:
             raise UserError(
                 f"unknown task(s) to preload: {', '.join(unknown)}; known tasks: {', '.join(pipeline.tasks)}"
@@ -596,7 +607,7 @@ def main(args: argparse.Namespace, block: bool = True) -> gr.Blocks:
     except UserError as exc:
         sys.exit(f"error: {exc}")
     demo = Demo(pipeline)
-    demo.start_preload(args.preload)  # in the background: the page is served at once
+    demo.start_preload(preload)  # in the background: the page is served at once
     concurrency = args.concurrency or default_concurrency(pipeline)
     blocks = build(pipeline, concurrency, demo)
     blocks.queue(max_size=args.queue_size, default_concurrency_limit=concurrency).launch(

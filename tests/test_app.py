@@ -406,6 +406,15 @@ def test_flags_have_environment_equivalents_and_help_shows_defaults(monkeypatch)
     assert demo_app.parse_args([]).max_duration == MediaLimits().max_clip_seconds, "one duration limit, the library's"
 
 
+def test_the_page_s_first_task_loads_at_start_up_unless_told_otherwise(monkeypatch):
+    monkeypatch.delenv("EPALM_PRELOAD", raising=False)
+    assert demo_app.parse_args([]).preload is None, "the default: decided from the registry in main()"
+    assert demo_app.default_preload(Pipeline(device="cpu", tiny=True)) == ["image-caption"]
+    assert demo_app.parse_args(["--preload"]).preload == []
+    monkeypatch.setenv("EPALM_PRELOAD", "")
+    assert demo_app.parse_args([]).preload == []
+
+
 def test_help_answers_without_importing_gradio_or_torch():
     code = (
         "import runpy, sys; sys.argv = ['app.py', '--help']\ntry:\n    runpy.run_path('app.py', run_name='__main__')\n"
