@@ -1,4 +1,4 @@
-"""Many users at once: continuous batching against one request at a time, and the cold start.
+"""Many users at once: continuous batching against one request at a time.
 
     python bench/serving.py                       # OPT-2.7B shape, real encoders, float32 and bfloat16
     python bench/serving.py --dtype bfloat16 --clients 1 8 --new-tokens 6
@@ -14,10 +14,7 @@ never stop early). One-at-a-time takes a lock around each call, as the app's que
 decode steps. Latency: a request's submission to its final answer (waiting included). Both modes
 run on the same loaded models, one after the other, per client count.
 
-Cold start (`--cold-start`): a checkpoint of the LM's shape is written (float16 safetensors, as
-the Hub's OPT weights are float16) and the time from nothing to the first answer is split into
-its parts: reading the LM into the dtype, packing its weights, building the encoders and the
-adapter, and the first answer.
+The cold start is measured by `bench/cold_start.py` (from `python app.py` to the first answer).
 """
 
 from __future__ import annotations
@@ -45,7 +42,7 @@ import torch  # noqa: E402
 
 from bench import machine, models  # noqa: E402
 from epalm.pipeline import Pipeline  # noqa: E402
-from epalm.tasks import EncoderRef, ModelRef, Task, load_registry  # noqa: E402
+from epalm.tasks import EncoderRef, ModelRef, Task  # noqa: E402
 from epalm.tiny import tiny_adapter, tiny_tokenizer  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -174,68 +171,6 @@ def run_dtype(args: argparse.Namespace, dtype: str) -> dict:
     return {"dtype": dtype, "load_s": load_s, "runs": runs}
 
 
-def cold_start(args: argparse.Namespace, dtype: str, folder: Path) -> dict:
-    """From a float16 safetensors checkpoint of the LM's shape to the first answer, by part."""
-    from transformers import OPTForCausalLM
-
-    from epalm.model import EPALM, pack_linear_weights
-
-    torch.set_num_threads(args.threads)
-    config = models.lm_config(args.lm)
-    checkpoint = folder / "lm"
-    if not (checkpoint / "config.json").exists():
-        models.build_lm(args.lm, torch.float16, torch.device("cpu")).save_pretrained(checkpoint)
-    parts: dict[str, float] = {}
-    clock = time.perf_counter()
-    begin = clock
-
-    def mark(name: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        parts[name] = now - clock
-        clock = now
-
-    lm = OPTForCausalLM.from_pretrained(checkpoint, dtype=DTYPES[dtype], attn_implementation="eager")
-    mark("lm_read_and_convert_s")
-    model = EPALM(lm)
-    pack_linear_weights(model)
-    mark("pack_s")
-    source = RandomShapes(args.lm, args.encoders)
-    encoder = source.encoder(None, "image", DTYPES[dtype])
-    mark("image_encoder_build_s")
-    task = source.tasks(load_registry())["image-caption"]
-    from epalm.hub import load_adapter
-
-    state = source.adapter_state(task)
-    adapter = load_adapter(task, state, encoder.dim, config.hidden_size, config.word_embed_proj_dim)
-    mark("adapter_s")
-    pipe = Pipeline(device="cpu", dtype=dtype, source=_Loaded(source, model, encoder, adapter))
-    pipe.caption(ROOT / REQUESTS[0][1], task.id, preset="fast", max_new_tokens=args.new_tokens)
-    mark("first_answer_s")
-    return {"dtype": dtype, "parts": parts, "total_s": time.perf_counter() - begin, "checkpoint_gb": _size(checkpoint)}
-
-
-class _Loaded(RandomShapes):
-    """The models the cold start has just built, served as they are."""
-
-    def __init__(self, source: RandomShapes, model: Any, encoder: Any, adapter: Any) -> None:
-        super().__init__(source.lm_name, source.encoders)
-        self.model, self._encoder, self._adapter = model, encoder, adapter
-
-    def lm(self, ref: ModelRef, dtype: torch.dtype, progress: Any = None) -> tuple[Any, Any]:
-        return self.model.lm, copy.deepcopy(tiny_tokenizer())
-
-    def encoder(self, ref: EncoderRef, modality: str, dtype: torch.dtype, progress: Any = None) -> Any:
-        return self._encoder
-
-    def adapter_state(self, task: Task, progress: Any = None) -> dict[str, torch.Tensor]:
-        return self._adapter.state_dict()
-
-
-def _size(folder: Path) -> float:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 1e9
-
-
 def markdown(results: dict) -> str:
     args = results["args"]
     lines = [
@@ -290,13 +225,6 @@ def markdown(results: dict) -> str:
                     f"{_f(pair['batched']['p95_s'])} vs {_f(pair['one-at-a-time']['p95_s'])} s: **{met}**"
                 )
         lines.append("")
-    for cold in results.get("cold_start", []):
-        parts = ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.1f} s" for k, v in cold["parts"].items())
-        lines += [
-            f"Cold start, {cold['dtype']} ({cold['checkpoint_gb']:.1f} GB float16 checkpoint, page cache warm): "
-            f"**{cold['total_s']:.1f} s** to the first answer: {parts}.",
-            "",
-        ]
     return "\n".join(lines) + "\n"
 
 
@@ -316,7 +244,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--frames", type=int, default=8, help="video frames")
     p.add_argument("--max-rows", type=int, default=24)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--cold-start", action="store_true", help="also time load to first answer from a written checkpoint")
     p.add_argument("--out", default=str(ROOT / "bench" / "serving.json"))
     p.add_argument("--markdown", help="append the tables to this file (e.g. bench/RESULTS.md)")
     p.add_argument("--worker", nargs=2, metavar=("KIND", "DTYPE"), help=argparse.SUPPRESS)
@@ -325,14 +252,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _worker(args: argparse.Namespace, kind: str, dtype: str) -> dict:
-    if kind == "serve":
-        return run_dtype(args, dtype)
-    with tempfile.TemporaryDirectory(prefix="epalm-cold-") as folder:
-        return cold_start(args, dtype, Path(folder))
+    return run_dtype(args, dtype)
 
 
 def _child(argv: list[str], kind: str, dtype: str) -> dict:
-    """One measurement in a fresh process (no two models in memory, a cold start really cold)."""
+    """One measurement in a fresh process (no two models in memory at once)."""
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         command = [sys.executable, __file__, *argv, "--worker", kind, dtype, "--out", out.name]
         done = subprocess.run(command, stdout=subprocess.DEVNULL)
@@ -360,8 +284,6 @@ def main(argv: list[str] | None = None) -> int:
         "args": vars(args),
         "dtypes": [pick("serve", dtype) for dtype in args.dtype],
     }
-    if args.cold_start:
-        results["cold_start"] = [pick("cold", dtype) for dtype in args.dtype]
     results["wall_s"] = time.perf_counter() - started
     Path(args.out).write_text(json.dumps(results, indent=1))
     text = markdown(results)
