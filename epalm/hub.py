@@ -12,8 +12,10 @@ tries to run code is refused, never executed.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
+import mmap
 import pickle
 import re
 import time
@@ -498,20 +500,57 @@ def _checkpoint_class(config: transformers.PretrainedConfig, modality: str) -> t
 
 
 def read_weights(paths: list[Path], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """A checkpoint's tensors in `dtype`, cast tensor by tensor straight from the file's pages: a `.bin`
-    is memory-mapped (torch.load's mmap), so it is not first copied into memory whole, which halves the
-    read (bench/RESULTS.md, cold start). The mapped pages are the page cache's, clean and reclaimable;
-    they count in the process's peak resident size (VmHWM) but not in its own memory (RssAnon), which
-    peaks at about the model in `dtype`. Every tensor is copied out, so nothing keeps the file mapped."""
+    """A checkpoint's tensors in `dtype`, cast tensor by tensor straight from the file's pages.
+
+    A `.bin` is memory-mapped (torch.load's mmap) rather than first copied into memory whole, which
+    halves the read (bench/RESULTS.md, cold start). Each tensor's pages are handed back to the kernel
+    as soon as its copy exists (`_release`), so the peak stays the model in `dtype` plus one tensor,
+    not plus the whole checkpoint. Where that cannot be done (no madvise: Windows), the file is read
+    into memory instead, with the same peak. Every tensor is copied out: none stays backed by the file."""
     state: dict[str, torch.Tensor] = {}
     for path in paths:
-        if path.suffix == ".safetensors":
-            part = load_file(path)
-        else:
-            part = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        part, release = _open_weights(path)
         for key in list(part):
-            state[key] = part.pop(key).to(dtype, copy=True)
+            original = part.pop(key)
+            state[key] = original.to(dtype, copy=True)
+            if release is not None:
+                release(original)
     return state
+
+
+def _open_weights(path: Path) -> tuple[dict[str, torch.Tensor], Callable[[torch.Tensor], None] | None]:
+    """A weight file's tensors, and how to release a mapped tensor's pages (None: they are in memory)."""
+    if path.suffix == ".safetensors":
+        return load_file(path), None
+    release = _page_release()
+    if release is not None:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True), release
+        except RuntimeError:  # a file in torch's legacy (pre-zip) format cannot be mapped
+            pass
+    return torch.load(path, map_location="cpu", weights_only=True), None
+
+
+_MADV_DONTNEED = 4  # the same on Linux and macOS
+
+
+def _page_release() -> Callable[[torch.Tensor], None] | None:
+    """A function that drops a memory-mapped tensor's pages from this process (madvise DONTNEED; the
+    mapping is private and never written, so a page touched again is read again from the file)."""
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError, TypeError):  # no C library symbols to look up (Windows)
+        return None
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    page = mmap.PAGESIZE
+
+    def release(tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        start = storage.data_ptr() // page * page
+        end = -(-(storage.data_ptr() + storage.nbytes()) // page) * page
+        madvise(start, end - start, _MADV_DONTNEED)  # advice: a failure only leaves the pages resident
+
+    return release
 
 
 def _say(progress: Progress | None, message: str) -> None:
