@@ -184,7 +184,8 @@ class FakeHub:
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        # a short poll: `shutdown()` at the end of each test waits up to one interval
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
 
     def add(self, repo_id: str, filename: str, data: bytes, repo_type: str = "model", revision: str = "main") -> None:
         prefix = {"model": "", "space": "spaces/", "dataset": "datasets/"}[repo_type]
