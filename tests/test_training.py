@@ -141,11 +141,12 @@ def test_train_pushes_to_the_hub_and_the_adapter_is_used_back_from_there(pipe, f
     assert "--adapter someone/colours --tiny" in files["README.md"].decode()  # the card's usage names the repo
 
     image = data / "red_0.png"
-    assert main(["caption", str(image), "--adapter", "someone/colours", "--tiny", "--preset", "fast"]) == 0
+    fast = ["--preset", "fast", "--max-new-tokens", "6"]
+    assert main(["caption", str(image), "--adapter", "someone/colours", "--tiny", *fast]) == 0
     from_cli = capsys.readouterr().out.strip().split("\t")[1]
     assert {"/someone/colours/resolve/main/adapter.safetensors"} <= set(fake_hub.downloads)
     from_hub, from_folder, base = (
-        pipe.caption(image, task, adapter=adapter, preset="fast").text
+        pipe.caption(image, task, adapter=adapter, preset="fast", max_new_tokens=6).text
         for task, adapter in ((None, "someone/colours"), (None, str(out)), ("image-caption", None))
     )
     assert from_cli == from_hub == from_folder != base
