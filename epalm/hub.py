@@ -27,7 +27,7 @@ import numpy as np
 import timm
 import torch
 import transformers
-from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
+from huggingface_hub import HfApi, get_hf_file_metadata, get_token, hf_hub_download, hf_hub_url, try_to_load_from_cache
 from huggingface_hub import constants as hub_constants
 from huggingface_hub.errors import (
     EntryNotFoundError,
@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_FILES = [ADAPTER_WEIGHTS, ADAPTER_CONFIG, "README.md"]  # an adapter folder, as uploaded
 _ADAPTER_PREFIXES = ("connector.", "prompt_module.")
 # the weight files `from_pretrained` looks for, in its order of preference (timm: the first and third)
 WEIGHT_FILES = (
@@ -407,17 +408,47 @@ were released with, and those of the base models.
 """
 
 
+def check_push(repo_id: str) -> None:
+    """Refuse an upload that cannot be made before any work for it (a training run): a repo id the
+    adapter could not be used back from, or no token (the Hub takes no anonymous uploads)."""
+    from .adapters import is_repo_id
+
+    if not is_repo_id(repo_id):
+        raise UserError(f"Cannot upload to {repo_id!r}: give a Hub repo id (user/name), as --adapter will take it.")
+    if get_token() is None:
+        raise WeightsUnavailable(
+            f"Uploading to {repo_id} needs a Hugging Face token with write access: "
+            "log in with `hf auth login` (or set HF_TOKEN)."
+        )
+
+
 def push_to_hub(folder: str | Path, repo_id: str, allow_patterns: list[str] | None = None) -> str:
-    """Upload an adapter folder (only the files matching `allow_patterns`, if given); returns the repo URL."""
+    """Upload an adapter folder to a model repo (created if need be); returns the repo's URL. Only
+    the files matching `allow_patterns` go, by default the adapter's own (`ADAPTER_FILES`): never
+    whatever else the folder holds."""
+    check_push(repo_id)
     api = HfApi()
     try:
-        api.create_repo(repo_id, exist_ok=True)
+        url = api.create_repo(repo_id, exist_ok=True)
         api.upload_folder(
-            repo_id=repo_id, folder_path=str(folder), commit_message="Add eP-ALM adapter", allow_patterns=allow_patterns
+            repo_id=repo_id,
+            folder_path=str(folder),
+            commit_message="Add eP-ALM adapter",
+            allow_patterns=allow_patterns or ADAPTER_FILES,
         )
-    except (OSError, ValueError) as exc:
-        raise WeightsUnavailable(f"Cannot upload to {repo_id}: {exc} (log in with `hf auth login`).") from exc
-    return f"https://huggingface.co/{repo_id}"
+    except HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else None
+        said = f"the Hub answered {status} ({exc.server_message or str(exc).splitlines()[0]})"
+        login = "; log in with `hf auth login`, with a token that may write to it" if status in (401, 403) else ""
+        raise WeightsUnavailable(f"Cannot upload to {repo_id}: {said}{login}.") from exc
+    except ValueError as exc:  # a model card the Hub refuses, a folder that is not there
+        raise WeightsUnavailable(f"Cannot upload to {repo_id}: {exc}") from exc
+    except Exception as exc:  # connection refused, DNS, timeout, offline mode: the HTTP client's own errors
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise WeightsUnavailable(
+            f"Cannot upload to {repo_id}: the Hub ({hub_constants.ENDPOINT}) cannot be reached: {reason}."
+        ) from exc
+    return str(url)
 
 
 class HubModels:
