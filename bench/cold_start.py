@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))  # `python bench/cold_start.py` puts bench/ first, not the repository
 
-from bench import machine  # noqa: E402
+from bench import machine, report  # noqa: E402
 from bench.load import write_repo  # noqa: E402
 
 TASK = "image-caption"
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", help="where to write the Hub cache (default: a temporary folder)")
     p.add_argument("--keep", action="store_true", help="keep the cache (to rerun without writing it)")
     p.add_argument("--out", default=str(ROOT / "bench" / "cold_start.json"))
-    p.add_argument("--markdown", help="append the table to this file (e.g. bench/RESULTS.md)")
+    p.add_argument("--markdown", help="write the section into this file (e.g. bench/RESULTS.md)")
     args = p.parse_args(argv)
     cache = Path(args.cache or tempfile.mkdtemp(prefix="epalm-hub-"))
     try:
@@ -248,8 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(results)
     print(text)
     if args.markdown:
-        with open(args.markdown, "a") as f:
-            f.write("\n" + text)
+        report.write_section(Path(args.markdown), text)
     return 0
 
 

@@ -40,7 +40,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from bench import machine, models  # noqa: E402
+from bench import machine, models, report  # noqa: E402
 from epalm.pipeline import Pipeline  # noqa: E402
 from epalm.tasks import EncoderRef, ModelRef, Task  # noqa: E402
 from epalm.tiny import tiny_adapter, tiny_tokenizer  # noqa: E402
@@ -258,7 +258,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-rows", type=int, default=24)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--out", default=str(ROOT / "bench" / "serving.json"))
-    p.add_argument("--markdown", help="append the tables to this file (e.g. bench/RESULTS.md)")
+    p.add_argument("--markdown", help="write the section into this file (e.g. bench/RESULTS.md)")
     p.add_argument("--worker", nargs=2, metavar=("KIND", "DTYPE"), help=argparse.SUPPRESS)
     p.add_argument("--in-process", action="store_true", help="no subprocess per dtype (tests)")
     return p.parse_args(argv)
@@ -303,8 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(results)
     print(text)
     if args.markdown:
-        with open(args.markdown, "a") as f:
-            f.write("\n" + text)
+        report.write_section(Path(args.markdown), text)
     return 0 if all("error" not in block for block in results["dtypes"]) else 1
 
 
