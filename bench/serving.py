@@ -87,9 +87,16 @@ class RandomShapes:
 
 
 def serve(
-    pipe: Pipeline, clients: int, requests: int, setting: str, new_tokens: int, batched: bool, frames: int | None
+    pipe: Pipeline,
+    clients: int,
+    requests: int,
+    setting: str,
+    new_tokens: int,
+    batched: bool,
+    frames: int | None,
+    mix: list[tuple[str, str]] = REQUESTS,
 ) -> dict:
-    """`clients` threads, `requests` each, closed loop; the latencies and the wall time."""
+    """`clients` threads, `requests` each, closed loop, cycling through `mix`; the latencies and the wall time."""
     pipe.batching = batched
     lock = threading.Lock() if not batched else None
     latencies: list[float] = []
@@ -101,7 +108,7 @@ def serve(
     def client(index: int) -> None:
         start_barrier.wait()
         for j in range(requests):
-            task, path = REQUESTS[(index + j) % len(REQUESTS)]
+            task, path = mix[(index + j) % len(mix)]
             settings = dict(preset=SETTINGS[setting], max_new_tokens=new_tokens, num_frames=frames)
             started = time.perf_counter()
             try:
@@ -119,7 +126,7 @@ def serve(
             latencies.append(time.perf_counter() - started)
 
     rows: list[int] = []
-    scheduler = pipe.scheduler(pipe.lm(pipe.task(REQUESTS[0][0]))[0])
+    scheduler = pipe.scheduler(pipe.lm(pipe.task(mix[0][0]))[0])
     scheduler.callback = rows.append
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     started = time.perf_counter()
@@ -163,15 +170,16 @@ def run_dtype(args: argparse.Namespace, dtype: str) -> dict:
     started = time.perf_counter()
     source = RandomShapes(args.lm, args.encoders)
     pipe = Pipeline(device="cpu", dtype=dtype, source=source, max_batch_rows=args.max_rows)
-    pipe.preload([task for task, _ in REQUESTS])
+    mix = [(task, path) for task, path in REQUESTS if task.split("-")[0] in args.modalities]
+    pipe.preload([task for task, _ in mix])
     load_s = time.perf_counter() - started
-    for task, path in REQUESTS:  # warm-up: first calls of each encoder and of the LM
+    for task, path in mix:  # warm-up: first calls of each encoder and of the LM
         pipe.caption(ROOT / path, task, preset="fast", max_new_tokens=2, num_frames=args.frames)
     runs = []
     for setting in args.settings:
         for clients in args.clients:
             for batched in (False, True):
-                run = serve(pipe, clients, args.requests, setting, args.new_tokens, batched, args.frames)
+                run = serve(pipe, clients, args.requests, setting, args.new_tokens, batched, args.frames, mix)
                 print(json.dumps(run), file=sys.stderr, flush=True)
                 runs.append(run)
     return {"dtype": dtype, "load_s": load_s, "runs": runs}
@@ -186,10 +194,10 @@ def markdown(results: dict) -> str:
         f"Machine: {results['machine'].get('cpu', '?')}, {results['machine'].get('cpu_count', '?')} cores, load "
         f"average {results.get('load_average', '?')} at the start, torch threads {args['threads']}. "
         f"LM shape {args['lm']}, encoders {args['encoders']}, random "
-        f"weights, packed (oneDNN) as the pipeline does on CPU. Requests cycle image / video ({args['frames'] or 16} "
-        f"frames) / audio captioning of the example files, {args['new_tokens']} new tokens each, {args['requests']} "
-        "per client in a "
-        f"closed loop. Latency = submission to final answer (queueing included). Rows limit {args['max_rows']}.",
+        f"weights, packed (oneDNN) as the pipeline does on CPU. Requests cycle {' / '.join(args['modalities'])} "
+        f"captioning of the example files (video: {args['frames'] or 16} frames), {args['new_tokens']} new tokens "
+        f"each, {args['requests']} per client in a closed loop. Latency = submission to final answer (queueing "
+        f"included). Rows limit {args['max_rows']}.",
         "",
     ]
     for block in results["dtypes"]:
@@ -251,6 +259,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--encoders", default="real", choices=models.ENCODER_FAMILIES)
     p.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     p.add_argument("--clients", nargs="+", type=int, default=[1, 2, 4, 8])
+    p.add_argument("--modalities", nargs="+", default=["image", "video", "audio"], choices=["image", "video", "audio"])
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--requests", type=int, default=2, help="requests per client")
     p.add_argument("--new-tokens", type=int, default=12, help="a COCO caption is about 11 tokens")
