@@ -2,6 +2,7 @@
 
     python app.py                 # serves at once; models load on first use
     python app.py --tiny          # tiny random models, no download (answers are meaningless)
+    python app.py --allow-local-adapters   # the Adapter field also takes folders on this machine
 
 Every flag has an environment variable (for Hugging Face Spaces): see `python app.py --help`.
 The tabs, menus and API endpoints are built from the task registry: a task added to
@@ -48,11 +49,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="tiny random models, no network [EPALM_TINY]",
     )
     parser.add_argument(
+        "--allow-local-adapters",
+        action="store_true",
+        default=env_flag("EPALM_ALLOW_LOCAL_ADAPTERS"),
+        help="the Adapter field also takes adapter folders on this machine, not only Hub repo ids; "
+        "for an app only you can reach [EPALM_ALLOW_LOCAL_ADAPTERS]",
+    )
+    parser.add_argument(
         "--preload",
         nargs="*",
-        default=(env("EPALM_PRELOAD") or "").split(),
+        default=None if env("EPALM_PRELOAD") is None else env("EPALM_PRELOAD", "").split(),
         metavar="TASK",
-        help="load these tasks at start-up, in the background [EPALM_PRELOAD]",
+        help="load these tasks at start-up, in the background, so that the first answer does not wait for them; "
+        "default: the first tab's first task (most tasks share its LM); none: `--preload` alone or "
+        "EPALM_PRELOAD='' [EPALM_PRELOAD]",
     )
     parser.add_argument(
         "--max-file-size",
@@ -70,7 +80,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--concurrency",
         type=int,
         default=int(env("EPALM_CONCURRENCY", "0")),
-        help="model calls at once; 0: 1 on CPU, 2 on GPU [EPALM_CONCURRENCY]",
+        help="requests served at once; 0: the rows limit when batching, else 1 on CPU, 2 on GPU [EPALM_CONCURRENCY]",
+    )
+    parser.add_argument(
+        "--max-batch-rows",
+        type=int,
+        default=int(env("EPALM_MAX_BATCH_ROWS", "24")),
+        help="rows decoded together in one step (a 3-beam answer takes 3) [EPALM_MAX_BATCH_ROWS]",
+    )
+    parser.add_argument(
+        "--no-batching",
+        action="store_true",
+        default=env("EPALM_BATCHING", "1").strip().lower() in ("0", "false", "no", "off"),
+        help="decode each request alone instead of sharing steps with the others [EPALM_BATCHING=0]",
     )
     parser.add_argument(
         "--queue-size",
@@ -108,18 +130,22 @@ from epalm import (  # noqa: E402
     Task,
     UserError,
 )
+from epalm.adapters import check_served_models, is_repo_id  # noqa: E402
 
 try:  # ZeroGPU on Hugging Face Spaces: model calls get a GPU only inside @spaces.GPU
     import spaces
 
     gpu = spaces.GPU(duration=120)
+    ZERO_GPU = True
 except ImportError:
     gpu = lambda fn: fn  # noqa: E731
+    ZERO_GPU = False
 
 log = logging.getLogger("epalm.app")
 EXAMPLES = Path(__file__).resolve().parent / "examples"
 MODALITIES = ("image", "video", "audio")
 MEDIA_NAMES = {"image": "an image", "video": "a video", "audio": "an audio clip"}
+KIND_WORDS = {"caption": "captioning", "qa": "question answering"}
 SEEN_LABELS = {
     "image": "The encoder's input: the picture resized to 224×224",
     "video": "The frames sampled for the encoder, with their times",
@@ -204,10 +230,38 @@ class Demo:
         yield "", f"⚠️ {message}", *NOTHING_SEEN
         raise gr.Error(message, print_exception=False)
 
+    def adapter_task(self, modality: str, kind: str, source: str) -> str:
+        """The task id of a user's trained adapter (a Hub repo id; a folder only if the app allows them),
+        refused unless it is a task of this tab and mode on models the app already serves."""
+        pipe = self.pipeline
+        if not pipe.allow_local_adapters and not is_repo_id(source):
+            raise InputError(
+                f"Adapter {source!r} is not a Hub repo id (user/name). Local adapter folders are allowed only "
+                "when the app is started with --allow-local-adapters (EPALM_ALLOW_LOCAL_ADAPTERS=1)."
+            )
+        task = pipe.task(pipe.use_adapter(source))
+        if (task.modality, task.kind) != (modality, kind):
+            if task.kind in tasks_by_modality(pipe).get(task.modality, {}):
+                where = f"use it in the {task.modality.capitalize()} tab, {KINDS[task.kind].tab}"
+            else:
+                where = "this app has no tab for it"
+            raise InputError(
+                f"The adapter {source} was trained for {task.modality} {KIND_WORDS[task.kind]}, "
+                f"not {modality} {KIND_WORDS[kind]}: {where}."
+            )
+        check_served_models(task, registry_tasks(pipe))
+        return task.id
+
     def _answers(self, modality: str, request: dict[str, Any]) -> Iterator[tuple]:
         media = request["media"]
         if media is None or media == "":
             raise InputError(f"Please upload {MEDIA_NAMES[modality]} first.")
+        task = request["task"]
+        adapter = (request.get("adapter") or "").strip()
+        if adapter:  # a small download at most: the LM and encoder are the registry's, loaded once for all
+            if f"adapter:{adapter}" not in self.pipeline.tasks:  # the pipeline's id for it, once it has read it
+                yield "", f"⏳ Loading the adapter {adapter}…", *NOTHING_SEEN
+            task = self.adapter_task(modality, "qa" if "question" in request else "caption", adapter)
         # temperature and top-p shape sampling only; decoding ignores them for beams and greedy
         decoding: dict[str, Any] = {"temperature": float(request["temperature"]), "top_p": float(request["top_p"])}
         if request["max_new_tokens"]:
@@ -217,7 +271,7 @@ class Demo:
         stages: queue.SimpleQueue = queue.SimpleQueue()
         answers = self.pipeline.stream(
             media,
-            request["task"],
+            task,
             request.get("question"),
             preset=request["preset"],
             progress=stages.put,
@@ -225,13 +279,13 @@ class Demo:
             **decoding,
         )
         first = _first_in_background(answers, stages)
-        stage = stages.get()
-        while stage is not first:  # checks, loading and downloads until the first answer
-            while not stages.empty() and stage is not first:  # show only the latest of a burst of download reports
+        while True:  # checks, loading and downloads until the first answer
+            stage = stages.get()
+            while stage is not first and not stages.empty():  # show only the latest of a burst of reports
                 stage = stages.get()
-            if stage is not first:
-                yield "", f"⏳ {stage}", *NOTHING_SEEN
-                stage = stages.get()
+            if stage is first:
+                break
+            yield "", f"⏳ {stage}", *NOTHING_SEEN
         if first.error is not None:
             raise first.error
         shown = False
@@ -308,7 +362,7 @@ def _parameters(modality: str, kind: str, tasks: list[Task]) -> list[inspect.Par
         p("temperature", 0.7),
         p("top_p", 0.9),
     ]
-    return params + ([p("frames", 0)] if modality == "video" else [])
+    return params + ([p("frames", 0)] if modality == "video" else []) + [p("adapter", "")]
 
 
 def _endpoint(demo: Demo, modality: str, kind: str, tasks: list[Task]) -> Callable[..., Iterator[tuple]]:
@@ -343,6 +397,15 @@ def _kind_tab(
     task = gr.Dropdown(
         [(t.menu_label, t.id) for t in tasks], value=tasks[0].id, label="Model", elem_id=f"{prefix}-task"
     )
+    where = "a Hub repo id or a folder on this machine" if demo.pipeline.allow_local_adapters else "a Hub repo id"
+    adapter = gr.Textbox(
+        "",
+        label="Adapter (optional)",
+        placeholder=f"your trained adapter: {where}, e.g. me/my-adapter",
+        info=f"Used instead of the Model menu; it must be trained for {modality} {KIND_WORDS[kind]}.",
+        max_lines=1,
+        elem_id=f"{prefix}-adapter",
+    )
     question = None
     if kind == "qa":
         question = gr.Textbox(
@@ -369,7 +432,7 @@ def _kind_tab(
         tokens = gr.HighlightedText(label=TOKENS_LABEL, elem_id=f"{prefix}-tokens")
         described = gr.Markdown(label="What the model saw", elem_id=f"{prefix}-seen-text")
     outputs = [answer, info, seen, tokens, described]
-    inputs = [media] + ([question] if question is not None else []) + [task, *settings]
+    inputs = [media] + ([question] if question is not None else []) + [task, *settings, adapter]
     # the button is the one way in (Enter in the question box and example clicks press it): it clears the
     # old answer at once in the browser, then runs the endpoint
     cleared = run.click(None, None, outputs, js=f"() => {json.dumps(['', '', *NOTHING_SEEN])}")
@@ -451,12 +514,33 @@ def _tab(demo: Demo, modality: str, tasks: dict[str, list[Task]], concurrency: i
     return events
 
 
+def registry_tasks(pipeline: Pipeline) -> list[Task]:
+    """The registry's tasks, without the users' adapters the pipeline has served (ids `adapter:<source>`)."""
+    return [task for task in pipeline.tasks.values() if not task.id.startswith("adapter:")]
+
+
 def tasks_by_modality(pipeline: Pipeline) -> dict[str, dict[str, list[Task]]]:
     """modality -> kind -> tasks, in registry order (what the tabs and menus show)."""
     grouped: dict[str, dict[str, list[Task]]] = {}
-    for task in pipeline.tasks.values():
+    for task in registry_tasks(pipeline):
         grouped.setdefault(task.modality, {}).setdefault(task.kind, []).append(task)
     return {m: {k: grouped[m][k] for k in KINDS if k in grouped[m]} for m in MODALITIES if m in grouped}
+
+
+def default_preload(pipeline: Pipeline) -> list[str]:
+    """What loads at start-up unless told otherwise: the task the page opens on (the first tab's first
+    menu entry), so that the first answer finds its models loaded or loading."""
+    first_tab = next(iter(tasks_by_modality(pipeline).values()), {})
+    first_kind = next(iter(first_tab.values()), [])
+    return [first_kind[0].id] if first_kind else []
+
+
+def default_concurrency(pipeline: Pipeline) -> int:
+    """Requests served at once: with batching, as many as one step may hold (the library's scheduler
+    shares each decode step among them); without, 1 on CPU and 2 on GPU (one call at a time each)."""
+    if pipeline.batching:
+        return pipeline.max_batch_rows
+    return 2 if pipeline.device.type == "cuda" else 1
 
 
 def build(
@@ -465,9 +549,9 @@ def build(
     demo: Demo | None = None,
     delete_cache: tuple[int, int] = DELETE_CACHE,
 ) -> gr.Blocks:
-    """The whole UI. `concurrency` = model calls at once (default: 1 on CPU, 2 on GPU)."""
+    """The whole UI. `concurrency` = requests served at once (default: see `default_concurrency`)."""
     demo = demo or Demo(pipeline)
-    concurrency = concurrency or (2 if pipeline.device.type == "cuda" else 1)
+    concurrency = concurrency or default_concurrency(pipeline)
     with gr.Blocks(title="eP-ALM demo", delete_cache=delete_cache) as blocks:
         gr.Markdown(
             "# eP-ALM: Efficient Perceptual Augmentation of Language Models\n"
@@ -505,8 +589,17 @@ def main(args: argparse.Namespace, block: bool = True) -> gr.Blocks:
     max_file_bytes = int(args.max_file_size * 2**20)
     limits = MediaLimits(max_file_bytes=max_file_bytes, max_clip_seconds=args.max_duration)
     try:
-        pipeline = Pipeline(device=args.device, dtype=args.dtype, tiny=args.tiny, limits=limits)
-        unknown = [task_id for task_id in args.preload if task_id not in pipeline.tasks]
+        pipeline = Pipeline(
+            device=args.device,
+            dtype=args.dtype,
+            tiny=args.tiny,
+            limits=limits,
+            batching=not (args.no_batching or ZERO_GPU),  # ZeroGPU runs each call in its own GPU process
+            max_batch_rows=args.max_batch_rows,
+            allow_local_adapters=args.allow_local_adapters,
+        )
+        preload = args.preload if args.preload is not None else default_preload(pipeline)
+        unknown = [task_id for task_id in preload if task_id not in pipeline.tasks]
         if unknown:
             raise UserError(
                 f"unknown task(s) to preload: {', '.join(unknown)}; known tasks: {', '.join(pipeline.tasks)}"
@@ -514,9 +607,10 @@ def main(args: argparse.Namespace, block: bool = True) -> gr.Blocks:
     except UserError as exc:
         sys.exit(f"error: {exc}")
     demo = Demo(pipeline)
-    demo.start_preload(args.preload)  # in the background: the page is served at once
-    blocks = build(pipeline, args.concurrency or None, demo)
-    blocks.queue(max_size=args.queue_size, default_concurrency_limit=args.concurrency or 1).launch(
+    demo.start_preload(preload)  # in the background: the page is served at once
+    concurrency = args.concurrency or default_concurrency(pipeline)
+    blocks = build(pipeline, concurrency, demo)
+    blocks.queue(max_size=args.queue_size, default_concurrency_limit=concurrency).launch(
         server_name=args.host,
         server_port=args.port,
         share=args.share,

@@ -68,10 +68,10 @@ class RandomModels:
     def tasks(self, registry: dict[str, Any]) -> dict[str, Any]:
         return registry
 
-    def lm(self, ref: Any, dtype: torch.dtype) -> tuple[Any, Any]:
+    def lm(self, ref: Any, dtype: torch.dtype, progress: Any = None) -> tuple[Any, Any]:
         return M.build_lm(self.lm_name, dtype, torch.device("cpu")), tiny_tokenizer()
 
-    def encoder(self, ref: Any, modality: str, dtype: torch.dtype) -> Any:
+    def encoder(self, ref: Any, modality: str, dtype: torch.dtype, progress: Any = None) -> Any:
         return M.build_encoder_for("real", modality, dtype, torch.device("cpu"))
 
     def adapter_state(self, task: Any, progress: Any = None) -> dict[str, torch.Tensor]:

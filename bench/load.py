@@ -7,7 +7,8 @@ float32, over a free CPU Space's 16 GB.
 Writes a local folder in facebook/opt-2.7b's layout (its config, a float16 `pytorch_model.bin` of
 random weights at the real shapes, 5.3 GB at 32 layers, and a tokenizer), then loads it once per
 method, each in a fresh process, and prints the process's resident memory: before loading, at its
-peak (VmHWM) and settled after the load.
+peak (VmHWM, which counts the checkpoint's pages a memory-mapped read touched), its own peak (RssAnon,
+sampled: what the page cache cannot take back) and settled after the load.
 
 - `transformers`: `OPTForCausalLM.from_pretrained(folder, dtype=...)`, what epalm did before;
 - `epalm`: `epalm.hub.load_lm`, which reads the checkpoint and casts it tensor by tensor.
@@ -82,6 +83,24 @@ def _memory_gib(field: str) -> float:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
+class _AnonPeak(threading.Thread):
+    """The highest RssAnon (the process's own memory, not the page cache's mapped file pages, which
+    VmHWM counts too) seen every 5 ms until stopped: /proc keeps no high-water mark for it."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peak, self._done = 0.0, threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(0.005):
+            self.peak = max(self.peak, _memory_gib("RssAnon"))
+
+    def stop(self) -> float:
+        self._done.set()
+        self.join()
+        return max(self.peak, _memory_gib("RssAnon"))
+
+
 def measure(method: str, folder: Path, dtype: torch.dtype) -> dict:
     """Load in this process; its memory before, at the peak and settled, and the threads left."""
     from transformers import OPTForCausalLM
@@ -90,18 +109,22 @@ def measure(method: str, folder: Path, dtype: torch.dtype) -> dict:
 
     gc.collect()
     before = _memory_gib("VmRSS")
+    sampler = _AnonPeak()
+    sampler.start()
     started = time.perf_counter()
     if method == "transformers":
         model = OPTForCausalLM.from_pretrained(folder, dtype=dtype)
     else:
         model, _ = load_lm("facebook/opt-2.7b", folder, [folder / "pytorch_model.bin"], dtype)
     seconds = time.perf_counter() - started
+    anon_peak = sampler.stop()
     gc.collect()
     parameters = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
     return {
         "method": method,
         "before_gib": before,
         "peak_gib": _memory_gib("VmHWM"),
+        "anon_peak_gib": anon_peak,
         "settled_gib": _memory_gib("VmRSS"),
         "parameters_gib": parameters,
         "seconds": seconds,
@@ -127,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         if not (folder / "pytorch_model.bin").is_file():
             size = write_repo(folder, args.layers)
             print(f"wrote {folder} ({size / 2**30:.2f} GiB checkpoint, {args.layers} layers)", file=sys.stderr)
-        columns = ["method", "dtype", "layers", "before", "peak", "settled", "peak - settled", "parameters", "load (s)"]
+        columns = ["method", "dtype", "layers", "before", "peak", "own peak", "settled", "peak - settled", "parameters"]
+        columns.append("load (s)")
         print("| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|")
         for method in args.methods:
             child = [sys.executable, "-m", "bench.load", "--measure", method, "--folder", str(folder)]
@@ -136,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             left = [name for name in result["threads"] if "conversion" in name]
             print(
                 f"| {method} | {args.dtype} | {args.layers} | {result['before_gib']:.2f} | {result['peak_gib']:.2f} | "
+                f"{result['anon_peak_gib']:.2f} | "
                 f"{result['settled_gib']:.2f} | {result['peak_gib'] - result['settled_gib']:.2f} | "
                 f"{result['parameters_gib']:.2f} | {result['seconds']:.1f} |" + (f" running: {left}" if left else ""),
                 flush=True,

@@ -401,3 +401,17 @@ if __name__ == "__main__":
     data["targets"] = targets(data)
     previous = kept_notes(dst.read_text()) if dst.exists() else None
     dst.write_text(markdown(data, previous))
+
+
+def write_section(path: Path, section: str) -> None:
+    """Put a benchmark's section (its first line is its `## ` heading) in RESULTS.md, replacing an
+    earlier version of it, else appending it."""
+    heading = section.splitlines()[0]
+    text = path.read_text() if path.exists() else "# eP-ALM benchmark results\n"
+    if heading in text:
+        head, _, rest = text.partition(heading)
+        following = rest.find("\n## ")
+        text = head + section + (rest[following + 1 :] if following >= 0 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)

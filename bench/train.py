@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 from bench.machine import machine_info  # noqa: E402
 from bench.models import build_encoder_for as build_encoder  # noqa: E402
 from bench.models import build_lm, encoder_input, injection_for  # noqa: E402
+from bench.report import write_section  # noqa: E402
 from bench.timing import CpuMonitor, reset_rss_peak, rss_bytes, rss_peak_bytes, wait_for_quiet  # noqa: E402
 from epalm.model import EPALM, Adapter  # noqa: E402
 from epalm.training import AdapterLoss  # noqa: E402
@@ -185,18 +186,6 @@ def markdown(results: dict, minutes: float) -> str:
         )
     lines += [f"\nNot measured: {reason}." for reason in results.get("skipped", [])]
     return "\n".join(lines) + "\n"
-
-
-def write_section(path: Path, section: str) -> None:
-    """Append the section to RESULTS.md, replacing an earlier version of it."""
-    text = path.read_text() if path.exists() else "# eP-ALM benchmark results\n"
-    if SECTION in text:
-        head, _, rest = text.partition(SECTION)
-        following = rest.find("\n## ")
-        text = head + section + (rest[following + 1 :] if following >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:

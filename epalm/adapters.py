@@ -9,29 +9,43 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
-from .hub import ADAPTER_WEIGHTS, AdapterError, fetch
-from .tasks import ADAPTER_CONFIG, AdapterSource, RegistryError, Task, task_from_adapter
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+
+from .hub import ADAPTER_WEIGHTS, AdapterError, RepoFiles, locate
+from .tasks import ADAPTER_CONFIG, RegistryError, Task, task_from_adapter
 
 REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def is_repo_id(source: str) -> bool:
+    """Whether `source` is a Hub repo id (user/name) that the Hub accepts."""
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        return False
+    return bool(REPO_ID.fullmatch(source))
 
 
 def resolve_adapter(source: str, allow_local: bool = True, revision: str = "main") -> Path:
     """The local folder of an adapter given as a folder path or a Hub repo id (downloaded into the
     Hugging Face cache). `allow_local=False` refuses folders (a public app must not read the server's disk)."""
     path = Path(source).expanduser()
-    if path.exists():
-        if not allow_local:
-            raise AdapterError("Local adapter folders are not allowed here; give a Hub repo id (user/name).")
+    if allow_local and path.exists():  # not looked up otherwise: a public app must not say what exists
         if not (path / ADAPTER_CONFIG).is_file() or not (path / ADAPTER_WEIGHTS).is_file():
             raise AdapterError(f"{path} is not an adapter folder: it needs {ADAPTER_WEIGHTS} and {ADAPTER_CONFIG}.")
         return path.resolve()
-    if not REPO_ID.fullmatch(source):
+    if not is_repo_id(source):
+        if not allow_local:
+            raise AdapterError("Local adapter folders are not allowed here; give a Hub repo id (user/name).")
         raise AdapterError(f"Adapter {source!r} is neither an existing folder nor a Hub repo id (user/name).")
-    config = fetch(AdapterSource(ADAPTER_CONFIG, repo_id=source, revision=revision))
-    fetch(AdapterSource(ADAPTER_WEIGHTS, repo_id=source, revision=revision))
-    return config.parent  # the snapshot folder holds both files
+    files = RepoFiles(
+        f"the adapter {source}", source, revision, files=(ADAPTER_CONFIG, ADAPTER_WEIGHTS), named="you gave"
+    )
+    return locate(files)[ADAPTER_CONFIG].parent  # the snapshot folder holds both files
 
 
 def adapter_task(source: str, allow_local: bool = True) -> tuple[Task, bool]:
@@ -43,3 +57,18 @@ def adapter_task(source: str, allow_local: bool = True) -> tuple[Task, bool]:
         return task_from_adapter(folder, f"adapter:{source}"), bool(config.get("tiny", False))
     except (ValueError, RegistryError) as exc:  # JSONDecodeError is a ValueError
         raise AdapterError(f"{folder / ADAPTER_CONFIG} is not a valid adapter config: {exc}") from exc
+
+
+def check_served_models(task: Task, served: Iterable[Task]) -> None:
+    """Refuse an adapter whose LM or encoder no `served` task uses: an app serves users' adapters on
+    the models it already has, rather than download whatever a stranger's adapter config names."""
+    served = list(served)
+    lms = {(t.lm.id, t.lm.revision) for t in served}
+    encoders = {(t.encoder.id, t.encoder.revision) for t in served}
+    if (task.lm.id, task.lm.revision) in lms and (task.encoder.id, task.encoder.revision) in encoders:
+        return
+    models = sorted({f"{t.lm.display_name} + {t.encoder.display_name}" for t in served if t.modality == task.modality})
+    raise AdapterError(
+        f"The adapter was trained on {task.lm.display_name} + {task.encoder.display_name}, which this app does not "
+        f"serve; its {task.modality} models: {', '.join(models) or 'none'}."
+    )

@@ -151,6 +151,61 @@ def _session(
     return kind(model, input_ids, attention_mask, prefix)
 
 
+class TokenRule:
+    """How greedy and sampling pick each step's tokens for one request's rows, kept apart from the
+    model so that a scheduler can apply it to that request's slice of a batched step.
+
+    Rows that emitted EOS get `pad_token_id` afterwards; `done` once every row is done or the
+    length limit is reached.
+    """
+
+    order = None  # rows never move
+
+    def __init__(self, options: DecodingOptions, input_ids: torch.Tensor, trace: Trace | None = None) -> None:
+        if not options.streams:
+            raise ValueError("beam search does not stream; use generate()")
+        self.options, self.trace = options, trace
+        self.warpers = LogitsProcessorList()
+        if options.do_sample:
+            if options.temperature != 1.0:
+                self.warpers.append(TemperatureLogitsWarper(options.temperature))
+            if options.top_k:
+                self.warpers.append(TopKLogitsWarper(options.top_k))
+            if options.top_p < 1.0:
+                self.warpers.append(TopPLogitsWarper(options.top_p))
+        self.generator = None
+        if options.seed is not None:
+            self.generator = torch.Generator(device=input_ids.device).manual_seed(options.seed)
+        self.limit = options.length_limit(input_ids.shape[1])
+        self.ids = input_ids
+        self.unfinished = torch.ones(len(input_ids), dtype=torch.bool, device=input_ids.device)
+        self.done = False
+
+    @property
+    def rows(self) -> int:
+        return len(self.ids)
+
+    def choose(self, logits: torch.Tensor) -> torch.Tensor:
+        """The next token of every row ([rows]) from the model's next-token logits [rows, V]."""
+        options = self.options
+        scores = logits.float()
+        if self.trace is not None:
+            self.trace(self.ids, torch.log_softmax(scores, dim=-1))
+        if options.do_sample:
+            probs = torch.softmax(self.warpers(self.ids, scores), dim=-1)
+            tokens = torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+        else:
+            tokens = scores.argmax(-1)
+        tokens = torch.where(self.unfinished, tokens, options.pad_token_id)
+        self.ids = torch.cat([self.ids, tokens[:, None]], dim=1)
+        self.unfinished &= tokens != options.eos_token_id
+        self.done = not self.unfinished.any() or self.ids.shape[1] >= self.limit
+        return tokens
+
+    def result(self) -> GenerationOutput:
+        return GenerationOutput(self.ids)
+
+
 @torch.inference_mode()  # as a decorator: entered per step, so a consumer may resume it in any thread
 def stream_tokens(
     model: EPALM,
@@ -161,45 +216,16 @@ def stream_tokens(
     callback: StepCallback | None = None,
     trace: Trace | None = None,
 ) -> Iterator[torch.Tensor]:
-    """Greedy or sampling, one step at a time: yields the new token of every row ([B]).
-
-    Rows that emitted EOS get `pad_token_id` afterwards; decoding stops when every row is done or
-    the length limit is reached.
-    """
-    if not options.streams:
-        raise ValueError("beam search does not stream; use generate()")
-    warpers = LogitsProcessorList()
-    if options.do_sample:
-        if options.temperature != 1.0:
-            warpers.append(TemperatureLogitsWarper(options.temperature))
-        if options.top_k:
-            warpers.append(TopKLogitsWarper(options.top_k))
-        if options.top_p < 1.0:
-            warpers.append(TopPLogitsWarper(options.top_p))
-    generator = None
-    if options.seed is not None:
-        generator = torch.Generator(device=input_ids.device).manual_seed(options.seed)
+    """Greedy or sampling, one step at a time: yields the new token of every row ([B]) (see `TokenRule`)."""
+    rule = TokenRule(options, input_ids, trace)
     session = _session(model, input_ids, attention_mask, prefix, options)
-    limit = options.length_limit(input_ids.shape[1])
-    ids = input_ids
-    unfinished = torch.ones(len(input_ids), dtype=torch.bool, device=input_ids.device)
     logits = session.start()
     while True:
-        scores = logits.float()
-        if trace is not None:
-            trace(ids, torch.log_softmax(scores, dim=-1))
-        if options.do_sample:
-            probs = torch.softmax(warpers(ids, scores), dim=-1)
-            tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        else:
-            tokens = scores.argmax(-1)
-        tokens = torch.where(unfinished, tokens, options.pad_token_id)
-        ids = torch.cat([ids, tokens[:, None]], dim=1)
+        tokens = rule.choose(logits)
         if callback is not None:
             callback(tokens)
         yield tokens
-        unfinished &= tokens != options.eos_token_id
-        if not unfinished.any() or ids.shape[1] >= limit:
+        if rule.done:
             return
         logits = session.step(tokens)
 
@@ -230,35 +256,37 @@ class _Hypotheses:
         return self.worst_score >= best_sum_logprobs / cur_len**self.length_penalty
 
 
-@torch.inference_mode()
-def beam_search(
-    model: EPALM,
-    prefix: Prefix,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    options: DecodingOptions,
-    callback: StepCallback | None = None,
-    trace: Trace | None = None,
-) -> GenerationOutput:
-    """Beam search as transformers 4.24 ran it (length_penalty, early_stopping False, 2k candidates)."""
-    k, batch = options.num_beams, input_ids.shape[0]
-    eos, pad = options.eos_token_id, options.pad_token_id
-    device = input_ids.device
-    ids = input_ids.repeat_interleave(k, dim=0)
-    session = _session(model, ids, attention_mask.repeat_interleave(k, dim=0), prefix.repeat_interleave(k), options)
-    limit = options.length_limit(input_ids.shape[1])
-    beam_scores = torch.zeros(batch, k, device=device)
-    beam_scores[:, 1:] = -1e9
-    beam_scores = beam_scores.view(-1)
-    hyps = [_Hypotheses(k, options.length_penalty) for _ in range(batch)]
-    done = [False] * batch
-    logits = session.start()
-    while True:
+class BeamRule:
+    """Beam search as transformers 4.24 ran it (length_penalty, early_stopping False, 2k candidates),
+    one step at a time over a request's `batch * num_beams` rows: `choose` returns the tokens and
+    sets `order`, the rows (of these) each new token continues, which the cache must follow."""
+
+    def __init__(self, options: DecodingOptions, input_ids: torch.Tensor, trace: Trace | None = None) -> None:
+        self.options, self.trace = options, trace
+        self.k, self.batch = options.num_beams, input_ids.shape[0]
+        self.ids = input_ids.repeat_interleave(self.k, dim=0)
+        self.limit = options.length_limit(input_ids.shape[1])
+        beam_scores = torch.zeros(self.batch, self.k, device=input_ids.device)
+        beam_scores[:, 1:] = -1e9
+        self.beam_scores = beam_scores.view(-1)
+        self.hyps = [_Hypotheses(self.k, options.length_penalty) for _ in range(self.batch)]
+        self.finished = [False] * self.batch
+        self.order: torch.Tensor | None = None
+        self.done = False
+
+    @property
+    def rows(self) -> int:
+        return len(self.ids)
+
+    def choose(self, logits: torch.Tensor) -> torch.Tensor:
+        k, batch, hyps, done = self.k, self.batch, self.hyps, self.finished
+        eos, pad = self.options.eos_token_id, self.options.pad_token_id
+        device, ids = logits.device, self.ids
         cur_len = ids.shape[1]
         logprobs = torch.log_softmax(logits.float(), dim=-1)
-        if trace is not None:
-            trace(ids, logprobs)
-        scores = logprobs + beam_scores[:, None]
+        if self.trace is not None:
+            self.trace(ids, logprobs)
+        scores = logprobs + self.beam_scores[:, None]
         vocab = scores.shape[-1]
         top_scores, top_ids = torch.topk(scores.view(batch, k * vocab), 2 * k, dim=1, largest=True, sorted=True)
         top_beams, top_tokens = top_ids // vocab, top_ids % vocab
@@ -282,15 +310,48 @@ def beam_search(
                 if filled == k:
                     break
             done[b] = done[b] or hyps[b].is_done(top_scores[b].max().item(), cur_len)
-        beam_scores, rows, tokens = next_scores.view(-1), next_rows.view(-1), next_tokens.view(-1)
-        ids = torch.cat([ids.index_select(0, rows), tokens[:, None]], dim=1)
+        self.beam_scores, self.order, tokens = next_scores.view(-1), next_rows.view(-1), next_tokens.view(-1)
+        self.ids = torch.cat([ids.index_select(0, self.order), tokens[:, None]], dim=1)
+        self.done = all(done) or self.ids.shape[1] >= self.limit
+        return tokens
+
+    def result(self) -> GenerationOutput:
+        eos, pad = self.options.eos_token_id, self.options.pad_token_id
+        return _finalize(self.hyps, self.finished, self.ids, self.beam_scores, self.limit, eos, pad, self.k)
+
+
+StepRule = TokenRule | BeamRule
+
+
+def step_rule(options: DecodingOptions, input_ids: torch.Tensor, trace: Trace | None = None) -> StepRule:
+    """The per-request rule for `options`: beam search, or greedy / sampling."""
+    return BeamRule(options, input_ids, trace) if options.num_beams > 1 else TokenRule(options, input_ids, trace)
+
+
+@torch.inference_mode()
+def beam_search(
+    model: EPALM,
+    prefix: Prefix,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    options: DecodingOptions,
+    callback: StepCallback | None = None,
+    trace: Trace | None = None,
+) -> GenerationOutput:
+    """Beam search over one batch (see `BeamRule`)."""
+    rule = BeamRule(options, input_ids, trace)
+    k = options.num_beams
+    mask = attention_mask.repeat_interleave(k, dim=0)
+    session = _session(model, rule.ids, mask, prefix.repeat_interleave(k), options)
+    logits = session.start()
+    while True:
+        tokens = rule.choose(logits)
         if callback is not None:
             callback(tokens)
-        if all(done) or ids.shape[1] >= limit:
-            break
-        session.reorder(rows)
+        if rule.done:
+            return rule.result()
+        session.reorder(rule.order)
         logits = session.step(tokens)
-    return _finalize(hyps, done, ids, beam_scores, limit, eos, pad, k)
 
 
 def _finalize(

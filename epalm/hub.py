@@ -12,8 +12,10 @@ tries to run code is refused, never executed.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
+import mmap
 import pickle
 import re
 import time
@@ -25,7 +27,7 @@ import numpy as np
 import timm
 import torch
 import transformers
-from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
+from huggingface_hub import HfApi, get_hf_file_metadata, get_token, hf_hub_download, hf_hub_url, try_to_load_from_cache
 from huggingface_hub import constants as hub_constants
 from huggingface_hub.errors import (
     EntryNotFoundError,
@@ -49,6 +51,7 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_FILES = [ADAPTER_WEIGHTS, ADAPTER_CONFIG, "README.md"]  # an adapter folder, as uploaded
 _ADAPTER_PREFIXES = ("connector.", "prompt_module.")
 # the weight files `from_pretrained` looks for, in its order of preference (timm: the first and third)
 WEIGHT_FILES = (
@@ -88,6 +91,7 @@ class RepoFiles:
     files: tuple[str, ...] = ()
     optional: tuple[str, ...] = ()
     weights: tuple[str, ...] = ()
+    named: str = "in checkpoints/tasks.yaml"  # where the repo id was given, for the messages' hints
 
     def where(self, filename: str) -> str:
         repo = f"the Space {self.repo_id}" if self.repo_type == "space" else self.repo_id
@@ -231,11 +235,11 @@ def _unavailable(files: RepoFiles, name: str, exc: Exception) -> WeightsUnavaila
     if isinstance(exc, GatedRepoError):
         hint = f"the repository is gated: accept its terms on https://huggingface.co/{repo}, then `hf auth login`"
     elif isinstance(exc, RepositoryNotFoundError):
-        hint = f"the repository {repo} does not exist or is private (check the id in checkpoints/tasks.yaml, or log in)"
+        hint = f"the repository {repo} does not exist or is private (check the id {files.named}, or log in)"
     elif isinstance(exc, RevisionNotFoundError):
-        hint = f"{repo} has no revision {files.revision!r} (check `revision` in checkpoints/tasks.yaml)"
+        hint = f"{repo} has no revision {files.revision!r} (check the revision {files.named})"
     elif isinstance(exc, EntryNotFoundError) and not isinstance(exc, LocalEntryNotFoundError):
-        hint = f"there is no {files.where(name)} (check checkpoints/tasks.yaml)"
+        hint = f"there is no {files.where(name)} (check the repo id {files.named})"
     else:
         hint = f"downloading {files.where(name)} failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
     return WeightsUnavailable(f"Cannot get {files.what}: {hint}.", not_cached=isinstance(exc, LocalEntryNotFoundError))
@@ -404,17 +408,47 @@ were released with, and those of the base models.
 """
 
 
+def check_push(repo_id: str) -> None:
+    """Refuse an upload that cannot be made before any work for it (a training run): a repo id the
+    adapter could not be used back from, or no token (the Hub takes no anonymous uploads)."""
+    from .adapters import is_repo_id
+
+    if not is_repo_id(repo_id):
+        raise UserError(f"Cannot upload to {repo_id!r}: give a Hub repo id (user/name), as --adapter will take it.")
+    if get_token() is None:
+        raise WeightsUnavailable(
+            f"Uploading to {repo_id} needs a Hugging Face token with write access: "
+            "log in with `hf auth login` (or set HF_TOKEN)."
+        )
+
+
 def push_to_hub(folder: str | Path, repo_id: str, allow_patterns: list[str] | None = None) -> str:
-    """Upload an adapter folder (only the files matching `allow_patterns`, if given); returns the repo URL."""
+    """Upload an adapter folder to a model repo (created if need be); returns the repo's URL. Only
+    the files matching `allow_patterns` go, by default the adapter's own (`ADAPTER_FILES`): never
+    whatever else the folder holds."""
+    check_push(repo_id)
     api = HfApi()
     try:
-        api.create_repo(repo_id, exist_ok=True)
+        url = api.create_repo(repo_id, exist_ok=True)
         api.upload_folder(
-            repo_id=repo_id, folder_path=str(folder), commit_message="Add eP-ALM adapter", allow_patterns=allow_patterns
+            repo_id=repo_id,
+            folder_path=str(folder),
+            commit_message="Add eP-ALM adapter",
+            allow_patterns=allow_patterns or ADAPTER_FILES,
         )
-    except (OSError, ValueError) as exc:
-        raise WeightsUnavailable(f"Cannot upload to {repo_id}: {exc} (log in with `hf auth login`).") from exc
-    return f"https://huggingface.co/{repo_id}"
+    except HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else None
+        said = f"the Hub answered {status} ({exc.server_message or str(exc).splitlines()[0]})"
+        login = "; log in with `hf auth login`, with a token that may write to it" if status in (401, 403) else ""
+        raise WeightsUnavailable(f"Cannot upload to {repo_id}: {said}{login}.") from exc
+    except ValueError as exc:  # a model card the Hub refuses, a folder that is not there
+        raise WeightsUnavailable(f"Cannot upload to {repo_id}: {exc}") from exc
+    except Exception as exc:  # connection refused, DNS, timeout, offline mode: the HTTP client's own errors
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise WeightsUnavailable(
+            f"Cannot upload to {repo_id}: the Hub ({hub_constants.ENDPOINT}) cannot be reached: {reason}."
+        ) from exc
+    return str(url)
 
 
 class HubModels:
@@ -497,18 +531,57 @@ def _checkpoint_class(config: transformers.PretrainedConfig, modality: str) -> t
 
 
 def read_weights(paths: list[Path], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """A checkpoint's tensors in `dtype`, read file by file and cast tensor by tensor, each original
-    freed as soon as it is cast: the peak is about the model in `dtype` plus one file, not both
-    copies of the whole model (a `.bin` read through mmap keeps every page it touched resident)."""
+    """A checkpoint's tensors in `dtype`, cast tensor by tensor straight from the file's pages.
+
+    A `.bin` is memory-mapped (torch.load's mmap) rather than first copied into memory whole, which
+    halves the read (bench/RESULTS.md, cold start). Each tensor's pages are handed back to the kernel
+    as soon as its copy exists (`_release`), so the peak stays the model in `dtype` plus one tensor,
+    not plus the whole checkpoint. Where that cannot be done (no madvise: Windows), the file is read
+    into memory instead, with the same peak. Every tensor is copied out: none stays backed by the file."""
     state: dict[str, torch.Tensor] = {}
     for path in paths:
-        if path.suffix == ".safetensors":
-            part = load_file(path)
-        else:
-            part = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+        part, release = _open_weights(path)
         for key in list(part):
-            state[key] = part.pop(key).to(dtype)
+            original = part.pop(key)
+            state[key] = original.to(dtype, copy=True)
+            if release is not None:
+                release(original)
     return state
+
+
+def _open_weights(path: Path) -> tuple[dict[str, torch.Tensor], Callable[[torch.Tensor], None] | None]:
+    """A weight file's tensors, and how to release a mapped tensor's pages (None: they are in memory)."""
+    if path.suffix == ".safetensors":
+        return load_file(path), None
+    release = _page_release()
+    if release is not None:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True), release
+        except RuntimeError:  # a file in torch's legacy (pre-zip) format cannot be mapped
+            pass
+    return torch.load(path, map_location="cpu", weights_only=True), None
+
+
+_MADV_DONTNEED = 4  # the same on Linux and macOS
+
+
+def _page_release() -> Callable[[torch.Tensor], None] | None:
+    """A function that drops a memory-mapped tensor's pages from this process (madvise DONTNEED; the
+    mapping is private and never written, so a page touched again is read again from the file)."""
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError, TypeError):  # no C library symbols to look up (Windows)
+        return None
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    page = mmap.PAGESIZE
+
+    def release(tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        start = storage.data_ptr() // page * page
+        end = -(-(storage.data_ptr() + storage.nbytes()) // page) * page
+        madvise(start, end - start, _MADV_DONTNEED)  # advice: a failure only leaves the pages resident
+
+    return release
 
 
 def _say(progress: Progress | None, message: str) -> None:

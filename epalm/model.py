@@ -19,6 +19,7 @@ which the last layer's cache takes in place).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -47,6 +48,12 @@ class InjectionConfig:
             raise ValueError(f"need 0 <= start_layer < end_layer, got {self.start_layer}, {self.end_layer}")
         if self.num_features < 1 or self.prompt_len < 0:
             raise ValueError("num_features must be >= 1 and prompt_len >= 0")
+
+    @property
+    def layout(self) -> tuple[int, int, int, int]:
+        """What fixes the LM's sequence and cache layout: rows with equal layouts can share a forward
+        (the connector and prompt settings only shape the adapter)."""
+        return self.start_layer, self.end_layer, self.num_features, self.prompt_len
 
     def feature_index(self, layer: int) -> int | None:
         """Which of the N projected features is injected before `layer` (None: no injection)."""
@@ -117,6 +124,16 @@ class Prefix:
         """Row b -> rows b*k .. b*k+k-1, the layout beam search uses."""
         return self.select(torch.arange(self.prompt.shape[0], device=self.prompt.device).repeat_interleave(repeats))
 
+    @staticmethod
+    def cat(prefixes: list[Prefix]) -> Prefix:
+        """The rows of several prefixes (one injection layout) as one batch: each row keeps its own
+        features and prompt, so rows of different tasks and adapters share a forward."""
+        layouts = {p.injection.layout for p in prefixes}
+        if len(layouts) != 1:
+            raise ValueError(f"cannot batch prefixes of different injection layouts: {sorted(layouts)}")
+        visual = torch.cat([p.visual for p in prefixes], dim=1)
+        return replace(prefixes[0], visual=visual, prompt=torch.cat([p.prompt for p in prefixes], dim=0))
+
 
 class KVCache:
     """Keys/values per decoder layer, in the interface OPTAttention calls (`update`).
@@ -182,19 +199,91 @@ def with_visual_column(mask: torch.Tensor, visual_row: bool) -> torch.Tensor:
 
 @dataclass
 class DecodeState:
-    """What the cached decoder keeps between steps for one (possibly beam-expanded) batch."""
+    """What the cached decoder keeps between steps for one (possibly beam-expanded) batch.
+
+    Rows decoded together that started from different text lengths (a serving batch) are aligned
+    by `holes`: text slots that exist only to line the rows up. Unlike a pad of the input, which the
+    visual query attends to as the original did, a hole is seen by no query.
+    """
 
     prefix: Prefix
-    text_mask: torch.Tensor  # [B, T] text attention mask so far (1 per appended token)
+    text_mask: torch.Tensor  # [B, T] text attention mask so far (1 per appended token, 0 at pads and holes)
     cache: KVCache
     late_input: torch.Tensor | None  # [B, 1+P+T, H] input of layer `end` (when layers > end exist)
+    holes: torch.Tensor | None = None  # [B, T] bool, True at alignment slots; None: there are none
 
     def reorder(self, index: torch.Tensor) -> None:
+        """Keep the rows `index` in that order (beams following their parents, finished rows leaving)."""
         self.prefix = self.prefix.select(index)
         self.text_mask = self.text_mask.index_select(0, index)
         self.cache.reorder(index)
         if self.late_input is not None:
             self.late_input = self.late_input.index_select(0, index)
+        if self.holes is not None:
+            self.holes = self.holes.index_select(0, index)
+            self._drop_common_holes()
+
+    def _drop_common_holes(self) -> None:
+        """Remove the text slots that are holes in every row (the rows they aligned with have left)."""
+        common = self.holes.all(0)
+        if common.any():
+            width = self.text_mask.shape[1]
+            keep = (~common).nonzero().squeeze(1)
+
+            def select(tensor: torch.Tensor, dim: int) -> torch.Tensor:
+                before = tensor.shape[dim] - width  # visual and prompt slots
+                return tensor.index_select(dim, torch.cat([torch.arange(before, device=keep.device), keep + before]))
+
+            self._map_text(select)
+            self.holes = self.holes.index_select(1, keep)
+        if not self.holes.any():
+            self.holes = None
+
+    def _map_text(self, change) -> None:
+        """Apply `change(tensor, dim)` to every tensor whose `dim` ends with the text slots."""
+        self.text_mask = change(self.text_mask, 1)
+        for store in (self.cache.keys, self.cache.values):
+            for layer_idx, tensor in store.items():
+                store[layer_idx] = change(tensor, 2)
+        if self.late_input is not None:
+            self.late_input = change(self.late_input, 1)
+
+    def hide_holes(self, mask: torch.Tensor) -> torch.Tensor:
+        """`mask` [B, 1, Q, K] whose query 0 is the visual token, with the holes hidden from it."""
+        if self.holes is None:
+            return mask
+        hidden = nn.functional.pad(self.holes, (mask.shape[-1] - self.holes.shape[1], 0))
+        mask = mask.clone()
+        mask[:, :, 0] = mask[:, :, 0].masked_fill(hidden[:, None], torch.finfo(mask.dtype).min)
+        return mask
+
+    @staticmethod
+    def cat(states: list[DecodeState]) -> DecodeState:
+        """The rows of several states (one LM, one injection layout) as one batch, consuming them;
+        shorter texts are padded on the right with holes. Each row decodes as it would alone."""
+        width = max(state.text_mask.shape[1] for state in states)
+        for state in states:
+            extra = width - state.text_mask.shape[1]
+            if state.holes is None:
+                state.holes = torch.zeros_like(state.text_mask, dtype=torch.bool)
+            if extra:
+                state._map_text(functools.partial(_pad_after, extra=extra))
+                state.holes = nn.functional.pad(state.holes, (0, extra), value=True)
+        first = states[0]
+        cache = KVCache()
+        for layer_idx in first.cache.keys:
+            cache.keys[layer_idx] = torch.cat([state.cache.keys[layer_idx] for state in states])
+            cache.values[layer_idx] = torch.cat([state.cache.values[layer_idx] for state in states])
+        late_input = None if first.late_input is None else torch.cat([state.late_input for state in states])
+        holes = torch.cat([state.holes for state in states])
+        text_mask = torch.cat([state.text_mask for state in states])
+        prefix = Prefix.cat([state.prefix for state in states])
+        return DecodeState(prefix, text_mask, cache, late_input, holes if holes.any() else None)
+
+
+def _pad_after(tensor: torch.Tensor, dim: int, extra: int) -> torch.Tensor:
+    """`tensor` with `extra` zero slots appended along `dim`."""
+    return nn.functional.pad(tensor, [0, 0] * (tensor.ndim - dim - 1) + [0, extra])
 
 
 class EPALM(nn.Module):
@@ -300,6 +389,8 @@ class EPALM(nn.Module):
         """Append one token per row ([B]) and return the next-token logits [B, V]."""
         injection, prefix = state.prefix.injection, state.prefix
         state.text_mask = torch.cat([state.text_mask, state.text_mask.new_ones(len(tokens), 1)], dim=1)
+        if state.holes is not None:
+            state.holes = nn.functional.pad(state.holes, (0, 1), value=False)
         full_mask = torch.cat([state.text_mask.new_ones(len(tokens), prefix.prompt.shape[1]), state.text_mask], 1)
         mask = additive_mask(full_mask, 1, self.dtype)
         hidden = self._embed(tokens[:, None], state.text_mask, prompt=None)
@@ -314,7 +405,7 @@ class EPALM(nn.Module):
             return self._head(hidden[:, -1])
         # Refresh: the visual query of layer end-1 attends to every key/value of that layer, the new
         # token's included; it runs as an extra row next to the new token (mask row of zeros).
-        rows_mask = torch.cat([torch.zeros_like(mask), mask], dim=2)
+        rows_mask = state.hide_holes(torch.cat([torch.zeros_like(mask), mask], dim=2))
         with state.cache.using("append_after_first"):
             both = self.decoder.layers[refresh_layer](
                 torch.cat([self._visual(prefix, refresh_layer), hidden], dim=1),
@@ -331,6 +422,7 @@ class EPALM(nn.Module):
         state.late_input = torch.cat([visual_out, state.late_input[:, 1:], hidden], dim=1)
         hidden = state.late_input
         mask = with_visual_column(additive_mask(full_mask, full_mask.shape[1], self.dtype), visual_row=True)
+        mask = state.hide_holes(mask)
         for layer in self.decoder.layers[late_start:]:
             hidden = layer(hidden, attention_mask=mask)
         return self._head(hidden[:, -1])
@@ -402,21 +494,30 @@ def pack_linear_weights(model: EPALM, head: bool = True) -> int:
     The head is tied to the token embedding, which keeps its dense weight: packing the head adds
     one embedding-sized copy (0.5 GB for OPT-2.7B in float32) and saves the slowest product of a
     beam step (`head=False` keeps the tie). CPU, float32/bfloat16 only; a no-op elsewhere.
-    Do it last: packed weights do not follow `.to()`. Each layer is checked against its dense
-    self as it is packed; at the first that fails, packing stops and the rest stay dense.
-    Returns how many layers were packed."""
-    count = 0
+    Do it last: packed weights do not follow `.to()`. The first layer of each shape is checked
+    against its dense self (the same kernel and layout serve the others); at the first check that
+    fails, packing stops and the rest stay dense. Returns how many layers were packed."""
+    count, checked = 0, set()
+
+    def pack(linear: nn.Linear) -> PackedLinear | None:
+        kind = (linear.weight.shape, linear.weight.dtype, linear.bias is not None)
+        if kind in checked:
+            return PackedLinear(linear)
+        packed = PackedLinear.checked(linear)
+        checked.add(kind)
+        return packed
+
     for layer in model.decoder.layers:
         for parent in list(layer.modules()):
             for name, child in list(parent.named_children()):
                 if type(child) is nn.Linear and can_pack(child.weight):
-                    packed = PackedLinear.checked(child)
+                    packed = pack(child)
                     if packed is None:
                         return count
                     setattr(parent, name, packed)
                     count += 1
     if head and type(model.lm.lm_head) is nn.Linear and can_pack(model.lm.lm_head.weight):
-        packed = PackedLinear.checked(model.lm.lm_head)
+        packed = pack(model.lm.lm_head)
         if packed is not None:
             model.lm.lm_head = packed
             count += 1

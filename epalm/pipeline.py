@@ -8,7 +8,10 @@ it, so concurrent calls for different tasks cannot mix them.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -27,12 +30,14 @@ from .inspection import Inspection, Inspector
 from .media import MediaLimits
 from .model import EPALM, Adapter
 from .presets import DEFAULT_PRESET, PRESETS
+from .serving import Request, Scheduler
 from .store import ModelSource, ModelStore
 from .tasks import Task, answer_tokens, get_task, load_registry
 from .video import prepare_video
 
 log = logging.getLogger(__name__)
 
+MAX_BATCH_ROWS = 24  # eight paper (3-beam) requests per step
 # The question limits, the same in the library, the CLI and the app. The token limit bounds the prompt ids (BOS,
 # question, the task's "?</a>"); the characters, checked first, are the cheap bound: 300 characters of English are
 # about 75 OPT tokens, well inside it, so only densely tokenized text (symbols, non-Latin scripts) meets the token
@@ -104,10 +109,16 @@ class Pipeline:
         source: ModelSource | None = None,
         pack_weights: bool = True,
         allow_local_adapters: bool = True,
+        batching: bool | None = None,
+        max_batch_rows: int | None = None,
     ) -> None:
         """`source`: where the weights come from (default: the Hub; `tiny=True`: tiny random models).
         `pack_weights`: see `store.ModelStore`. `progress` hears every load stage and download.
-        `allow_local_adapters`: whether `adapter=` may name a folder on this machine (not only a Hub repo)."""
+        `allow_local_adapters`: whether `adapter=` may name a folder on this machine (not only a Hub repo).
+        `batching`: concurrent calls (from several threads) share the LM's decode steps through an
+        `epalm.serving.Scheduler`, at most `max_batch_rows` rows a step (a beam-search call takes
+        `num_beams` rows); defaults from EPALM_BATCHING (1/0, on) and EPALM_MAX_BATCH_ROWS (24).
+        Each call's answer is the one it gets alone."""
         self.allow_local_adapters = allow_local_adapters
         if source is None:
             if tiny:
@@ -120,6 +131,14 @@ class Pipeline:
         special_tokens = lambda ref: answer_tokens(self.tasks.values(), ref)  # noqa: E731
         self.store = ModelStore(source, device, dtype, pack_weights, progress, special_tokens)
         self.limits = limits or MediaLimits()
+        self.batching = _env_flag("EPALM_BATCHING", True) if batching is None else batching
+        self.max_batch_rows = (
+            _env_int("EPALM_MAX_BATCH_ROWS", MAX_BATCH_ROWS) if max_batch_rows is None else max_batch_rows
+        )
+        if self.max_batch_rows < 1:
+            raise InputError("the rows limit of a batch must be at least 1")
+        self._schedulers: dict[int, Scheduler] = {}
+        self._schedulers_lock = threading.Lock()
 
     @property
     def device(self) -> torch.device:
@@ -178,6 +197,13 @@ class Pipeline:
     def loaded(self) -> list[str]:
         """Human-readable names of what is in memory now."""
         return self.store.loaded()
+
+    def scheduler(self, lm: EPALM) -> Scheduler:
+        """The one scheduler that batches the decode steps of `lm`."""
+        with self._schedulers_lock:
+            if id(lm) not in self._schedulers:
+                self._schedulers[id(lm)] = Scheduler(lm, self.max_batch_rows)
+            return self._schedulers[id(lm)]
 
     def cached(self, task_id: str) -> dict[str, bool]:
         return self.store.source.cached(self.task(task_id))
@@ -280,32 +306,33 @@ class Pipeline:
         dtype = self.store.dtype_name
         with self._out_of_memory(spec):
             started = time.perf_counter()
-            features = encoder(pixels[None].to(self.device), spec.injection.num_features)
-            prefix = adapter.prefix(features)
-            timings.encode_s += time.perf_counter() - started
             mask = torch.ones_like(input_ids)
-            started = time.perf_counter()
+            if self.batching and options.use_cache:
+                request = self.scheduler(lm).submit(pixels.to(self.device), encoder, adapter, input_ids, options, trace)
+                tokens, generated = request.tokens(), request.result
+                decoding_started = functools.partial(self._encoded, request, timings, started)
+            else:
+                features = encoder(pixels[None].to(self.device), spec.injection.num_features)
+                prefix = adapter.prefix(features)
+                timings.encode_s += time.perf_counter() - started
+                decoding_started = functools.partial(float, time.perf_counter())
+                tokens = stream_tokens(lm, prefix, input_ids, mask, options, trace=trace) if options.streams else None
+                generated = functools.partial(generate, lm, prefix, input_ids, mask, options, trace=trace)
             if options.streams:
                 ids: list[int] = []
                 partial = inspector.partial(options) if inspector else None
-                tokens = stream_tokens(lm, prefix, input_ids, mask, options, trace=trace)
-                for text in stream_text(self._timed(tokens, timings, started, ids), tokenizer):
-                    yield Answer(
-                        text.strip(),
-                        spec.id,
-                        False,
-                        replace(timings),
-                        self.device.type,
-                        dtype,
-                        inspection=partial,
-                        notice=notice,
-                    )
+                try:
+                    for text in stream_text(self._timed(tokens, timings, decoding_started, ids), tokenizer):
+                        timed = replace(timings)
+                        yield Answer(text.strip(), spec.id, False, timed, self.device.type, dtype, partial, notice)
+                finally:
+                    tokens.close()  # a consumer that stops early (Stop, closed tab) frees the rows now
                 text = tokenizer.decode(ids, skip_special_tokens=True)
                 inspected = inspector.result(tokenizer, input_ids, options, ids) if inspector else None
             else:
-                generated = generate(lm, prefix, input_ids, mask, options, trace=trace)
+                generated = generated()
                 output = generated.sequences[0, input_ids.shape[1] :]
-                timings.generate_s = time.perf_counter() - started
+                timings.generate_s = time.perf_counter() - decoding_started()
                 timings.new_tokens = int((output != options.pad_token_id).sum())
                 text = tokenizer.decode(output, skip_special_tokens=True)
                 hypotheses = generated.hypotheses[0] if generated.hypotheses else None
@@ -315,14 +342,23 @@ class Pipeline:
         yield Answer(text.strip(), spec.id, True, timings, self.device.type, dtype, inspection=inspected, notice=notice)
 
     @staticmethod
+    def _encoded(request: Request, timings: Timings, submitted: float) -> float:
+        """When a batched request's decoding started (its encoder done; asked once, at its first
+        token): its encoding, waiting for a place in the batch included, counts to `encode_s`."""
+        timings.encode_s += request.encoded - submitted
+        return request.encoded
+
+    @staticmethod
     def _timed(
-        tokens: Iterator[torch.Tensor], timings: Timings, started: float, ids: list[int]
+        tokens: Iterator[torch.Tensor], timings: Timings, started: Callable[[], float], ids: list[int]
     ) -> Iterator[torch.Tensor]:
+        start = None
         for step in tokens:
             now = time.perf_counter()
-            if not ids:
-                timings.first_token_s = now - started
-            timings.generate_s = now - started
+            if start is None:
+                start = started()
+                timings.first_token_s = now - start
+            timings.generate_s = now - start
             ids.append(int(step[0]))
             timings.new_tokens = len(ids)
             yield step
@@ -346,6 +382,23 @@ class Pipeline:
     def answer(self, media: Any, question: str, task: str = "image-vqa", **kwargs: Any) -> Answer:
         """The final answer to `question` about `media`."""
         return _last(self.stream(media, task, question, **kwargs))
+
+
+def _env_flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+        raise InputError(f"{name} must be 1 or 0, not {value!r}")
+    return value in ("1", "true", "yes", "on")
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    try:
+        return int(value) if value else default
+    except ValueError:
+        raise InputError(f"{name} must be a whole number, not {value!r}") from None
 
 
 def _is_oom(exc: BaseException) -> bool:

@@ -152,6 +152,7 @@ class ModelStore:
                 tokenizer.add_special_tokens({"additional_special_tokens": self.special_tokens(task.lm)})
             model = EPALM(lm.to(self.device, self.dtype))
             if self.pack_weights:
+                report(f"Packing the weights of {task.lm.display_name} for this CPU's matrix kernels…")
                 log.info("packed %d linear layers of %s", pack_linear_weights(model), task.lm.id)
             return model, tokenizer
 

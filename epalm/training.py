@@ -45,7 +45,15 @@ from tqdm.auto import tqdm
 
 from .data import DataError, Dataset, Example, decode_all, detect_kind, load_folder
 from .decoding import generate
-from .hub import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, push_to_hub, save_adapter
+from .hub import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    WeightsUnavailable,
+    adapter_config,
+    check_push,
+    push_to_hub,
+    save_adapter,
+)
 from .metrics import caption_scores, vqa_accuracy
 from .model import EPALM, Adapter
 from .tasks import Task
@@ -151,6 +159,7 @@ class TrainResult:
     best: float
     best_epoch: int
     history: list[dict] = field(default_factory=list)
+    url: str | None = None  # the Hub repo it was uploaded to (`push_to_hub`)
 
 
 class AdapterLoss(nn.Module):
@@ -241,6 +250,8 @@ class Trainer:
 
         if pipeline is not None and pipeline.store.pack_weights:
             raise ValueError("training needs the LM's plain weights: pass a Pipeline(pack_weights=False)")
+        if config.push_to_hub:  # no token or a bad repo id: said now, not after the training
+            check_push(config.push_to_hub)
         cpu = config.device == "cpu" or not torch.cuda.is_available()
         precision = config.mixed_precision
         if precision is None:
@@ -585,10 +596,21 @@ Best {self.metric}: {best.get(self.metric, float("nan")):.4f} at epoch {best.get
         if progress["best"] is None:
             raise DataError("training ran no epoch (is --epochs 0, or was it already finished?)")
         self._refresh_card(progress)
-        if config.push_to_hub and accelerator.is_main_process:
-            log.info("uploaded to %s", push_to_hub(self.out, config.push_to_hub, allow_patterns=PUBLISHED))
+        url = self._push() if config.push_to_hub and accelerator.is_main_process else None
         best = progress["best"]
-        return TrainResult(self.out, self.metric, best[self.metric], best["epoch"], progress["history"])
+        return TrainResult(self.out, self.metric, best[self.metric], best["epoch"], progress["history"], url)
+
+    def _push(self) -> str:
+        """Upload the published files; when that fails, the error says how to upload them later."""
+        repo = self.config.push_to_hub
+        try:
+            return push_to_hub(self.out, repo, allow_patterns=PUBLISHED)
+        except WeightsUnavailable as exc:
+            include = " ".join(f"--include {name}" for name in PUBLISHED)
+            raise WeightsUnavailable(
+                f"{exc} The adapter is saved in {self.out}; "
+                f"upload it later with `hf upload {repo} {self.out} {include}`."
+            ) from exc
 
     def _refresh_card(self, progress: dict) -> None:
         """The model card of the best checkpoint, with every epoch's validation."""

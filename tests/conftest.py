@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import base64
 import gc
 import hashlib
 import http.server
+import json
 import os
+import re
 import shutil
 import tempfile
 import threading
+import urllib.parse
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PARITY_DIR = ROOT / "tests" / "fixtures" / "parity"
@@ -94,15 +99,21 @@ def tokenizer():
 
 class FakeHub:
     """A loopback server that answers like the Hub's resolve endpoint (HEAD + GET with the
-    commit and ETag headers huggingface_hub reads), so the real `hf_hub_download` path runs."""
+    commit and ETag headers huggingface_hub reads), so the real `hf_hub_download` path runs; and
+    like its upload API (repo creation, model card check, preupload, commit), so the real
+    `create_repo` + `upload_folder` path runs too: each file is a "regular" one, sent base64 in the
+    commit, then served by the resolve endpoint. Uploads need `Authorization: Bearer TOKEN`."""
 
     COMMIT = "0123456789abcdef0123456789abcdef01234567"
+    TOKEN = "hf_fake_write_token"
 
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
         self.downloads: list[str] = []  # GET paths served with a body
-        self.requests: list[str] = []  # "HEAD /path" / "GET /path", every request
+        self.requests: list[str] = []  # "HEAD /path" / "GET /path" / "POST /path", every request
         self.too_many: dict[str, int] = {}  # path -> how many GETs still answer 429 (rate limited)
+        self.repos: set[str] = set()  # model repos created by POST /api/repos/create
+        self.commits: list[tuple[str, str, dict[str, bytes]]] = []  # (repo, summary, {path: bytes}), in order
         hub = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -142,10 +153,62 @@ class FakeHub:
             def do_GET(self) -> None:
                 self._answer(body=True)
 
+            def _reply(self, status: int, answer: dict) -> None:
+                data = json.dumps(answer).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                if status == 404:
+                    self.send_header("X-Error-Code", "RepoNotFound")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_POST(self) -> None:  # model repos only: what `create_repo` and `upload_folder` send
+                path = urllib.parse.unquote(self.path.split("?")[0])
+                hub.requests.append(f"POST {path}")
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                upload = re.fullmatch(r"/api/models/(.+/.+)/(preupload|commit)/(.+)", path)
+                if self.headers.get("Authorization") != f"Bearer {hub.TOKEN}":
+                    self._reply(401, {"error": "Invalid credentials in Authorization header"})
+                elif path == "/api/validate-yaml":
+                    self._reply(*self._check_card(json.loads(body)["content"]))
+                elif path == "/api/repos/create":
+                    repo = "{organization}/{name}".format(**json.loads(body))
+                    self._reply(409 if repo in hub.repos else 200, {"url": f"{hub.url}/{repo}"})
+                    hub.repos.add(repo)
+                elif upload is None or upload[1] not in hub.repos:
+                    self._reply(404, {"error": "Repository not found"})
+                elif upload[2] == "preupload":  # every file "regular": no LFS or Xet transfer before the commit
+                    files = json.loads(body)["files"]
+                    self._reply(200, {"files": [{**f, "uploadMode": "regular", "shouldIgnore": False} for f in files]})
+                else:
+                    self._commit(upload[1], upload[3], [json.loads(line) for line in body.splitlines()])
+
+            @staticmethod
+            def _check_card(card: str) -> tuple[int, dict]:
+                """The Hub refuses a model card whose metadata (the front matter) is not YAML."""
+                try:
+                    yaml.safe_load(card.split("---")[1] if card.startswith("---") else "")
+                except yaml.YAMLError as exc:
+                    return 400, {"errors": [{"message": str(exc)}]}
+                return 200, {"errors": [], "warnings": []}
+
+            def _commit(self, repo: str, revision: str, lines: list[dict]) -> None:
+                """An NDJSON commit: a header line, then one line per file, its content base64-encoded."""
+                files = {}
+                for line in lines[1:]:
+                    if line["key"] != "file" or line["value"]["encoding"] != "base64":
+                        return self._reply(400, {"error": f"the fake Hub takes regular files only, not {line}"})
+                    files[line["value"]["path"]] = base64.b64decode(line["value"]["content"])
+                hub.commits.append((repo, lines[0]["value"]["summary"], files))
+                for name, data in files.items():
+                    hub.add(repo, name, data, revision=revision)
+                self._reply(200, {"commitUrl": f"{hub.url}/{repo}/commit/{hub.COMMIT}", "commitOid": hub.COMMIT})
+
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        # shutdown() waits for the serving loop to poll: every 50 ms, not the default 0.5 s, at each teardown
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        # a short poll: `shutdown()` at the end of each test waits up to one interval
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
 
     def add(self, repo_id: str, filename: str, data: bytes, repo_type: str = "model", revision: str = "main") -> None:
         prefix = {"model": "", "space": "spaces/", "dataset": "datasets/"}[repo_type]
@@ -155,7 +218,8 @@ class FakeHub:
 @pytest.fixture()
 def fake_hub(tmp_path, monkeypatch):
     """The fake Hub, with HF_ENDPOINT pointed at it and a private HF_HOME cache (for subprocesses
-    through the environment, and for this process through huggingface_hub's constants)."""
+    through the environment, and for this process through huggingface_hub's constants). No token:
+    a test that uploads sets HF_TOKEN (to `FakeHub.TOKEN`, or another the fake Hub refuses)."""
     import huggingface_hub.constants as constants
 
     hub = FakeHub()
@@ -163,10 +227,13 @@ def fake_hub(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
     monkeypatch.setenv("HF_HOME", str(home))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
     monkeypatch.setattr(constants, "ENDPOINT", hub.url)
     monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
     yield hub
     hub.server.shutdown()
 

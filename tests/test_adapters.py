@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from epalm.adapters import adapter_task, resolve_adapter
-from epalm.hub import AdapterError, adapter_config, save_adapter
+from epalm.hub import AdapterError, WeightsUnavailable, adapter_config, save_adapter
 from epalm.pipeline import Pipeline
 from epalm.tiny import tiny_adapter
 
@@ -36,3 +36,18 @@ def test_not_an_adapter(tmp_path, fake_hub):
         resolve_adapter(str(tmp_path / "empty"))
     with pytest.raises(Exception, match="someone/missing"):
         resolve_adapter("someone/missing")
+
+
+def test_without_local_folders_a_source_is_only_ever_a_hub_repo(fake_hub, tmp_path, monkeypatch):
+    """A public app does not read, nor say what exists on, its own disk: a folder named like a repo id is
+    not looked at, and any other path is refused the same way whether or not it exists."""
+    monkeypatch.chdir(tmp_path)
+    folder = saved_tiny_adapter(tmp_path / "someone" / "colours", Pipeline(device="cpu", tiny=True))
+    assert resolve_adapter("someone/colours") == folder.resolve()
+    with pytest.raises(WeightsUnavailable, match=r"no adapter_config.json in someone/colours \(check the repo id you"):
+        resolve_adapter("someone/colours", allow_local=False)
+    for path in (str(folder), str(tmp_path / "nothing here")):
+        with pytest.raises(AdapterError, match="Local adapter folders are not allowed here"):
+            resolve_adapter(path, allow_local=False)
+    with pytest.raises(AdapterError, match="neither an existing folder nor a Hub repo id"):
+        resolve_adapter("some--one/colours")  # the Hub's own rules, not a network error

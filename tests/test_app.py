@@ -24,10 +24,12 @@ from PIL import Image
 
 import app as demo_app
 from epalm import MediaLimits, Pipeline
+from epalm.__main__ import main as cli
 from epalm.image import CLIP_MEAN, CLIP_STD, prepare_image
 from epalm.video import frame_indices
 
-from conftest import ROOT, write_video, write_wav
+from conftest import ROOT, write_image, write_video, write_wav
+from test_adapters import saved_tiny_adapter
 
 ENDPOINTS = {"/caption_image", "/answer_image", "/caption_video", "/answer_video", "/caption_audio"}
 
@@ -120,6 +122,7 @@ def test_api_lists_the_documented_parameters_and_named_outputs(client):
         assert names[:2] == (["media", "question"] if name.startswith("/answer") else ["media", "task"])
         assert ("frames" in names) == name.endswith("_video"), "frames only where it is used"
         assert all(p["parameter_has_default"] for p in endpoint["parameters"][2:])
+        assert names[-1] == "adapter" and endpoint["parameters"][-1]["parameter_default"] == "", "added last"
         seen = demo_app.SEEN_LABELS[name.split("_")[1]]
         assert [r["label"] for r in endpoint["returns"]] == [
             "Answer" if name.startswith("/answer") else "Caption",
@@ -421,15 +424,27 @@ def test_flags_have_environment_equivalents_and_help_shows_defaults(monkeypatch)
     monkeypatch.setenv("EPALM_DEVICE", "cpu")
     monkeypatch.setenv("EPALM_CONCURRENCY", "3")
     monkeypatch.setenv("EPALM_PRELOAD", "image-caption audio-caption")
+    assert not demo_app.parse_args([]).allow_local_adapters
+    monkeypatch.setenv("EPALM_ALLOW_LOCAL_ADAPTERS", "1")
     args = demo_app.parse_args([])
     assert (
         args.tiny
         and args.device == "cpu"
         and args.concurrency == 3
         and args.preload == ["image-caption", "audio-caption"]
+        and args.allow_local_adapters
     )
     assert demo_app.parse_args(["--port", "9999", "--dtype", "bfloat16"]).port == 9999
     assert demo_app.parse_args([]).max_duration == MediaLimits().max_clip_seconds, "one duration limit, the library's"
+
+
+def test_the_page_s_first_task_loads_at_start_up_unless_told_otherwise(monkeypatch):
+    monkeypatch.delenv("EPALM_PRELOAD", raising=False)
+    assert demo_app.parse_args([]).preload is None, "the default: decided from the registry in main()"
+    assert demo_app.default_preload(Pipeline(device="cpu", tiny=True)) == ["image-caption"]
+    assert demo_app.parse_args(["--preload"]).preload == []
+    monkeypatch.setenv("EPALM_PRELOAD", "")
+    assert demo_app.parse_args([]).preload == []
 
 
 def test_help_answers_without_importing_gradio_or_torch():
@@ -469,6 +484,9 @@ def test_a_fractional_file_size_limit_starts_and_holds(tmp_path, media_files):
             handle_file(str(media_files["audio"])), preset="fast", max_new_tokens=2, api_name="/caption_audio"
         )
         assert "tokens/s" in info
+        with pytest.raises(AppError, match="allowed only when the app is started with --allow-local-adapters"):
+            flagless = write_wav(tmp_path / "flagless.wav", seconds=0.5, freq=660.0)
+            client.predict(handle_file(str(flagless)), adapter=str(tmp_path), api_name="/caption_audio")
     finally:
         blocks.close()
 
@@ -618,7 +636,7 @@ def test_the_queue_bound_holds_under_a_burst(media_files, monkeypatch, api_name)
         media = {"path": path, "meta": {"_type": "gradio.FileData"}}
         task = demo_app.tasks_by_modality(pipeline)[modality][kind][0].id
         data = [media] + (["why?"] if kind == "qa" else []) + [task, "paper", 0, 0.7, 0.9]
-        data += [0] if modality == "video" else []
+        data += ([0] if modality == "video" else []) + [""]
         statuses: list[int] = []
 
         def join(i: int) -> None:
@@ -638,8 +656,9 @@ def test_the_queue_bound_holds_under_a_burst(media_files, monkeypatch, api_name)
             thread.start()
         for thread in threads:
             thread.join()
-        assert statuses.count(200) <= 8 + 1, "at most max_size waiting and one running"
-        assert statuses.count(503) >= 60 - 9 and len(statuses) == 60
+        running = demo_app.default_concurrency(pipeline)  # the batch's rows limit: 24
+        assert statuses.count(200) <= 8 + running, "at most max_size waiting and the running ones"
+        assert statuses.count(503) >= 60 - 8 - running and len(statuses) == 60
     finally:
         release.set()
         blocks.close()
@@ -650,3 +669,73 @@ def test_info_line_tells_a_long_question_its_limit_and_beams_their_timing(client
     answer, info, *_ = client.predict(handle_file(str(media_files["image"])), question, api_name="/answer_image")
     assert "Long question" in info and "Max new tokens" in info
     assert "3-beam search" in info and "first token" not in info
+
+
+# -- users' trained adapters: the Adapter field and the endpoints' `adapter` parameter ---------------------------
+
+
+def own_media(folder: Path, modality: str) -> Path:
+    """A file only `tiny_app` receives: the upload cache is shared by content, and an app that another
+    test closes deletes the uploads it received."""
+    if modality == "image":
+        return write_image(folder / "own.png", seed=12)
+    return write_wav(folder / "own.wav", seconds=0.5, freq=523.0)
+
+
+def test_a_saved_adapter_answers_the_same_in_the_cli_the_python_api_and_the_app(
+    tiny_app, client, fake_hub, tmp_path, capsys, monkeypatch
+):
+    pipeline, _ = tiny_app
+    folder = saved_tiny_adapter(tmp_path / "colours", pipeline)
+    for name in ("adapter.safetensors", "adapter_config.json"):
+        fake_hub.add("someone/colours", name, (folder / name).read_bytes())
+    image, settings = str(own_media(tmp_path, "image")), dict(preset="fast", max_new_tokens=4)
+    argv = ["caption", "--tiny", "--device", "cpu", "--preset", "fast", "--max-new-tokens", "4", "--adapter"]
+    assert cli([*argv, str(folder), image]) == 0  # its own pipeline, as another process would build
+    from_cli = capsys.readouterr().out.strip().split("\t")[1]
+    from_python = pipeline.caption(image, adapter=str(folder), **settings).text
+    registry_answer, *_ = client.predict(handle_file(image), **settings, api_name="/caption_image")
+    loaded = pipeline.loaded()
+    monkeypatch.setattr(pipeline, "allow_local_adapters", False)  # as served without --allow-local-adapters
+    answer, info, *_ = client.predict(
+        handle_file(image), adapter="someone/colours", **settings, api_name="/caption_image"
+    )
+    assert answer == from_cli == from_python != registry_answer
+    assert info.startswith("`adapter:someone/colours` · ")
+    [added] = pipeline.loaded()[len(loaded) :]
+    assert "adapter:someone/colours" in added, "only the adapter was loaded: the LM and encoder are shared"
+    with pytest.raises(AppError, match="'/.*' is not a Hub repo id.*started with --allow-local-adapters"):
+        client.predict(handle_file(image), adapter=str(folder), **settings, api_name="/caption_image")
+    monkeypatch.setattr(pipeline, "allow_local_adapters", True)
+    assert client.predict(handle_file(image), adapter=f" {folder} ", **settings, api_name="/caption_image")[0] == answer
+
+
+@pytest.mark.parametrize(
+    "api_name, args, message",
+    [
+        (
+            "/answer_image",
+            ["why?"],
+            "trained for image captioning, not image question answering: use it in the Image tab, Caption",
+        ),
+        ("/caption_audio", [], "trained for image captioning, not audio captioning: use it in the Image tab, Caption"),
+    ],
+)
+def test_an_adapter_for_another_tab_or_mode_is_refused_saying_where_it_goes(
+    tiny_app, client, tmp_path, api_name, args, message
+):
+    folder = saved_tiny_adapter(tmp_path / "colours", tiny_app[0])
+    media = handle_file(str(own_media(tmp_path, api_name.split("_")[1])))
+    with pytest.raises(AppError, match=re.escape(message)):
+        client.predict(media, *args, adapter=str(folder), api_name=api_name)
+
+
+def test_an_adapter_on_models_the_app_does_not_serve_is_refused(tiny_app, client, tmp_path):
+    import json
+
+    folder = saved_tiny_adapter(tmp_path / "big", tiny_app[0])
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["lm"] = {"id": "facebook/opt-66b", "name": "OPT-66B"}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(AppError, match="trained on OPT-66B \\+ ViT-B/16, which this app does not serve"):
+        client.predict(handle_file(str(own_media(tmp_path, "image"))), adapter=str(folder), api_name="/caption_image")

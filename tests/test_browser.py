@@ -18,6 +18,7 @@ from epalm import Pipeline
 from epalm.tiny import TinyModels
 
 from conftest import ROOT, chromium_executable
+from test_adapters import saved_tiny_adapter
 from test_app import serve
 
 OUTPUT = Path(os.environ.get("EPALM_TEST_OUTPUT", ROOT / "test-output")) / "browser"
@@ -239,3 +240,19 @@ def test_the_panel_shows_what_the_model_saw(page, modality, frames):
     expect(page.locator(".toast-close")).to_have_count(0, timeout=10_000)
     page.screenshot(path=str(OUTPUT / f"{modality}-seen.png"), full_page=True)
     assert (OUTPUT / f"{modality}-seen.png").stat().st_size > 20_000
+
+
+def test_an_adapter_named_in_the_field_answers_and_is_named(page, tmp_path):
+    folder = saved_tiny_adapter(tmp_path / "mine", Pipeline(device="cpu", tiny=True))
+    open_mode(page, "image", "caption")
+    upload(page, "image", example_file("image"))
+    field = page.locator("#image-caption-adapter").get_by_role("textbox")
+    field.fill(str(folder))
+    try:
+        page.locator("#image-caption-run").click()
+        assert wait_for_answer(page, "image-caption", f"adapter:{folder}").strip()
+        expect(page.locator("#status")).to_contain_text(f"adapter (adapter:{folder})")
+        OUTPUT.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(OUTPUT / "adapter.png"), full_page=True)
+    finally:
+        field.fill("")  # the page is shared: the next tests use the Model menu again

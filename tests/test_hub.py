@@ -11,20 +11,24 @@ from dataclasses import replace
 import pytest
 import torch
 
+from epalm.__main__ import main
+from epalm.errors import UserError
 from epalm.hub import (
     ADAPTER_CONFIG,
+    ADAPTER_FILES,
     AdapterError,
     WeightsUnavailable,
     convert,
     fetch,
     is_cached,
     load_adapter,
+    push_to_hub,
     read_adapter,
 )
 from epalm.parity import load_case
 from epalm.tasks import AdapterSource, load_registry
 
-from conftest import PARITY_CASES, ROOT, save_numpy1_checkpoint
+from conftest import PARITY_CASES, ROOT, FakeHub, save_numpy1_checkpoint
 
 
 def fixture_task(case):
@@ -71,6 +75,31 @@ def test_offline_environment_variable_is_honoured_in_a_fresh_process(fake_hub, t
 def test_missing_file_names_the_repo_and_file(fake_hub):
     with pytest.raises(WeightsUnavailable, match=r"Cannot get the adapter: there is no nope.pth in someone/epalm"):
         fetch(AdapterSource("nope.pth", "someone/epalm"))
+
+
+def test_push_uploads_only_the_adapter_files_or_says_why_it_cannot(fake_hub, tmp_path, monkeypatch):
+    import shutil
+    import socket
+
+    import huggingface_hub.constants as constants
+
+    out = tmp_path / "converted"
+    out.mkdir()
+    shutil.copy(PARITY_CASES[0] / "adapters.pth", out)  # converted next to the original, which stays local
+    monkeypatch.setenv("HF_TOKEN", FakeHub.TOKEN)
+    argv = ["convert", str(out / "adapters.pth"), str(out), "--task", "image-caption", "--push-to-hub", "someone/conv"]
+    assert main(argv) == 0
+    [(repo, _, files)] = fake_hub.commits
+    assert repo == "someone/conv" and sorted(files) == sorted(ADAPTER_FILES) and (out / "adapters.pth").is_file()
+    with pytest.raises(UserError, match=r"Cannot upload to 'conv': give a Hub repo id \(user/name\)"):
+        push_to_hub(out, "conv")
+    with socket.socket() as closed:  # bound, not listening: the connection is refused
+        closed.bind(("127.0.0.1", 0))
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{closed.getsockname()[1]}")
+        with pytest.raises(
+            WeightsUnavailable, match=r"Cannot upload to someone/conv: the Hub \(http://127.0.0.1:\d+\) cannot"
+        ):
+            push_to_hub(out, "someone/conv")
 
 
 @pytest.mark.parametrize("case", PARITY_CASES, ids=lambda p: p.name)
@@ -183,3 +212,30 @@ def test_a_sharded_checkpoint_is_located_with_its_shards_and_read_into_the_dtype
     state = read_weights([found[name] for name in shards], torch.float32)
     assert state["a"].dtype == torch.float32 and state["b"].tolist() == [2.0, 2.0, 2.0]
     assert locate(files, local_only=True) == found, "then known to the cache, absent files included"
+
+
+@pytest.mark.parametrize("madvise", [True, False], ids=["mapped", "read_whole"])
+def test_weights_are_cast_from_the_file_and_own_their_memory(tmp_path, monkeypatch, madvise):
+    """Memory-mapped and released page by page where madvise exists, read whole where it does not:
+    the same tensors either way, none left backed by the file (which may change in the cache)."""
+    from epalm import hub
+
+    released: list[int] = []
+    if madvise:
+        release = hub._page_release()
+        assert release is not None, "this machine's C library has madvise"
+        monkeypatch.setattr(hub, "_page_release", lambda: lambda t: (released.append(t.numel()), release(t)))
+    else:
+        monkeypatch.setattr(hub, "_page_release", lambda: None)
+    generator = torch.Generator().manual_seed(0)
+    original = {f"w{i}": torch.randn(300, 700 + i, generator=generator).half() for i in range(4)}
+    original["same"] = torch.randn(5000, generator=generator).half()
+    path = tmp_path / "pytorch_model.bin"
+    torch.save(original, path)
+    cast = hub.read_weights([path], torch.bfloat16)
+    kept = hub.read_weights([path], torch.float16)  # no cast: still a copy
+    assert sorted(released) == (sorted([v.numel() for v in original.values()] * 2) if madvise else [])
+    path.write_bytes(b"\0" * path.stat().st_size)  # a changed file cannot change the loaded weights
+    assert all(torch.equal(cast[k], v.to(torch.bfloat16)) and torch.equal(kept[k], v) for k, v in original.items())
+    torch.save(original, path, _use_new_zipfile_serialization=False)  # torch's legacy format cannot be mapped
+    assert all(torch.equal(t, original[k]) for k, t in hub.read_weights([path], torch.float16).items())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import replace
 
 import pytest
@@ -316,3 +317,79 @@ def test_question_limits_are_one_pair_of_numbers(pipe, media_files):
         pipe.answer(media_files["image"], "\u2603" * MAX_QUESTION_CHARS, "image-vqa")
     with pytest.raises(InputError, match="exceed the model's 256 positions"):
         pipe.answer(media_files["image"], "what", "image-vqa", max_new_tokens=300)
+
+
+def test_concurrent_calls_share_decode_steps_and_get_their_answers_alone(media_files):
+    """Calls from several threads (the app's) meet in one batch, each answer the one it gets alone."""
+    jobs = [
+        ("image-caption", None, "fast"),
+        ("image-vqa", "what is it", "paper"),
+        ("audio-caption", None, "sampling"),
+        ("video-qa-msvd", "what happens", "fast"),
+        ("image-caption", None, "paper"),
+    ]
+    settings = dict(max_new_tokens=6, seed=3)
+    solo = Pipeline(device="cpu", tiny=True, batching=False)
+    alone = [solo.stream(media_files[solo.task(t).modality], t, q, preset=p, **settings) for t, q, p in jobs]
+    alone = [list(answers)[-1].text for answers in alone]
+    pipe = Pipeline(device="cpu", tiny=True)
+    assert pipe.batching and pipe.max_batch_rows == 24
+    pipe.preload([task for task, _, _ in jobs])  # tiny models draw their weights from the global RNG: not in parallel
+    steps: list[int] = []
+    pipe.scheduler(pipe.lm(pipe.task("image-caption"))[0]).callback = steps.append
+    barrier, results = threading.Barrier(len(jobs)), {}
+
+    def worker(i: int, task: str, question: str | None, preset: str) -> None:
+        barrier.wait()
+        results[i] = list(
+            pipe.stream(media_files[pipe.task(task).modality], task, question, preset=preset, **settings)
+        )[-1]
+
+    threads = [threading.Thread(target=worker, args=(i, *job)) for i, job in enumerate(jobs)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [results[i].text for i in range(len(jobs))] == alone
+    assert max(steps) > 3, "several calls ran in one step"
+    assert all(answer.timings.encode_s > 0 and answer.timings.generate_s > 0 for answer in results.values())
+
+
+def test_batching_settings_come_from_the_environment(monkeypatch, media_files):
+    monkeypatch.setenv("EPALM_MAX_BATCH_ROWS", "5")
+    monkeypatch.setenv("EPALM_BATCHING", "0")
+    pipe = Pipeline(device="cpu", tiny=True)
+    assert (pipe.batching, pipe.max_batch_rows) == (False, 5)
+    assert pipe.caption(media_files["image"], preset="fast", max_new_tokens=3).done
+    assert not pipe._schedulers, "unbatched calls decode in the caller's thread"
+    assert Pipeline(device="cpu", tiny=True, batching=True, max_batch_rows=2).max_batch_rows == 2
+    monkeypatch.setenv("EPALM_MAX_BATCH_ROWS", "many")
+    with pytest.raises(InputError, match="EPALM_MAX_BATCH_ROWS must be a whole number"):
+        Pipeline(device="cpu", tiny=True)
+
+
+def test_a_closed_stream_leaves_the_batch_at_the_next_step(media_files):
+    """Stop or a closed tab closes the generator: its rows and cache go, the rest decodes on."""
+    pipe = Pipeline(device="cpu", tiny=True)
+    scheduler = pipe.scheduler(pipe.lm(pipe.task("image-caption"))[0])
+    closed, steps = threading.Event(), []
+
+    def callback(rows: int) -> None:
+        steps.append(rows)
+        if not closed.is_set():
+            time.sleep(0.005)  # slow steps: the first stream cannot finish before it is closed
+
+    scheduler.callback = callback
+    settings = dict(preset="fast", max_new_tokens=150)
+    closing = pipe.stream(media_files["image"], "image-caption", **settings)
+    staying = pipe.stream(media_files["audio"], "audio-caption", **settings)
+    next(staying)
+    while 2 not in steps:  # until both share steps
+        next(closing)
+    closing.close()
+    closed.set()
+    at_close = len(steps)
+    final = list(staying)[-1]
+    assert final.done and final.timings.new_tokens == 150
+    assert set(steps[at_close + 1 :]) == {1}, "one row left at the next step"
+    assert scheduler.rows == 0

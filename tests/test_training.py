@@ -16,7 +16,7 @@ from epalm.pipeline import Pipeline
 from epalm.tasks import load_registry
 from epalm.training import AdapterLoss, TrainConfig, Trainer, parameter_groups, scheduled_lr, train
 
-from conftest import COLOURS, ROOT, write_colour_folder
+from conftest import COLOURS, ROOT, FakeHub, write_colour_folder
 
 # small data, a high learning rate and no dropout: the tiny task is learnt in a few dozen steps
 FAST = dict(
@@ -111,6 +111,45 @@ def test_adapter_round_trip_python_cli_and_registry(pipe, tmp_path):
         mine.task("my-colours").kind == "caption"
         and mine.caption(files[2], "my-colours", preset="fast").text == in_process[2]
     )
+
+
+def test_train_pushes_to_the_hub_and_the_adapter_is_used_back_from_there(pipe, fake_hub, tmp_path, monkeypatch, capsys):
+    """`train --push-to-hub` through huggingface_hub's real upload path (to the loopback fake Hub)."""
+    data = write_colour_folder(tmp_path / "train", per_colour=2)
+    argv = ["train", str(data), "--base", "image-caption", "--tiny", "--device", "cpu", "--no-progress"]
+    argv += ["--epochs", "1", "--lr", "2e-2", "--eval-beams", "1", "--push-to-hub", "someone/colours", "--out"]
+    # no token: refused before any training, with nothing sent
+    assert main([*argv, str(tmp_path / "no-token")]) == 2
+    assert "needs a Hugging Face token with write access: log in with `hf auth login`" in capsys.readouterr().err
+    assert not (tmp_path / "no-token").exists() and fake_hub.requests == []
+    # a token the Hub refuses: the trained adapter is kept, and the error says how to upload it later
+    monkeypatch.setenv("HF_TOKEN", "hf_not_this_one")
+    assert main([*argv, str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err
+    assert "the Hub answered 401 (Invalid credentials in Authorization header); log in with `hf auth login`" in err
+    assert f"The adapter is saved in {tmp_path / 'refused'}; upload it later with `hf upload someone/colours" in err
+    assert (tmp_path / "refused" / "adapter.safetensors").is_file() and not fake_hub.commits
+
+    monkeypatch.setenv("HF_TOKEN", FakeHub.TOKEN)
+    out = tmp_path / "adapter"
+    assert main([*argv, str(out)]) == 0
+    assert f"uploaded to {fake_hub.url}/someone/colours\n" in capsys.readouterr().out
+    [(repo, summary, files)] = fake_hub.commits
+    published = {"adapter.safetensors", "adapter_config.json", "README.md", "log.jsonl"}
+    assert repo == "someone/colours" and set(files) == published  # not the resume state in last/
+    assert (out / "last").is_dir() and all(files[name] == (out / name).read_bytes() for name in files)
+    assert "--adapter someone/colours --tiny" in files["README.md"].decode()  # the card's usage names the repo
+
+    image = data / "red_0.png"
+    fast = ["--preset", "fast", "--max-new-tokens", "6"]
+    assert main(["caption", str(image), "--adapter", "someone/colours", "--tiny", *fast]) == 0
+    from_cli = capsys.readouterr().out.strip().split("\t")[1]
+    assert {"/someone/colours/resolve/main/adapter.safetensors"} <= set(fake_hub.downloads)
+    from_hub, from_folder, base = (
+        pipe.caption(image, task, adapter=adapter, preset="fast", max_new_tokens=6).text
+        for task, adapter in ((None, "someone/colours"), (None, str(out)), ("image-caption", None))
+    )
+    assert from_cli == from_hub == from_folder != base
 
 
 def test_pipeline_shares_models_with_user_adapters_and_guards_folders(pipe, tmp_path):

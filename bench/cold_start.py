@@ -1,0 +1,256 @@
+"""Cold start: the time from `python app.py` to the first answer, with the files already in the Hub cache.
+
+    python -m bench.cold_start                          # OPT-2.7B shape, bfloat16 and float32
+    python -m bench.cold_start --dtype bfloat16 --cache /tmp/epalm-cache --keep
+    python -m bench.cold_start --layers 2 --dtype float32   # what the test runs
+
+Writes a Hugging Face cache holding what `image-caption` needs, in the real repos' layouts, with
+random weights at the real shapes: facebook/opt-2.7b's config, a tokenizer and its float16
+`pytorch_model.bin` (5.3 GB at 32 layers; the Hub has no safetensors for it), timm's ViT-B/16
+`model.safetensors`, and the adapter at its path in the Space mshukor/eP-ALM. Then, per dtype, it
+starts `python app.py` (a fresh process, offline, page cache warm: the files were just read), submits
+one image caption through the API as soon as the server answers, and times the server start, the
+first streamed token and the final answer (greedy, `--new-tokens`). The parts come from the app's log,
+where each load stage is a line with its time: the LM's read and cast, its weight packing, the
+encoder and the adapter (the encoder loads alongside the LM, so parts may overlap).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))  # `python bench/cold_start.py` puts bench/ first, not the repository
+
+from bench import machine, report  # noqa: E402
+from bench.load import write_repo  # noqa: E402
+
+TASK = "image-caption"
+IMAGE = ROOT / "examples" / "image" / "cat.jpg"
+# Log lines that mark a part's start or end: (part, "start" | "end", pattern).
+MARKS = [
+    ("lm_read_and_cast", "start", r"Reading the weights of"),
+    ("lm_read_and_cast", "end", r"Packing the weights of"),
+    ("lm_pack", "start", r"Packing the weights of"),
+    ("lm_pack", "end", r"packed \d+ linear layers"),
+    ("encoder", "start", r"Loading .* image encoder"),
+    ("encoder", "end", r"Loaded .* image encoder"),
+    ("adapter", "start", r"Loading .* adapter"),
+    ("adapter", "end", r"Loaded .* adapter"),
+]
+
+
+def snapshot(cache: Path, repo_type: str, repo_id: str) -> Path:
+    """The snapshot folder of `repo_id` at `main` in a Hub cache (what huggingface_hub reads offline)."""
+    folder = cache / f"{repo_type}s--{repo_id.replace('/', '--')}"
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    (folder / "refs").mkdir(parents=True, exist_ok=True)
+    (folder / "refs" / "main").write_text(commit)
+    path = folder / "snapshots" / commit
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_cache(cache: Path, layers: int) -> float:
+    """The files `image-caption` needs, in their repos' layouts; returns their size in GB."""
+    import safetensors.torch
+    import timm
+
+    from epalm.hub import encoder_files, lm_files
+    from epalm.model import Adapter
+    from epalm.tasks import load_registry
+    from epalm.tiny import tiny_tokenizer
+
+    task = load_registry()[TASK]
+    lm = snapshot(cache, "model", task.lm.id)
+    if not (lm / "pytorch_model.bin").exists():
+        write_repo(lm, layers)
+        tiny_tokenizer().backend_tokenizer.model.save(str(lm))  # vocab.json and merges.txt, as OPT's repo has
+    vit_files = encoder_files(task.encoder, task.modality)
+    vit = snapshot(cache, "model", vit_files.repo_id) / "model.safetensors"
+    if not vit.exists():
+        model = timm.create_model(task.encoder.id, pretrained=False)
+        safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, vit)
+    adapter = snapshot(cache, task.adapter.repo_type, task.adapter.repo_id) / task.adapter.filename
+    if not adapter.exists():
+        config = json.loads((lm / "config.json").read_text())
+        state = Adapter(task.injection, 768, config["hidden_size"], config["word_embed_proj_dim"]).state_dict()
+        adapter.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": state, "epoch": 7}, adapter)
+    for files, folder in ((lm_files(task.lm), lm), (vit_files, vit.parent)):
+        absent(folder, [name for name in files.optional + files.weights if not (folder / name).exists()])
+    return sum(f.stat().st_size for f in cache.rglob("*") if f.is_file()) / 1e9
+
+
+def absent(snapshot: Path, names: list[str]) -> None:
+    """Mark files as not in the repo, as huggingface_hub does when the Hub answers 404 (what a cache
+    filled by `python -m epalm download` holds): offline, the loader then knows to try the next."""
+    markers = snapshot.parents[1] / ".no_exist" / snapshot.name
+    markers.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (markers / name).touch()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_server(url: str, process: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the app exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"the app did not answer at {url} in {timeout:.0f} s")
+
+
+def start_to_answer(cache: Path, dtype: str, new_tokens: int, threads: int) -> dict:
+    """One `python app.py` from launch to the first answer; seconds since launch."""
+    from gradio_client import Client, handle_file
+
+    port = _free_port()
+    env = {
+        **os.environ,
+        "HF_HUB_CACHE": str(cache),
+        "HF_HUB_OFFLINE": "1",
+        "EPALM_DTYPE": dtype,
+        "EPALM_DEVICE": "cpu",
+        "GRADIO_SERVER_PORT": str(port),
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "OMP_NUM_THREADS": str(threads),
+    }
+    with tempfile.TemporaryFile("w+") as log:
+        launched_wall, launched = time.time(), time.perf_counter()
+        process = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            url = f"http://127.0.0.1:{port}/"
+            _wait_for_server(url, process, 120)
+            server_s = time.perf_counter() - launched
+            client = Client(url, verbose=False)
+            job = client.submit(handle_file(str(IMAGE)), TASK, "fast", new_tokens, 0.7, 0.9, api_name="/caption_image")
+            _, info, *_ = job.result(timeout=600)
+            answer_s = time.perf_counter() - launched
+            # the info line times the decode: "first token F s · N tokens in G s" (random weights decode to ids
+            # the small tokenizer lacks, so the streamed text stays empty and cannot mark the first token)
+            first, whole = (
+                float(x) for x in re.search(r"first token ([\d.]+) s · \d+ tokens in ([\d.]+) s", info).groups()
+            )
+            first_token_s = answer_s - (whole - first)
+        finally:
+            process.terminate()
+            process.wait(30)
+        log.seek(0)
+        lines = log.read().splitlines()
+    return {
+        "dtype": dtype,
+        "server_s": server_s,
+        "first_token_s": first_token_s,
+        "answer_s": answer_s,
+        "parts": parts(lines, launched_wall),
+    }
+
+
+def parts(lines: list[str], launched: float) -> dict[str, dict[str, float]]:
+    """Each part's start and end (seconds since launch), from the app log's timestamped lines."""
+    found: dict[str, dict[str, float]] = {}
+    for line in lines:
+        stamp = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ", line)
+        if not stamp:
+            continue
+        at = datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp() - launched
+        for part, edge, pattern in MARKS:
+            if re.search(pattern, line) and edge not in found.get(part, {}):
+                found.setdefault(part, {})[edge] = at
+    return found
+
+
+def _span(parts: dict[str, dict[str, float]], name: str) -> str:
+    edges = parts.get(name, {})
+    return f"{edges['start']:.1f}–{edges['end']:.1f}" if {"start", "end"} <= set(edges) else "-"
+
+
+def markdown(results: dict) -> str:
+    lines = [
+        "## Cold start: `python app.py` to the first answer (bench/cold_start.py)",
+        "",
+        f"Run on {results['date']}: `{results['command']}`. Machine: {results['machine'].get('cpu', '?')}, "
+        f"{results['machine'].get('cpu_count', '?')} cores, torch threads {results['threads']}. A Hub cache of "
+        f"{results['cache_gb']:.1f} GB with `{TASK}`'s files at the real shapes ({results['layers']} OPT layers; "
+        "float16 `pytorch_model.bin`), random weights, read offline with the page cache warm. One image caption "
+        f"submitted through the API as soon as the server answers, greedy, {results['new_tokens']} new tokens. "
+        "Seconds since launch.",
+        "",
+        "| dtype | server up | LM read + cast | LM packing | encoder | adapter | first token | answer |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for run in results["runs"]:
+        span = functools.partial(_span, run["parts"])
+        lines.append(
+            f"| {run['dtype']} | {run['server_s']:.1f} | {span('lm_read_and_cast')} | {span('lm_pack')} | "
+            f"{span('encoder')} | {span('adapter')} | {run['first_token_s']:.1f} | **{run['answer_s']:.1f}** |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dtype", nargs="+", default=["bfloat16", "float32"], choices=["bfloat16", "float32"])
+    p.add_argument("--layers", type=int, default=32, help="OPT layers (32: OPT-2.7B)")
+    p.add_argument("--new-tokens", type=int, default=12)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--cache", help="where to write the Hub cache (default: a temporary folder)")
+    p.add_argument("--keep", action="store_true", help="keep the cache (to rerun without writing it)")
+    p.add_argument("--out", default=str(ROOT / "bench" / "cold_start.json"))
+    p.add_argument("--markdown", help="write the section into this file (e.g. bench/RESULTS.md)")
+    args = p.parse_args(argv)
+    cache = Path(args.cache or tempfile.mkdtemp(prefix="epalm-hub-"))
+    try:
+        cache_gb = write_cache(cache, args.layers)
+        runs = [start_to_answer(cache, dtype, args.new_tokens, args.threads) for dtype in args.dtype]
+    finally:
+        if not args.keep:
+            shutil.rmtree(cache, ignore_errors=True)
+    results = {
+        "command": "python -m bench.cold_start " + " ".join(argv),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": machine.machine_info(torch.device("cpu")),
+        "threads": args.threads,
+        "layers": args.layers,
+        "new_tokens": args.new_tokens,
+        "cache_gb": cache_gb,
+        "runs": runs,
+    }
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    text = markdown(results)
+    print(text)
+    if args.markdown:
+        report.write_section(Path(args.markdown), text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,320 @@
+"""Many users at once: continuous batching against one request at a time.
+
+    python bench/serving.py                       # OPT-2.7B shape, real encoders, float32 and bfloat16
+    python bench/serving.py --dtype bfloat16 --clients 1 8 --new-tokens 6
+    python bench/serving.py --lm tiny --encoders tiny --clients 1 2   # what the test runs
+
+Each (dtype) runs in its own subprocess. One `Pipeline` serves the registry's base tasks from
+random weights at the real shapes (`bench.models` builders; the text side uses the tiny tokenizer,
+nothing is downloaded). N client threads each send `--requests` requests in a closed loop (the next
+when the last is answered), cycling through image, video and audio captioning of the example files,
+all with the same decoding (greedy, or the paper's 3 beams), `--new-tokens` each (random weights
+never stop early). One-at-a-time takes a lock around each call, as the app's queue with
+`concurrency_limit=1` does; batched lets every call reach the pipeline, whose scheduler shares the
+decode steps. Latency: a request's submission to its final answer (waiting included). Both modes
+run on the same loaded models, one after the other, per client count.
+
+The cold start is measured by `bench/cold_start.py` (from `python app.py` to the first answer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))  # `python bench/serving.py` puts bench/ first, not the repository
+
+import torch  # noqa: E402
+
+from bench import machine, models, report  # noqa: E402
+from epalm.pipeline import Pipeline  # noqa: E402
+from epalm.tasks import EncoderRef, ModelRef, Task  # noqa: E402
+from epalm.tiny import tiny_adapter, tiny_tokenizer  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+REQUESTS = [  # (task, example file): image, video and audio captioning, cycled through
+    ("image-caption", "examples/image/cat.jpg"),
+    ("video-caption", "examples/video/cat_zoom.mp4"),
+    ("audio-caption", "examples/audio/speech.mp3"),
+]
+SETTINGS = {"greedy": "fast", "paper": "paper"}  # setting -> preset
+ENCODER_WIDTHS = {"real": 768, "small": 384, "tiny": 32}  # ViT-B/16, TimeSformer-B and AST-B are 768 wide
+
+
+class RandomShapes:
+    """A `ModelSource`: random weights at a measured shape (`bench.models`), the registry's tasks
+    with their injection moved onto the LM's depth, the tiny tokenizer."""
+
+    random_weights = True
+
+    def __init__(self, lm_name: str, encoders: str) -> None:
+        self.lm_name, self.encoders = lm_name, encoders
+        self.injection = models.injection_for(lm_name)
+
+    def tasks(self, registry: dict[str, Task]) -> dict[str, Task]:
+        layers = {"start_layer": self.injection.start_layer, "end_layer": self.injection.end_layer}
+        return {
+            task_id: replace(task, injection=replace(task.injection, **layers)) for task_id, task in registry.items()
+        }
+
+    def lm(self, ref: ModelRef, dtype: torch.dtype, progress: Any = None) -> tuple[Any, Any]:
+        return models.build_lm(self.lm_name, dtype, torch.device("cpu")), copy.deepcopy(tiny_tokenizer())
+
+    def encoder(self, ref: EncoderRef, modality: str, dtype: torch.dtype, progress: Any = None) -> Any:
+        return models.build_encoder_for(self.encoders, modality, dtype, torch.device("cpu"))
+
+    def adapter_state(self, task: Task, progress: Any = None) -> dict[str, torch.Tensor]:
+        config = models.lm_config(self.lm_name)
+        encoder_dim = ENCODER_WIDTHS[self.encoders]
+        return tiny_adapter(task.injection, 1, encoder_dim, config.hidden_size, config.word_embed_proj_dim).state_dict()
+
+    def cached(self, task: Task) -> dict[str, bool]:
+        return {"adapter": True, "lm": True, "encoder": True}
+
+
+def serve(
+    pipe: Pipeline,
+    clients: int,
+    requests: int,
+    setting: str,
+    new_tokens: int,
+    batched: bool,
+    frames: int | None,
+    mix: list[tuple[str, str]] = REQUESTS,
+) -> dict:
+    """`clients` threads, `requests` each, closed loop, cycling through `mix`; the latencies and the wall time."""
+    pipe.batching = batched
+    lock = threading.Lock() if not batched else None
+    latencies: list[float] = []
+    encoding: list[float] = []  # one-at-a-time: each answer's media and encoder seconds
+    service: list[float] = []  # one-at-a-time: each answer's seconds holding the model
+    errors: list[str] = []
+    start_barrier = threading.Barrier(clients)
+
+    def client(index: int) -> None:
+        start_barrier.wait()
+        for j in range(requests):
+            task, path = mix[(index + j) % len(mix)]
+            settings = dict(preset=SETTINGS[setting], max_new_tokens=new_tokens, num_frames=frames)
+            started = time.perf_counter()
+            try:
+                if lock is not None:
+                    with lock:
+                        served = time.perf_counter()
+                        answer = pipe.caption(ROOT / path, task, **settings)
+                        service.append(time.perf_counter() - served)
+                        encoding.append(answer.timings.encode_s)
+                else:
+                    pipe.caption(ROOT / path, task, **settings)
+            except Exception as exc:  # reported, not hidden: a failed request has no latency
+                errors.append(f"{type(exc).__name__}: {exc}")
+                continue
+            latencies.append(time.perf_counter() - started)
+
+    rows: list[int] = []
+    scheduler = pipe.scheduler(pipe.lm(pipe.task(mix[0][0]))[0])
+    scheduler.callback = rows.append
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    scheduler.callback = None
+    ordered = sorted(latencies)
+    return {
+        "mode": "batched" if batched else "one-at-a-time",
+        "clients": clients,
+        "setting": setting,
+        "answers": len(latencies),
+        "errors": errors,
+        "wall_s": wall,
+        "answers_per_min": 60 * len(latencies) / wall if wall else 0.0,
+        "p50_s": statistics.median(ordered) if ordered else None,
+        "p95_s": _percentile(ordered, 0.95),
+        "steps": len(rows),
+        "mean_rows": statistics.mean(rows) if rows else 0.0,
+        "max_rows": max(rows) if rows else 0,
+        "encoder_share": sum(encoding) / sum(service) if service else None,
+    }
+
+
+def _percentile(ordered: list[float], q: float) -> float | None:
+    """Linear interpolation between order statistics (numpy's default)."""
+    if not ordered:
+        return None
+    position = (len(ordered) - 1) * q
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def run_dtype(args: argparse.Namespace, dtype: str) -> dict:
+    """Load once, warm up, then every (setting, clients) in both modes."""
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    source = RandomShapes(args.lm, args.encoders)
+    pipe = Pipeline(device="cpu", dtype=dtype, source=source, max_batch_rows=args.max_rows)
+    mix = [(task, path) for task, path in REQUESTS if task.split("-")[0] in args.modalities]
+    pipe.preload([task for task, _ in mix])
+    load_s = time.perf_counter() - started
+    for task, path in mix:  # warm-up: first calls of each encoder and of the LM
+        pipe.caption(ROOT / path, task, preset="fast", max_new_tokens=2, num_frames=args.frames)
+    runs = []
+    for setting in args.settings:
+        for clients in args.clients:
+            for batched in (False, True):
+                run = serve(pipe, clients, args.requests, setting, args.new_tokens, batched, args.frames, mix)
+                print(json.dumps(run), file=sys.stderr, flush=True)
+                runs.append(run)
+    return {"dtype": dtype, "load_s": load_s, "runs": runs}
+
+
+def markdown(results: dict) -> str:
+    args = results["args"]
+    lines = [
+        "## Serving many users: continuous batching (bench/serving.py)",
+        "",
+        f"Run on {results['date']} ({results['wall_s'] / 60:.0f} min): `{results['command']}`. "
+        f"Machine: {results['machine'].get('cpu', '?')}, {results['machine'].get('cpu_count', '?')} cores, load "
+        f"average {results.get('load_average', '?')} at the start, torch threads {args['threads']}. "
+        f"LM shape {args['lm']}, encoders {args['encoders']}, random "
+        f"weights, packed (oneDNN) as the pipeline does on CPU. Requests cycle {' / '.join(args['modalities'])} "
+        f"captioning of the example files (video: {args['frames'] or 16} frames), {args['new_tokens']} new tokens "
+        f"each, {args['requests']} per client in a closed loop. Latency = submission to final answer (queueing "
+        f"included). Rows limit {args['max_rows']}.",
+        "",
+    ]
+    for block in results["dtypes"]:
+        if "error" in block:
+            lines += [f"### {block['dtype']}: failed", "", f"`{block['error']}`", ""]
+            continue
+        loaded = f" (models loaded in {block['load_s']:.0f} s)" if block.get("load_s") is not None else ""
+        lines += [f"### {block['dtype']}{loaded}", ""]
+        lines += [
+            "| decoding | clients | mode | answers/min | p50 s | p95 s | steps | mean rows/step | speed-up |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        runs = block["runs"]
+        for run in runs:
+            alone = next(
+                r
+                for r in runs
+                if r["setting"] == run["setting"] and r["clients"] == run["clients"] and r["mode"] == "one-at-a-time"
+            )
+            speedup = run["answers_per_min"] / alone["answers_per_min"] if alone["answers_per_min"] else 0.0
+            lines.append(
+                f"| {run['setting']} | {run['clients']} | {run['mode']} | {run['answers_per_min']:.1f} | "
+                f"{_f(run['p50_s'])} | "
+                f"{_f(run['p95_s'])} | {run['steps'] or '-'} | {_f(run['mean_rows'] if run['steps'] else None)} | "
+                f"{speedup:.2f}x |" + (f" errors: {len(run['errors'])}" if run["errors"] else "")
+            )
+        lines.append("")
+        shares = [r["encoder_share"] for r in runs if r.get("encoder_share") is not None]
+        if shares:
+            lines.append(
+                f"- One at a time, media decoding and the encoders take {min(shares):.0%}–{max(shares):.0%} of each "
+                "answer's time: work that batching cannot share (requests waiting for one encoder run together, "
+                "but a CPU encoder is compute-bound), so it bounds the speed-up."
+            )
+        for target, setting, factor in (
+            ("8 concurrent greedy >= 4x one-at-a-time", "greedy", 4.0),
+            ("8 concurrent paper (3 beams) >= 2x one-at-a-time", "paper", 2.0),
+        ):
+            pair = {r["mode"]: r for r in runs if r["setting"] == setting and r["clients"] == max(args["clients"])}
+            if len(pair) == 2 and pair["one-at-a-time"]["answers_per_min"]:
+                ratio = pair["batched"]["answers_per_min"] / pair["one-at-a-time"]["answers_per_min"]
+                p95 = (pair["batched"]["p95_s"] or 0) <= (pair["one-at-a-time"]["p95_s"] or 0)
+                met = "met" if ratio >= factor and p95 else "missed"
+                lines.append(
+                    f"- {target} (at {max(args['clients'])} clients), p95 no worse: {ratio:.2f}x, p95 "
+                    f"{_f(pair['batched']['p95_s'])} vs {_f(pair['one-at-a-time']['p95_s'])} s: **{met}**"
+                )
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def _f(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lm", default="opt-2.7b", choices=list(models.LM_SHAPES))
+    p.add_argument("--encoders", default="real", choices=models.ENCODER_FAMILIES)
+    p.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    p.add_argument("--clients", nargs="+", type=int, default=[1, 2, 4, 8])
+    p.add_argument("--modalities", nargs="+", default=["image", "video", "audio"], choices=["image", "video", "audio"])
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--requests", type=int, default=2, help="requests per client")
+    p.add_argument("--new-tokens", type=int, default=12, help="a COCO caption is about 11 tokens")
+    p.add_argument("--frames", type=int, help="video frames (default: the task's, 16 for video captioning)")
+    p.add_argument("--max-rows", type=int, default=24)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--out", default=str(ROOT / "bench" / "serving.json"))
+    p.add_argument("--markdown", help="write the section into this file (e.g. bench/RESULTS.md)")
+    p.add_argument("--worker", nargs=2, metavar=("KIND", "DTYPE"), help=argparse.SUPPRESS)
+    p.add_argument("--in-process", action="store_true", help="no subprocess per dtype (tests)")
+    return p.parse_args(argv)
+
+
+def _worker(args: argparse.Namespace, kind: str, dtype: str) -> dict:
+    return run_dtype(args, dtype)
+
+
+def _child(argv: list[str], kind: str, dtype: str) -> dict:
+    """One measurement in a fresh process (no two models in memory at once)."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        command = [sys.executable, __file__, *argv, "--worker", kind, dtype, "--out", out.name]
+        done = subprocess.run(command, stdout=subprocess.DEVNULL)
+        if done.returncode:
+            return {"dtype": dtype, "error": f"{kind} worker exited with {done.returncode}"}
+        return json.loads(Path(out.name).read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.worker:
+        Path(args.out).write_text(json.dumps(_worker(args, *args.worker)))
+        return 0
+    started = time.perf_counter()
+    child_argv = [a for a in argv if a != "--in-process"]
+    if args.in_process:
+        pick = functools.partial(_worker, args)
+    else:
+        pick = functools.partial(_child, child_argv)
+    results = {
+        "command": "python bench/serving.py " + " ".join(argv),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": machine.machine_info(torch.device("cpu")),
+        "args": vars(args),
+        "load_average": f"{os.getloadavg()[0]:.2f}",
+        "dtypes": [pick("serve", dtype) for dtype in args.dtype],
+    }
+    results["wall_s"] = time.perf_counter() - started
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    text = markdown(results)
+    print(text)
+    if args.markdown:
+        report.write_section(Path(args.markdown), text)
+    return 0 if all("error" not in block for block in results["dtypes"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""The serving benchmark on tiny shapes: both modes answer every request, batched runs share steps,
+and the tables and targets are written. The cold-start benchmark: the app's log gives each part."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT))
+
+from bench import cold_start, serving
+
+
+def test_serving_bench_runs_both_modes_and_reports(tmp_path):
+    out, table = tmp_path / "serving.json", tmp_path / "RESULTS.md"
+    table.write_text("# results\n")
+    args = [
+        "--lm",
+        "tiny",
+        "--encoders",
+        "tiny",
+        "--dtype",
+        "float32",
+        "--clients",
+        "1",
+        "3",
+        "--requests",
+        "2",
+        "--new-tokens",
+        "4",
+        "--threads",
+        "1",
+        "--in-process",
+        "--out",
+        str(out),
+        "--markdown",
+        str(table),
+    ]
+    assert serving.main(args) == 0
+    results = json.loads(out.read_text())
+    [block] = results["dtypes"]
+    runs = {(r["setting"], r["clients"], r["mode"]): r for r in block["runs"]}
+    assert len(runs) == 2 * 2 * 2
+    for run in runs.values():
+        assert run["answers"] == run["clients"] * 2 and not run["errors"]
+        assert 0 < run["p50_s"] <= run["p95_s"] and run["answers_per_min"] > 0
+    assert runs[("paper", 3, "batched")]["max_rows"] > 3, "concurrent requests shared a step"
+    assert runs[("greedy", 3, "one-at-a-time")]["steps"] == 0, "one at a time bypasses the scheduler"
+    text = table.read_text()
+    assert text.startswith("# results\n") and "## Serving many users" in text and "answers/min" in text
+    assert "8 concurrent greedy >= 4x one-at-a-time (at 3 clients)" in text
+
+
+def test_cold_start_parts_come_from_the_app_log():
+    launched = 1_800_000_000.0  # 2027-01-15 08:00:00 UTC, as the log's local time
+    from datetime import datetime
+
+    stamp = lambda s: datetime.fromtimestamp(launched + s).strftime("%Y-%m-%d %H:%M:%S,%f")[:-3]  # noqa: E731
+    log = [
+        f"{stamp(6.5)} epalm.store: Loading OPT-2.7B language model…",
+        f"{stamp(6.6)} epalm.hub: Reading the weights of facebook/opt-2.7b (5.3 GB)",
+        f"{stamp(10.3)} epalm.store: Packing the weights of OPT-2.7B for this CPU's matrix kernels…",
+        f"{stamp(13.1)} epalm.store: packed 193 linear layers of facebook/opt-2.7b",
+        f"{stamp(13.2)} epalm.store: Loading ViT-B/16 image encoder…",
+        f"{stamp(14.0)} epalm.store: Loaded ViT-B/16 image encoder in 0.8 s",
+        f"{stamp(14.0)} epalm.store: Loading COCO captions adapter (image-caption)…",
+        f"{stamp(14.1)} epalm.store: Loaded COCO captions adapter (image-caption) in 0.1 s",
+        "a line without a time",
+    ]
+    parts = cold_start.parts(log, launched)
+    rounded = {name: {edge: round(at, 1) for edge, at in edges.items()} for name, edges in parts.items()}
+    assert rounded == {
+        "lm_read_and_cast": {"start": 6.6, "end": 10.3},
+        "lm_pack": {"start": 10.3, "end": 13.1},
+        "encoder": {"start": 13.2, "end": 14.0},
+        "adapter": {"start": 14.0, "end": 14.1},
+    }
+    run = {"dtype": "bfloat16", "server_s": 7.0, "first_token_s": 14.7, "answer_s": 17.4, "parts": parts}
+    results = {"date": "d", "command": "c", "machine": {}, "threads": 2, "layers": 32, "new_tokens": 12}
+    table = cold_start.markdown({**results, "cache_gb": 5.7, "runs": [run]})
+    assert "| bfloat16 | 7.0 | 6.6–10.3 | 10.3–13.1 | 13.2–14.0 | 14.0–14.1 | 14.7 | **17.4** |" in table

@@ -1,0 +1,164 @@
+"""Continuous batching: every request's ids equal decoding it alone, whatever it shares a step with."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from epalm.decoding import DecodingOptions, generate
+from epalm.model import EPALM, InjectionConfig
+from epalm.serving import Scheduler
+from epalm.tiny import tiny_adapter, tiny_encoder, tiny_lm
+
+LATE_RECOMPUTED = InjectionConfig(start_layer=1, end_layer=3, num_features=2, prompt_len=3)  # layers >= 3 re-run
+MEDIA = {"image": (3, 224, 224), "audio": (1024, 128)}
+GREEDY = DecodingOptions(num_beams=1, max_length=None, max_new_tokens=9)
+BEAMS = DecodingOptions(num_beams=3, max_length=None, max_new_tokens=7)
+SAMPLING = DecodingOptions(
+    num_beams=1, do_sample=True, temperature=0.8, top_p=0.9, seed=5, max_length=None, max_new_tokens=8
+)
+
+
+@pytest.fixture(scope="module")
+def parts():
+    encoders = {modality: tiny_encoder(modality, seed=1) for modality in MEDIA}
+    adapters = {
+        "caption": tiny_adapter(seed=1),
+        "vqa": tiny_adapter(seed=2),
+        "late": tiny_adapter(LATE_RECOMPUTED, seed=3),
+    }
+    return EPALM(tiny_lm(seed=4)), encoders, adapters
+
+
+def media(modality: str, seed: int) -> torch.Tensor:
+    return torch.randn(MEDIA[modality], generator=torch.Generator().manual_seed(seed))
+
+
+def text(length: int, seed: int) -> torch.Tensor:
+    ids = torch.randint(4, 400, (1, length), generator=torch.Generator().manual_seed(seed))
+    ids[0, 0] = 2
+    return ids
+
+
+# (modality, adapter, text length, options): tasks, adapters, layouts, lengths and decodings mixed
+JOBS = [
+    ("image", "caption", 1, GREEDY),
+    ("image", "vqa", 6, BEAMS),
+    ("audio", "caption", 1, BEAMS),
+    ("audio", "vqa", 4, GREEDY),
+    ("image", "late", 3, GREEDY),
+    ("image", "caption", 5, SAMPLING),
+    ("audio", "late", 1, BEAMS),
+    ("image", "vqa", 6, DecodingOptions(num_beams=2, max_length=14)),
+]
+
+
+def alone(parts, job, seed):
+    lm, encoders, adapters = parts
+    modality, name, length, options = job
+    adapter = adapters[name]
+    with torch.inference_mode():
+        prefix = adapter.prefix(encoders[modality](media(modality, seed)[None], adapter.config.num_features))
+        ids = text(length, seed)
+        return generate(lm, prefix, ids, torch.ones_like(ids), options).sequences
+
+
+def submit(scheduler, parts, job, seed):
+    _, encoders, adapters = parts
+    modality, name, length, options = job
+    return scheduler.submit(media(modality, seed), encoders[modality], adapters[name], text(length, seed), options)
+
+
+def test_mixed_requests_get_the_ids_they_get_alone_even_joining_mid_flight(parts):
+    steps: list[int] = []
+    scheduler = Scheduler(parts[0], max_rows=64, callback=steps.append)
+    expected = [alone(parts, job, seed) for seed, job in enumerate(JOBS)]
+    first = submit(scheduler, parts, JOBS[0], 0)
+    stream = first.tokens()
+    next(stream), next(stream)  # the first request is decoding: the others join it mid-flight
+    later = [submit(scheduler, parts, job, seed) for seed, job in enumerate(JOBS) if seed]
+    for _ in stream:
+        pass
+    results = [first.rule.result().sequences] + [request.result().sequences for request in later]
+    for seed, (got, want) in enumerate(zip(results, expected)):
+        assert torch.equal(got, want), f"job {seed} {JOBS[seed][1:]}"
+    assert max(steps) > first.rows, "requests shared steps"
+    assert scheduler.rows == 0
+
+
+def test_streamed_tokens_are_the_final_ids(parts):
+    scheduler = Scheduler(parts[0])
+    request = submit(scheduler, parts, JOBS[3], 3)
+    streamed = torch.stack(list(request.tokens()), dim=1)
+    assert torch.equal(streamed, request.rule.result().sequences[:, JOBS[3][2] :])
+
+
+def test_rows_limit_queues_requests_and_still_gives_their_ids(parts):
+    steps: list[int] = []
+    scheduler = Scheduler(parts[0], max_rows=4, callback=steps.append)
+    jobs = [JOBS[1], JOBS[2], JOBS[0], JOBS[3]]  # 3 + 3 + 1 + 1 rows
+    requests = [submit(scheduler, parts, job, seed) for seed, job in enumerate(jobs)]
+    for seed, (job, request) in enumerate(zip(jobs, requests)):
+        assert torch.equal(request.result().sequences, alone(parts, job, seed))
+    assert max(steps) <= 4
+
+
+def test_a_cancelled_request_leaves_at_the_next_step_and_frees_its_rows(parts):
+    entered, gate, steps = threading.Event(), threading.Event(), []
+    long = DecodingOptions(num_beams=1, max_length=None, max_new_tokens=60)
+
+    def callback(rows: int) -> None:
+        steps.append(rows)
+        if len(steps) == 1:  # hold the first step until the consumer has gone
+            entered.set()
+            assert gate.wait(10)
+
+    scheduler = Scheduler(parts[0], callback=callback)
+    leaving = submit(scheduler, parts, ("image", "caption", 1, long), 0)
+    staying = submit(scheduler, parts, ("audio", "vqa", 2, BEAMS), 1)
+    stream = leaving.tokens()
+    next(stream)  # the prefill's token
+    assert entered.wait(10)
+    stream.close()
+    gate.set()
+    want = alone(parts, ("audio", "vqa", 2, BEAMS), 1)
+    assert torch.equal(staying.result().sequences, want)
+    assert steps[0] in (1, 4), "the leaving request decoded (alone or with the other)"
+    assert set(steps[1:]) == {3}, "the next steps hold only the remaining request's rows and cache"
+    assert scheduler.rows == 0
+
+
+def test_a_failing_request_fails_alone(parts):
+    scheduler = Scheduler(parts[0])
+    _, encoders, adapters = parts
+    bad = scheduler.submit(torch.zeros(3, 17, 5), encoders["image"], adapters["caption"], text(1, 0), GREEDY)
+    good = submit(scheduler, parts, JOBS[0], 0)
+    with pytest.raises(AssertionError, match="doesn't match model"):  # timm's check of the input size
+        bad.result()
+    assert torch.equal(good.result().sequences, alone(parts, JOBS[0], 0))
+
+
+def test_a_broken_scheduler_thread_fails_its_requests_instead_of_hanging(parts):
+    def callback(rows: int) -> None:
+        raise RuntimeError("bug in a step hook")
+
+    scheduler = Scheduler(parts[0], callback=callback)
+    requests = [submit(scheduler, parts, job, seed) for seed, job in enumerate(JOBS[:3])]
+    for request in requests:
+        with pytest.raises(RuntimeError, match="bug in a step hook"):
+            request.result()
+    scheduler.callback = None
+    assert torch.equal(submit(scheduler, parts, JOBS[0], 0).result().sequences, alone(parts, JOBS[0], 0))
+
+
+def test_close_cancels_what_runs_and_ends_the_thread(parts):
+    """At exit the scheduler is closed: a thread stopped mid-step by the shutdown would abort the process."""
+    scheduler = Scheduler(parts[0])
+    long = DecodingOptions(num_beams=1, max_length=None, max_new_tokens=200)
+    request = submit(scheduler, parts, ("image", "caption", 1, long), 0)
+    stream = request.tokens()
+    next(stream)
+    scheduler.close()
+    assert len(list(stream)) < 199 and scheduler._thread is None
