@@ -235,8 +235,9 @@ def test_the_panel_shows_what_the_model_saw(page, modality, frames):
     expect(text.locator("table")).to_contain_text("score")  # the paper's 3 beams, ranked
     OUTPUT.mkdir(parents=True, exist_ok=True)
     page.locator(f"#{prefix}-seen").scroll_into_view_if_needed()
-    for toast in page.locator(".toast-close").all():  # an earlier test's error message, not this answer's
-        toast.click()
+    # an earlier test's error message, not this answer's: closed at once (one may be closing itself already, and a
+    # click that waits for it would wait for a button that is gone)
+    page.locator(".toast-close").evaluate_all("buttons => buttons.forEach(button => button.click())")
     expect(page.locator(".toast-close")).to_have_count(0, timeout=10_000)
     page.screenshot(path=str(OUTPUT / f"{modality}-seen.png"), full_page=True)
     assert (OUTPUT / f"{modality}-seen.png").stat().st_size > 20_000
