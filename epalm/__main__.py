@@ -332,7 +332,8 @@ def _train(args: argparse.Namespace) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"best {result.metric} {result.best:.4f} at epoch {result.best_epoch}; adapter written to {result.out}")
+    if result.main_process:
+        print(f"best {result.metric} {result.best:.4f} at epoch {result.best_epoch}; adapter written to {result.out}")
     if result.url:
         print(f"uploaded to {result.url}")
     return 0

@@ -160,6 +160,7 @@ class TrainResult:
     best_epoch: int
     history: list[dict] = field(default_factory=list)
     url: str | None = None  # the Hub repo it was uploaded to (`push_to_hub`)
+    main_process: bool = True  # with several processes, only the main one writes files and reports
 
 
 class AdapterLoss(nn.Module):
@@ -598,7 +599,8 @@ Best {self.metric}: {best.get(self.metric, float("nan")):.4f} at epoch {best.get
         self._refresh_card(progress)
         url = self._push() if config.push_to_hub and accelerator.is_main_process else None
         best = progress["best"]
-        return TrainResult(self.out, self.metric, best[self.metric], best["epoch"], progress["history"], url)
+        history, main = progress["history"], accelerator.is_main_process
+        return TrainResult(self.out, self.metric, best[self.metric], best["epoch"], history, url, main)
 
     def _push(self) -> str:
         """Upload the published files; when that fails, the error says how to upload them later."""
