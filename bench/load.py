@@ -29,47 +29,24 @@ from pathlib import Path
 
 import torch
 
-OPT_27B = {  # facebook/opt-2.7b's config.json
-    "_remove_final_layer_norm": False,
-    "activation_dropout": 0.0,
-    "activation_function": "relu",
-    "architectures": ["OPTForCausalLM"],
-    "attention_dropout": 0.0,
-    "bos_token_id": 2,
-    "do_layer_norm_before": True,
-    "dropout": 0.1,
-    "eos_token_id": 2,
-    "ffn_dim": 10240,
-    "hidden_size": 2560,
-    "init_std": 0.02,
-    "layerdrop": 0.0,
-    "max_position_embeddings": 2048,
-    "model_type": "opt",
-    "num_attention_heads": 32,
-    "num_hidden_layers": 32,
-    "pad_token_id": 1,
-    "prefix": "</s>",
-    "torch_dtype": "float16",
-    "use_cache": True,
-    "vocab_size": 50272,
-    "word_embed_proj_dim": 2560,
-}
 METHODS = ("transformers", "epalm")
 
 
 def write_repo(folder: Path, layers: int) -> int:
     """The checkpoint as the original conversion saved it (OPTModel's `decoder.*` keys, float16, no
     lm_head: it is tied), tensor by tensor from the meta model's shapes; returns its size in bytes."""
-    from transformers import OPTConfig, OPTModel
+    from transformers import OPTModel
 
+    from bench.models import lm_config
     from epalm.tiny import tiny_tokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
-    config = {**OPT_27B, "num_hidden_layers": layers}
-    (folder / "config.json").write_text(json.dumps(config))
+    config = lm_config("opt-2.7b")
+    config.num_hidden_layers, config.dtype = layers, torch.float16  # as the Hub's config.json says
+    config.save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)  # the tokenizer's size does not matter here
     with torch.device("meta"):
-        shapes = {k: v.shape for k, v in OPTModel(OPTConfig(**config)).state_dict().items()}
+        shapes = {k: v.shape for k, v in OPTModel(config).state_dict().items()}
     generator = torch.Generator().manual_seed(0)
     state = {k: torch.empty(v, dtype=torch.float16).normal_(0, 0.02, generator=generator) for k, v in shapes.items()}
     torch.save(state, folder / "pytorch_model.bin")
