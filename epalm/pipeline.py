@@ -205,9 +205,6 @@ class Pipeline:
                 self._schedulers[id(lm)] = Scheduler(lm, self.max_batch_rows)
             return self._schedulers[id(lm)]
 
-    def cached(self, task_id: str) -> dict[str, bool]:
-        return self.store.source.cached(self.task(task_id))
-
     # -- answering -------------------------------------------------------------------------
 
     def decoding_options(self, task: Task, preset: str | None = None, **overrides: Any) -> DecodingOptions:
