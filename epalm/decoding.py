@@ -181,10 +181,6 @@ class TokenRule:
         self.unfinished = torch.ones(len(input_ids), dtype=torch.bool, device=input_ids.device)
         self.done = False
 
-    @property
-    def rows(self) -> int:
-        return len(self.ids)
-
     def choose(self, logits: torch.Tensor) -> torch.Tensor:
         """The next token of every row ([rows]) from the model's next-token logits [rows, V]."""
         options = self.options
@@ -273,10 +269,6 @@ class BeamRule:
         self.finished = [False] * self.batch
         self.order: torch.Tensor | None = None
         self.done = False
-
-    @property
-    def rows(self) -> int:
-        return len(self.ids)
 
     def choose(self, logits: torch.Tensor) -> torch.Tensor:
         k, batch, hyps, done = self.k, self.batch, self.hyps, self.finished
