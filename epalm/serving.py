@@ -20,6 +20,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
+from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
 
 import torch
@@ -76,9 +77,11 @@ class Request:
             self.cancel()  # a no-op once finished; otherwise the consumer has gone
 
     def result(self) -> GenerationOutput:
-        """The whole output, as `decoding.generate` returns it."""
+        """The whole output, as `decoding.generate` returns it (CancelledError: cancelled before it started)."""
         for _ in self.tokens():
             pass
+        if self.rule is None:
+            raise CancelledError("the request was cancelled before it started")
         return self.rule.result()
 
     def _put(self, event: object) -> None:
@@ -136,7 +139,7 @@ class Scheduler:
         """Cancel every request and wait for the thread to end (done at exit: a thread stopped in the
         middle of a step by the interpreter's shutdown aborts the process)."""
         with self._lock:
-            requests = self._waiting + self._current + self._running()
+            requests = self._waiting + self._current  # the batch's requests are all in _current
             thread = self._thread
         for request in requests:
             request.cancel()
@@ -160,7 +163,7 @@ class Scheduler:
                     pass
         except BaseException as exc:  # the callback, or a bug: nobody may wait forever
             with self._lock:
-                stranded = self._waiting + self._current + self._running()
+                stranded = self._waiting + self._current
                 self._waiting, self._current, self._groups, self._thread = [], [], {}, None
             log.exception("the batch scheduler failed; its %d request(s) get the error", len(stranded))
             _fail(stranded, exc)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from concurrent.futures import CancelledError
 
 import pytest
 import torch
@@ -92,7 +93,7 @@ def test_streamed_tokens_are_the_final_ids(parts):
     scheduler = Scheduler(parts[0])
     request = submit(scheduler, parts, JOBS[3], 3)
     streamed = torch.stack(list(request.tokens()), dim=1)
-    assert torch.equal(streamed, request.rule.result().sequences[:, JOBS[3][2] :])
+    assert torch.equal(streamed, alone(parts, JOBS[3], 3)[:, JOBS[3][2] :])
 
 
 def test_rows_limit_queues_requests_and_still_gives_their_ids(parts):
@@ -128,6 +129,23 @@ def test_a_cancelled_request_leaves_at_the_next_step_and_frees_its_rows(parts):
     assert steps[0] in (1, 4), "the leaving request decoded (alone or with the other)"
     assert set(steps[1:]) == {3}, "the next steps hold only the remaining request's rows and cache"
     assert scheduler.rows == 0
+
+
+def test_a_request_cancelled_while_waiting_says_so(parts):
+    gate, steps = threading.Event(), []
+
+    def callback(rows: int) -> None:
+        steps.append(rows)
+        assert gate.wait(10)  # the first request holds the only place until the second is cancelled
+
+    scheduler = Scheduler(parts[0], max_rows=1, callback=callback)
+    running = submit(scheduler, parts, JOBS[0], 0)
+    waiting = submit(scheduler, parts, JOBS[3], 3)
+    waiting.cancel()
+    gate.set()
+    with pytest.raises(CancelledError, match="cancelled before it started"):
+        waiting.result()
+    assert torch.equal(running.result().sequences, alone(parts, JOBS[0], 0)) and set(steps) == {1}
 
 
 def test_a_failing_request_fails_alone(parts):
