@@ -45,7 +45,7 @@ from .encoders import Encoder, wrap_encoder
 from .errors import UserError
 from .media import describe_bytes
 from .model import Adapter
-from .tasks import ADAPTER_CONFIG, AdapterSource, EncoderRef, ModelRef, Task
+from .tasks import ADAPTER_CONFIG, TASK_GENERATION_KEYS, AdapterSource, EncoderRef, ModelRef, Task
 
 log = logging.getLogger(__name__)
 
@@ -352,6 +352,7 @@ def adapter_config(task: Task) -> dict:
     return {
         "task": task.id,
         "title": task.title,
+        "label": task.label,
         "modality": task.modality,
         "kind": task.kind,
         "lm": asdict(task.lm),
@@ -359,7 +360,7 @@ def adapter_config(task: Task) -> dict:
         "preprocess": asdict(task.preprocess),
         "injection": asdict(task.injection),
         "text": asdict(task.text),
-        "generation": {"num_beams": task.generation.num_beams, "max_length": task.generation.max_length},
+        "generation": {key: getattr(task.generation, key) for key in TASK_GENERATION_KEYS},
     }
 
 

@@ -13,7 +13,7 @@ import json
 import os
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import yaml
@@ -181,6 +181,13 @@ def answer_tokens(tasks: Iterable[Task], lm: ModelRef) -> list[str]:
     return sorted({task.text.answer_token for task in tasks if task.lm == lm and task.text.answer_token})
 
 
+# The generation settings that belong to a task (stored with an adapter, so that it decodes as its task did);
+# the token ids come from the tokenizer and the seed from the call.
+TASK_GENERATION_KEYS = tuple(
+    f.name for f in fields(DecodingOptions) if f.name not in ("eos_token_id", "pad_token_id", "seed")
+)
+
+
 def _trained_adapter_settings(entry: dict, base_dir: Path) -> dict:
     """An entry may name only a local adapter folder of our format (`adapter: {filename: ./my-adapter}`):
     its `adapter_config.json` then gives the task's settings (those of the task it was trained from)."""
@@ -191,8 +198,8 @@ def _trained_adapter_settings(entry: dict, base_dir: Path) -> dict:
     if not config_file.is_file():
         return {}
     config = json.loads(config_file.read_text())
-    keys = ("title", "modality", "kind", "lm", "encoder", "preprocess", "injection", "text", "generation")
-    return {k: config[k] for k in keys}
+    keys = ("title", "label", "modality", "kind", "lm", "encoder", "preprocess", "injection", "text", "generation")
+    return {k: config[k] for k in keys if k in config}  # "label": older folders lack it (the title stands in)
 
 
 def task_from_adapter(folder: str | Path, task_id: str) -> Task:

@@ -105,3 +105,25 @@ def test_answer_tokens_come_from_the_registry():
     assert answer_tokens([tasks["image-caption"]], lm) == []
     with pytest.raises(ValueError, match="does not occur in the prompt"):
         TextFormat("{question}?", "</a>")
+
+
+def test_an_adapter_folder_keeps_its_task_s_settings(tmp_path):
+    """What an adapter folder stores rebuilds its task: a trained or converted adapter decodes as the task did
+    (the minimum answer of long questions included) and is named as the task was."""
+    import json
+
+    from epalm.hub import adapter_config
+    from epalm.tasks import ADAPTER_CONFIG, task_from_adapter
+
+    for task in load_registry().values():
+        folder = tmp_path / task.id
+        folder.mkdir()
+        (folder / ADAPTER_CONFIG).write_text(json.dumps(adapter_config(task)))
+        rebuilt = task_from_adapter(folder, task.id)
+        assert rebuilt.generation == task.generation and rebuilt.label == task.label, task.id
+        assert (rebuilt.injection, rebuilt.text, rebuilt.lm, rebuilt.encoder) == (
+            task.injection,
+            task.text,
+            task.lm,
+            task.encoder,
+        ), task.id
