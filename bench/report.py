@@ -342,7 +342,9 @@ def config_section(config: dict) -> list[str]:
     return lines
 
 
-def markdown(results: dict, notes: str | None = None) -> str:
+def markdown(results: dict, notes: str | None = None, sections: str = "") -> str:
+    """The report of bench/run.py; `notes` and `sections` (those other benchmarks wrote after the notes, see
+    `write_section`) come from the file it replaces (`kept`)."""
     lines = [
         "# eP-ALM benchmark results",
         "",
@@ -386,21 +388,14 @@ def markdown(results: dict, notes: str | None = None) -> str:
     for config in results["configurations"]:
         lines += config_section(config) + [""]
     lines += ["## Notes", "", NOTES_START, (notes or "(none yet)").strip(), NOTES_END, ""]
-    return "\n".join(lines)
+    return "\n".join(lines) + (f"\n{sections.strip()}\n" if sections.strip() else "")
 
 
-def kept_notes(text: str) -> str | None:
-    """The hand-written notes of an existing RESULTS.md (kept when it is regenerated)."""
-    match = re.search(re.escape(NOTES_START) + r"\n(.*?)\n" + re.escape(NOTES_END), text, re.S)
-    return match.group(1) if match else None
-
-
-if __name__ == "__main__":
-    src, dst = Path(sys.argv[1]), Path(sys.argv[2])
-    data = json.loads(src.read_text())
-    data["targets"] = targets(data)
-    previous = kept_notes(dst.read_text()) if dst.exists() else None
-    dst.write_text(markdown(data, previous))
+def kept(text: str) -> tuple[str | None, str]:
+    """What a regeneration keeps of an existing RESULTS.md: the hand-written notes, and the sections the
+    other benchmarks wrote after them."""
+    match = re.search(re.escape(NOTES_START) + r"\n(.*?)\n" + re.escape(NOTES_END) + r"\n?(.*)", text, re.S)
+    return (match.group(1), match.group(2)) if match else (None, "")
 
 
 def write_section(path: Path, section: str) -> None:
@@ -415,3 +410,10 @@ def write_section(path: Path, section: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + section
     path.write_text(text)
+
+
+if __name__ == "__main__":
+    src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+    data = json.loads(src.read_text())
+    data["targets"] = targets(data)
+    dst.write_text(markdown(data, *kept(dst.read_text())) if dst.exists() else markdown(data))

@@ -386,8 +386,7 @@ def write(results: dict, args: argparse.Namespace) -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     md = Path(args.markdown)
-    notes = report.kept_notes(md.read_text()) if md.exists() else None
-    md.write_text(report.markdown(results, notes))
+    md.write_text(report.markdown(results, *report.kept(md.read_text())) if md.exists() else report.markdown(results))
 
 
 if __name__ == "__main__":
