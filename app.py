@@ -85,14 +85,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--max-batch-rows",
         type=int,
-        default=int(env("EPALM_MAX_BATCH_ROWS", "24")),
-        help="rows decoded together in one step (a 3-beam answer takes 3) [EPALM_MAX_BATCH_ROWS]",
+        help="rows decoded together in one step (a 3-beam answer takes 3); unset: EPALM_MAX_BATCH_ROWS, else "
+        "the library's default (epalm.pipeline.MAX_BATCH_ROWS)",
     )
     parser.add_argument(
         "--no-batching",
         action="store_true",
-        default=env("EPALM_BATCHING", "1").strip().lower() in ("0", "false", "no", "off"),
-        help="decode each request alone instead of sharing steps with the others [EPALM_BATCHING=0]",
+        help="decode each request alone instead of sharing steps with the others; unset: EPALM_BATCHING (on)",
     )
     parser.add_argument(
         "--queue-size",
@@ -594,7 +593,9 @@ def main(args: argparse.Namespace, block: bool = True) -> gr.Blocks:
             dtype=args.dtype,
             tiny=args.tiny,
             limits=limits,
-            batching=not (args.no_batching or ZERO_GPU),  # ZeroGPU runs each call in its own GPU process
+            # None: the library reads EPALM_BATCHING / EPALM_MAX_BATCH_ROWS (one parser, one default); ZeroGPU
+            # runs each call in its own GPU process, where nothing could share a step
+            batching=False if args.no_batching or ZERO_GPU else None,
             max_batch_rows=args.max_batch_rows,
             allow_local_adapters=args.allow_local_adapters,
         )

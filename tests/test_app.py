@@ -448,6 +448,36 @@ def test_the_page_s_first_task_loads_at_start_up_unless_told_otherwise(monkeypat
     assert demo_app.parse_args([]).preload == []
 
 
+@pytest.mark.parametrize(
+    "flags, env, expected",
+    [
+        ([], {}, (True, 24)),
+        (["--no-batching", "--max-batch-rows", "5"], {}, (False, 5)),
+        ([], {"EPALM_BATCHING": "0", "EPALM_MAX_BATCH_ROWS": "7"}, (False, 7)),
+        ([], {"EPALM_MAX_BATCH_ROWS": "many"}, "error: EPALM_MAX_BATCH_ROWS must be a whole number, not 'many'"),
+        (["--max-batch-rows", "0"], {}, "error: the rows limit of a batch must be at least 1"),
+    ],
+)
+def test_batching_flags_and_variables_reach_the_library(monkeypatch, flags, env, expected):
+    made = []
+
+    def recorded(**kwargs):  # the app's Pipeline, kept, then a stop before anything is served
+        made.append(Pipeline(**kwargs))
+        raise demo_app.UserError("stop here")
+
+    for name in ("EPALM_BATCHING", "EPALM_MAX_BATCH_ROWS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(demo_app, "Pipeline", recorded)
+    with pytest.raises(SystemExit) as exit_:
+        demo_app.main(demo_app.parse_args(["--tiny", "--device", "cpu", *flags]), block=False)
+    if isinstance(expected, str):
+        assert str(exit_.value) == expected and not made
+    else:
+        assert str(exit_.value) == "error: stop here" and (made[0].batching, made[0].max_batch_rows) == expected
+
+
 def test_help_answers_without_importing_gradio_or_torch():
     code = (
         "import runpy, sys; sys.argv = ['app.py', '--help']\ntry:\n    runpy.run_path('app.py', run_name='__main__')\n"
