@@ -54,7 +54,7 @@ from .hub import (
     push_to_hub,
     save_adapter,
 )
-from .metrics import caption_scores, vqa_accuracy
+from .metrics import caption_scores, exact_match, vqa_accuracy
 from .model import EPALM, Adapter
 from .tasks import Task
 
@@ -101,7 +101,7 @@ def paper_recipe(task: Task) -> Recipe:
     if task.injection.shared_connector and not task.injection.prompt_mlp:
         return RECIPES["image-caption-L" if task.kind == "caption" else "image-vqa-L"]
     return (
-        RECIPES[{"image": "image", "video": "video", "audio": "audio"}[task.modality] + "-caption"]
+        RECIPES[f"{task.modality}-caption"]
         if task.kind == "caption"
         else (RECIPES["video-qa-msrvtt" if task.modality == "video" else "image-vqa"])
     )
@@ -388,9 +388,7 @@ class Trainer:
             scores = {"CIDEr": scores["CIDEr"], "BLEU-4": scores["BLEU-4"]}
         else:
             scores = {"VQA accuracy": vqa_accuracy(predictions, [[e.answer] for e in examples])}
-        scores["exact match"] = sum(p.lower() == e.answer.lower() for p, e in zip(predictions, examples)) / len(
-            examples
-        )
+        scores["exact match"] = exact_match(predictions, [e.answer for e in examples])
         scores["validation_loss"] = self.validation_loss(model)
         return scores
 
