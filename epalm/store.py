@@ -102,7 +102,7 @@ class ModelStore:
         self.special_tokens = special_tokens
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.pack_weights = pack_weights
+        self.pack_weights = pack_weights and self.device.type == "cpu"  # oneDNN's layout is a CPU one
         self.progress = progress
         self._loaded: dict[tuple, Any] = {}
         self._names: dict[tuple, str] = {}
