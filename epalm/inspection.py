@@ -10,6 +10,7 @@ generated token gets its probability and every final beam its score. Nothing her
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import math
@@ -278,13 +279,16 @@ class Inspector:
         return pixels
 
     def _audio(self, media: Any, transform: AudioTransform, limits: MediaLimits) -> torch.Tensor:
-        wave = load_window(media, transform, limits)
+        with contextlib.ExitStack() as stack:
+            if not isinstance(media, (tuple, np.ndarray, torch.Tensor)):  # a file, read twice: bytes or a file
+                media = stack.enter_context(local_path(media, limits))  # object become one path first
+            wave = load_window(media, transform, limits)
+            rate = transform.sample_rate
+            needed = round(window_seconds(transform) * rate)  # samples behind target_length frames
+            duration = len(wave) / rate
+            if len(wave) > needed:  # the window was filled: how long is the whole clip?
+                duration = clip_seconds(media, rate, limits)
         fbank = audio_fbank(wave, transform)
-        rate = transform.sample_rate
-        needed = round(window_seconds(transform) * rate)  # samples behind target_length frames
-        duration = len(wave) / rate
-        if len(wave) > needed:  # the window was filled: how long is the whole clip?
-            duration = clip_seconds(media, rate, limits)
         self.seen = Seen(
             "audio",
             [spectrogram_picture(fbank)],

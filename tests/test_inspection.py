@@ -65,10 +65,16 @@ def test_the_seen_frames_are_exactly_what_the_encoder_received(pipe, tmp_path):
     assert seen.captions[1] == f"{seen.timestamps[1]:.2f} s (frame {seen.frame_indices[1]})"
 
 
-@pytest.mark.parametrize("seconds, cut, padded", [(1.0, False, True), (12.0, True, False)])
-def test_the_seen_spectrogram_says_what_was_cut_or_padded(pipe, tmp_path, seconds, cut, padded):
+@pytest.mark.parametrize(
+    "seconds, cut, padded, opened",
+    [(1.0, False, True, False), (12.0, True, False, False), (12.0, True, False, True)],
+    ids=["short", "long", "long-file-object"],
+)
+def test_the_seen_spectrogram_says_what_was_cut_or_padded(pipe, tmp_path, seconds, cut, padded, opened):
     received = encoder_inputs(pipe, "audio-caption")
-    answer = pipe.caption(write_wav(tmp_path / "tone.wav", seconds=seconds), "audio-caption", max_new_tokens=2, **FAST)
+    path = write_wav(tmp_path / "tone.wav", seconds=seconds)
+    with open(path, "rb") as file:  # a file object is read once, though the clip's length is read after the window
+        answer = pipe.caption(file if opened else path, "audio-caption", max_new_tokens=2, **FAST)
     seen = answer.inspection.seen
     assert np.array_equal(seen.spectrogram, received[-1][0].numpy())
     assert seen.images[0].shape == (256, 1024, 3), "128 mel bins drawn 2 px tall, 1024 frames wide"
