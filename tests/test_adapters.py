@@ -34,7 +34,7 @@ def test_not_an_adapter(tmp_path, fake_hub):
     (tmp_path / "empty").mkdir()
     with pytest.raises(AdapterError, match="is not an adapter folder"):
         resolve_adapter(str(tmp_path / "empty"))
-    with pytest.raises(Exception, match="someone/missing"):
+    with pytest.raises(WeightsUnavailable, match="someone/missing"):
         resolve_adapter("someone/missing")
 
 
