@@ -268,22 +268,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--out", default=str(ROOT / "bench" / "serving.json"))
     p.add_argument("--markdown", help="write the section into this file (e.g. bench/RESULTS.md)")
-    p.add_argument("--worker", nargs=2, metavar=("KIND", "DTYPE"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", metavar="DTYPE", help=argparse.SUPPRESS)
     p.add_argument("--in-process", action="store_true", help="no subprocess per dtype (tests)")
     return p.parse_args(argv)
 
 
-def _worker(args: argparse.Namespace, kind: str, dtype: str) -> dict:
-    return run_dtype(args, dtype)
-
-
-def _child(argv: list[str], kind: str, dtype: str) -> dict:
+def _child(argv: list[str], dtype: str) -> dict:
     """One measurement in a fresh process (no two models in memory at once)."""
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        command = [sys.executable, __file__, *argv, "--worker", kind, dtype, "--out", out.name]
+        command = [sys.executable, __file__, *argv, "--worker", dtype, "--out", out.name]
         done = subprocess.run(command, stdout=subprocess.DEVNULL)
         if done.returncode:
-            return {"dtype": dtype, "error": f"{kind} worker exited with {done.returncode}"}
+            return {"dtype": dtype, "error": f"worker exited with {done.returncode}"}
         return json.loads(Path(out.name).read_text())
 
 
@@ -291,12 +287,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.worker:
-        Path(args.out).write_text(json.dumps(_worker(args, *args.worker)))
+        Path(args.out).write_text(json.dumps(run_dtype(args, args.worker)))
         return 0
     started = time.perf_counter()
     child_argv = [a for a in argv if a != "--in-process"]
     if args.in_process:
-        pick = functools.partial(_worker, args)
+        pick = functools.partial(run_dtype, args)
     else:
         pick = functools.partial(_child, child_argv)
     results = {
@@ -305,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine.machine_info(torch.device("cpu")),
         "args": vars(args),
         "load_average": f"{os.getloadavg()[0]:.2f}",
-        "dtypes": [pick("serve", dtype) for dtype in args.dtype],
+        "dtypes": [pick(dtype) for dtype in args.dtype],
     }
     results["wall_s"] = time.perf_counter() - started
     Path(args.out).write_text(json.dumps(results, indent=1))
