@@ -247,3 +247,21 @@ def test_cli_refuses_bad_rows_and_a_task_of_the_wrong_kind(tmp_path, capsys):
     assert "metadata.jsonl:9: file not found: missing.png" in capsys.readouterr().err
     assert main([*argv, "--base", "image-vqa"]) == 2
     assert "the data has text columns, but the base task 'image-vqa' is a qa task" in capsys.readouterr().err
+
+
+def test_cached_features_train_the_same_adapter_and_the_base_adapter_can_start_it(pipe, tmp_path):
+    """The frozen encoder's features, computed once or at every step, give the same adapter; with every
+    learning rate at 0, --init-from-base leaves the released (here: the tiny registry's) adapter as it was."""
+    from safetensors.torch import load_file
+
+    data = write_colour_folder(tmp_path / "train", per_colour=2)
+    for name, cache in (("cached", True), ("computed", False)):
+        train(data, "image-caption", tmp_path / name, pipeline=pipe, epochs=1, cache_features=cache, **FAST)
+    cached, computed = (load_file(tmp_path / name / "adapter.safetensors") for name in ("cached", "computed"))
+    assert cached.keys() == computed.keys() and all(torch.allclose(cached[k], computed[k], atol=1e-6) for k in cached)
+    still = {**FAST, "lr": 0.0, "warmup_lr": 0.0, "prompt_lr": 0.0}
+    train(data, "image-caption", tmp_path / "base", pipeline=pipe, epochs=1, init_from_base=True, **still)
+    kept = load_file(tmp_path / "base" / "adapter.safetensors")
+    base = pipe.adapter(pipe.task("image-caption")).state_dict()
+    assert kept.keys() == base.keys() and all(torch.equal(kept[k], base[k]) for k in base)
+    assert not all(torch.equal(cached[k], base[k]) for k in base), "trained from scratch, it differs"
