@@ -14,6 +14,7 @@ start/end layer, prompt length or feature count) cannot share a forward and step
 from __future__ import annotations
 
 import atexit
+import itertools
 import logging
 import queue
 import threading
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .decoding import DecodingOptions, GenerationOutput, StepRule, Trace, step_rule
+from .decoding import DecodingOptions, GenerationOutput, StepRule, Trace, beam_rows, step_rule
 from .encoders import Encoder
 from .model import EPALM, Adapter, DecodeState, Prefix
 
@@ -205,7 +206,7 @@ class Scheduler:
                 features = batch[0].encoder(media, batch[0].adapter.config.num_features)
                 for i, request in enumerate(batch):
                     prefix = request.adapter.prefix(features[:, i : i + 1])
-                    prefixes[request] = prefix.repeat_interleave(request.options.num_beams)
+                    prefixes[request] = prefix
                     request.encoded = time.perf_counter()
             except Exception as exc:  # the failure belongs to these requests only
                 _fail(batch, exc)
@@ -214,8 +215,12 @@ class Scheduler:
             try:
                 for request in batch:
                     request.rule = step_rule(request.options, request.input_ids, request.trace)
-                ids = torch.cat([request.rule.ids for request in batch])
+                ids = torch.cat([request.input_ids for request in batch])
                 logits, state = self.model.prefill(ids, torch.ones_like(ids), Prefix.cat([prefixes[r] for r in batch]))
+                rows = _beam_rows(batch, ids.device)
+                if len(rows) != len(ids):  # beams: each prompt ran once, its rows are copied now
+                    logits = logits.index_select(0, rows)
+                    state.reorder(rows)
             except Exception as exc:
                 _fail(batch, exc)
                 continue
@@ -305,6 +310,14 @@ def _left(request: Request) -> bool:
         request._put(_DONE)
         return True
     return False
+
+
+def _beam_rows(requests: list[Request], device: torch.device) -> torch.Tensor:
+    """The index expanding the requests' input rows (in order) to their beams' rows."""
+    offsets = itertools.accumulate([len(r.input_ids) for r in requests], initial=0)
+    return torch.cat(
+        [offset + beam_rows(len(r.input_ids), r.options.num_beams, device) for offset, r in zip(offsets, requests)]
+    )
 
 
 def _grouped(requests: list[Request], key: Callable[[Request], object]) -> list[list[Request]]:

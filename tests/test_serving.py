@@ -89,6 +89,19 @@ def test_mixed_requests_get_the_ids_they_get_alone_even_joining_mid_flight(parts
     assert scheduler.rows == 0
 
 
+def test_a_beam_request_runs_its_prompt_once(parts, monkeypatch):
+    lm = parts[0]
+    jobs = [JOBS[1], JOBS[7]]  # 3 and 2 beams, one layout and text length
+    expected = [alone(parts, job, 1) for job in jobs]
+    widths, prefill = [], lm.prefill
+    monkeypatch.setattr(lm, "prefill", lambda ids, *a: widths.append(len(ids)) or prefill(ids, *a))
+    scheduler = Scheduler(lm)
+    requests = [submit(scheduler, parts, job, 1) for job in jobs]
+    for want, request in zip(expected, requests):
+        assert torch.equal(request.result().sequences, want)
+    assert sum(widths) == len(jobs), f"prefill rows {widths}: one per request, not one per beam"
+
+
 def test_streamed_tokens_are_the_final_ids(parts):
     scheduler = Scheduler(parts[0])
     request = submit(scheduler, parts, JOBS[3], 3)
