@@ -258,7 +258,7 @@ class Scheduler:
         """Apply each request's rule to its rows' `logits` (None: only drop the cancelled), deliver the
         tokens, and reorder `state` to the rows of those still running (beams following their parents);
         returns those."""
-        keep, index, offset = [], [], 0
+        keep, kept, offset, moved = [], [], 0, False  # kept: (first row, order or None) per running request
         for request in requests:
             rows = request.rows
             if logits is None:
@@ -266,15 +266,20 @@ class Scheduler:
             else:
                 running, order = self._choose(request, logits[offset : offset + rows]), request.rule.order
             if running:
-                if order is None:
-                    order = torch.arange(rows, device=state.text_mask.device)
-                index.append(offset + order)
                 keep.append(request)
+                kept.append((offset, rows, order))
+            moved = moved or not running or order is not None
             offset += rows
-        if keep:
-            index = torch.cat(index)
-            if len(index) != offset or not torch.equal(index, torch.arange(offset, device=index.device)):
-                state.reorder(index)
+        if keep and moved:  # rows left or beams moved: the state follows (no index built otherwise)
+            device = state.text_mask.device
+            state.reorder(
+                torch.cat(
+                    [
+                        first + (torch.arange(rows, device=device) if order is None else order)
+                        for first, rows, order in kept
+                    ]
+                )
+            )
         return keep
 
     @staticmethod
