@@ -365,8 +365,10 @@ def _table(block: dict, media: str, runs: list[dict]) -> list[str]:
     lines.append("")
     shares = [r["encoder_share"] for r in runs if r.get("encoder_share") is not None]
     if shares:
+        low, high = f"{min(shares):.0%}", f"{max(shares):.0%}"
+        spread = low if low == high else f"{low}–{high}"
         lines.append(
-            f"- One at a time, media decoding and the encoders take {min(shares):.0%}–{max(shares):.0%} of each "
+            f"- One at a time, media decoding and the encoders take {spread} of each "
             "answer's time: work that batching cannot share (requests waiting for one encoder run together, "
             "but a CPU encoder is compute-bound), so it bounds the speed-up."
         )
@@ -424,7 +426,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--markdown", help="write the section into this file (e.g. bench/RESULTS.md)")
     p.add_argument("--worker", metavar="DTYPE", help=argparse.SUPPRESS)
     p.add_argument("--in-process", action="store_true", help="no subprocess per dtype (tests)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.examples_clients and "examples" not in args.media:
+        p.error("--examples-clients is for --media examples, which this run leaves out")
+    return args
 
 
 def _child(argv: list[str], dtype: str) -> dict:

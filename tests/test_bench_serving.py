@@ -74,6 +74,22 @@ def test_serving_bench_runs_both_modes_on_both_media_and_reports(tmp_path, monke
     assert text.index("### float32, distinct media") < text.index("### float32, examples media")
 
 
+def _client_counts(*argv: str) -> dict[str, list[int]]:
+    args = serving.parse_args(list(argv))
+    return {media: serving.clients_for(args, media) for media in args.media}
+
+
+def test_examples_run_at_the_largest_client_count_unless_told():
+    assert _client_counts("--clients", "1", "4", "2") == {"distinct": [1, 4, 2], "examples": [4]}
+    assert _client_counts("--clients", "1", "4", "--examples-clients", "2", "4") == {
+        "distinct": [1, 4],
+        "examples": [2, 4],
+    }
+    assert _client_counts("--media", "examples", "--clients", "1", "4") == {"examples": [1, 4]}
+    with pytest.raises(SystemExit):
+        serving.parse_args(["--media", "distinct", "--examples-clients", "2"])
+
+
 def test_distinct_media_are_new_valid_inputs_of_the_examples_kind_and_size(tmp_path):
     sent = serving.plan(serving.REQUESTS, 2, 3, serving.DistinctMedia(tmp_path))
     files = [media for requests in sent for _, media in requests]
