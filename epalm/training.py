@@ -555,6 +555,7 @@ Best {self.metric}: {best.get(self.metric, float("nan")):.4f} at epoch {best.get
                                 "step": step,
                                 "loss": losses[-1],
                                 "lr": optimizer.param_groups[0]["lr"],
+                                "group_lrs": [group["lr"] for group in optimizer.param_groups],
                                 "samples_per_s": rate,
                             }
                         )

@@ -242,6 +242,20 @@ def test_recipe_schedule_and_parameter_groups(pipe):
     assert TrainConfig().resolved(qa).batch_size == 64 and TrainConfig().resolved(caption).epochs == 8
 
 
+@pytest.mark.parametrize("all_groups", [False, True])
+def test_the_schedule_moves_group_0_only_unless_told_to_move_all(pipe, tmp_path, all_groups):
+    data = write_colour_folder(tmp_path / "train", per_colour=2, qa=True)
+    rates = dict(lr=4e-3, warmup_lr=1e-3, prompt_lr=2e-2, min_lr=1e-4, warmup_steps=2, warmup_every=1)
+    options = {**FAST, **rates, "log_every": 1, "schedule_all_groups": all_groups}
+    train(data, "image-vqa", tmp_path / "adapter", pipeline=pipe, epochs=2, **options)
+    lines = [json.loads(line) for line in (tmp_path / "adapter" / "log.jsonl").read_text().splitlines()]
+    group_lrs = [line["group_lrs"] for line in lines if line["event"] == "step"]
+    scheduled = [lrs[0] for lrs in group_lrs]
+    assert scheduled[0] == pytest.approx(1e-3) and scheduled[-1] < 4e-3, "group 0: warm-up, then cosine"
+    prompt = [lrs[1] for lrs in group_lrs]
+    assert prompt == pytest.approx(scheduled if all_groups else [2e-2] * len(prompt))
+
+
 def test_only_the_adapter_learns_and_checkpointing_keeps_gradients(pipe):
     task = pipe.task("image-caption")
     lm, _ = pipe.lm(task)
