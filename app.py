@@ -238,18 +238,20 @@ class Demo:
                 f"Adapter {source!r} is not a Hub repo id (user/name). Local adapter folders are allowed only "
                 "when the app is started with --allow-local-adapters (EPALM_ALLOW_LOCAL_ADAPTERS=1)."
             )
-        task = pipe.task(pipe.use_adapter(source))
-        if (task.modality, task.kind) != (modality, kind):
-            if task.kind in tasks_by_modality(pipe).get(task.modality, {}):
-                where = f"use it in the {task.modality.capitalize()} tab, {KINDS[task.kind].tab}"
-            else:
-                where = "this app has no tab for it"
-            raise InputError(
-                f"The adapter {source} was trained for {task.modality} {KIND_WORDS[task.kind]}, "
-                f"not {modality} {KIND_WORDS[kind]}: {where}."
-            )
-        check_served_models(task, registry_tasks(pipe))
-        return task.id
+
+        def check(task: Task) -> None:
+            if (task.modality, task.kind) != (modality, kind):
+                if task.kind in tasks_by_modality(pipe).get(task.modality, {}):
+                    where = f"use it in the {task.modality.capitalize()} tab, {KINDS[task.kind].tab}"
+                else:
+                    where = "this app has no tab for it"
+                raise InputError(
+                    f"The adapter {source} was trained for {task.modality} {KIND_WORDS[task.kind]}, "
+                    f"not {modality} {KIND_WORDS[kind]}: {where}."
+                )
+            check_served_models(task, pipe.registry_tasks())
+
+        return pipe.use_adapter(source, check)
 
     def _answers(self, modality: str, request: dict[str, Any]) -> Iterator[tuple]:
         media = request["media"]
@@ -258,7 +260,7 @@ class Demo:
         task = request["task"]
         adapter = (request.get("adapter") or "").strip()
         if adapter:  # a small download at most: the LM and encoder are the registry's, loaded once for all
-            if f"adapter:{adapter}" not in self.pipeline.tasks:  # the pipeline's id for it, once it has read it
+            if not self.pipeline.is_adapter_served(adapter):
                 yield "", f"⏳ Loading the adapter {adapter}…", *NOTHING_SEEN
             task = self.adapter_task(modality, "qa" if "question" in request else "caption", adapter)
         # temperature and top-p shape sampling only; decoding ignores them for beams and greedy
@@ -513,15 +515,10 @@ def _tab(demo: Demo, modality: str, tasks: dict[str, list[Task]], concurrency: i
     return events
 
 
-def registry_tasks(pipeline: Pipeline) -> list[Task]:
-    """The registry's tasks, without the users' adapters the pipeline has served (ids `adapter:<source>`)."""
-    return [task for task in pipeline.tasks.values() if not task.id.startswith("adapter:")]
-
-
 def tasks_by_modality(pipeline: Pipeline) -> dict[str, dict[str, list[Task]]]:
     """modality -> kind -> tasks, in registry order (what the tabs and menus show)."""
     grouped: dict[str, dict[str, list[Task]]] = {}
-    for task in registry_tasks(pipeline):
+    for task in pipeline.registry_tasks():
         grouped.setdefault(task.modality, {}).setdefault(task.kind, []).append(task)
     return {m: {k: grouped[m][k] for k in KINDS if k in grouped[m]} for m in MODALITIES if m in grouped}
 

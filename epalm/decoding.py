@@ -315,6 +315,13 @@ class BeamRule:
 StepRule = TokenRule | BeamRule
 
 
+def beam_rows(batch: int, num_beams: int, device: torch.device | None = None) -> torch.Tensor:
+    """The row index that expands `batch` inputs to `num_beams` rows each. An input's beams are the
+    same row until the first choice, so its prompt runs once and the cache is expanded after
+    (the original ran it on every beam: the same numbers, `num_beams` times the work)."""
+    return torch.arange(batch, device=device).repeat_interleave(num_beams)
+
+
 def step_rule(options: DecodingOptions, input_ids: torch.Tensor, trace: Trace | None = None) -> StepRule:
     """The per-request rule for `options`: beam search, or greedy / sampling."""
     return BeamRule(options, input_ids, trace) if options.num_beams > 1 else TokenRule(options, input_ids, trace)
@@ -332,10 +339,10 @@ def beam_search(
 ) -> GenerationOutput:
     """Beam search over one batch (see `BeamRule`)."""
     rule = BeamRule(options, input_ids, trace)
-    k = options.num_beams
-    mask = attention_mask.repeat_interleave(k, dim=0)
-    session = _session(model, rule.ids, mask, prefix.repeat_interleave(k), options)
-    logits = session.start()
+    rows = beam_rows(len(input_ids), options.num_beams, input_ids.device)
+    session = _session(model, input_ids, attention_mask, prefix, options)
+    logits = session.start().index_select(0, rows)
+    session.reorder(rows)
     while True:
         tokens = rule.choose(logits)
         if callback is not None:

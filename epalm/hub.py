@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM, PreTrainedTokenizerBase
 
-from .encoders import Encoder, wrap_encoder
+from .encoders import Encoder, attention_kernel, wrap_encoder
 from .errors import UserError
 from .media import describe_bytes
 from .model import Adapter
@@ -481,7 +481,9 @@ class HubModels:
                 folder = found["config.json"].parent
                 config = transformers.AutoConfig.from_pretrained(folder, **overrides)
                 model_class = _checkpoint_class(config, modality)
-                model = model_class.from_pretrained(folder, config=config, attn_implementation="eager").base_model
+                model = model_class.from_pretrained(
+                    folder, config=config, attn_implementation=attention_kernel(model_class)
+                ).base_model
         except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as exc:
             raise WeightsUnavailable(f"Cannot load the {modality} encoder {ref.id}: {exc}") from exc
         return wrap_encoder(model.to(dtype))

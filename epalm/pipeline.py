@@ -185,20 +185,32 @@ class Pipeline:
     def adapter(self, task: Task, progress: Progress | None = None) -> Adapter:
         return self.store.adapter(task, progress)
 
-    def use_adapter(self, source: str) -> str:
+    def use_adapter(self, source: str, check: Callable[[Task], None] | None = None) -> str:
         """Serve a trained adapter (a folder, or a Hub repo id) with the models its config names,
-        shared with every other task; returns its task id (`adapter:<source>`)."""
+        shared with every other task; returns its task id (`adapter:<source>`). `check`, if given,
+        sees the adapter's task first and refuses it by raising: a refused adapter is not served."""
         task_id = f"adapter:{source}"
-        if task_id in self.tasks:
-            return task_id
-        task, tiny = adapter_task(source, self.allow_local_adapters)
-        if tiny != self.random_weights:
-            raise InputError(
-                f"The adapter {source} was trained on the {'tiny test' if tiny else 'real'} models; "
-                f"{'use --tiny / Pipeline(tiny=True)' if tiny else 'it cannot run on the tiny models'}."
-            )
-        self.tasks[task_id] = self.store.source.tasks({task_id: task})[task_id]  # one dict store: atomic
+        task = self.tasks.get(task_id)
+        if task is None:
+            task, tiny = adapter_task(source, self.allow_local_adapters)
+            if tiny != self.random_weights:
+                raise InputError(
+                    f"The adapter {source} was trained on the {'tiny test' if tiny else 'real'} models; "
+                    f"{'use --tiny / Pipeline(tiny=True)' if tiny else 'it cannot run on the tiny models'}."
+                )
+            task = self.store.source.tasks({task_id: task})[task_id]
+        if check is not None:
+            check(task)
+        self.tasks[task_id] = task  # one dict store: atomic
         return task_id
+
+    def is_adapter_served(self, source: str) -> bool:
+        """Whether `use_adapter(source)` has already read this adapter (no download to wait for)."""
+        return f"adapter:{source}" in self.tasks
+
+    def registry_tasks(self) -> list[Task]:
+        """The registry's tasks, without the users' adapters served so far."""
+        return [task for task in self.tasks.values() if not task.id.startswith("adapter:")]
 
     def preload(self, task_ids: list[str], progress: Progress | None = None) -> None:
         for task_id in task_ids:

@@ -14,6 +14,7 @@ start/end layer, prompt length or feature count) cannot share a forward and step
 from __future__ import annotations
 
 import atexit
+import itertools
 import logging
 import queue
 import threading
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .decoding import DecodingOptions, GenerationOutput, StepRule, Trace, step_rule
+from .decoding import DecodingOptions, GenerationOutput, StepRule, Trace, beam_rows, step_rule
 from .encoders import Encoder, FeatureCache
 from .model import EPALM, Adapter, DecodeState, Prefix
 
@@ -214,7 +215,7 @@ class Scheduler:
                 for i, request in enumerate(batch):
                     request.features_cached = cached[i]
                     prefix = request.adapter.prefix(features[:, i : i + 1])
-                    prefixes[request] = prefix.repeat_interleave(request.options.num_beams)
+                    prefixes[request] = prefix
                     request.encoded = time.perf_counter()
             except Exception as exc:  # the failure belongs to these requests only
                 _fail(batch, exc)
@@ -223,8 +224,12 @@ class Scheduler:
             try:
                 for request in batch:
                     request.rule = step_rule(request.options, request.input_ids, request.trace)
-                ids = torch.cat([request.rule.ids for request in batch])
+                ids = torch.cat([request.input_ids for request in batch])
                 logits, state = self.model.prefill(ids, torch.ones_like(ids), Prefix.cat([prefixes[r] for r in batch]))
+                rows = _beam_rows(batch, ids.device)
+                if len(rows) != len(ids):  # beams: each prompt ran once, its rows are copied now
+                    logits = logits.index_select(0, rows)
+                    state.reorder(rows)
             except Exception as exc:
                 _fail(batch, exc)
                 continue
@@ -262,7 +267,7 @@ class Scheduler:
         """Apply each request's rule to its rows' `logits` (None: only drop the cancelled), deliver the
         tokens, and reorder `state` to the rows of those still running (beams following their parents);
         returns those."""
-        keep, index, offset = [], [], 0
+        keep, kept, offset, moved = [], [], 0, False  # kept: (first row, order or None) per running request
         for request in requests:
             rows = request.rows
             if logits is None:
@@ -270,15 +275,20 @@ class Scheduler:
             else:
                 running, order = self._choose(request, logits[offset : offset + rows]), request.rule.order
             if running:
-                if order is None:
-                    order = torch.arange(rows, device=state.text_mask.device)
-                index.append(offset + order)
                 keep.append(request)
+                kept.append((offset, rows, order))
+            moved = moved or not running or order is not None
             offset += rows
-        if keep:
-            index = torch.cat(index)
-            if len(index) != offset or not torch.equal(index, torch.arange(offset, device=index.device)):
-                state.reorder(index)
+        if keep and moved:  # rows left or beams moved: the state follows (no index built otherwise)
+            device = state.text_mask.device
+            state.reorder(
+                torch.cat(
+                    [
+                        first + (torch.arange(rows, device=device) if order is None else order)
+                        for first, rows, order in kept
+                    ]
+                )
+            )
         return keep
 
     @staticmethod
@@ -314,6 +324,14 @@ def _left(request: Request) -> bool:
         request._put(_DONE)
         return True
     return False
+
+
+def _beam_rows(requests: list[Request], device: torch.device) -> torch.Tensor:
+    """The index expanding the requests' input rows (in order) to their beams' rows."""
+    offsets = itertools.accumulate([len(r.input_ids) for r in requests], initial=0)
+    return torch.cat(
+        [offset + beam_rows(len(r.input_ids), r.options.num_beams, device) for offset, r in zip(offsets, requests)]
+    )
 
 
 def _grouped(requests: list[Request], key: Callable[[Request], object]) -> list[list[Request]]:

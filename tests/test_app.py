@@ -760,6 +760,7 @@ def test_an_adapter_for_another_tab_or_mode_is_refused_saying_where_it_goes(
     media = handle_file(str(own_media(tmp_path, api_name.split("_")[1])))
     with pytest.raises(AppError, match=re.escape(message)):
         client.predict(media, *args, adapter=str(folder), api_name=api_name)
+    assert not tiny_app[0].is_adapter_served(str(folder)), "a refused adapter is not served"
 
 
 def test_an_adapter_on_models_the_app_does_not_serve_is_refused(tiny_app, client, tmp_path):
@@ -771,3 +772,4 @@ def test_an_adapter_on_models_the_app_does_not_serve_is_refused(tiny_app, client
     (folder / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(AppError, match="trained on OPT-66B \\+ ViT-B/16, which this app does not serve"):
         client.predict(handle_file(str(own_media(tmp_path, "image"))), adapter=str(folder), api_name="/caption_image")
+    assert not tiny_app[0].is_adapter_served(str(folder)), "a refused adapter is not served"

@@ -43,6 +43,20 @@ def test_cached_ids_equal_the_original_uncached_ids(setting, layout, batch):
         torch.testing.assert_close(fast.sequence_scores, slow.sequence_scores, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_beam_search_runs_each_prompt_once_not_once_per_beam(monkeypatch, use_cache):
+    lm, prefix = make(LAYOUTS["late_recomputed"], batch=2, seed=3)
+    ids, mask = padded_batch()
+    options = DecodingOptions(num_beams=3, max_new_tokens=4, use_cache=use_cache)
+    widths = []
+    first = lm.prefill if use_cache else lm.forward
+    monkeypatch.setattr(lm, "prefill" if use_cache else "forward", lambda i, *a: widths.append(len(i)) or first(i, *a))
+    with torch.inference_mode():
+        out = generate(lm, prefix, ids, mask, options)
+    assert widths[0] == 2, "the prompt of each input ran once"
+    assert out.sequences.shape[0] == 2 and out.hypotheses and all(len(h) == 3 for h in out.hypotheses)
+
+
 def test_eos_stops_rows_and_pads_finished_ones():
     lm, prefix = make(LAYOUTS["end_is_last"], batch=2, seed=3)
     ids, mask = padded_batch()

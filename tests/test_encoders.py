@@ -59,6 +59,23 @@ def test_unknown_encoders_are_refused():
         build_encoder("keras", "X", {})
 
 
+def test_encoders_use_the_fused_attention_where_the_library_has_it():
+    """AST has transformers' SDPA attention: the same features as the eager one to float rounding.
+    TimeSformer has none and stays eager."""
+    config = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    torch.manual_seed(0)
+    fused = build_encoder("transformers", "ASTModel", config)
+    eager = build_encoder("transformers", "ASTModel", config)
+    eager.model.config._attn_implementation = "eager"
+    eager.load_state_dict(fused.state_dict())
+    assert fused.model.config._attn_implementation == "sdpa"
+    fbank = torch.randn(1, 1024, 128)
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(fbank, 2), eager(fbank, 2), atol=1e-5, rtol=0)
+    video = build_encoder("transformers", "TimesformerModel", dict(config, patch_size=32))
+    assert video.model.config._attn_implementation == "eager"
+
+
 def _inputs(seed: int, count: int) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     return [torch.randn(3, 224, 224, generator=generator) for _ in range(count)]

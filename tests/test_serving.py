@@ -92,6 +92,19 @@ def test_mixed_requests_get_the_ids_they_get_alone_even_joining_mid_flight(parts
     assert scheduler.rows == 0
 
 
+def test_a_beam_request_runs_its_prompt_once(parts, monkeypatch):
+    lm = parts[0]
+    jobs = [JOBS[1], JOBS[7]]  # 3 and 2 beams, one layout and text length
+    expected = [alone(parts, job, 1) for job in jobs]
+    widths, prefill = [], lm.prefill
+    monkeypatch.setattr(lm, "prefill", lambda ids, *a: widths.append(len(ids)) or prefill(ids, *a))
+    scheduler = Scheduler(lm)
+    requests = [submit(scheduler, parts, job, 1) for job in jobs]
+    for want, request in zip(expected, requests):
+        assert torch.equal(request.result().sequences, want)
+    assert sum(widths) == len(jobs), f"prefill rows {widths}: one per request, not one per beam"
+
+
 def test_streamed_tokens_are_the_final_ids(parts):
     scheduler = Scheduler(parts[0])
     request = submit(scheduler, parts, JOBS[3], 3)
@@ -187,10 +200,10 @@ def test_close_cancels_what_runs_and_ends_the_thread(parts):
 
 def test_requests_about_the_same_media_encode_it_once(parts, encoder_calls):
     """Identical inputs admitted together are encoded once; later ones reuse the cached features."""
-    gate, steps = threading.Event(), []
+    entered, gate = threading.Event(), threading.Event()
 
     def callback(rows: int) -> None:
-        steps.append(rows)
+        entered.set()
         assert gate.wait(10)  # the first step waits until the others are queued: they are admitted together
 
     same = [(JOBS[0], 0, 7), (JOBS[1], 1, 7), (JOBS[5], 5, 8)]  # two of them about media 7
@@ -198,6 +211,7 @@ def test_requests_about_the_same_media_encode_it_once(parts, encoder_calls):
     calls = encoder_calls(parts[1]["image"])
     scheduler = Scheduler(parts[0], callback=callback, features=FeatureCache(4))
     running = submit(scheduler, parts, JOBS[3], 3)  # audio
+    assert entered.wait(10)
     together = [submit(scheduler, parts, *args) for args in same]
     gate.set()
     for request, want in zip(together, expected):
