@@ -147,8 +147,10 @@ def encoder_spec(family: str, modality: str) -> tuple[str, str, dict]:
 
 
 def build_encoder_for(family: str, modality: str, dtype: torch.dtype, device: torch.device, seed: int = 0) -> Encoder:
-    torch.manual_seed(seed)
-    return build_encoder(*encoder_spec(family, modality)).to(device=device, dtype=dtype).eval()
+    with torch.random.fork_rng(devices=[]):  # the caller's RNG untouched
+        torch.manual_seed(seed)
+        encoder = build_encoder(*encoder_spec(family, modality))
+    return encoder.to(device=device, dtype=dtype).eval()
 
 
 def build_adapter(

@@ -68,7 +68,7 @@ class Dataset:
     kind: str  # "caption" or "qa"
     train: list[Example]
     validation: list[Example]
-    validation_source: str  # the split folder, or "held out 10% of train (seed 42)"
+    validation_source: str  # the split folder, or "held out 10% of train's files (seed 42)"
     bad: list[BadRow] = field(default_factory=list)
 
     def summary(self) -> dict:
@@ -177,12 +177,13 @@ def load_folder(
     else:
         if not 0 < validation_fraction < 1:
             raise DataError(f"validation fraction must be between 0 and 1, got {validation_fraction}")
-        order = list(range(len(train)))
-        random.Random(seed).shuffle(order)
-        held = set(order[: max(1, round(len(train) * validation_fraction))]) if len(train) > 1 else set()
-        validation = [e for i, e in enumerate(train) if i in held]
-        train = [e for i, e in enumerate(train) if i not in held]
-        source = f"held out {validation_fraction:.0%} of train (seed {seed})"
+        # whole files are held out: a file's other captions or questions in train would leak its answers
+        files = list(dict.fromkeys(e.path for e in train))
+        random.Random(seed).shuffle(files)
+        held = set(files[: max(1, round(len(files) * validation_fraction))]) if len(files) > 1 else set()
+        validation = [e for e in train if e.path in held]
+        train = [e for e in train if e.path not in held]
+        source = f"held out {validation_fraction:.0%} of train's files (seed {seed})"
     dataset = Dataset(root, kind, train, validation, source, bad)
     check(dataset, skip_bad)
     return dataset

@@ -202,30 +202,6 @@ class TokenRule:
         return GenerationOutput(self.ids)
 
 
-@torch.inference_mode()  # as a decorator: entered per step, so a consumer may resume it in any thread
-def stream_tokens(
-    model: EPALM,
-    prefix: Prefix,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    options: DecodingOptions,
-    callback: StepCallback | None = None,
-    trace: Trace | None = None,
-) -> Iterator[torch.Tensor]:
-    """Greedy or sampling, one step at a time: yields the new token of every row ([B]) (see `TokenRule`)."""
-    rule = TokenRule(options, input_ids, trace)
-    session = _session(model, input_ids, attention_mask, prefix, options)
-    logits = session.start()
-    while True:
-        tokens = rule.choose(logits)
-        if callback is not None:
-            callback(tokens)
-        yield tokens
-        if rule.done:
-            return
-        logits = session.step(tokens)
-
-
 class _Hypotheses:
     """Finished hypotheses of one batch item, scored as transformers 4.24 did: the sum of
     log-probs divided by the length of the *whole* id sequence (input ids and pads included)."""
@@ -327,32 +303,6 @@ def step_rule(options: DecodingOptions, input_ids: torch.Tensor, trace: Trace | 
     return BeamRule(options, input_ids, trace) if options.num_beams > 1 else TokenRule(options, input_ids, trace)
 
 
-@torch.inference_mode()
-def beam_search(
-    model: EPALM,
-    prefix: Prefix,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    options: DecodingOptions,
-    callback: StepCallback | None = None,
-    trace: Trace | None = None,
-) -> GenerationOutput:
-    """Beam search over one batch (see `BeamRule`)."""
-    rule = BeamRule(options, input_ids, trace)
-    rows = beam_rows(len(input_ids), options.num_beams, input_ids.device)
-    session = _session(model, input_ids, attention_mask, prefix, options)
-    logits = session.start().index_select(0, rows)
-    session.reorder(rows)
-    while True:
-        tokens = rule.choose(logits)
-        if callback is not None:
-            callback(tokens)
-        if rule.done:
-            return rule.result()
-        session.reorder(rule.order)
-        logits = session.step(tokens)
-
-
 def _finalize(
     hyps: list[_Hypotheses],
     done: list[bool],
@@ -378,6 +328,50 @@ def _finalize(
     return GenerationOutput(out, torch.tensor([score for score, _ in best]), [hyp.beams for hyp in hyps])
 
 
+def _decode(
+    model: EPALM,
+    prefix: Prefix,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    options: DecodingOptions,
+    rule: StepRule,
+    callback: StepCallback | None,
+) -> Iterator[torch.Tensor]:
+    """Run `rule` to its end, one step at a time: yields each step's tokens ([rows])."""
+    session = _session(model, input_ids, attention_mask, prefix, options)
+    logits = session.start()
+    if options.num_beams > 1:
+        rows = beam_rows(len(input_ids), options.num_beams, input_ids.device)
+        logits = logits.index_select(0, rows)
+        session.reorder(rows)
+    while True:
+        tokens = rule.choose(logits)
+        if callback is not None:
+            callback(tokens)
+        yield tokens
+        if rule.done:
+            return
+        if rule.order is not None:
+            session.reorder(rule.order)
+        logits = session.step(tokens)
+
+
+@torch.inference_mode()  # as a decorator: entered per step, so a consumer may resume it in any thread
+def stream_tokens(
+    model: EPALM,
+    prefix: Prefix,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    options: DecodingOptions,
+    callback: StepCallback | None = None,
+    trace: Trace | None = None,
+) -> Iterator[torch.Tensor]:
+    """Greedy or sampling, one step at a time: yields the new token of every row ([B]) (see `TokenRule`)."""
+    rule = TokenRule(options, input_ids, trace)
+    yield from _decode(model, prefix, input_ids, attention_mask, options, rule, callback)
+
+
+@torch.inference_mode()
 def generate(
     model: EPALM,
     prefix: Prefix,
@@ -387,12 +381,12 @@ def generate(
     callback: StepCallback | None = None,
     trace: Trace | None = None,
 ) -> GenerationOutput:
-    """Run the whole decode; ids as the original returns them (inputs included). `callback`, if
-    given, is called after each step with its tokens (see `StepCallback`)."""
-    if options.num_beams > 1:
-        return beam_search(model, prefix, input_ids, attention_mask, options, callback, trace)
-    steps = list(stream_tokens(model, prefix, input_ids, attention_mask, options, callback, trace))
-    return GenerationOutput(torch.cat([input_ids, torch.stack(steps, dim=1)], dim=1))
+    """Run the whole decode (greedy, sampling or beam search); ids as the original returns them
+    (inputs included). `callback`, if given, is called after each step with its tokens (see `StepCallback`)."""
+    rule = step_rule(options, input_ids, trace)
+    for _ in _decode(model, prefix, input_ids, attention_mask, options, rule, callback):
+        pass
+    return rule.result()
 
 
 def stream_text(tokens: Iterator[torch.Tensor], tokenizer, row: int = 0) -> Iterator[str]:

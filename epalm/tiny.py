@@ -157,7 +157,12 @@ def random_lm(
 
 def tiny_encoder(modality: str, seed: int = 0) -> Encoder:
     """A random 4-block encoder of the given modality with the real models' input sizes."""
-    torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # the caller's RNG untouched
+        torch.manual_seed(seed)
+        return wrap_encoder(_tiny_encoder_model(modality).eval())
+
+
+def _tiny_encoder_model(modality: str) -> torch.nn.Module:
     if modality == "image":
         model = VisionTransformer(
             img_size=224, patch_size=32, embed_dim=TINY_WIDTH, depth=4, num_heads=2, num_classes=0
@@ -193,7 +198,7 @@ def tiny_encoder(modality: str, seed: int = 0) -> Encoder:
         model = ASTModel(config)
     else:
         raise ValueError(f"unknown modality {modality!r}")
-    return wrap_encoder(model.eval())
+    return model
 
 
 TINY_INJECTION = InjectionConfig(start_layer=2, end_layer=5, num_features=3, prompt_len=4, prompt_mlp=True)
@@ -208,9 +213,9 @@ def tiny_adapter(
 ) -> Adapter:
     """Random connectors and prompt (for the tiny encoders and LM unless other widths are given),
     scaled to move the LM visibly."""
-    torch.manual_seed(seed)
-    adapter = Adapter(injection, encoder_dim, hidden_size, embed_dim)
-    with torch.no_grad():
+    with torch.random.fork_rng(devices=[]), torch.no_grad():  # the caller's RNG untouched
+        torch.manual_seed(seed)
+        adapter = Adapter(injection, encoder_dim, hidden_size, embed_dim)
         for linear in adapter.connector:
             linear.weight.normal_(0, 0.5)
     return adapter.eval()

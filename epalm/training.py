@@ -379,12 +379,16 @@ class Trainer:
         model.eval()
         adapter = model.adapter
         examples = self.dataset.validation
-        predictions = [self.predict(adapter, e) for e in examples]
+        answers: dict[tuple[Path, str | None], str] = {}
+        for e in examples:  # one decode per file and question: a file's k captions are one thing to describe
+            if (e.path, e.question) not in answers:
+                answers[e.path, e.question] = self.predict(adapter, e)
+        predictions = [answers[e.path, e.question] for e in examples]
         if self.task.kind == "caption":
             references: dict[Path, list[str]] = {}
-            for e in examples:  # every caption of a file is a reference for it
+            for e in examples:  # every caption of a file is a reference for it; each file is scored once
                 references.setdefault(e.path, []).append(e.answer)
-            scores = caption_scores(predictions, [references[e.path] for e in examples])
+            scores = caption_scores([answers[path, None] for path in references], list(references.values()))
             scores = {"CIDEr": scores["CIDEr"], "BLEU-4": scores["BLEU-4"]}
         else:
             scores = {"VQA accuracy": vqa_accuracy(predictions, [[e.answer] for e in examples])}

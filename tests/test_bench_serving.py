@@ -1,21 +1,35 @@
-"""The serving benchmark on tiny shapes: both modes answer every request, batched runs share steps,
-and the tables and targets are written. The cold-start benchmark: the app's log gives each part."""
+"""The serving benchmark on tiny shapes: both modes answer every request on new and on repeated media,
+batched runs share steps, and the tables and targets are written; its new media are new, valid inputs
+that cost what the examples cost. The cold-start benchmark: the app's log gives each part."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
+import tempfile
+
+import av
+import pytest
+import torch
 
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT))
 
 from bench import cold_start, serving
+from epalm.audio import prepare_audio
+from epalm.image import prepare_image
+from epalm.video import prepare_video
+
+PREPARE = {"image": prepare_image, "video": prepare_video, "audio": prepare_audio}
 
 
-def test_serving_bench_runs_both_modes_and_reports(tmp_path):
+def test_serving_bench_runs_both_modes_on_both_media_and_reports(tmp_path, monkeypatch):
     out, table = tmp_path / "serving.json", tmp_path / "RESULTS.md"
     table.write_text("# results\n")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
     args = [
         "--lm",
         "tiny",
@@ -41,16 +55,67 @@ def test_serving_bench_runs_both_modes_and_reports(tmp_path):
     assert serving.main(args) == 0
     results = json.loads(out.read_text())
     [block] = results["dtypes"]
-    runs = {(r["setting"], r["clients"], r["mode"]): r for r in block["runs"]}
-    assert len(runs) == 2 * 2 * 2
+    runs = {(r["media"], r["setting"], r["clients"], r["mode"]): r for r in block["runs"]}
+    assert len(runs) == len(block["runs"]) == 2 * 2 * 2 + 2 * 2, "distinct at 1 and 3 clients, examples at 3 only"
+    assert {clients for media, _, clients, _ in runs if media == "examples"} == {3}
+    assert block["media_files"] == 2 * 2 * (1 + 3) * 2, "a new file for every distinct request of the run"
+    assert not list((tmp_path / "tmp").iterdir()), "the distinct media are removed at the end"
     for run in runs.values():
         assert run["answers"] == run["clients"] * 2 and not run["errors"]
         assert 0 < run["p50_s"] <= run["p95_s"] and run["answers_per_min"] > 0
-    assert runs[("paper", 3, "batched")]["max_rows"] > 3, "concurrent requests shared a step"
-    assert runs[("greedy", 3, "one-at-a-time")]["steps"] == 0, "one at a time bypasses the scheduler"
+    for media in serving.MEDIA:
+        assert runs[(media, "paper", 3, "batched")]["max_rows"] > 3, "concurrent requests shared a step"
+        assert runs[(media, "greedy", 3, "one-at-a-time")]["steps"] == 0, "one at a time bypasses the scheduler"
     text = table.read_text()
     assert text.startswith("# results\n") and "## Serving many users" in text and "answers/min" in text
-    assert "8 concurrent greedy >= 4x one-at-a-time (at 3 clients)" in text
+    for media in serving.MEDIA:
+        assert f"### float32, {media} media" in text and f"- **{media}**: {serving.MEDIA[media]}." in text
+        assert f"8 concurrent greedy >= 4x one-at-a-time (at 3 clients, {media} media)" in text
+    assert text.index("### float32, distinct media") < text.index("### float32, examples media")
+
+
+def _client_counts(*argv: str) -> dict[str, list[int]]:
+    args = serving.parse_args(list(argv))
+    return {media: serving.clients_for(args, media) for media in args.media}
+
+
+def test_examples_run_at_the_largest_client_count_unless_told():
+    assert _client_counts("--clients", "1", "4", "2") == {"distinct": [1, 4, 2], "examples": [4]}
+    assert _client_counts("--clients", "1", "4", "--examples-clients", "2", "4") == {
+        "distinct": [1, 4],
+        "examples": [2, 4],
+    }
+    assert _client_counts("--media", "examples", "--clients", "1", "4") == {"examples": [1, 4]}
+    with pytest.raises(SystemExit):
+        serving.parse_args(["--media", "distinct", "--examples-clients", "2"])
+
+
+def test_distinct_media_are_new_valid_inputs_of_the_examples_kind_and_size(tmp_path):
+    sent = serving.plan(serving.REQUESTS, 2, 3, serving.DistinctMedia(tmp_path))
+    files = [media for requests in sent for _, media in requests]
+    assert len(set(files)) == 6 and all(media.parent == tmp_path for media in files)
+    assert len({media.read_bytes() for media in files}) == 6, "no two requests send the same bytes"
+    examples = dict(serving.REQUESTS)
+    for task, group in itertools.groupby(sorted(r for requests in sent for r in requests), key=lambda r: r[0]):
+        example = ROOT / examples[task]
+        made = [media for _, media in group]
+        assert len(made) == 2 and all(media.suffix == example.suffix for media in made)
+        prepare = PREPARE[task.split("-")[0]]
+        tensors = [prepare(path) for path in (example, *made)]
+        for a, b in itertools.combinations(tensors, 2):
+            assert a.shape == b.shape and not torch.equal(a, b), task
+        if example.suffix != ".jpg":
+            assert [_stream(media) for media in made] == pytest.approx([_stream(example)] * 2, abs=0.06), task
+
+
+def _stream(path):
+    """A video's (width, height, frame rate, frames) or an audio's (sample rate, channels, seconds)."""
+    with av.open(str(path)) as container:
+        if container.streams.video:
+            stream = container.streams.video[0]
+            return stream.width, stream.height, float(stream.average_rate), stream.frames
+        stream = container.streams.audio[0]
+        return stream.rate, stream.channels, container.duration / av.time_base
 
 
 def test_cold_start_parts_come_from_the_app_log():

@@ -27,6 +27,18 @@ def test_held_out_fraction_is_seeded_and_disjoint(tmp_path):
     assert first.train[0].answer.startswith("a ") and first.train[0].question is None
 
 
+def test_a_file_with_several_captions_is_held_out_whole(tmp_path):
+    """COCO-style rows (several captions per file): no file has rows on both sides of the split."""
+    root = write_colour_folder(tmp_path / "colours", per_colour=5)
+    rows = [json.loads(line) for line in (root / "metadata.jsonl").read_text().splitlines()]
+    extra = [{**row, "text": f"{row['text']} {word}"} for row in rows for word in ("thing", "one")]
+    (root / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows + extra))
+    dataset = load_folder(root, validation_fraction=0.2, seed=1)
+    held = {e.path for e in dataset.validation}
+    assert len(held) == 4 and len(dataset.validation) == 12 and len(dataset.train) == 48
+    assert not held & {e.path for e in dataset.train}
+
+
 def test_split_folders_and_csv_qa(tmp_path):
     for split in ("train", "validation"):
         folder = write_colour_folder(tmp_path / "data" / split, per_colour=2, qa=True)

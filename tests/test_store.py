@@ -41,6 +41,16 @@ def test_concurrent_first_requests_load_one_copy():
     assert store.loaded() == ["OPT-2.7B language model"]
 
 
+def test_packing_the_weights_is_a_load_stage_of_its_own():
+    source = TinyModels()
+    heard: list[str] = []
+    store = ModelStore(source, device="cpu", progress=heard.append)
+    store.lm(source.tasks(load_registry())["image-caption"])
+    packing = [i for i, stage in enumerate(heard) if stage.startswith("Packing the weights of OPT-2.7B")]
+    assert heard[0].startswith("Loading OPT-2.7B") and heard[-1].startswith("Loaded OPT-2.7B")
+    assert packing and 0 < packing[0] < len(heard) - 1, heard
+
+
 def test_the_tiny_source_adapts_every_registry_task_to_its_models():
     registry = load_registry()
     tasks = TinyModels().tasks(registry)

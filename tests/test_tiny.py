@@ -6,7 +6,7 @@ import torch
 from transformers import OPTConfig
 
 from epalm.model import EPALM, InjectionConfig
-from epalm.tiny import random_lm, tiny_adapter
+from epalm.tiny import random_lm, tiny_adapter, tiny_encoder
 
 SMALL_OPT = OPTConfig(
     hidden_size=64,
@@ -42,3 +42,14 @@ def test_random_lm_runs_under_epalm_and_tiny_adapter_takes_other_widths():
     with torch.inference_mode():
         logits = lm(ids, torch.ones_like(ids), prefix)
     assert logits.shape == (1, 1 + 3 + 3, 512) and torch.isfinite(logits).all()
+
+
+def test_tiny_builders_leave_the_callers_random_state_alone():
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    first = tiny_encoder("audio", seed=3), tiny_adapter(seed=3)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    again = tiny_encoder("audio", seed=3), tiny_adapter(seed=3)
+    for built, rebuilt in zip(first, again):
+        for (name, a), (_, b) in zip(built.state_dict().items(), rebuilt.state_dict().items()):
+            assert torch.equal(a, b), name

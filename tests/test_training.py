@@ -198,6 +198,30 @@ def test_interrupted_training_resumes_to_the_same_adapter(pipe, tmp_path, monkey
     assert all(torch.allclose(straight[k], resumed[k], atol=1e-6) for k in straight)
 
 
+def test_validation_decodes_each_file_once_and_scores_it_against_all_its_captions(pipe, tmp_path, monkeypatch):
+    from epalm import training
+
+    data = write_colour_folder(tmp_path / "train", per_colour=4)
+    rows = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines()]
+    validation = data / "validation"
+    write_colour_folder(validation, per_colour=1)
+    val_rows = [json.loads(line) for line in (validation / "metadata.jsonl").read_text().splitlines()]
+    captions = [{**row, "text": f"{row['text']} {word}"} for row in val_rows for word in ("", "thing", "one")]
+    (validation / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in captions))
+    (data / "train").mkdir()
+    for row in rows:
+        (data / row["file_name"]).rename(data / "train" / row["file_name"])
+    (data / "metadata.jsonl").rename(data / "train" / "metadata.jsonl")
+    decoded, scored = [], []
+    predict, scores = training.Trainer.predict, training.caption_scores
+    monkeypatch.setattr(training.Trainer, "predict", lambda self, a, e: decoded.append(e.path) or predict(self, a, e))
+    monkeypatch.setattr(training, "caption_scores", lambda p, r: scored.append((p, r)) or scores(p, r))
+    train(data, "image-caption", tmp_path / "adapter", pipeline=pipe, epochs=1, **FAST)
+    assert sorted(decoded) == sorted(validation / row["file_name"] for row in val_rows), "one decode per file"
+    ((predictions, references),) = scored
+    assert len(predictions) == len(val_rows) and all(len(r) == 3 for r in references)
+
+
 def test_recipe_schedule_and_parameter_groups(pipe):
     config = TrainConfig(epochs=8, lr=2e-5, warmup_lr=1e-5, min_lr=1e-6)
     assert [scheduled_lr(config, 0, i) for i in (0, 99, 100, 250, 399, 400, 5000)] == pytest.approx(
