@@ -22,7 +22,7 @@ import torch
 from .adapters import adapter_task
 from .audio import prepare_audio
 from .decoding import DecodingOptions, generate, stream_text, stream_tokens
-from .encoders import Encoder
+from .encoders import Encoder, FeatureCache
 from .errors import InputError, UserError
 from .hub import HubModels, Progress
 from .image import prepare_image
@@ -38,6 +38,7 @@ from .video import prepare_video
 log = logging.getLogger(__name__)
 
 MAX_BATCH_ROWS = 24  # eight paper (3-beam) requests per step
+FEATURE_CACHE = 64  # inputs whose encoder features are kept (6 x 768 floats each at the OPT-2.7B shape)
 # The question limits, the same in the library, the CLI and the app. The token limit bounds the prompt ids (BOS,
 # question, the task's "?</a>"); the characters, checked first, are the cheap bound: 300 characters of English are
 # about 75 OPT tokens, well inside it, so only densely tokenized text (symbols, non-Latin scripts) meets the token
@@ -60,6 +61,7 @@ class Timings:
     """Where the time of one answer went, as of the answer it belongs to."""
 
     encode_s: float = 0.0  # media decoding + preprocessing + encoder + adapter
+    features_cached: bool = False  # the encoder did not run: its features for this media were kept from before
     first_token_s: float | None = None  # start of decoding to the first token shown; None for beam search (none early)
     generate_s: float = 0.0  # decoding so far
     new_tokens: int = 0
@@ -71,9 +73,10 @@ class Timings:
 
     def summary(self) -> str:
         tokens = f"{self.new_tokens} tokens in {self.generate_s:.2f} s ({self.tokens_per_s:.1f} tokens/s)"
+        encode = f"encode {self.encode_s:.2f} s" + (" (features reused)" if self.features_cached else "")
         if self.first_token_s is None:  # beam search: no token is final before the search ends
-            return f"encode {self.encode_s:.2f} s · {self.num_beams}-beam search: {tokens}, shown at its end"
-        return f"encode {self.encode_s:.2f} s · first token {self.first_token_s:.2f} s · {tokens}"
+            return f"{encode} · {self.num_beams}-beam search: {tokens}, shown at its end"
+        return f"{encode} · first token {self.first_token_s:.2f} s · {tokens}"
 
 
 @dataclass
@@ -111,6 +114,7 @@ class Pipeline:
         allow_local_adapters: bool = True,
         batching: bool | None = None,
         max_batch_rows: int | None = None,
+        feature_cache: int | None = None,
     ) -> None:
         """`source`: where the weights come from (default: the Hub; `tiny=True`: tiny random models).
         `pack_weights`: see `store.ModelStore`. `progress` hears every load stage and download.
@@ -118,7 +122,9 @@ class Pipeline:
         `batching`: concurrent calls (from several threads) share the LM's decode steps through an
         `epalm.serving.Scheduler`, at most `max_batch_rows` rows a step (a beam-search call takes
         `num_beams` rows); defaults from EPALM_BATCHING (1/0, on) and EPALM_MAX_BATCH_ROWS (24).
-        Each call's answer is the one it gets alone."""
+        Each call's answer is the one it gets alone. `feature_cache`: how many inputs' encoder features
+        are kept for media seen again (another question, preset or task; see `encoders.FeatureCache`;
+        0: none); defaults from EPALM_FEATURE_CACHE (64)."""
         self.allow_local_adapters = allow_local_adapters
         if source is None:
             if tiny:
@@ -137,6 +143,10 @@ class Pipeline:
         )
         if self.max_batch_rows < 1:
             raise InputError("the rows limit of a batch must be at least 1")
+        size = _env_int("EPALM_FEATURE_CACHE", FEATURE_CACHE) if feature_cache is None else feature_cache
+        if size < 0:
+            raise InputError("the feature cache size must be 0 (off) or more")
+        self.features = FeatureCache(size)
         self._schedulers: dict[int, Scheduler] = {}
         self._schedulers_lock = threading.Lock()
 
@@ -214,7 +224,7 @@ class Pipeline:
         """The one scheduler that batches the decode steps of `lm`."""
         with self._schedulers_lock:
             if id(lm) not in self._schedulers:
-                self._schedulers[id(lm)] = Scheduler(lm, self.max_batch_rows)
+                self._schedulers[id(lm)] = Scheduler(lm, self.max_batch_rows, features=self.features)
             return self._schedulers[id(lm)]
 
     # -- answering -------------------------------------------------------------------------
@@ -321,7 +331,8 @@ class Pipeline:
                 tokens, generated = request.tokens(), request.result
                 decoding_started = functools.partial(self._encoded, request, timings, started)
             else:
-                features = encoder(pixels[None].to(self.device), spec.injection.num_features)
+                features, cached = self.features.encode(encoder, [pixels], spec.injection.num_features)
+                timings.features_cached = cached[0]
                 prefix = adapter.prefix(features)
                 timings.encode_s += time.perf_counter() - started
                 decoding_started = functools.partial(float, time.perf_counter())
@@ -355,6 +366,7 @@ class Pipeline:
         """When a batched request's decoding started (its encoder done; asked once, at its first
         token): its encoding, waiting for a place in the batch included, counts to `encode_s`."""
         timings.encode_s += request.encoded - submitted
+        timings.features_cached = request.features_cached
         return request.encoded
 
     @staticmethod

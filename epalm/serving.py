@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .decoding import DecodingOptions, GenerationOutput, StepRule, Trace, beam_rows, step_rule
-from .encoders import Encoder
+from .encoders import Encoder, FeatureCache
 from .model import EPALM, Adapter, DecodeState, Prefix
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ class Request:
     trace: Trace | None = None
     rule: StepRule | None = field(default=None, init=False)
     encoded: float = field(default=0.0, init=False)  # time.perf_counter() when its encoder and adapter were done
+    features_cached: bool = field(default=False, init=False)  # its encoder features came from the FeatureCache
     pending: torch.Tensor | None = field(default=None, init=False)  # tokens to feed at the next step
     cancelled: threading.Event = field(default_factory=threading.Event, init=False)
     _events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue, init=False)
@@ -103,12 +104,19 @@ class Scheduler:
     come first served, and one request larger than the limit runs alone. The thread runs while there
     is work and exits when there is none."""
 
-    def __init__(self, model: EPALM, max_rows: int = 24, callback: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self,
+        model: EPALM,
+        max_rows: int = 24,
+        callback: Callable[[int], None] | None = None,
+        features: FeatureCache | None = None,
+    ) -> None:
         """`callback`, if given, is called after each batched step with the rows it ran (before the
-        step's tokens are delivered)."""
+        step's tokens are delivered). `features`: the encoder features to reuse (None: none kept)."""
         if max_rows < 1:
             raise ValueError("max_rows must be >= 1")
         self.model, self.max_rows, self.callback = model, max_rows, callback
+        self.features = features if features is not None else FeatureCache(0)
         self._waiting: list[Request] = []
         self._groups: dict[tuple, _Group] = {}
         self._current: list[Request] = []  # the requests of the iteration under way
@@ -202,9 +210,10 @@ class Scheduler:
         prefixes: dict[Request, Prefix] = {}
         for batch in _grouped(requests, lambda r: (id(r.encoder), tuple(r.media.shape), r.adapter.config.num_features)):
             try:
-                media = torch.stack([r.media for r in batch]).to(self.model.lm.device)
-                features = batch[0].encoder(media, batch[0].adapter.config.num_features)
+                num_blocks = batch[0].adapter.config.num_features
+                features, cached = self.features.encode(batch[0].encoder, [r.media for r in batch], num_blocks)
                 for i, request in enumerate(batch):
+                    request.features_cached = cached[i]
                     prefix = request.adapter.prefix(features[:, i : i + 1])
                     prefixes[request] = prefix
                     request.encoded = time.perf_counter()

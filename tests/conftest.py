@@ -292,6 +292,21 @@ def media_files(tmp_path_factory) -> dict[str, Path]:
     }
 
 
+@pytest.fixture()
+def encoder_calls():
+    """`watch(encoder)`: the batch size of each of its forward calls from now on, appended as they run."""
+    hooks = []
+
+    def watch(encoder) -> list[int]:
+        calls: list[int] = []
+        hooks.append(encoder.register_forward_hook(lambda module, args, output: calls.append(len(args[0]))))
+        return calls
+
+    yield watch
+    for hook in hooks:
+        hook.remove()
+
+
 def save_numpy1_checkpoint(state: dict, path: Path) -> Path:
     """`torch.save` as the authors' 2023 runs wrote it: pickle protocol 2, with numpy scalars under
     numpy 1's module name (`numpy.core.multiarray.scalar`; this machine has numpy 2's `numpy._core`)."""

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from epalm.encoders import build_encoder, wrap_encoder
+from epalm.encoders import FeatureCache, build_encoder, wrap_encoder
 from epalm.parity import encoder_input, load_case
 from epalm.tiny import tiny_encoder
 
@@ -74,3 +74,60 @@ def test_encoders_use_the_fused_attention_where_the_library_has_it():
         torch.testing.assert_close(fused(fbank, 2), eager(fbank, 2), atol=1e-5, rtol=0)
     video = build_encoder("transformers", "TimesformerModel", dict(config, patch_size=32))
     assert video.model.config._attn_implementation == "eager"
+
+
+def _inputs(seed: int, count: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(3, 224, 224, generator=generator) for _ in range(count)]
+
+
+def test_feature_cache_encodes_each_input_once(encoder_calls):
+    encoder, other = tiny_encoder("image"), tiny_encoder("image", seed=1)
+    calls, other_calls = encoder_calls(encoder), encoder_calls(other)
+    cache = FeatureCache(8)
+    a, b = _inputs(0, 2)
+    with torch.inference_mode():
+        alone = encoder(torch.stack([a, b]), 3)
+        calls.clear()
+        first, hits = cache.encode(encoder, [a], 3)
+        assert hits == [False] and calls == [1]
+        torch.testing.assert_close(first, alone[:, :1])
+        again, hits = cache.encode(encoder, [a.clone(), b, b.clone()], 3)  # equal bytes: one entry
+        assert hits == [True, False, False] and calls == [1, 1], "b encoded once, a not again"
+        torch.testing.assert_close(again, alone[:, [0, 1, 1]])
+        assert torch.equal(again[:, 0], first[:, 0])
+        cache.encode(encoder, [a], 2)  # other blocks, other encoder, other dtype: other features
+        cache.encode(other, [a], 3)
+        cache.encode(encoder, [a.double()], 3)
+        assert calls == [1, 1, 1, 1] and other_calls == [1] and len(cache) == 5
+
+
+def test_feature_cache_drops_the_least_recently_used_and_owns_its_tensors(encoder_calls):
+    encoder = tiny_encoder("image")
+    calls = encoder_calls(encoder)
+    cache = FeatureCache(2)
+    a, b, c = _inputs(1, 3)
+    with torch.inference_mode():
+        first, _ = cache.encode(encoder, [a], 3)
+        cache.encode(encoder, [b], 3)
+        cache.encode(encoder, [a], 3)  # a is now the most recent
+        first.zero_()  # what a caller does with its features never reaches the cache
+        cache.encode(encoder, [c], 3)  # evicts b
+        assert len(cache) == 2 and calls == [1, 1, 1]
+        kept, hits = cache.encode(encoder, [a, b], 3)
+        assert hits == [True, False] and calls == [1, 1, 1, 1]
+        torch.testing.assert_close(kept[:, 0], encoder(a[None], 3)[:, 0])
+        assert all(entry._base is None for entry in cache._entries.values()), "no entry is a view of a batch"
+
+
+def test_feature_cache_of_size_zero_keeps_nothing(encoder_calls):
+    encoder = tiny_encoder("image")
+    calls = encoder_calls(encoder)
+    cache = FeatureCache(0)
+    (a,) = _inputs(2, 1)
+    with torch.inference_mode():
+        for _ in range(2):
+            assert cache.encode(encoder, [a, a], 3)[1] == [False, False]
+    assert calls == [2, 2] and len(cache) == 0
+    with pytest.raises(ValueError, match="0 \\(off\\) or more"):
+        FeatureCache(-1)

@@ -17,6 +17,8 @@ from epalm.presets import PRESETS
 from epalm.tasks import TextFormat, load_registry
 from epalm.tiny import TinyModels
 
+from conftest import write_image
+
 
 @pytest.fixture(scope="module")
 def pipe() -> Pipeline:
@@ -154,6 +156,7 @@ def test_out_of_memory_is_named(pipe, media_files, monkeypatch):
         )
 
     monkeypatch.setattr(encoder, "forward", explode)
+    monkeypatch.setattr(pipe.features, "size", 0)  # the encoder must run: the image's features may be kept
     with pytest.raises(OutOfMemory, match="Out of memory on cpu while running 'image-caption'"):
         pipe.caption(media_files["image"], "image-caption")
 
@@ -393,3 +396,59 @@ def test_a_closed_stream_leaves_the_batch_at_the_next_step(media_files):
     assert final.done and final.timings.new_tokens == 150
     assert set(steps[at_close + 1 :]) == {1}, "one row left at the next step"
     assert scheduler.rows == 0
+
+
+@pytest.mark.parametrize("batching", [False, True])
+def test_media_asked_about_again_reuses_its_encoder_features(media_files, encoder_calls, tmp_path, batching):
+    """Another question, preset or task about the same picture skips the encoder and answers the same."""
+    pipe = Pipeline(device="cpu", tiny=True, batching=batching)
+    assert pipe.features.size == 64
+    calls = encoder_calls(pipe.encoder(pipe.task("image-caption")))
+    first = pipe.caption(media_files["image"], preset="fast", max_new_tokens=6)
+    again = pipe.caption(media_files["image"], preset="fast", max_new_tokens=6)
+    assert calls == [1] and again.text == first.text
+    assert not first.timings.features_cached and again.timings.features_cached
+    assert "features reused" in again.timings.summary() and "features reused" not in first.timings.summary()
+    beams = pipe.caption(media_files["image"], preset="paper")
+    assert calls == [1] and beams.timings.features_cached and "features reused" in beams.timings.summary()
+    asked = pipe.answer(media_files["image"], "what is it", task="image-vqa", preset="fast", max_new_tokens=6)
+    assert calls == [1] and asked.timings.features_cached, "the tasks share the encoder and its blocks"
+    other = pipe.caption(write_image(tmp_path / "other.jpg", seed=1), preset="fast", max_new_tokens=6)
+    assert calls == [1, 1] and not other.timings.features_cached
+
+
+def test_cached_features_give_the_ids_of_a_fresh_encode(media_files):
+    fresh = Pipeline(device="cpu", tiny=True, feature_cache=0)
+    pipe = Pipeline(device="cpu", tiny=True)
+    settings = dict(task="video-caption", preset="fast", max_new_tokens=8, inspect=True)
+    want = fresh.caption(media_files["video"], **settings)
+    pipe.caption(media_files["video"], **settings)
+    got = pipe.caption(media_files["video"], **settings)
+    assert got.timings.features_cached and not want.timings.features_cached
+    assert [t.id for t in got.inspection.tokens] == [t.id for t in want.inspection.tokens]
+    assert [t.prob for t in got.inspection.tokens] == pytest.approx([t.prob for t in want.inspection.tokens])
+    assert len(got.inspection.seen.images) == 16, "inspection still shows the frames the encoder saw"
+
+
+def test_a_video_sampled_to_other_frames_is_encoded_again(media_files, encoder_calls):
+    pipe = Pipeline(device="cpu", tiny=True, batching=False)
+    calls = encoder_calls(pipe.encoder(pipe.task("video-caption")))
+    for frames, cached in [(8, False), (4, False), (8, True)]:
+        answer = pipe.caption(media_files["video"], "video-caption", num_frames=frames, preset="fast", max_new_tokens=3)
+        assert answer.timings.features_cached == cached
+    assert calls == [1, 1]
+
+
+def test_feature_cache_setting_comes_from_the_environment(monkeypatch, media_files, encoder_calls):
+    monkeypatch.setenv("EPALM_FEATURE_CACHE", "0")
+    pipe = Pipeline(device="cpu", tiny=True)
+    calls = encoder_calls(pipe.encoder(pipe.task("image-caption")))
+    answers = [pipe.caption(media_files["image"], preset="fast", max_new_tokens=3) for _ in range(2)]
+    assert calls == [1, 1] and not any(answer.timings.features_cached for answer in answers)
+    assert Pipeline(device="cpu", tiny=True, feature_cache=5).features.size == 5
+    monkeypatch.setenv("EPALM_FEATURE_CACHE", "lots")
+    with pytest.raises(InputError, match="EPALM_FEATURE_CACHE must be a whole number, not 'lots'"):
+        Pipeline(device="cpu", tiny=True)
+    monkeypatch.setenv("EPALM_FEATURE_CACHE", "-1")
+    with pytest.raises(InputError, match="feature cache size must be 0 \\(off\\) or more"):
+        Pipeline(device="cpu", tiny=True)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from epalm.decoding import DecodingOptions, generate
+from epalm.encoders import FeatureCache
 from epalm.model import EPALM, InjectionConfig
 from epalm.serving import Scheduler
 from epalm.tiny import tiny_adapter, tiny_encoder, tiny_lm
@@ -56,20 +57,22 @@ JOBS = [
 ]
 
 
-def alone(parts, job, seed):
+def alone(parts, job, seed, media_seed=None):
     lm, encoders, adapters = parts
     modality, name, length, options = job
     adapter = adapters[name]
+    pixels = media(modality, seed if media_seed is None else media_seed)
     with torch.inference_mode():
-        prefix = adapter.prefix(encoders[modality](media(modality, seed)[None], adapter.config.num_features))
+        prefix = adapter.prefix(encoders[modality](pixels[None], adapter.config.num_features))
         ids = text(length, seed)
         return generate(lm, prefix, ids, torch.ones_like(ids), options).sequences
 
 
-def submit(scheduler, parts, job, seed):
+def submit(scheduler, parts, job, seed, media_seed=None):
     _, encoders, adapters = parts
     modality, name, length, options = job
-    return scheduler.submit(media(modality, seed), encoders[modality], adapters[name], text(length, seed), options)
+    pixels = media(modality, seed if media_seed is None else media_seed)
+    return scheduler.submit(pixels, encoders[modality], adapters[name], text(length, seed), options)
 
 
 def test_mixed_requests_get_the_ids_they_get_alone_even_joining_mid_flight(parts):
@@ -193,3 +196,28 @@ def test_close_cancels_what_runs_and_ends_the_thread(parts):
     next(stream)
     scheduler.close()
     assert len(list(stream)) < 199 and scheduler._thread is None
+
+
+def test_requests_about_the_same_media_encode_it_once(parts, encoder_calls):
+    """Identical inputs admitted together are encoded once; later ones reuse the cached features."""
+    entered, gate = threading.Event(), threading.Event()
+
+    def callback(rows: int) -> None:
+        entered.set()
+        assert gate.wait(10)  # the first step waits until the others are queued: they are admitted together
+
+    same = [(JOBS[0], 0, 7), (JOBS[1], 1, 7), (JOBS[5], 5, 8)]  # two of them about media 7
+    expected = [alone(parts, *args) for args in same + [(JOBS[5], 9, 7), (JOBS[3], 3)]]
+    calls = encoder_calls(parts[1]["image"])
+    scheduler = Scheduler(parts[0], callback=callback, features=FeatureCache(4))
+    running = submit(scheduler, parts, JOBS[3], 3)  # audio
+    assert entered.wait(10)
+    together = [submit(scheduler, parts, *args) for args in same]
+    gate.set()
+    for request, want in zip(together, expected):
+        assert torch.equal(request.result().sequences, want) and not request.features_cached
+    assert calls == [2], "media 7 and 8, once each, in one call"
+    later = submit(scheduler, parts, JOBS[5], 9, media_seed=7)  # another question, the same media
+    assert torch.equal(later.result().sequences, expected[3])
+    assert later.features_cached and calls == [2]
+    assert torch.equal(running.result().sequences, expected[4])
