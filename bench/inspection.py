@@ -202,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="also write the rows as JSON here")
     args = parser.parse_args(argv)
     source = None if args.tiny else RandomModels(args.lm)
-    pipe = Pipeline(device="cpu", dtype=args.dtype, tiny=args.tiny, source=source)
+    # the same media is asked about again and again: keeping no features makes every answer run its encoder
+    pipe = Pipeline(device="cpu", dtype=args.dtype, tiny=args.tiny, source=source, feature_cache=0)
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     rows = measure(pipe, args.repeats, log, args.quiet_wait, tuple(args.modalities))
     print(markdown(rows, "tiny" if args.tiny else args.lm, args.dtype))
