@@ -103,7 +103,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    ARGS = parse_args()  # --help and bad flags are answered here, before gradio and torch are imported
+    ARGS = parse_args()  # --help and bad flags are answered here, before torch and gradio are imported
 
 import inspect  # noqa: E402
 import itertools  # noqa: E402
@@ -116,8 +116,6 @@ from collections.abc import Callable, Iterator  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
-
-import gradio as gr  # noqa: E402
 
 from epalm import (  # noqa: E402
     DEFAULT_PRESET,
@@ -579,11 +577,11 @@ def build(
     return blocks
 
 
-def main(args: argparse.Namespace, block: bool = True) -> gr.Blocks:
-    """Serve the app; with `block=False`, return the running app (tests stop it with `.close()`)."""
+def start(args: argparse.Namespace) -> Demo:
+    """The pipeline the flags ask for, with its start-up tasks loading in the background (exits on a
+    bad flag)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    max_file_bytes = int(args.max_file_size * 2**20)
-    limits = MediaLimits(max_file_bytes=max_file_bytes, max_clip_seconds=args.max_duration)
+    limits = MediaLimits(max_file_bytes=int(args.max_file_size * 2**20), max_clip_seconds=args.max_duration)
     try:
         pipeline = Pipeline(
             device=args.device,
@@ -606,6 +604,20 @@ def main(args: argparse.Namespace, block: bool = True) -> gr.Blocks:
         sys.exit(f"error: {exc}")
     demo = Demo(pipeline)
     demo.start_preload(preload)  # in the background: the page is served at once
+    return demo
+
+
+if __name__ == "__main__":  # the models start loading now, so that gradio's import (~3 s) overlaps the read
+    STARTED = start(ARGS)
+
+import gradio as gr  # noqa: E402  (after `start`, see above; every use of it below is inside a function)
+
+
+def main(args: argparse.Namespace, block: bool = True, demo: Demo | None = None) -> gr.Blocks:
+    """Serve the app (`demo`: what `start(args)` returned, if it already ran); with `block=False`,
+    return the running app (tests stop it with `.close()`)."""
+    demo = demo or start(args)
+    pipeline, max_file_bytes = demo.pipeline, int(args.max_file_size * 2**20)
     concurrency = args.concurrency or default_concurrency(pipeline)
     blocks = build(pipeline, concurrency, demo)
     blocks.queue(max_size=args.queue_size, default_concurrency_limit=concurrency).launch(
@@ -621,4 +633,4 @@ def main(args: argparse.Namespace, block: bool = True) -> gr.Blocks:
 
 
 if __name__ == "__main__":
-    main(ARGS)
+    main(ARGS, demo=STARTED)

@@ -478,6 +478,20 @@ def test_batching_flags_and_variables_reach_the_library(monkeypatch, flags, env,
         assert str(exit_.value) == "error: stop here" and (made[0].batching, made[0].max_batch_rows) == expected
 
 
+def test_the_first_task_starts_loading_before_gradio_is_imported(monkeypatch):
+    """`python app.py` starts the preload, then imports gradio (seconds) while the models load."""
+    import runpy
+    import threading
+
+    loading = threading.Event()
+    monkeypatch.setattr(Pipeline, "preload", lambda self, task_ids, progress=None: loading.set())
+    monkeypatch.setitem(sys.modules, "gradio", None)  # importing gradio fails: nothing after it runs
+    monkeypatch.setattr(sys, "argv", ["app.py", "--tiny", "--device", "cpu"])
+    with pytest.raises(ImportError, match="gradio"):
+        runpy.run_path(str(ROOT / "app.py"), run_name="__main__")
+    assert loading.wait(10), "the page's first task was loading when gradio's import began"
+
+
 def test_help_answers_without_importing_gradio_or_torch():
     code = (
         "import runpy, sys; sys.argv = ['app.py', '--help']\ntry:\n    runpy.run_path('app.py', run_name='__main__')\n"
