@@ -45,7 +45,6 @@ from epalm import inspection as inspection_module  # noqa: E402
 from epalm import pipeline as pipeline_module  # noqa: E402
 from epalm.inspection import Inspector  # noqa: E402
 from epalm.pipeline import Pipeline  # noqa: E402
-from epalm.tiny import tiny_adapter, tiny_tokenizer  # noqa: E402
 
 REQUESTS = [  # (task, example file)
     ("image-caption", "examples/image/cat.jpg"),
@@ -54,32 +53,6 @@ REQUESTS = [  # (task, example file)
 ]
 # A COCO caption is about 11 tokens: random weights never stop, so answers are cut there (BOS + 11).
 SETTINGS = {"paper": dict(num_beams=3, max_new_tokens=11), "greedy": dict(num_beams=1, max_new_tokens=11)}
-
-
-class RandomModels:
-    """A `ModelSource` with random weights at the real shapes (the benchmark's builders): the
-    registry's tasks unchanged, every encoder of the paper's size."""
-
-    random_weights = True
-
-    def __init__(self, lm_name: str = "opt-2.7b") -> None:
-        self.lm_name = lm_name
-
-    def tasks(self, registry: dict[str, Any]) -> dict[str, Any]:
-        return registry
-
-    def lm(self, ref: Any, dtype: torch.dtype, progress: Any = None) -> tuple[Any, Any]:
-        return M.build_lm(self.lm_name, dtype, torch.device("cpu")), tiny_tokenizer()
-
-    def encoder(self, ref: Any, modality: str, dtype: torch.dtype, progress: Any = None) -> Any:
-        return M.build_encoder_for("real", modality, dtype, torch.device("cpu"))
-
-    def adapter_state(self, task: Any, progress: Any = None) -> dict[str, torch.Tensor]:
-        shape = M.LM_SHAPES[self.lm_name]
-        return tiny_adapter(task.injection, 1, 768, shape["hidden_size"], shape["word_embed_proj_dim"]).state_dict()
-
-    def cached(self, task: Any) -> dict[str, bool]:
-        return {"adapter": True, "lm": True, "encoder": True}
 
 
 SPENT = {"media": 0.0, "decoding": 0.0}  # seconds of inspection-only work in the current request
@@ -201,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modalities", nargs="+", default=modalities, choices=modalities)
     parser.add_argument("--out", type=Path, help="also write the rows as JSON here")
     args = parser.parse_args(argv)
-    source = None if args.tiny else RandomModels(args.lm)
+    source = None if args.tiny else M.RandomSource(args.lm)
     # the same media is asked about again and again: keeping no features makes every answer run its encoder
     pipe = Pipeline(device="cpu", dtype=args.dtype, tiny=args.tiny, source=source, feature_cache=0)
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731

@@ -6,15 +6,17 @@ the library's own builders (`epalm.tiny.random_lm`, `epalm.encoders.build_encode
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from transformers import OPTConfig, OPTForCausalLM
 
 from epalm.encoders import Encoder, build_encoder
 from epalm.model import Adapter, InjectionConfig
-from epalm.tasks import Task, load_registry
-from epalm.tiny import random_lm, tiny_adapter
+from epalm.tasks import EncoderRef, ModelRef, Task, load_registry
+from epalm.tiny import random_lm, tiny_adapter, tiny_tokenizer
 
 # The architectures of the Hub's OPT configs (what `from_pretrained` would read), by the name in
 # the registry's LM id (facebook/<name>); "tiny" is for tests.
@@ -86,6 +88,7 @@ _ENCODER_SPECS: dict[str, dict[str, tuple[str, str, dict]]] = {
     },
 }
 _TRANSFORMERS_ENCODERS = {"video": "TimesformerModel", "audio": "ASTModel"}
+ENCODER_WIDTHS = {"real": 768, "small": 384, "tiny": 32}  # ViT-B/16, TimeSformer-B and AST-B are 768 wide
 
 # Inputs: name -> (encoder modality, frames). `--modalities video` measures 8 and 16 frames.
 INPUTS = {"image": ("image", None), "video8": ("video", 8), "video16": ("video", 16), "audio": ("audio", None)}
@@ -196,3 +199,35 @@ def weight_bytes_estimate(name: str, dtype: torch.dtype) -> int:
     h, f = c.hidden_size, c.ffn_dim
     count = c.num_hidden_layers * (4 * h * h + 2 * h * f) + c.vocab_size * c.word_embed_proj_dim
     return count * torch.tensor([], dtype=dtype).element_size()
+
+
+class RandomSource:
+    """A `store.ModelSource` for `epalm.Pipeline`: random weights at a measured shape (the builders
+    above), the registry's tasks with their injection moved onto the LM's depth, encoders of one
+    family, the tiny tokenizer (a copy per LM: the store adds the answer tokens to it)."""
+
+    random_weights = True
+
+    def __init__(self, lm_name: str = "opt-2.7b", encoders: str = "real") -> None:
+        self.lm_name, self.encoders = lm_name, encoders
+        self.injection = injection_for(lm_name)
+
+    def tasks(self, registry: dict[str, Task]) -> dict[str, Task]:
+        layers = {"start_layer": self.injection.start_layer, "end_layer": self.injection.end_layer}
+        return {
+            task_id: replace(task, injection=replace(task.injection, **layers)) for task_id, task in registry.items()
+        }
+
+    def lm(self, ref: ModelRef, dtype: torch.dtype, progress: Any = None) -> tuple[OPTForCausalLM, Any]:
+        return build_lm(self.lm_name, dtype, torch.device("cpu")), copy.deepcopy(tiny_tokenizer())
+
+    def encoder(self, ref: EncoderRef, modality: str, dtype: torch.dtype, progress: Any = None) -> Encoder:
+        return build_encoder_for(self.encoders, modality, dtype, torch.device("cpu"))
+
+    def adapter_state(self, task: Task, progress: Any = None) -> dict[str, torch.Tensor]:
+        config = lm_config(self.lm_name)
+        width = ENCODER_WIDTHS[self.encoders]
+        return tiny_adapter(task.injection, 1, width, config.hidden_size, config.word_embed_proj_dim).state_dict()
+
+    def cached(self, task: Task) -> dict[str, bool]:
+        return {"adapter": True, "lm": True, "encoder": True}

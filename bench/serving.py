@@ -34,7 +34,6 @@ The cold start is measured by `bench/cold_start.py` (from `python app.py` to the
 from __future__ import annotations
 
 import argparse
-import copy
 import functools
 import json
 import os
@@ -44,9 +43,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -59,8 +56,6 @@ from PIL import Image  # noqa: E402
 
 from bench import machine, models, report  # noqa: E402
 from epalm.pipeline import Pipeline  # noqa: E402
-from epalm.tasks import EncoderRef, ModelRef, Task  # noqa: E402
-from epalm.tiny import tiny_adapter, tiny_tokenizer  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 REQUESTS = [  # (task, example file): image, video and audio captioning, cycled through
@@ -81,38 +76,6 @@ MEDIA = {  # --media choice -> what its requests send, as the report says it
     "features) can be reused, so these tables show repeated media, not new uploads. Before each run the example "
     "files are asked once more, untimed, so that both modes start with their features kept",
 }
-ENCODER_WIDTHS = {"real": 768, "small": 384, "tiny": 32}  # ViT-B/16, TimeSformer-B and AST-B are 768 wide
-
-
-class RandomShapes:
-    """A `ModelSource`: random weights at a measured shape (`bench.models`), the registry's tasks
-    with their injection moved onto the LM's depth, the tiny tokenizer."""
-
-    random_weights = True
-
-    def __init__(self, lm_name: str, encoders: str) -> None:
-        self.lm_name, self.encoders = lm_name, encoders
-        self.injection = models.injection_for(lm_name)
-
-    def tasks(self, registry: dict[str, Task]) -> dict[str, Task]:
-        layers = {"start_layer": self.injection.start_layer, "end_layer": self.injection.end_layer}
-        return {
-            task_id: replace(task, injection=replace(task.injection, **layers)) for task_id, task in registry.items()
-        }
-
-    def lm(self, ref: ModelRef, dtype: torch.dtype, progress: Any = None) -> tuple[Any, Any]:
-        return models.build_lm(self.lm_name, dtype, torch.device("cpu")), copy.deepcopy(tiny_tokenizer())
-
-    def encoder(self, ref: EncoderRef, modality: str, dtype: torch.dtype, progress: Any = None) -> Any:
-        return models.build_encoder_for(self.encoders, modality, dtype, torch.device("cpu"))
-
-    def adapter_state(self, task: Task, progress: Any = None) -> dict[str, torch.Tensor]:
-        config = models.lm_config(self.lm_name)
-        encoder_dim = ENCODER_WIDTHS[self.encoders]
-        return tiny_adapter(task.injection, 1, encoder_dim, config.hidden_size, config.word_embed_proj_dim).state_dict()
-
-    def cached(self, task: Task) -> dict[str, bool]:
-        return {"adapter": True, "lm": True, "encoder": True}
 
 
 def _perturbed(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -308,7 +271,7 @@ def run_dtype(args: argparse.Namespace, dtype: str) -> dict:
         }
         media_s = time.perf_counter() - started
         started = time.perf_counter()
-        source = RandomShapes(args.lm, args.encoders)
+        source = models.RandomSource(args.lm, args.encoders)
         pipe = Pipeline(device="cpu", dtype=dtype, source=source, max_batch_rows=args.max_rows)
         pipe.preload([task for task, _ in mix])
         load_s = time.perf_counter() - started

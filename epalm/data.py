@@ -6,7 +6,7 @@
 
 `file_name` is relative to the metadata file. Split folders are named as `datasets` names them
 (train / validation, valid, val, dev / test, eval); with no validation or test split a seeded
-fraction of the training rows is held out. Every bad row (missing file, empty text, a file the
+fraction of the training files is held out (all of their rows). Every bad row (missing file, empty text, a file the
 media layer cannot decode) is reported with its file and line, then skipped or refused.
 
 The rows are read here rather than with `datasets.load_dataset("imagefolder")`: that decodes media
