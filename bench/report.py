@@ -406,7 +406,7 @@ def write_section(path: Path, section: str) -> None:
     if heading in text:
         head, _, rest = text.partition(heading)
         following = rest.find("\n## ")
-        text = head + section + (rest[following + 1 :] if following >= 0 else "")
+        text = head + section.rstrip("\n") + "\n" + ("\n" + rest[following + 1 :] if following >= 0 else "")
     else:
         text = text.rstrip("\n") + "\n\n" + section
     path.write_text(text)

@@ -160,3 +160,11 @@ def test_device_helpers_do_not_touch_cuda_on_cpu():
         x = torch.ones(1 << 20)
     assert mem["peak_bytes"] >= mem["base_bytes"] > 0
     del x
+
+
+def test_a_rewritten_section_replaces_its_old_version_and_keeps_the_next_heading_apart(tmp_path):
+    path = tmp_path / "RESULTS.md"
+    report.write_section(path, "## A\n\nold a\n")
+    report.write_section(path, "## B\n\nb\n")
+    report.write_section(path, "## A\n\nnew a")  # no trailing newline
+    assert path.read_text() == "# eP-ALM benchmark results\n\n## A\n\nnew a\n\n## B\n\nb\n"
