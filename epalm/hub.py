@@ -385,6 +385,23 @@ def save_adapter(state: dict[str, torch.Tensor], config: dict, card: str, out_di
 
 def _model_card(task: Task, source: str, parameters: int) -> str:
     origin = f"{task.adapter.repo_id} ({task.adapter.filename})" if task.adapter.repo_id else source
+    summary = (
+        f'Connector and soft prompt ({parameters:,} parameters) of eP-ALM ("Efficient Perceptual Augmentation of\n'
+        f'Language Models", ICCV 2023) for the task `{task.id}`.'
+    )
+    return (
+        model_card_head(task, task.title, summary)
+        + f"""- Converted from: {origin}, tensors unchanged (`adapter.safetensors`), settings in `adapter_config.json`.
+
+Licence: the weights are the eP-ALM authors' (github.com/mshukor/eP-ALM); use them under the terms they
+were released with, and those of the base models.
+"""
+    )
+
+
+def model_card_head(task: Task, title: str, summary: str) -> str:
+    """The start of an adapter folder's README.md (a Hub model card), converted or trained: the front
+    matter, the title, `summary`, and the frozen models and injection the adapter is for."""
     inj = task.injection
     connectors = "one shared connector" if inj.shared_connector else "one connector per block"
     prompt = f"{inj.prompt_len}-token prompt" + (" with MLP" if inj.prompt_mlp else "")
@@ -393,19 +410,14 @@ library_name: epalm-demo
 tags: [eP-ALM, multimodal, {task.modality}, {task.kind}]
 base_model: [{task.lm.id}]
 ---
-# eP-ALM adapter: {task.title}
+# eP-ALM adapter: {title}
 
-Connector and soft prompt ({parameters:,} parameters) of eP-ALM ("Efficient Perceptual Augmentation of
-Language Models", ICCV 2023) for the task `{task.id}`.
+{summary}
 
 - Language model (frozen): `{task.lm.id}`
 - Encoder (frozen): `{task.encoder.id}` ({task.encoder.library})
 - Injection: layers {inj.start_layer}..{inj.end_layer - 1}, last {inj.num_features} encoder blocks,
   {connectors}, {prompt}
-- Converted from: {origin}, tensors unchanged (`adapter.safetensors`), settings in `adapter_config.json`.
-
-Licence: the weights are the eP-ALM authors' (github.com/mshukor/eP-ALM); use them under the terms they
-were released with, and those of the base models.
 """
 
 

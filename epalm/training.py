@@ -51,6 +51,7 @@ from .hub import (
     WeightsUnavailable,
     adapter_config,
     check_push,
+    model_card_head,
     push_to_hub,
     save_adapter,
 )
@@ -428,27 +429,18 @@ class Trainer:
             for h in history
         )
         names = [k for k in history[0] if k not in ("epoch", "train_loss", "event", "samples_per_s")] if history else []
-        task, inj = self.task, self.task.injection
-        connectors = "one shared connector" if inj.shared_connector else "one connector per block"
-        prompt = f"{inj.prompt_len}-token prompt" + (" with MLP" if inj.prompt_mlp else "")
+        task = self.task
         tiny = " (tiny random test models)" if config["tiny"] else ""
         features = "cached" if recipe["cache_features"] else "computed each step"
         command = "caption" if task.kind == "caption" else "ask -q 'your question?'"
         parameters = sum(p.numel() for p in self._adapter().parameters())
-        return f"""---
-library_name: epalm-demo
-tags: [eP-ALM, multimodal, {task.modality}, {task.kind}]
-base_model: [{task.lm.id}]
----
-# eP-ALM adapter: {config["title"]}
-
-Connector and soft prompt ({parameters:,} parameters) trained with epalm-demo on top of the frozen
-models of the task `{task.id}`{tiny}.
-
-- Language model (frozen): `{task.lm.id}`; encoder (frozen): `{task.encoder.id}` ({task.encoder.library})
-- Injection: layers {inj.start_layer}..{inj.end_layer - 1}, last {inj.num_features} encoder blocks,
-  {connectors}, {prompt}
-
+        summary = (
+            f"Connector and soft prompt ({parameters:,} parameters) trained with epalm-demo on top of the frozen\n"
+            f"models of the task `{task.id}`{tiny}."
+        )
+        return (
+            model_card_head(task, config["title"], summary)
+            + f"""
 ## Data
 `{data["folder"]}`: {data["train"]} training and {data["validation"]} validation rows
 (validation: {data["validation_source"]}), {data["skipped_rows"]} bad rows skipped.
@@ -470,6 +462,7 @@ Best {self.metric}: {best.get(self.metric, float("nan")):.4f} at epoch {best.get
 ## Use
     python -m epalm {command} FILE --adapter {self.config.push_to_hub or self.out}{" --tiny" if config["tiny"] else ""}
 """
+        )
 
     def _adapter(self) -> Adapter:
         return self.accelerator.unwrap_model(self.model).adapter

@@ -85,6 +85,8 @@ def test_adapter_round_trip_python_cli_and_registry(pipe, tmp_path):
     assert config["base_task"] == "image-caption" and config["tiny"] and config["training"]["data"]["train"] > 0
     card = (out / "README.md").read_text()
     assert "CIDEr" in card and "epochs" in card and "training" in card.lower()
+    head = card.split("## Data")[0]  # the converted adapters' card head: front matter, models, injection
+    assert head.startswith("---\nlibrary_name: epalm-demo\n") and "\n- Encoder (frozen): `" in head
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     epochs = [r for r in log if r["event"] == "epoch"]
     assert [r["epoch"] for r in epochs] == [1, 2, 3, 4, 5] and all("CIDEr" in r and "BLEU-4" in r for r in epochs)
