@@ -212,13 +212,16 @@ class Scheduler:
             try:
                 num_blocks = batch[0].adapter.config.num_features
                 features, cached = self.features.encode(batch[0].encoder, [r.media for r in batch], num_blocks)
-                for i, request in enumerate(batch):
-                    request.features_cached = cached[i]
-                    prefix = request.adapter.prefix(features[:, i : i + 1])
-                    prefixes[request] = prefix
-                    request.encoded = time.perf_counter()
             except Exception as exc:  # the failure belongs to these requests only
                 _fail(batch, exc)
+                continue
+            for i, request in enumerate(batch):
+                try:
+                    prefixes[request] = request.adapter.prefix(features[:, i : i + 1])
+                except Exception as exc:  # this request's adapter: the others go on
+                    _fail([request], exc)
+                    continue
+                request.features_cached, request.encoded = cached[i], time.perf_counter()
         units = []
         for batch in _grouped(list(prefixes), lambda r: (r.layout, r.input_ids.shape[1])):
             try:
@@ -230,10 +233,10 @@ class Scheduler:
                 if len(rows) != len(ids):  # beams: each prompt ran once, its rows are copied now
                     logits = logits.index_select(0, rows)
                     state.reorder(rows)
+                keep = self._advance(batch, state, logits)
             except Exception as exc:
                 _fail(batch, exc)
                 continue
-            keep = self._advance(batch, state, logits)
             if keep:
                 units.append((keep, state))
         return units
@@ -253,12 +256,12 @@ class Scheduler:
                     return
             tokens = torch.cat([request.pending for request in requests])
             logits = self.model.step(state, tokens)
+            if self.callback is not None:
+                self.callback(len(tokens))
+            keep = self._advance(requests, state, logits)
         except Exception as exc:
             _fail(requests, exc)
             return
-        if self.callback is not None:
-            self.callback(len(tokens))
-        keep = self._advance(requests, state, logits)
         if keep:
             with self._lock:
                 self._groups[layout] = _Group(keep, state)

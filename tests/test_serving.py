@@ -174,7 +174,48 @@ def test_a_failing_request_fails_alone(parts):
     assert torch.equal(good.result().sequences, alone(parts, JOBS[0], 0))
 
 
+def test_a_failing_adapter_fails_its_request_alone_among_those_encoded_with_it(parts):
+    """One encoder call serves both requests; the second's adapter breaks: the first still gets its ids."""
+    _, encoders, adapters = parts
+
+    class Broken(torch.nn.Module):
+        config = adapters["caption"].config
+
+        def prefix(self, features):
+            raise RuntimeError("broken adapter")
+
+    gate, entered = threading.Event(), threading.Event()
+    scheduler = Scheduler(parts[0], callback=lambda rows: entered.set() or gate.wait(10))
+    first = submit(
+        scheduler, parts, JOBS[3], 3
+    )  # holds the thread at its first step: the next two are admitted together
+    assert entered.wait(10)
+    good = submit(scheduler, parts, JOBS[0], 0)
+    bad = scheduler.submit(media("image", 1), encoders["image"], Broken(), text(1, 1), GREEDY)
+    gate.set()
+    with pytest.raises(RuntimeError, match="broken adapter"):
+        bad.result()
+    assert torch.equal(good.result().sequences, alone(parts, JOBS[0], 0))
+    assert torch.equal(first.result().sequences, alone(parts, JOBS[3], 3))
+
+
 def test_a_broken_scheduler_thread_fails_its_requests_instead_of_hanging(parts):
+    scheduler = Scheduler(parts[0])
+    admissible = scheduler._admissible
+
+    def broken(running: int) -> list:
+        raise RuntimeError("bug in the scheduler")
+
+    scheduler._admissible = broken
+    requests = [submit(scheduler, parts, job, seed) for seed, job in enumerate(JOBS[:3])]
+    for request in requests:
+        with pytest.raises(RuntimeError, match="bug in the scheduler"):
+            request.result()
+    scheduler._admissible = admissible
+    assert torch.equal(submit(scheduler, parts, JOBS[0], 0).result().sequences, alone(parts, JOBS[0], 0))
+
+
+def test_a_failing_step_fails_its_requests_and_the_scheduler_goes_on(parts):
     def callback(rows: int) -> None:
         raise RuntimeError("bug in a step hook")
 
