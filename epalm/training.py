@@ -408,6 +408,7 @@ class Trainer:
         config = {
             **adapter_config(self.task),
             "title": f"{self.task.title}, trained on {self.dataset.root.name}",
+            "label": f"{self.task.label}, trained on {self.dataset.root.name}",  # not the base task's menu label
             "base_task": self.task.id,
             "tiny": self.pipeline.random_weights,
             "training": {

@@ -83,6 +83,7 @@ def test_adapter_round_trip_python_cli_and_registry(pipe, tmp_path):
     train(data, "image-caption", out, pipeline=pipe, epochs=5, **FAST)
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["base_task"] == "image-caption" and config["tiny"] and config["training"]["data"]["train"] > 0
+    assert config["label"] == f"{pipe.task('image-caption').label}, trained on {data.name}", "its own menu label"
     card = (out / "README.md").read_text()
     assert "CIDEr" in card and "epochs" in card and "training" in card.lower()
     head = card.split("## Data")[0]  # the converted adapters' card head: front matter, models, injection
@@ -162,7 +163,7 @@ def test_pipeline_shares_models_with_user_adapters_and_guards_folders(pipe, tmp_
     added = set(pipe.loaded()) - loaded
     assert len(added) == 1 and "adapter" in added.pop()  # the LM and encoder were reused
     public = Pipeline(device="cpu", tiny=True, allow_local_adapters=False)
-    with pytest.raises(ValueError, match="Local adapter folders are not allowed"):
+    with pytest.raises(ValueError, match="not a Hub repo id .*Local adapter folders are allowed only"):
         public.caption(data / "red_0.png", adapter=str(tmp_path / "adapter"))
     with pytest.raises(ValueError, match="neither an existing folder nor a Hub repo id"):
         pipe.caption(data / "red_0.png", adapter="not a repo")
