@@ -127,7 +127,7 @@ from epalm import (  # noqa: E402
     Task,
     UserError,
 )
-from epalm.adapters import check_served_models, is_repo_id  # noqa: E402
+from epalm.adapters import check_served_models  # noqa: E402
 
 try:  # ZeroGPU on Hugging Face Spaces: model calls get a GPU only inside @spaces.GPU
     import spaces
@@ -227,15 +227,10 @@ class Demo:
         yield "", f"⚠️ {message}", *NOTHING_SEEN
         raise gr.Error(message, print_exception=False)
 
-    def adapter_task(self, modality: str, kind: str, source: str) -> str:
+    def user_adapter(self, modality: str, kind: str, source: str) -> str:
         """The task id of a user's trained adapter (a Hub repo id; a folder only if the app allows them),
         refused unless it is a task of this tab and mode on models the app already serves."""
         pipe = self.pipeline
-        if not pipe.allow_local_adapters and not is_repo_id(source):
-            raise InputError(
-                f"Adapter {source!r} is not a Hub repo id (user/name). Local adapter folders are allowed only "
-                "when the app is started with --allow-local-adapters (EPALM_ALLOW_LOCAL_ADAPTERS=1)."
-            )
 
         def check(task: Task) -> None:
             if (task.modality, task.kind) != (modality, kind):
@@ -247,7 +242,7 @@ class Demo:
                     f"The adapter {source} was trained for {task.modality} {KIND_WORDS[task.kind]}, "
                     f"not {modality} {KIND_WORDS[kind]}: {where}."
                 )
-            check_served_models(task, pipe.registry_tasks())
+            check_served_models(task, pipe.tasks.values())
 
         return pipe.use_adapter(source, check)
 
@@ -257,10 +252,10 @@ class Demo:
             raise InputError(f"Please upload {MEDIA_NAMES[modality]} first.")
         task = request["task"]
         adapter = (request.get("adapter") or "").strip()
-        if adapter:  # a small download at most: the LM and encoder are the registry's, loaded once for all
+        if adapter:  # its config first, its weights once accepted: the LM and encoder are the registry's
             if not self.pipeline.is_adapter_served(adapter):
                 yield "", f"⏳ Loading the adapter {adapter}…", *NOTHING_SEEN
-            task = self.adapter_task(modality, "qa" if "question" in request else "caption", adapter)
+            task = self.user_adapter(modality, "qa" if "question" in request else "caption", adapter)
         # temperature and top-p shape sampling only; decoding ignores them for beams and greedy
         decoding: dict[str, Any] = {"temperature": float(request["temperature"]), "top_p": float(request["top_p"])}
         if request["max_new_tokens"]:
@@ -516,7 +511,7 @@ def _tab(demo: Demo, modality: str, tasks: dict[str, list[Task]], concurrency: i
 def tasks_by_modality(pipeline: Pipeline) -> dict[str, dict[str, list[Task]]]:
     """modality -> kind -> tasks, in registry order (what the tabs and menus show)."""
     grouped: dict[str, dict[str, list[Task]]] = {}
-    for task in pipeline.registry_tasks():
+    for task in pipeline.tasks.values():
         grouped.setdefault(task.modality, {}).setdefault(task.kind, []).append(task)
     return {m: {k: grouped[m][k] for k in KINDS if k in grouped[m]} for m in MODALITIES if m in grouped}
 

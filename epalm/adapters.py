@@ -16,7 +16,7 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from .hub import ADAPTER_WEIGHTS, AdapterError, RepoFiles, locate
-from .tasks import ADAPTER_CONFIG, RegistryError, Task, task_from_adapter
+from .tasks import ADAPTER_CONFIG, AdapterSource, RegistryError, Task, task_from_adapter
 
 REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -30,31 +30,41 @@ def is_repo_id(source: str) -> bool:
     return bool(REPO_ID.fullmatch(source))
 
 
-def resolve_adapter(source: str, allow_local: bool = True, revision: str = "main") -> Path:
-    """The local folder of an adapter given as a folder path or a Hub repo id (downloaded into the
-    Hugging Face cache). `allow_local=False` refuses folders (a public app must not read the server's disk)."""
+def check_source(source: str, allow_local: bool) -> None:
+    """Refuse anything but a Hub repo id where local adapters are not allowed (their folder is never looked at)."""
+    if not allow_local and not is_repo_id(source):
+        raise AdapterError(
+            f"Adapter {source!r} is not a Hub repo id (user/name). Local adapter folders are allowed only when "
+            "local adapters are (`Pipeline(allow_local_adapters=True)`; the app's --allow-local-adapters, "
+            "EPALM_ALLOW_LOCAL_ADAPTERS=1)."
+        )
+
+
+def resolve_adapter(source: str, allow_local: bool = True, revision: str = "main") -> tuple[Path, AdapterSource | None]:
+    """The folder holding an adapter's config, given a folder path or a Hub repo id, and for a Hub repo
+    where its weights are. Only the config is downloaded (into the Hugging Face cache): the weights come
+    when the adapter loads, so a caller can refuse the adapter first. `allow_local=False` refuses
+    folders (a public app must not read the server's disk)."""
     path = Path(source).expanduser()
     if allow_local and path.exists():  # not looked up otherwise: a public app must not say what exists
         if not (path / ADAPTER_CONFIG).is_file() or not (path / ADAPTER_WEIGHTS).is_file():
             raise AdapterError(f"{path} is not an adapter folder: it needs {ADAPTER_WEIGHTS} and {ADAPTER_CONFIG}.")
-        return path.resolve()
+        return path.resolve(), None
+    check_source(source, allow_local)
     if not is_repo_id(source):
-        if not allow_local:
-            raise AdapterError("Local adapter folders are not allowed here; give a Hub repo id (user/name).")
         raise AdapterError(f"Adapter {source!r} is neither an existing folder nor a Hub repo id (user/name).")
-    files = RepoFiles(
-        f"the adapter {source}", source, revision, files=(ADAPTER_CONFIG, ADAPTER_WEIGHTS), named="you gave"
-    )
-    return locate(files)[ADAPTER_CONFIG].parent  # the snapshot folder holds both files
+    files = RepoFiles(f"the adapter {source}", source, revision, files=(ADAPTER_CONFIG,), named="you gave")
+    weights = AdapterSource(filename=ADAPTER_WEIGHTS, repo_id=source, revision=revision)
+    return locate(files)[ADAPTER_CONFIG].parent, weights
 
 
 def adapter_task(source: str, allow_local: bool = True) -> tuple[Task, bool]:
     """The task of a trained adapter (its id: `adapter:<source>`) and whether it was trained on the
     tiny test models."""
-    folder = resolve_adapter(source, allow_local)
+    folder, weights = resolve_adapter(source, allow_local)
     try:
         config = json.loads((folder / ADAPTER_CONFIG).read_text())
-        return task_from_adapter(folder, f"adapter:{source}"), bool(config.get("tiny", False))
+        return task_from_adapter(folder, f"adapter:{source}", weights), bool(config.get("tiny", False))
     except (ValueError, RegistryError) as exc:  # JSONDecodeError is a ValueError
         raise AdapterError(f"{folder / ADAPTER_CONFIG} is not a valid adapter config: {exc}") from exc
 

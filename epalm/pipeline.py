@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .adapters import adapter_task
+from .adapters import adapter_task, check_source
 from .audio import prepare_audio
 from .decoding import DecodingOptions, generate, stream_text, stream_tokens
 from .encoders import Encoder, FeatureCache
@@ -134,6 +134,7 @@ class Pipeline:
             else:
                 source = HubModels()
         self.tasks: dict[str, Task] = source.tasks(registry if registry is not None else load_registry())
+        self._adapters: dict[str, Task] = {}  # users' adapters (`use_adapter`), apart: the registry never changes
         special_tokens = lambda ref: answer_tokens(self.tasks.values(), ref)  # noqa: E731
         self.store = ModelStore(source, device, dtype, pack_weights, progress, special_tokens)
         self.limits = limits or MediaLimits()
@@ -170,6 +171,9 @@ class Pipeline:
     # -- models ----------------------------------------------------------------------------
 
     def task(self, task_id: str) -> Task:
+        """A registry task, or a user's adapter served so far (`use_adapter`)."""
+        if task_id in self._adapters:
+            return self._adapters[task_id]
         try:
             return get_task(task_id, self.tasks)
         except KeyError as exc:
@@ -188,9 +192,12 @@ class Pipeline:
     def use_adapter(self, source: str, check: Callable[[Task], None] | None = None) -> str:
         """Serve a trained adapter (a folder, or a Hub repo id) with the models its config names,
         shared with every other task; returns its task id (`adapter:<source>`). `check`, if given,
-        sees the adapter's task first and refuses it by raising: a refused adapter is not served."""
+        sees the adapter's task (read from its config alone: a Hub adapter's weights are fetched when it
+        loads) and refuses it by raising: a refused adapter is not served. It runs on every call, served
+        or not, since callers may differ in what they accept."""
+        check_source(source, self.allow_local_adapters)  # served before or not: the setting may have changed
         task_id = f"adapter:{source}"
-        task = self.tasks.get(task_id)
+        task = self._adapters.get(task_id)
         if task is None:
             task, tiny = adapter_task(source, self.allow_local_adapters)
             if tiny != self.random_weights:
@@ -201,16 +208,12 @@ class Pipeline:
             task = self.store.source.tasks({task_id: task})[task_id]
         if check is not None:
             check(task)
-        self.tasks[task_id] = task  # one dict store: atomic
+        self._adapters[task_id] = task  # one dict store: atomic
         return task_id
 
     def is_adapter_served(self, source: str) -> bool:
         """Whether `use_adapter(source)` has already read this adapter (no download to wait for)."""
-        return f"adapter:{source}" in self.tasks
-
-    def registry_tasks(self) -> list[Task]:
-        """The registry's tasks, without the users' adapters served so far."""
-        return [task for task in self.tasks.values() if not task.id.startswith("adapter:")]
+        return f"adapter:{source}" in self._adapters
 
     def preload(self, task_ids: list[str], progress: Progress | None = None) -> None:
         for task_id in task_ids:

@@ -13,7 +13,7 @@ import json
 import os
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import yaml
@@ -202,12 +202,14 @@ def _trained_adapter_settings(entry: dict, base_dir: Path) -> dict:
     return {k: config[k] for k in keys if k in config}  # "label": older folders lack it (the title stands in)
 
 
-def task_from_adapter(folder: str | Path, task_id: str) -> Task:
-    """The task an adapter folder of our format was trained or converted for, its weights that folder."""
+def task_from_adapter(folder: str | Path, task_id: str, weights: AdapterSource | None = None) -> Task:
+    """The task an adapter folder of our format was trained or converted for, its weights that folder
+    or `weights` (a Hub repo's file, fetched when the adapter loads)."""
     folder = Path(folder).expanduser().resolve()
     if not (folder / ADAPTER_CONFIG).is_file():
         raise RegistryError(f"{folder} is not an adapter folder: it has no {ADAPTER_CONFIG}")
-    return _build(task_id, {"adapter": {"filename": str(folder)}}, folder)
+    task = _build(task_id, {"adapter": {"filename": str(folder)}}, folder)
+    return task if weights is None else replace(task, adapter=weights)
 
 
 def load_registry(path: str | Path | None = None) -> dict[str, Task]:

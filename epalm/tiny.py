@@ -29,7 +29,7 @@ from transformers import (
 )
 
 from .encoders import Encoder, wrap_encoder
-from .hub import Progress, fetch, is_cached, read_adapter
+from .hub import ADAPTER_WEIGHTS, Progress, fetch, is_cached, read_adapter
 from .model import Adapter, InjectionConfig
 from .tasks import ADAPTER_CONFIG, EncoderRef, ModelRef, Task
 
@@ -255,10 +255,14 @@ class TinyModels:
         return tiny_encoder(modality, seed=zlib.crc32(ref.id.encode()) % 1000).to(dtype)
 
     def adapter_state(self, task: Task, progress: Progress | None = None) -> dict[str, torch.Tensor]:
-        """Random; or, with `adapter_files` or for a local folder of our format (an adapter trained
-        on these tiny models), the file's weights."""
-        trained_here = not task.adapter.repo_id and (Path(task.adapter.filename) / ADAPTER_CONFIG).is_file()
-        if self.adapter_files or trained_here:
+        """Random; or, with `adapter_files` or for an adapter of our format (a local folder, or a Hub
+        repo's `adapter.safetensors`: trained on these tiny models, as `Pipeline.use_adapter` checks),
+        the file's weights."""
+        source = task.adapter
+        ours = (
+            source.filename == ADAPTER_WEIGHTS if source.repo_id else (Path(source.filename) / ADAPTER_CONFIG).is_file()
+        )
+        if self.adapter_files or ours:
             return read_adapter(fetch(task.adapter, progress, task.id))
         return tiny_adapter(task.injection, seed=zlib.crc32(task.id.encode())).state_dict()
 

@@ -529,7 +529,7 @@ def test_a_fractional_file_size_limit_starts_and_holds(tmp_path, media_files):
             handle_file(str(media_files["audio"])), preset="fast", max_new_tokens=2, api_name="/caption_audio"
         )
         assert "tokens/s" in info
-        with pytest.raises(AppError, match="allowed only when the app is started with --allow-local-adapters"):
+        with pytest.raises(AppError, match="allowed only when local adapters are .*--allow-local-adapters"):
             flagless = write_wav(tmp_path / "flagless.wav", seconds=0.5, freq=660.0)
             client.predict(handle_file(str(flagless)), adapter=str(tmp_path), api_name="/caption_audio")
     finally:
@@ -749,7 +749,7 @@ def test_a_saved_adapter_answers_the_same_in_the_cli_the_python_api_and_the_app(
     assert info.startswith("`adapter:someone/colours` · ")
     [added] = pipeline.loaded()[len(loaded) :]
     assert "adapter:someone/colours" in added, "only the adapter was loaded: the LM and encoder are shared"
-    with pytest.raises(AppError, match="'/.*' is not a Hub repo id.*started with --allow-local-adapters"):
+    with pytest.raises(AppError, match="'/.*' is not a Hub repo id.*--allow-local-adapters"):
         client.predict(handle_file(image), adapter=str(folder), **settings, api_name="/caption_image")
     monkeypatch.setattr(pipeline, "allow_local_adapters", True)
     assert client.predict(handle_file(image), adapter=f" {folder} ", **settings, api_name="/caption_image")[0] == answer
@@ -774,6 +774,10 @@ def test_an_adapter_for_another_tab_or_mode_is_refused_saying_where_it_goes(
     with pytest.raises(AppError, match=re.escape(message)):
         client.predict(media, *args, adapter=str(folder), api_name=api_name)
     assert not tiny_app[0].is_adapter_served(str(folder)), "a refused adapter is not served"
+    image = handle_file(str(own_media(tmp_path, "image")))
+    assert client.predict(image, adapter=str(folder), preset="fast", api_name="/caption_image")[0]
+    with pytest.raises(AppError, match=re.escape(message)):  # served now, and still refused in another mode
+        client.predict(media, *args, adapter=str(folder), api_name=api_name)
 
 
 def test_an_adapter_on_models_the_app_does_not_serve_is_refused(tiny_app, client, tmp_path):
