@@ -330,7 +330,7 @@ class Pipeline:
             started = time.perf_counter()
             mask = torch.ones_like(input_ids)
             if self.batching and options.use_cache:
-                request = self.scheduler(lm).submit(pixels.to(self.device), encoder, adapter, input_ids, options, trace)
+                request = self.scheduler(lm).submit(pixels, encoder, adapter, input_ids, options, trace)
                 tokens, generated = request.tokens(), request.result
                 decoding_started = functools.partial(self._encoded, request, timings, started)
             else:
