@@ -1,6 +1,6 @@
 """The eP-ALM demo: Image, Video and Audio tabs over `epalm.Pipeline` (Gradio 6 Blocks).
 
-    python app.py                 # serves at once; models load on first use
+    python app.py                 # serves at once; the first tab's task loads in the background, others on first use
     python app.py --tiny          # tiny random models, no download (answers are meaningless)
     python app.py --allow-local-adapters   # the Adapter field also takes folders on this machine
 
