@@ -86,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--max-batch-rows",
         type=int,
         help="rows decoded together in one step (a 3-beam answer takes 3); unset: EPALM_MAX_BATCH_ROWS, else "
-        "the library's default (epalm.pipeline.MAX_BATCH_ROWS)",
+        "the library's default (epalm.serving.MAX_BATCH_ROWS)",
     )
     parser.add_argument(
         "--no-batching",

@@ -147,6 +147,9 @@ def build_encoder(library: str, class_path: str, config: dict) -> Encoder:
     return wrap_encoder(model)
 
 
+FEATURE_CACHE = 64  # inputs whose encoder features are kept (6 x 768 floats each at the OPT-2.7B shape)
+
+
 class FeatureCache:
     """The features of recently encoded inputs, least recently used dropped first, at most `size`
     (0: off). An encoder's output for one prepared input is deterministic, and the frozen encoders
@@ -159,7 +162,7 @@ class FeatureCache:
     of a batch. Thread-safe; two threads missing the same input at once both encode it.
     """
 
-    def __init__(self, size: int = 64) -> None:
+    def __init__(self, size: int = FEATURE_CACHE) -> None:
         if size < 0:
             raise ValueError("the feature cache size must be 0 (off) or more")
         self.size = size

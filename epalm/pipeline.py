@@ -22,7 +22,7 @@ import torch
 from .adapters import adapter_task, check_source
 from .audio import prepare_audio
 from .decoding import DecodingOptions, generate, stream_text, stream_tokens
-from .encoders import Encoder, FeatureCache
+from .encoders import FEATURE_CACHE, Encoder, FeatureCache
 from .errors import InputError, UserError
 from .hub import HubModels, Progress
 from .image import prepare_image
@@ -30,15 +30,13 @@ from .inspection import Inspection, Inspector
 from .media import MediaLimits
 from .model import EPALM, Adapter
 from .presets import DEFAULT_PRESET, PRESETS
-from .serving import Request, Scheduler
+from .serving import MAX_BATCH_ROWS, Request, Scheduler
 from .store import ModelSource, ModelStore
 from .tasks import Task, answer_tokens, get_task, load_registry
 from .video import prepare_video
 
 log = logging.getLogger(__name__)
 
-MAX_BATCH_ROWS = 24  # eight paper (3-beam) requests per step
-FEATURE_CACHE = 64  # inputs whose encoder features are kept (6 x 768 floats each at the OPT-2.7B shape)
 # The question limits, the same in the library, the CLI and the app. The token limit bounds the prompt ids (BOS,
 # question, the task's "?</a>"); the characters, checked first, are the cheap bound: 300 characters of English are
 # about 75 OPT tokens, well inside it, so only densely tokenized text (symbols, non-Latin scripts) meets the token

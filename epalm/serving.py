@@ -33,6 +33,7 @@ from .model import EPALM, Adapter, DecodeState, Prefix
 log = logging.getLogger(__name__)
 
 _DONE = object()  # end of a request's stream
+MAX_BATCH_ROWS = 24  # rows per step by default: eight paper (3-beam) requests
 
 
 @dataclass(eq=False)
@@ -107,7 +108,7 @@ class Scheduler:
     def __init__(
         self,
         model: EPALM,
-        max_rows: int = 24,
+        max_rows: int = MAX_BATCH_ROWS,
         callback: Callable[[int], None] | None = None,
         features: FeatureCache | None = None,
     ) -> None:
