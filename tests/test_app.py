@@ -662,9 +662,11 @@ def test_the_queue_bound_holds_under_a_burst(media_files, monkeypatch, api_name)
     import httpx
 
     pipeline = Pipeline(device="cpu", tiny=True)
-    release = threading.Event()
+    release, lock, inside = threading.Event(), threading.Lock(), []
 
     def busy(*args, **kwargs):
+        with lock:
+            inside.append(len(inside) + 1)  # how many calls were in the model at once, as each entered
         release.wait(60)  # the model stays busy until the burst is over
         return iter(())
 
@@ -702,8 +704,13 @@ def test_the_queue_bound_holds_under_a_burst(media_files, monkeypatch, api_name)
         for thread in threads:
             thread.join()
         running = demo_app.default_concurrency(pipeline)  # the batch's rows limit: 24
+        assert running == pipeline.max_batch_rows == 24
         assert statuses.count(200) <= 8 + running, "at most max_size waiting and the running ones"
         assert statuses.count(503) >= 60 - 8 - running and len(statuses) == 60
+        deadline = time.monotonic() + 30
+        while len(inside) < min(running, statuses.count(200)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert max(inside) == min(running, statuses.count(200)), "the accepted requests reach the model together"
     finally:
         release.set()
         blocks.close()
@@ -725,6 +732,41 @@ def own_media(folder: Path, modality: str) -> Path:
     if modality == "image":
         return write_image(folder / "own.png", seed=12)
     return write_wav(folder / "own.wav", seconds=0.5, freq=523.0)
+
+
+def test_concurrent_app_requests_share_decode_steps_and_get_their_own_answers(tiny_app, client, tmp_path):
+    """Three users at once through the app's API: their rows go through the LM in one step, and each gets
+    the answer it gets alone."""
+    import threading
+
+    pipeline, _ = tiny_app
+    settings = dict(preset="fast", max_new_tokens=6)
+    images = [handle_file(str(write_image(tmp_path / f"u{i}.png", seed=40 + i))) for i in range(3)]
+    alone = [client.predict(image, **settings, api_name="/caption_image")[0] for image in images]
+    scheduler = pipeline.scheduler(pipeline.lm(pipeline.task("image-caption"))[0])
+    held, rows = threading.Event(), []
+
+    def step(count: int) -> None:  # the first step waits until the other two requests are queued
+        rows.append(count)
+        if len(rows) == 1:
+            held.wait(30)
+
+    scheduler.callback = step
+    try:
+        first = client.submit(images[0], **settings, api_name="/caption_image")
+        deadline = time.monotonic() + 30
+        while not rows and time.monotonic() < deadline:
+            time.sleep(0.01)
+        others = [client.submit(image, **settings, api_name="/caption_image") for image in images[1:]]
+        while len(scheduler._waiting) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        held.set()
+        answers = [job.result()[0] for job in [first, *others]]
+    finally:
+        held.set()
+        scheduler.callback = None
+    assert answers == alone
+    assert max(rows) == 3, f"rows per step {rows}: the three requests shared steps"
 
 
 def test_a_saved_adapter_answers_the_same_in_the_cli_the_python_api_and_the_app(
