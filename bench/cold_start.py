@@ -2,7 +2,7 @@
 
     python -m bench.cold_start                          # OPT-2.7B shape, bfloat16 and float32
     python -m bench.cold_start --dtype bfloat16 --cache /tmp/epalm-cache --keep
-    python -m bench.cold_start --layers 2 --dtype float32   # what the test runs
+    python -m bench.cold_start --layers 2 --dtype float32   # a quick run: 2 OPT layers
 
 Writes a Hugging Face cache holding what `image-caption` needs, in the real repos' layouts, with
 random weights at the real shapes: facebook/opt-2.7b's config, a tokenizer and its float16

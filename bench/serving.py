@@ -64,6 +64,7 @@ REQUESTS = [  # (task, example file): image, video and audio captioning, cycled 
     ("audio-caption", "examples/audio/speech.mp3"),
 ]
 SETTINGS = {"greedy": "fast", "paper": "paper"}  # setting -> preset
+TARGET_CLIENTS = 8  # the issue's targets are set at 8 concurrent clients
 MEDIA = {  # --media choice -> what its requests send, as the report says it
     "distinct": "every request sends an image, clip or recording no earlier request of the run sent, as new "
     "uploads do: made before any timing from the example files, each with its own small crop, shift, brightness "
@@ -175,6 +176,7 @@ def serve(pipe: Pipeline, sent: Plan, setting: str, new_tokens: int, batched: bo
     encoding: list[float] = []  # one-at-a-time: each answer's media and encoder seconds
     service: list[float] = []  # one-at-a-time: each answer's seconds holding the model
     errors: list[str] = []
+    reused: list[bool] = []  # per answer: its encoder features came from the pipeline's cache
     start_barrier = threading.Barrier(clients)
 
     def client(index: int) -> None:
@@ -190,11 +192,12 @@ def serve(pipe: Pipeline, sent: Plan, setting: str, new_tokens: int, batched: bo
                         service.append(time.perf_counter() - served)
                         encoding.append(answer.timings.encode_s)
                 else:
-                    pipe.caption(media, task, **settings)
+                    answer = pipe.caption(media, task, **settings)
             except Exception as exc:  # reported, not hidden: a failed request has no latency
                 errors.append(f"{type(exc).__name__}: {exc}")
                 continue
             latencies.append(time.perf_counter() - started)
+            reused.append(answer.timings.features_cached)
 
     rows: list[int] = []
     scheduler = pipe.scheduler(pipe.lm(pipe.task(sent[0][0][0]))[0])
@@ -222,6 +225,7 @@ def serve(pipe: Pipeline, sent: Plan, setting: str, new_tokens: int, batched: bo
         "mean_rows": statistics.mean(rows) if rows else 0.0,
         "max_rows": max(rows) if rows else 0,
         "encoder_share": sum(encoding) / sum(service) if service else None,
+        "features_reused": sum(reused),
     }
 
 
@@ -313,7 +317,7 @@ def markdown(results: dict) -> str:
 
 
 def _table(block: dict, media: str, runs: list[dict]) -> list[str]:
-    """One (dtype, media) table, its encoder share and its targets, judged at its largest client count."""
+    """One (dtype, media) table, its cache reuse, its encoder share and its targets (judged at 8 clients)."""
     made = (
         f", {block['media_files']} files made in {block['media_s']:.0f} s before timing" if media == "distinct" else ""
     )
@@ -336,27 +340,30 @@ def _table(block: dict, media: str, runs: list[dict]) -> list[str]:
             f"{speedup:.2f}x |" + (f" errors: {len(run['errors'])}" if run["errors"] else "")
         )
     lines.append("")
+    answers, reused = sum(r["answers"] for r in runs), sum(r["features_reused"] for r in runs)
+    lines.append(f"- Encoder features reused from the pipeline's cache: {reused} of {answers} answers.")
     shares = [r["encoder_share"] for r in runs if r.get("encoder_share") is not None]
     if shares:
         low, high = f"{min(shares):.0%}", f"{max(shares):.0%}"
         spread = low if low == high else f"{low}–{high}"
         lines.append(
-            f"- One at a time, media decoding and the encoders take {spread} of each "
-            "answer's time: work that batching cannot share (requests waiting for one encoder run together, "
-            "but a CPU encoder is compute-bound), so it bounds the speed-up."
+            f"- One at a time, media decoding and the encoders (or, for media seen before, the cache lookup) take "
+            f"{spread} of each answer's time: work that batching cannot share (requests waiting for one encoder run "
+            "together, but a CPU encoder is compute-bound), so it bounds the speed-up."
         )
-    most = max(r["clients"] for r in runs)
     for target, setting, factor in (
         ("8 concurrent greedy >= 4x one-at-a-time", "greedy", 4.0),
         ("8 concurrent paper (3 beams) >= 2x one-at-a-time", "paper", 2.0),
     ):
-        pair = {r["mode"]: r for r in runs if r["setting"] == setting and r["clients"] == most}
-        if len(pair) == 2 and pair["one-at-a-time"]["answers_per_min"]:
+        pair = {r["mode"]: r for r in runs if r["setting"] == setting and r["clients"] == TARGET_CLIENTS}
+        if {r["setting"] for r in runs} >= {setting} and len(pair) < 2:
+            lines.append(f"- {target} ({media} media): not measured (no run at {TARGET_CLIENTS} clients)")
+        elif len(pair) == 2 and pair["one-at-a-time"]["answers_per_min"]:
             ratio = pair["batched"]["answers_per_min"] / pair["one-at-a-time"]["answers_per_min"]
             p95 = (pair["batched"]["p95_s"] or 0) <= (pair["one-at-a-time"]["p95_s"] or 0)
             met = "met" if ratio >= factor and p95 else "missed"
             lines.append(
-                f"- {target} (at {most} clients, {media} media), p95 no worse: {ratio:.2f}x, p95 "
+                f"- {target} ({media} media), p95 no worse: {ratio:.2f}x, p95 "
                 f"{_f(pair['batched']['p95_s'])} vs {_f(pair['one-at-a-time']['p95_s'])} s: **{met}**"
             )
     return [*lines, ""]

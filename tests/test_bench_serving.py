@@ -12,6 +12,7 @@ import tempfile
 import av
 import pytest
 import torch
+from PIL import Image
 
 from conftest import ROOT
 
@@ -60,8 +61,9 @@ def test_serving_bench_runs_both_modes_on_both_media_and_reports(tmp_path, monke
     assert {clients for media, _, clients, _ in runs if media == "examples"} == {3}
     assert block["media_files"] == 2 * 2 * (1 + 3) * 2, "a new file for every distinct request of the run"
     assert not list((tmp_path / "tmp").iterdir()), "the distinct media are removed at the end"
-    for run in runs.values():
+    for (media, *_), run in runs.items():
         assert run["answers"] == run["clients"] * 2 and not run["errors"]
+        assert run["features_reused"] == (run["answers"] if media == "examples" else 0), "only repeated media reuse"
         assert 0 < run["p50_s"] <= run["p95_s"] and run["answers_per_min"] > 0
     for media in serving.MEDIA:
         assert runs[(media, "paper", 3, "batched")]["max_rows"] > 3, "concurrent requests shared a step"
@@ -70,7 +72,9 @@ def test_serving_bench_runs_both_modes_on_both_media_and_reports(tmp_path, monke
     assert text.startswith("# results\n") and "## Serving many users" in text and "answers/min" in text
     for media in serving.MEDIA:
         assert f"### float32, {media} media" in text and f"- **{media}**: {serving.MEDIA[media]}." in text
-        assert f"8 concurrent greedy >= 4x one-at-a-time (at 3 clients, {media} media)" in text
+        assert f"8 concurrent greedy >= 4x one-at-a-time ({media} media): not measured (no run at 8 clients)" in text
+    assert "- Encoder features reused from the pipeline's cache: 0 of 32 answers." in text  # distinct
+    assert "- Encoder features reused from the pipeline's cache: 24 of 24 answers." in text  # examples
     assert text.index("### float32, distinct media") < text.index("### float32, examples media")
 
 
@@ -104,8 +108,27 @@ def test_distinct_media_are_new_valid_inputs_of_the_examples_kind_and_size(tmp_p
         tensors = [prepare(path) for path in (example, *made)]
         for a, b in itertools.combinations(tensors, 2):
             assert a.shape == b.shape and not torch.equal(a, b), task
-        if example.suffix != ".jpg":
+        if example.suffix == ".jpg":
+            assert all(Image.open(media).size == Image.open(example).size for media in made)
+        else:
             assert [_stream(media) for media in made] == pytest.approx([_stream(example)] * 2, abs=0.06), task
+
+
+def test_the_targets_are_judged_at_8_clients_only():
+    def run(mode: str, clients: int, per_min: float, p95: float) -> dict:
+        return dict(
+            media="distinct", setting="greedy", mode=mode, clients=clients, answers=2 * clients, errors=[],
+            answers_per_min=per_min, p50_s=1.0, p95_s=p95, steps=0, mean_rows=0.0, features_reused=0,
+            encoder_share=None,
+        )  # fmt: skip
+
+    block = {"dtype": "float32", "load_s": 1.0, "media_files": 0, "media_s": 0.0}
+    four = [run("one-at-a-time", 4, 10.0, 9.0), run("batched", 4, 50.0, 2.0)]
+    eight = [run("one-at-a-time", 8, 10.0, 9.0), run("batched", 8, 39.0, 2.0)]
+    text = "\n".join(serving._table(block, "distinct", four))
+    assert "8 concurrent greedy >= 4x one-at-a-time (distinct media): not measured (no run at 8 clients)" in text
+    text = "\n".join(serving._table(block, "distinct", four + eight))
+    assert "(distinct media), p95 no worse: 3.90x, p95 2.00 vs 9.00 s: **missed**" in text and "no worse: 5.00x" not in text
 
 
 def _stream(path):
