@@ -128,7 +128,10 @@ def test_the_targets_are_judged_at_8_clients_only():
     text = "\n".join(serving._table(block, "distinct", four))
     assert "8 concurrent greedy >= 4x one-at-a-time (distinct media): not measured (no run at 8 clients)" in text
     text = "\n".join(serving._table(block, "distinct", four + eight))
-    assert "(distinct media), p95 no worse: 3.90x, p95 2.00 vs 9.00 s: **missed**" in text and "no worse: 5.00x" not in text
+    assert (
+        "(distinct media), p95 no worse: 3.90x, p95 2.00 vs 9.00 s: **missed**" in text
+        and "no worse: 5.00x" not in text
+    )
 
 
 def _stream(path):

@@ -77,18 +77,23 @@ def submit(scheduler, parts, job, seed, media_seed=None):
 
 def test_mixed_requests_get_the_ids_they_get_alone_even_joining_mid_flight(parts):
     steps: list[int] = []
-    scheduler = Scheduler(parts[0], max_rows=64, callback=steps.append)
+    entered, gate = threading.Event(), threading.Event()
+
+    def step(rows: int) -> None:  # the first request's first step waits until the others are queued
+        steps.append(rows)
+        entered.set()
+        gate.wait(10)
+
+    scheduler = Scheduler(parts[0], max_rows=64, callback=step)
     expected = [alone(parts, job, seed) for seed, job in enumerate(JOBS)]
     first = submit(scheduler, parts, JOBS[0], 0)
-    stream = first.tokens()
-    next(stream), next(stream)  # the first request is decoding: the others join it mid-flight
+    assert entered.wait(10)
     later = [submit(scheduler, parts, job, seed) for seed, job in enumerate(JOBS) if seed]
-    for _ in stream:
-        pass
-    results = [first.rule.result().sequences] + [request.result().sequences for request in later]
+    gate.set()
+    results = [first.result().sequences] + [request.result().sequences for request in later]
     for seed, (got, want) in enumerate(zip(results, expected)):
         assert torch.equal(got, want), f"job {seed} {JOBS[seed][1:]}"
-    assert max(steps) > first.rows, "requests shared steps"
+    assert steps[0] == first.rows and steps[1] > first.rows, "the others joined its second step"
     assert scheduler.rows == 0
 
 
@@ -120,6 +125,16 @@ def test_rows_limit_queues_requests_and_still_gives_their_ids(parts):
     for seed, (job, request) in enumerate(zip(jobs, requests)):
         assert torch.equal(request.result().sequences, alone(parts, job, seed))
     assert max(steps) <= 4
+
+
+def test_a_request_larger_than_the_rows_limit_runs_alone(parts):
+    steps: list[int] = []
+    scheduler = Scheduler(parts[0], max_rows=2, callback=steps.append)
+    jobs = [JOBS[1], JOBS[0]]  # 3 beams (over the limit of 2), then 1 row
+    requests = [submit(scheduler, parts, job, seed) for seed, job in enumerate(jobs)]
+    for seed, (job, request) in enumerate(zip(jobs, requests)):
+        assert torch.equal(request.result().sequences, alone(parts, job, seed))
+    assert 3 in steps and set(steps) <= {1, 3}, f"rows per step {steps}: the 3-beam request never shared a step"
 
 
 def test_a_cancelled_request_leaves_at_the_next_step_and_frees_its_rows(parts):
