@@ -20,6 +20,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PARITY_DIR = ROOT / "tests" / "fixtures" / "parity"
+TINY_BENCH = ["--lm", "tiny", "--encoders", "tiny", "--dtype", "float32"]  # the benchmarks at the tiny shapes
 
 
 def _parity_cases() -> list[Path]:

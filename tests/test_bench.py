@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, TINY_BENCH
 
 sys.path.insert(0, str(ROOT))
 
@@ -18,12 +18,7 @@ from bench import models, report, timing
 from bench import run as bench_run
 
 TINY = [
-    "--lm",
-    "tiny",
-    "--encoders",
-    "tiny",
-    "--dtype",
-    "float32",
+    *TINY_BENCH,
     "--repeats",
     "1",
     "--new-tokens",

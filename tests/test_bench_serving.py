@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT
+from conftest import ROOT, TINY_BENCH
 
 sys.path.insert(0, str(ROOT))
 
@@ -32,12 +32,7 @@ def test_serving_bench_runs_both_modes_on_both_media_and_reports(tmp_path, monke
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     args = [
-        "--lm",
-        "tiny",
-        "--encoders",
-        "tiny",
-        "--dtype",
-        "float32",
+        *TINY_BENCH,
         "--clients",
         "1",
         "3",

@@ -6,7 +6,7 @@ import torch
 from transformers import OPTConfig
 
 from epalm.model import EPALM, InjectionConfig
-from epalm.tiny import random_lm, tiny_adapter, tiny_encoder
+from epalm.tiny import random_lm, tiny_adapter, tiny_encoder, tiny_lm
 
 SMALL_OPT = OPTConfig(
     hidden_size=64,
@@ -47,9 +47,9 @@ def test_random_lm_runs_under_epalm_and_tiny_adapter_takes_other_widths():
 def test_tiny_builders_leave_the_callers_random_state_alone():
     torch.manual_seed(123)
     state = torch.random.get_rng_state()
-    first = tiny_encoder("audio", seed=3), tiny_adapter(seed=3)
+    first = tiny_lm(seed=3), tiny_encoder("audio", seed=3), tiny_adapter(seed=3)
     assert torch.equal(torch.random.get_rng_state(), state)
-    again = tiny_encoder("audio", seed=3), tiny_adapter(seed=3)
+    again = tiny_lm(seed=3), tiny_encoder("audio", seed=3), tiny_adapter(seed=3)
     for built, rebuilt in zip(first, again):
         for (name, a), (_, b) in zip(built.state_dict().items(), rebuilt.state_dict().items()):
             assert torch.equal(a, b), name
