@@ -54,8 +54,8 @@ class DecodingOptions:
             raise ValueError("max_new_tokens must be >= 1")
         if self.min_answer_tokens < 1:
             raise ValueError("min_answer_tokens must be >= 1")
-        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-            raise ValueError("need temperature > 0, 0 < top_p <= 1 and top_k >= 0")
+        if self.do_sample and (self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0):
+            raise ValueError("sampling needs temperature > 0, 0 < top_p <= 1 and top_k >= 0")
 
     def length_limit(self, input_length: int) -> int:
         """The most ids (input and new) a row may reach.

@@ -147,8 +147,9 @@ def test_options_are_validated():
         DecodingOptions(num_beams=2, do_sample=True)
     with pytest.raises(ValueError):
         DecodingOptions(max_length=None, max_new_tokens=None)
-    with pytest.raises(ValueError):
-        DecodingOptions(temperature=0)
+    with pytest.raises(ValueError, match="sampling needs temperature > 0"):
+        DecodingOptions(num_beams=1, do_sample=True, temperature=0)
+    assert DecodingOptions(temperature=0, top_p=0).temperature == 0, "ignored (and accepted) when nothing samples"
     with pytest.raises(ValueError):
         DecodingOptions(min_answer_tokens=0)
     with pytest.raises(ValueError):

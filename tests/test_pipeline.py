@@ -132,8 +132,8 @@ def test_user_errors_are_clear(pipe, media_files, tmp_path):
         pipe.caption(media_files["image"], "video-caption")
     with pytest.raises(InputError, match="unknown decoding preset"):
         pipe.caption(media_files["image"], "image-caption", preset="turbo")
-    with pytest.raises(InputError, match="invalid decoding settings"):
-        pipe.caption(media_files["image"], "image-caption", temperature=-1.0)
+    with pytest.raises(InputError, match="invalid decoding settings: sampling needs temperature > 0"):
+        pipe.caption(media_files["image"], "image-caption", preset="sampling", temperature=-1.0)
     empty = tmp_path / "empty.jpg"
     empty.write_bytes(b"")
     with pytest.raises(MediaError):
