@@ -179,7 +179,7 @@ class Demo:
 
     def status(self) -> str:
         pipe = self.pipeline
-        loaded = ", ".join(pipe.loaded()) or "nothing yet (models load on first use)"
+        loaded = ", ".join(pipe.loaded(users_adapters=False)) or "nothing yet (models load on first use)"
         parts = [f"Device **{pipe.device.type}** · **{pipe.dtype_name}**"]
         parts.append(f"**tiny random stand-ins** loaded for: {loaded}" if pipe.random_weights else f"loaded: {loaded}")
         for task_id, state in self.preloading.items():

@@ -217,9 +217,10 @@ class Pipeline:
         for task_id in task_ids:
             self.adapter(self.task(task_id), progress)
 
-    def loaded(self) -> list[str]:
-        """Human-readable names of what is in memory now."""
-        return self.store.loaded()
+    def loaded(self, users_adapters: bool = True) -> list[str]:
+        """Human-readable names of what is in memory now (`users_adapters=False`: not the adapters
+        `use_adapter` served, which a public app does not show one user of another)."""
+        return self.store.loaded(() if users_adapters else set(self._adapters))
 
     def scheduler(self, lm: EPALM) -> Scheduler:
         """The one scheduler that batches the decode steps of `lm`."""

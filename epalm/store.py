@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, Protocol
 
 import torch
@@ -177,6 +177,7 @@ class ModelStore:
 
         return self._get(("adapter", task.id), f"{task.label} adapter ({task.id})", load, task, progress)
 
-    def loaded(self) -> list[str]:
-        """What is in memory now, in load order, named for people ("OPT-2.7B language model")."""
-        return [self._names[key] for key in list(self._names)]
+    def loaded(self, hidden: Collection[str] = ()) -> list[str]:
+        """What is in memory now, in load order, named for people ("OPT-2.7B language model"); the
+        adapters of the `hidden` task ids left out."""
+        return [name for key, name in list(self._names.items()) if not (key[0] == "adapter" and key[1] in hidden)]

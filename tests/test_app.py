@@ -791,6 +791,7 @@ def test_a_saved_adapter_answers_the_same_in_the_cli_the_python_api_and_the_app(
     assert info.startswith("`adapter:someone/colours` · ")
     [added] = pipeline.loaded()[len(loaded) :]
     assert "adapter:someone/colours" in added, "only the adapter was loaded: the LM and encoder are shared"
+    assert "adapter:" not in demo_app.Demo(pipeline).status(), "the status line shows no user's adapter to others"
     with pytest.raises(AppError, match="'/.*' is not a Hub repo id.*--allow-local-adapters"):
         client.predict(handle_file(image), adapter=str(folder), **settings, api_name="/caption_image")
     monkeypatch.setattr(pipeline, "allow_local_adapters", True)
