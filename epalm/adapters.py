@@ -8,26 +8,11 @@ already holds that LM and encoder serves it without loading them again.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
-
-from .hub import ADAPTER_WEIGHTS, AdapterError, RepoFiles, locate
+from .hub import ADAPTER_WEIGHTS, AdapterError, RepoFiles, is_repo_id, locate
 from .tasks import ADAPTER_CONFIG, AdapterSource, RegistryError, Task, task_from_adapter
-
-REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
-
-
-def is_repo_id(source: str) -> bool:
-    """Whether `source` is a Hub repo id (user/name) that the Hub accepts."""
-    try:
-        validate_repo_id(source)
-    except HFValidationError:
-        return False
-    return bool(REPO_ID.fullmatch(source))
 
 
 def check_source(source: str, allow_local: bool) -> None:

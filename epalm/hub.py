@@ -33,10 +33,12 @@ from huggingface_hub.errors import (
     EntryNotFoundError,
     GatedRepoError,
     HfHubHTTPError,
+    HFValidationError,
     LocalEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from huggingface_hub.utils import validate_repo_id
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM, PreTrainedTokenizerBase
@@ -421,11 +423,21 @@ base_model: [{task.lm.id}]
 """
 
 
+REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def is_repo_id(source: str) -> bool:
+    """Whether `source` is a Hub repo id (user/name) that the Hub accepts."""
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        return False
+    return bool(REPO_ID.fullmatch(source))
+
+
 def check_push(repo_id: str) -> None:
     """Refuse an upload that cannot be made before any work for it (a training run): a repo id the
     adapter could not be used back from, or no token (the Hub takes no anonymous uploads)."""
-    from .adapters import is_repo_id
-
     if not is_repo_id(repo_id):
         raise UserError(f"Cannot upload to {repo_id!r}: give a Hub repo id (user/name), as --adapter will take it.")
     if get_token() is None:
