@@ -129,7 +129,7 @@ class Task:
 
     @property
     def menu_label(self) -> str:
-        """ "VQAv2 · OPT-2.7B + ViT-B/16": what a person picks the task by."""
+        """What a person picks the task by, e.g. "VQAv2 · OPT-2.7B + ViT-B/16"."""
         return f"{self.label} · {self.lm.display_name} + {self.encoder.display_name}"
 
 

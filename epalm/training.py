@@ -32,6 +32,7 @@ import itertools
 import json
 import logging
 import math
+import shlex
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -608,7 +609,7 @@ Best {self.metric}: {best.get(self.metric, float("nan")):.4f} at epoch {best.get
             include = " ".join(f"--include {name}" for name in PUBLISHED)
             raise WeightsUnavailable(
                 f"{exc} The adapter is saved in {self.out}; "
-                f"upload it later with `hf upload {repo} {self.out} {include}`."
+                f"upload it later with `hf upload {repo} {shlex.quote(str(self.out))} {include}`."
             ) from exc
 
     def _refresh_card(self, progress: dict) -> None:
