@@ -74,8 +74,7 @@ class Request:
                     return
                 if isinstance(event, BaseException):
                     raise event
-                if isinstance(event, torch.Tensor):
-                    yield event
+                yield event
         finally:
             self.cancel()  # a no-op once finished; otherwise the consumer has gone
 
@@ -164,14 +163,18 @@ class Scheduler:
     def rows(self) -> int:
         """Rows in the running batch now."""
         with self._lock:
-            return sum(group.state.text_mask.shape[0] for group in self._groups.values())
+            return self._rows()
+
+    def _rows(self) -> int:
+        """Rows in the running batch (caller holds the lock)."""
+        return sum(len(group.state.text_mask) for group in self._groups.values())
 
     def _run(self) -> None:
         try:
             with torch.inference_mode():
                 while self._next():
                     pass
-        except BaseException as exc:  # the callback, or a bug: nobody may wait forever
+        except BaseException as exc:  # a bug outside a group's step: nobody may wait forever
             with self._lock:
                 stranded = self._waiting + self._current
                 self._waiting, self._current, self._groups, self._thread = [], [], {}, None
@@ -182,8 +185,7 @@ class Scheduler:
         """Admit what fits, then one step of every group; False when there is nothing left to do."""
         with self._lock:
             self._waiting = [r for r in self._waiting if not _left(r)]
-            running = sum(len(g.state.text_mask) for g in self._groups.values())
-            admitted = self._admissible(running)
+            admitted = self._admissible(self._rows())
             if not admitted and not self._groups:
                 self._thread = None
                 return False
