@@ -482,9 +482,13 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+def packs(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `PackedLinear` serves weights of this device and dtype: oneDNN's layout is a CPU one."""
+    return device.type == "cpu" and dtype in PackedLinear.TOLERANCE and torch.backends.mkldnn.is_available()
+
+
 def can_pack(weight: torch.Tensor) -> bool:
-    cpu = weight.device.type == "cpu"
-    return cpu and weight.dtype in PackedLinear.TOLERANCE and torch.backends.mkldnn.is_available()
+    return packs(weight.device, weight.dtype)
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ from transformers import OPTForCausalLM, PreTrainedTokenizerBase
 from .encoders import Encoder
 from .errors import InputError
 from .hub import Progress, WeightsUnavailable, load_adapter
-from .model import EPALM, Adapter, pack_linear_weights
+from .model import EPALM, Adapter, pack_linear_weights, packs
 from .tasks import EncoderRef, ModelRef, Task
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ class ModelStore:
         self.special_tokens = special_tokens
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.pack_weights = pack_weights and self.device.type == "cpu"  # oneDNN's layout is a CPU one
+        self.pack_weights = pack_weights and packs(self.device, self.dtype)  # else no "Packing…" stage either
         self.progress = progress
         self._loaded: dict[tuple, Any] = {}
         self._names: dict[tuple, str] = {}
