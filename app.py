@@ -612,14 +612,14 @@ def main(args: argparse.Namespace, block: bool = True, demo: Demo | None = None)
     """Serve the app (`demo`: what `start(args)` returned, if it already ran); with `block=False`,
     return the running app (tests stop it with `.close()`)."""
     demo = demo or start(args)
-    pipeline, max_file_bytes = demo.pipeline, int(args.max_file_size * 2**20)
+    pipeline = demo.pipeline
     concurrency = args.concurrency or default_concurrency(pipeline)
     blocks = build(pipeline, concurrency, demo)
     blocks.queue(max_size=args.queue_size, default_concurrency_limit=concurrency).launch(
         server_name=args.host,
         server_port=args.port,
         share=args.share,
-        max_file_size=max_file_bytes,
+        max_file_size=pipeline.limits.max_file_bytes,  # the limit the pipeline checks too
         allowed_paths=[str(EXAMPLES)],
         prevent_thread_lock=not block,
         quiet=not block,
