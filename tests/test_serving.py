@@ -214,32 +214,22 @@ def test_a_failing_adapter_fails_its_request_alone_among_those_encoded_with_it(p
     assert torch.equal(first.result().sequences, alone(parts, JOBS[3], 3))
 
 
-def test_a_broken_scheduler_thread_fails_its_requests_instead_of_hanging(parts):
+@pytest.mark.parametrize("broken", ["_admissible", "callback"])
+def test_a_bug_fails_the_requests_it_reaches_instead_of_hanging_and_the_scheduler_goes_on(parts, broken):
+    """A bug in admission reaches the thread's own catch (every request waiting or running gets the error);
+    a failing step hook fails that step's group."""
     scheduler = Scheduler(parts[0])
-    admissible = scheduler._admissible
 
-    def broken(running: int) -> list:
-        raise RuntimeError("bug in the scheduler")
+    def bug(*args: object) -> None:
+        raise RuntimeError(f"bug in {broken}")
 
-    scheduler._admissible = broken
+    original = getattr(scheduler, broken)
+    setattr(scheduler, broken, bug)
     requests = [submit(scheduler, parts, job, seed) for seed, job in enumerate(JOBS[:3])]
     for request in requests:
-        with pytest.raises(RuntimeError, match="bug in the scheduler"):
+        with pytest.raises(RuntimeError, match=f"bug in {broken}"):
             request.result()
-    scheduler._admissible = admissible
-    assert torch.equal(submit(scheduler, parts, JOBS[0], 0).result().sequences, alone(parts, JOBS[0], 0))
-
-
-def test_a_failing_step_fails_its_requests_and_the_scheduler_goes_on(parts):
-    def callback(rows: int) -> None:
-        raise RuntimeError("bug in a step hook")
-
-    scheduler = Scheduler(parts[0], callback=callback)
-    requests = [submit(scheduler, parts, job, seed) for seed, job in enumerate(JOBS[:3])]
-    for request in requests:
-        with pytest.raises(RuntimeError, match="bug in a step hook"):
-            request.result()
-    scheduler.callback = None
+    setattr(scheduler, broken, original)
     assert torch.equal(submit(scheduler, parts, JOBS[0], 0).result().sequences, alone(parts, JOBS[0], 0))
 
 
