@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from epalm.media import MediaLimits  # light: no torch, so that --help answers at once
+from epalm.media import MediaError, MediaLimits, check_in_folders  # light: no torch, so that --help answers at once
 
 
 def env_flag(name: str) -> bool:
@@ -113,7 +113,7 @@ import queue  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
+from dataclasses import dataclass, field, replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -323,24 +323,43 @@ def _first_in_background(answers: Iterator[Any], stages: queue.SimpleQueue) -> _
     return first
 
 
-def _original_upload(image: gr.Image) -> gr.Image:
-    """Make an image input hand the uploaded file itself to the handler. Gradio's `Image` would decode
-    and convert it with Pillow first (all of it, however large, dropping alpha and clipping 16-bit
-    values); `epalm` reads the header first and converts the way the CLI does. (An instance
-    attribute, not a subclass: Gradio writes a .pyi stub next to the module of every subclass.)"""
-    image.preprocess = lambda payload: None if payload is None else payload.path  # type: ignore[method-assign]
-    return image
+def _uploads_only(component: gr.components.Component, limits: Callable[[], MediaLimits]) -> gr.components.Component:
+    """Make a media input accept only files uploaded to this app (or its examples): every payload's path is
+    checked against the pipeline's `limits().folders` before anything opens it, on every event that takes
+    the input, named or not. Gradio checks only payloads marked as its files (`meta._type`); one without
+    the mark would reach the component's preprocessing with any server path. An image then goes to the
+    handler as the uploaded file itself: Gradio's `Image` would decode and convert it with Pillow first (all
+    of it, however large, dropping alpha and clipping 16-bit values), where `epalm` reads the header first
+    and converts as the CLI does. Video and audio keep Gradio's own preprocessing after the check. (An
+    instance attribute, not a subclass: Gradio writes a .pyi stub next to the module of every subclass.)"""
+    gradio_preprocess = component.preprocess
+
+    def preprocess(payload: Any) -> Any:
+        if payload is None:
+            return None
+        path = payload.path
+        if path is None:  # a data: URL (a pasted image): Gradio writes its bytes into the upload folder
+            return gradio_preprocess(payload)
+        try:
+            checked = check_in_folders(path, limits().folders)  # the rest (size, format) is the handler's to say
+        except MediaError as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
+        return str(checked) if isinstance(component, gr.Image) else gradio_preprocess(payload)
+
+    component.preprocess = preprocess  # type: ignore[method-assign]
+    return component
 
 
-def _media_input(modality: str) -> gr.components.Component:
+def _media_input(modality: str, limits: Callable[[], MediaLimits]) -> gr.components.Component:
     if modality == "image":
-        image = gr.Image(
+        media = gr.Image(
             label="Image", sources=["upload", "webcam", "clipboard"], type="filepath", elem_id="image-input"
         )
-        return _original_upload(image)
-    if modality == "video":
-        return gr.Video(label="Video", sources=["upload", "webcam"], elem_id="video-input")
-    return gr.Audio(label="Audio", sources=["upload", "microphone"], type="filepath", elem_id="audio-input")
+    elif modality == "video":
+        media = gr.Video(label="Video", sources=["upload", "webcam"], elem_id="video-input")
+    else:
+        media = gr.Audio(label="Audio", sources=["upload", "microphone"], type="filepath", elem_id="audio-input")
+    return _uploads_only(media, limits)
 
 
 def _parameters(modality: str, kind: str, tasks: list[Task]) -> list[inspect.Parameter]:
@@ -456,8 +475,8 @@ def _kind_tab(
 def _examples_table(prefix: str, inputs: list, rows: list[list[str]]) -> None:
     """Clicking an example fills the inputs, then presses the visible button: it runs the same
     endpoint, task and settings as the user would. (Not gr.Examples: it fills inputs with
-    gr.update, which rebuilds the image input as a plain gr.Image in the session, undoing
-    `_original_upload`.)"""
+    gr.update, which rebuilds the image input as a plain gr.Image in the session, without
+    `_uploads_only`.)"""
     table = gr.Dataset(
         components=inputs,
         samples=rows,
@@ -484,7 +503,7 @@ def _tab(demo: Demo, modality: str, tasks: dict[str, list[Task]], concurrency: i
     Returns (model event, output boxes) per sub-tab."""
     with gr.Row():
         with gr.Column():
-            media = _media_input(modality)
+            media = _media_input(modality, lambda: demo.pipeline.limits)
             with gr.Accordion("Advanced", open=False):
                 preset = gr.Radio(
                     [(preset.label, name) for name, preset in PRESETS.items()], value=DEFAULT_PRESET, label="Decoding"
@@ -541,6 +560,8 @@ def build(
     """The whole UI. `concurrency` = requests served at once (default: see `default_concurrency`)."""
     demo = demo or Demo(pipeline)
     concurrency = concurrency or default_concurrency(pipeline)
+    # the app reads only what its users uploaded and its own examples, never another path on this machine
+    pipeline.limits = replace(pipeline.limits, folders=(get_upload_folder(), str(EXAMPLES)))
     with gr.Blocks(title="eP-ALM demo", delete_cache=delete_cache) as blocks:
         gr.Markdown(
             "# eP-ALM: Efficient Perceptual Augmentation of Language Models\n"
@@ -606,6 +627,7 @@ if __name__ == "__main__":  # the models start loading now, so that gradio's imp
     STARTED = start(ARGS)
 
 import gradio as gr  # noqa: E402  (after `start`, see above; every use of it below is inside a function)
+from gradio.utils import get_upload_folder  # noqa: E402
 
 
 def main(args: argparse.Namespace, block: bool = True, demo: Demo | None = None) -> gr.Blocks:

@@ -39,6 +39,9 @@ class MediaLimits:
     max_pixels: int = 100_000_000  # an image's width × height, checked before its pixels are decoded
     max_frame_pixels: int = 4096 * 2304  # a video frame's width × height (4K fits; the sampled frames stay in memory)
     max_clip_seconds: float = 1800.0  # a video's or audio clip's length (the app's --max-duration)
+    # None: any path (a local user named it); else only files inside these folders (a public app: its uploads and
+    # examples), every other path refused with one message, whatever is or is not there
+    folders: tuple[str, ...] | None = None
 
 
 def describe_bytes(size: float) -> str:
@@ -76,15 +79,33 @@ def _is_path(src: Any) -> bool:
     return isinstance(src, (str, os.PathLike))
 
 
+NOT_UPLOADED = "This file was not uploaded here."
+
+
 def check_file(path: str | os.PathLike, limits: MediaLimits) -> Path:
-    """The path, once it is known to be a readable, non-empty file within the size limit."""
-    path = Path(path).expanduser()
+    """The path, once it is known to be a readable, non-empty file within the size limit (and, with
+    `limits.folders`, inside one of them: checked before anything at the path is looked at)."""
+    path = Path(path).expanduser() if limits.folders is None else check_in_folders(path, limits.folders)
     if not path.exists():
         raise MediaError(f"File not found: {path}")
     if not path.is_file():
         raise MediaError(f"This is a folder, not a file: {path}")
     _check_size(path.stat().st_size, limits)
     return path
+
+
+def check_in_folders(path: str | os.PathLike, folders: tuple[str, ...]) -> Path:
+    """The resolved path of a regular file inside one of `folders` (symbolic links followed first), else
+    `NOT_UPLOADED`: the same words whether the path is missing, a folder, a link out or a file
+    elsewhere, so that a caller learns nothing of the server's disk. Nothing at the path is opened."""
+    try:
+        resolved = Path(os.path.realpath(os.fspath(path)))
+        inside = any(resolved.is_relative_to(os.path.realpath(folder)) for folder in folders)
+        if inside and resolved.is_file():
+            return resolved
+    except (TypeError, ValueError, OSError):  # NUL bytes, a name too long, a bytes path
+        pass
+    raise MediaError(NOT_UPLOADED)
 
 
 def read_bytes(src: Any, limits: MediaLimits) -> bytes:

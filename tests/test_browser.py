@@ -41,6 +41,8 @@ def browser():
                 "--disable-background-networking",
                 "--disable-component-update",
                 "--disable-sync",
+                "--use-fake-device-for-media-stream",  # a test camera and microphone, already allowed
+                "--use-fake-ui-for-media-stream",
             ],
         )
         yield browser
@@ -70,6 +72,41 @@ def page(app_page):
     app_page.reload()
     expect(app_page.get_by_text("Smoke mode")).to_be_visible(timeout=30_000)
     return app_page
+
+
+@pytest.mark.parametrize("source", ["webcam", "clipboard"])
+def test_a_webcam_photo_and_a_pasted_image_are_answered(browser, source):
+    """The image input's other sources upload to the app like a file does (its reads are limited to uploads)."""
+    blocks, url = serve(Pipeline(device="cpu", tiny=True))
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=url.rstrip("/"))
+    page = context.new_page()
+    try:
+        page.goto(url)
+        expect(page.get_by_text("Smoke mode")).to_be_visible(timeout=30_000)
+        box = page.locator("#image-input")
+        if source == "webcam":
+            box.get_by_role("button", name="Capture from camera").click()
+            box.get_by_text("Click to Access Webcam").click()
+            box.get_by_role("button", name="capture photo").click()
+        else:
+            page.evaluate(
+                """async () => {
+                    const canvas = document.createElement('canvas');
+                    canvas.width = 64; canvas.height = 48;
+                    const context = canvas.getContext('2d');
+                    context.fillStyle = '#c03020'; context.fillRect(0, 0, 64, 48);
+                    const blob = await new Promise(done => canvas.toBlob(done, 'image/png'));
+                    await navigator.clipboard.write([new ClipboardItem({'image/png': blob})]);
+                }"""
+            )
+            box.get_by_role("button", name="Paste from clipboard").click()
+        box.locator("img").first.wait_for(state="visible", timeout=30_000)
+        page.locator("#image-caption-run").click()
+        assert wait_for_answer(page, "image-caption", "image-caption").strip()
+    finally:
+        context.close()
+        blocks.close()
 
 
 def example_file(modality: str) -> Path:

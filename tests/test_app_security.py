@@ -1,0 +1,188 @@
+"""No server file leaves the server: every event that takes media reads only what its caller uploaded.
+
+An attacker does not need the API page: the browser's own route (`/gradio_api/queue/join` with an
+`fn_index`) reaches every event. Each media argument is sent as payloads naming files on the server,
+shaped as Gradio marks its files and not (no `meta`, a wrong `meta._type`, `url: null`), and each must be
+refused with the same words whatever is at the path (an image, a non-image, a folder, nothing, a link out
+of the upload folder), with nothing of the file sent back.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+from gradio.utils import get_upload_folder
+from PIL import Image
+
+from epalm import MediaError, MediaLimits, Pipeline
+from epalm.media import NOT_UPLOADED, check_file
+
+from conftest import write_image, write_video, write_wav
+from test_app import serve
+
+MEDIA_TYPES = {"image", "video", "audio"}
+
+
+@pytest.fixture(scope="module")
+def app():
+    pipeline = Pipeline(device="cpu", tiny=True)
+    blocks, url = serve(pipeline)
+    yield blocks, url
+    blocks.close()
+
+
+def queue_call(url: str, fn_index: int, data: list) -> dict:
+    """Run one event as the browser does (join the queue, read its stream); the last message."""
+    session = uuid.uuid4().hex
+    body = {"data": data, "fn_index": fn_index, "session_hash": session, "trigger_id": None, "event_data": None}
+    request = urllib.request.Request(
+        url + "gradio_api/queue/join", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    urllib.request.urlopen(request, timeout=30).read()
+    last = {}
+    with urllib.request.urlopen(url + f"gradio_api/queue/data?session_hash={session}", timeout=120) as stream:
+        for line in stream:
+            line = line.decode().strip()
+            if line.startswith("data:"):
+                last = json.loads(line[5:])
+                if last.get("msg") == "process_completed":
+                    return last
+    return last
+
+
+def media_events(blocks) -> list[tuple[int, list[str], int]]:
+    """(fn_index, input component types, position of the media input) of every event with a server
+    function that takes a media component: named endpoints and any other."""
+    config = blocks.config
+    types = {c["id"]: c["type"] for c in config["components"]}
+    found = []
+    for dependency in config["dependencies"]:
+        kinds = [types[i] for i in dependency["inputs"]]
+        if dependency["backend_fn"] and MEDIA_TYPES & set(kinds):
+            found.append((dependency["id"], kinds, next(i for i, k in enumerate(kinds) if k in MEDIA_TYPES)))
+    return found
+
+
+def server_files(tmp: Path) -> dict[str, str]:
+    """Paths on the server that no caller uploaded: what an attacker would like to read or probe."""
+    outside = tmp / "private"
+    outside.mkdir()
+    photo = write_image(outside / "photo.png", size=(64, 64))
+    (outside / "notes.txt").write_text("secret")
+    link_dir = Path(get_upload_folder()) / f"link-{uuid.uuid4().hex}"
+    link_dir.mkdir(parents=True)
+    (link_dir / "photo.png").symlink_to(photo)  # inside the upload folder, pointing out of it
+    return {
+        "image": str(photo),
+        "video": str(write_video(outside / "clip.mp4")),
+        "audio": str(write_wav(outside / "sound.wav")),
+        "non-image": str(outside / "notes.txt"),
+        "folder": str(outside),
+        "missing": str(outside / "nothing.jpg"),
+        "link out": str(link_dir / "photo.png"),
+        "system": "/etc/passwd",
+    }
+
+
+def payloads(kind: str, path: str) -> dict[str, object]:
+    """The shapes of a media argument naming `path` that Gradio's own checks do not all catch."""
+    file = {"path": path}
+    shapes = {
+        "bare": file,
+        "mis-typed meta": {**file, "meta": {"_type": "anything"}},
+        "url null": {**file, "url": None, "orig_name": "x.png"},
+        "marked": {**file, "meta": {"_type": "gradio.FileData"}},
+    }
+    if kind == "video":  # the shape of Gradio 4's video payloads
+        shapes.update({f"video {name}": {"video": shape, "subtitles": None} for name, shape in list(shapes.items())})
+    return shapes
+
+
+def defaults(blocks, dependency: dict) -> list:
+    """The event's inputs as the page first shows them."""
+    values = {c["id"]: c["props"].get("value") for c in blocks.config["components"]}
+    return [values[i] for i in dependency["inputs"]]
+
+
+def test_no_event_reads_a_file_its_caller_did_not_upload(app, tmp_path):
+    blocks, url = app
+    events = media_events(blocks)
+    assert len(events) == 5, "the five endpoints take media; nothing else does"
+    targets = server_files(tmp_path)
+    image_events = {fn_index for fn_index, kinds, position in events if kinds[position] == "image"}
+    refusals: dict[str, set[str]] = {}
+    for fn_index, kinds, position in events:
+        dependency = next(d for d in blocks.config["dependencies"] if d["id"] == fn_index)
+        data = defaults(blocks, dependency)
+        if "textbox" in kinds[position + 1 : position + 2]:
+            data[position + 1] = "what is it?"  # the question, where there is one
+        for target, path in targets.items():
+            for shape, payload in payloads(kinds[position], path).items():
+                data[position] = payload
+                result = queue_call(url, fn_index, data)
+                assert result.get("msg") == "process_completed" and result["success"] is False, (target, shape)
+                assert "output" not in result or "data" not in result["output"], "nothing of the file came back"
+                message = result["output"]["error"]  # None: refused without words (Gradio's own check)
+                refusals.setdefault((fn_index, shape), set()).add(message and message.replace(path, "PATH"))
+    for (fn_index, shape), messages in refusals.items():  # one answer per payload, whatever is at the path:
+        assert len(messages) == 1 and messages <= {NOT_UPLOADED, None}, (fn_index, shape, messages)  # None: Gradio's
+    # own refusal (a payload its data model does not take), which says nothing; the image events take every shape
+    assert {m for (f, _), ms in refusals.items() for m in ms if f in image_events} == {NOT_UPLOADED, None}
+
+
+def test_an_uploaded_file_a_pasted_image_and_an_example_still_answer(app, media_files):
+    blocks, url = app
+    dependency = next(d for d in blocks.config["dependencies"] if d["api_name"] == "caption_image")
+    fn_index, kinds, position = next(e for e in media_events(blocks) if e[0] == dependency["id"])
+    data = defaults(blocks, dependency)
+    png = io.BytesIO()
+    Image.open(media_files["image"]).save(png, format="PNG")
+    data[position] = {
+        "url": "data:image/png;base64," + base64.b64encode(png.getvalue()).decode(),
+        "meta": {"_type": "gradio.FileData"},
+    }
+    pasted = queue_call(url, fn_index, data)
+    assert pasted["success"] is True, pasted
+    assert pasted["output"]["data"][0], "a pasted (data: URL) image is the caller's own"
+    upload = Path(get_upload_folder()) / uuid.uuid4().hex / "cat.png"
+    upload.parent.mkdir(parents=True)
+    upload.write_bytes(png.getvalue())
+    data[position] = {"path": str(upload), "meta": {"_type": "gradio.FileData"}}
+    uploaded = queue_call(url, fn_index, data)
+    assert uploaded["success"] is True and uploaded["output"]["data"][0] == pasted["output"]["data"][0]
+
+
+@pytest.mark.parametrize("kind", ["outside", "missing", "folder", "fifo", "link out", "nul"])
+def test_the_library_refuses_paths_outside_its_folders_before_opening_them(tmp_path, kind):
+    allowed, outside = tmp_path / "uploads", tmp_path / "elsewhere"
+    allowed.mkdir(), outside.mkdir()
+    photo = write_image(outside / "photo.png")
+    paths = {
+        "outside": photo,
+        "missing": allowed / "nothing.png",
+        "folder": allowed,
+        "fifo": outside / "pipe.png",
+        "link out": allowed / "photo.png",
+        "nul": "uploads/\0photo.png",
+    }
+    if kind == "fifo":
+        os.mkfifo(paths["fifo"])  # opening it would block: the check must not open it
+    if kind == "link out":
+        paths["link out"].symlink_to(photo)
+    limits = MediaLimits(folders=(str(allowed),))
+    with pytest.raises(MediaError) as refused:
+        check_file(paths[kind], limits)
+    assert str(refused.value) == NOT_UPLOADED
+    pipeline = Pipeline(device="cpu", tiny=True, limits=limits)
+    with pytest.raises(MediaError, match=NOT_UPLOADED):
+        pipeline.caption(str(paths[kind]), task="image-caption")
+    inside = write_image(allowed / "mine.png")
+    assert check_file(inside, limits) == inside.resolve()
+    assert pipeline.caption(str(inside), task="image-caption", preset="fast").done
