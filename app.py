@@ -127,7 +127,7 @@ from epalm import (  # noqa: E402
     Task,
     UserError,
 )
-from epalm.adapters import check_served_models  # noqa: E402
+from epalm.tasks import KIND_WORDS  # noqa: E402
 
 try:  # ZeroGPU on Hugging Face Spaces: model calls get a GPU only inside @spaces.GPU
     import spaces
@@ -142,7 +142,6 @@ log = logging.getLogger("epalm.app")
 EXAMPLES = Path(__file__).resolve().parent / "examples"
 MODALITIES = ("image", "video", "audio")
 MEDIA_NAMES = {"image": "an image", "video": "a video", "audio": "an audio clip"}
-KIND_WORDS = {"caption": "captioning", "qa": "question answering"}
 SEEN_LABELS = {
     "image": "The encoder's input: the picture resized to 224×224",
     "video": "The frames sampled for the encoder, with their times",
@@ -227,35 +226,13 @@ class Demo:
         yield "", f"⚠️ {message}", *NOTHING_SEEN
         raise gr.Error(message, print_exception=False)
 
-    def user_adapter(self, modality: str, kind: str, source: str) -> str:
-        """The task id of a user's trained adapter (a Hub repo id; a folder only if the app allows them),
-        refused unless it is a task of this tab and mode on models the app already serves."""
-        pipe = self.pipeline
-
-        def check(task: Task) -> None:
-            if (task.modality, task.kind) != (modality, kind):
-                if task.kind in tasks_by_modality(pipe).get(task.modality, {}):
-                    where = f"use it in the {task.modality.capitalize()} tab, {KINDS[task.kind].tab}"
-                else:
-                    where = "this app has no tab for it"
-                raise InputError(
-                    f"The adapter {source} was trained for {task.modality} {KIND_WORDS[task.kind]}, "
-                    f"not {modality} {KIND_WORDS[kind]}: {where}."
-                )
-            check_served_models(task, pipe.tasks.values())
-
-        return pipe.use_adapter(source, check)
-
     def _answers(self, modality: str, request: dict[str, Any]) -> Iterator[tuple]:
         media = request["media"]
         if media is None or media == "":
             raise InputError(f"Please upload {MEDIA_NAMES[modality]} first.")
-        task = request["task"]
-        adapter = (request.get("adapter") or "").strip()
-        if adapter:  # its config first, its weights once accepted: the LM and encoder are the registry's
-            if not self.pipeline.is_adapter_served(adapter):
-                yield "", f"⏳ Loading the adapter {adapter}…", *NOTHING_SEEN
-            task = self.user_adapter(modality, "qa" if "question" in request else "caption", adapter)
+        adapter = (request.get("adapter") or "").strip() or None
+        if adapter and not self.pipeline.is_adapter_served(adapter):
+            yield "", "⏳ Loading the adapter…", *NOTHING_SEEN  # its config first, its weights once accepted
         # temperature and top-p shape sampling only; decoding ignores them for beams and greedy
         decoding: dict[str, Any] = {"temperature": float(request["temperature"]), "top_p": float(request["top_p"])}
         if request["max_new_tokens"]:
@@ -265,11 +242,13 @@ class Demo:
         stages: queue.SimpleQueue = queue.SimpleQueue()
         answers = self.pipeline.stream(
             media,
-            task,
+            request["task"],
             request.get("question"),
             preset=request["preset"],
             progress=stages.put,
             inspect=True,
+            adapter=adapter,
+            modality=modality,
             **decoding,
         )
         first = _first_in_background(answers, stages)
@@ -562,6 +541,7 @@ def build(
     concurrency = concurrency or default_concurrency(pipeline)
     # the app reads only what its users uploaded and its own examples, never another path on this machine
     pipeline.limits = replace(pipeline.limits, folders=(get_upload_folder(), str(EXAMPLES)))
+    pipeline.any_adapter_models = False  # users' adapters run on the models this app serves, not on what they name
     with gr.Blocks(title="eP-ALM demo", delete_cache=delete_cache) as blocks:
         gr.Markdown(
             "# eP-ALM: Efficient Perceptual Augmentation of Language Models\n"

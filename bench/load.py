@@ -11,7 +11,7 @@ peak (VmHWM, which counts the checkpoint's pages a memory-mapped read touched), 
 sampled: what the page cache cannot take back) and settled after the load.
 
 - `transformers`: `OPTForCausalLM.from_pretrained(folder, dtype=...)`, what epalm did before;
-- `epalm`: `epalm.hub.load_lm`, which reads the checkpoint and casts it tensor by tensor.
+- `epalm`: `epalm.pretrained.load_lm`, which reads the checkpoint and casts it tensor by tensor.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def measure(method: str, folder: Path, dtype: torch.dtype) -> dict:
     """Load in this process; its memory before, at the peak and settled, and the threads left."""
     from transformers import OPTForCausalLM
 
-    from epalm.hub import load_lm
+    from epalm.pretrained import load_lm
 
     gc.collect()
     before = _memory_gib("VmRSS")

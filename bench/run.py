@@ -29,8 +29,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from bench import machine, models, report, runs, timing  # noqa: E402
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from epalm.store import DTYPES  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

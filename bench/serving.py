@@ -56,8 +56,9 @@ from PIL import Image  # noqa: E402
 
 from bench import machine, models, report  # noqa: E402
 from epalm.pipeline import Pipeline  # noqa: E402
+from epalm.store import DTYPES  # noqa: E402
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+CPU_DTYPES = [name for name in DTYPES if name != "float16"]  # float16 is for GPUs
 REQUESTS = [  # (task, example file): image, video and audio captioning, cycled through
     ("image-caption", "examples/image/cat.jpg"),
     ("video-caption", "examples/video/cat_zoom.mp4"),
@@ -377,7 +378,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lm", default="opt-2.7b", choices=list(models.LM_SHAPES))
     p.add_argument("--encoders", default="real", choices=models.ENCODER_FAMILIES)
-    p.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    p.add_argument("--dtype", nargs="+", default=CPU_DTYPES, choices=CPU_DTYPES)
     p.add_argument(
         "--media",
         nargs="+",

@@ -30,6 +30,7 @@ from bench.models import build_lm, encoder_input, injection_for  # noqa: E402
 from bench.report import write_section  # noqa: E402
 from bench.timing import CpuMonitor, reset_rss_peak, rss_bytes, rss_peak_bytes, wait_for_quiet  # noqa: E402
 from epalm.model import EPALM, Adapter  # noqa: E402
+from epalm.store import DTYPES  # noqa: E402
 from epalm.training import AdapterLoss  # noqa: E402
 
 SECTION = "## Training throughput (bench/train.py)"
@@ -46,9 +47,6 @@ def available_bytes() -> float:
     except OSError:
         pass
     return float("inf")
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def measure(

@@ -30,8 +30,8 @@ _EXPORTS = {
     "Preset": "presets",
     "InputError": "errors",
     "UserError": "errors",
-    "AdapterError": "hub",
-    "WeightsUnavailable": "hub",
+    "AdapterError": "errors",
+    "WeightsUnavailable": "errors",
     "Inspection": "inspection",
     "MediaError": "media",
     "MediaLimits": "media",
@@ -51,10 +51,10 @@ __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:  # for type checkers and editors; `X as X` marks a re-export
     from .decoding import DecodingOptions as DecodingOptions
+    from .errors import AdapterError as AdapterError
     from .errors import InputError as InputError
     from .errors import UserError as UserError
-    from .hub import AdapterError as AdapterError
-    from .hub import WeightsUnavailable as WeightsUnavailable
+    from .errors import WeightsUnavailable as WeightsUnavailable
     from .inspection import Inspection as Inspection
     from .media import MediaError as MediaError
     from .media import MediaLimits as MediaLimits

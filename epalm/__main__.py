@@ -170,7 +170,7 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _tasks(registry: dict[str, Task]) -> int:
-    from .hub import HubModels
+    from .pretrained import HubModels
 
     models = HubModels()
     rows = [("task", "modality", "kind", "language model", "encoder", "cached (adapter/LM/encoder)")]
@@ -297,8 +297,9 @@ def _inputs_folder(root: Path, path: str, taken: set[Path]) -> Path:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    from .adapter_format import convert
     from .errors import UserError
-    from .hub import convert, push_to_hub
+    from .publish import push_to_hub
     from .tasks import get_task, load_registry
 
     try:

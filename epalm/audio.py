@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torchaudio
 
+from .errors import bounded
 from .media import MediaError, MediaLimits, check_duration, container_duration, local_path, open_container
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,13 @@ class AudioTransform:
     target_length: int = 1024
     norm_mean: float = -4.2677393
     norm_std: float = 4.5689974
+
+    def __post_init__(self) -> None:
+        bounded("sample_rate", self.sample_rate, 8000, 48000)
+        bounded("mel_bins", self.mel_bins, 8, 256)
+        bounded("target_length", self.target_length, 16, 4096)  # frames of 10 ms: 41 s at most
+        bounded("norm_mean", self.norm_mean, -100, 100, whole=False)
+        bounded("norm_std", self.norm_std, 1e-6, 100, whole=False)
 
 
 def window_seconds(transform: AudioTransform = AudioTransform()) -> float:

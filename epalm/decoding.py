@@ -21,7 +21,15 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from .errors import bounded
 from .model import EPALM, DecodeState, Prefix
+
+MAX_BEAMS = 8  # beams of one request: each is a row of every decode step
+MAX_LENGTH = 512  # ids of one answer (a caption is 10-20); OPT has 2,048 positions
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0  # NaN: False
 
 
 @dataclass(frozen=True)
@@ -44,18 +52,30 @@ class DecodingOptions:
     use_cache: bool = True  # False: the original algorithm, the whole sequence re-run each step
 
     def __post_init__(self) -> None:
-        if self.num_beams < 1:
-            raise ValueError("num_beams must be >= 1")
+        """Every setting in its bounds, checked before anything is allocated: a request (or a stranger's
+        adapter config) asking for 2,000 beams or a million tokens is refused, not run."""
+        bounded("num_beams", self.num_beams, 1, MAX_BEAMS)
+        for name in ("do_sample", "use_cache"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false")
         if self.do_sample and self.num_beams > 1:
             raise ValueError("beam sampling is not supported: use num_beams=1 with do_sample")
         if self.max_length is None and self.max_new_tokens is None:
             raise ValueError("set max_length or max_new_tokens")
-        if self.max_new_tokens is not None and self.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be >= 1")
-        if self.min_answer_tokens < 1:
-            raise ValueError("min_answer_tokens must be >= 1")
-        if self.do_sample and (self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0):
-            raise ValueError("sampling needs temperature > 0, 0 < top_p <= 1 and top_k >= 0")
+        for name in ("max_length", "max_new_tokens"):
+            if getattr(self, name) is not None:
+                bounded(name, getattr(self, name), 1, MAX_LENGTH)
+        bounded("min_answer_tokens", self.min_answer_tokens, 1, MAX_LENGTH)
+        bounded("length_penalty", self.length_penalty, -10, 10, whole=False)
+        for name in ("eos_token_id", "pad_token_id"):  # -1: none (a decode that never stops early)
+            bounded(name, getattr(self, name), -1, 2**31 - 1)
+        if self.seed is not None:
+            bounded("seed", self.seed, 0, 2**63 - 1)
+        if self.do_sample:  # only sampling reads these (greedy and beams ignore them, whatever they are)
+            if not (_positive(self.temperature) and _positive(self.top_p) and self.top_p <= 1):
+                raise ValueError("sampling needs temperature > 0, 0 < top_p <= 1 and top_k >= 0")
+            bounded("temperature", self.temperature, 1e-3, 100, whole=False)
+            bounded("top_k", self.top_k, 0, 2**31 - 1)
 
     def length_limit(self, input_length: int) -> int:
         """The most ids (input and new) a row may reach.

@@ -19,6 +19,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import InterpolationMode
 
+from .errors import bounded
 from .media import MediaError, MediaLimits, Source, open_binary
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,22 @@ class ImageTransform:
     size: int = 224
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
+
+    def __post_init__(self) -> None:
+        check_pixel_transform(self.size, self.mean, self.std)
+
+
+MAX_INPUT_SIZE = 1024  # an encoder input's side in pixels (the released encoders take 224)
+
+
+def check_pixel_transform(size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+    """The bounds of a picture transform's settings (images and video frames), before anything is allocated."""
+    bounded("size", size, 16, MAX_INPUT_SIZE)
+    for name, values in (("mean", mean), ("std", std)):
+        if len(values) != 3:
+            raise ValueError(f"{name} must hold 3 numbers (red, green, blue), not {len(values)}")
+        for value in values:
+            bounded(name, value, 1e-6 if name == "std" else -10, 10, whole=False)
 
 
 def load_image(src: ImageSource, limits: MediaLimits = MediaLimits()) -> Image.Image:

@@ -29,7 +29,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import OPTForCausalLM
 
+from .errors import bounded
+
 logger = logging.getLogger(__name__)
+
+MAX_LAYERS = 128  # an LM's decoder layers and an encoder's blocks (OPT-66B has 64, ViT-L 24)
 
 
 @dataclass(frozen=True)
@@ -44,10 +48,15 @@ class InjectionConfig:
     prompt_mlp: bool = True  # soft prompt followed by Linear-Tanh-Linear
 
     def __post_init__(self) -> None:
-        if not 0 <= self.start_layer < self.end_layer:
-            raise ValueError(f"need 0 <= start_layer < end_layer, got {self.start_layer}, {self.end_layer}")
-        if self.num_features < 1 or self.prompt_len < 0:
-            raise ValueError("num_features must be >= 1 and prompt_len >= 0")
+        bounded("start_layer", self.start_layer, 0, MAX_LAYERS - 1)
+        bounded("end_layer", self.end_layer, 1, MAX_LAYERS)
+        if self.start_layer >= self.end_layer:
+            raise ValueError(f"need start_layer < end_layer, got {self.start_layer}, {self.end_layer}")
+        bounded("num_features", self.num_features, 1, MAX_LAYERS)
+        bounded("prompt_len", self.prompt_len, 0, 128)
+        for name in ("shared_connector", "prompt_mlp"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false")
 
     @property
     def layout(self) -> tuple[int, int, int, int]:

@@ -19,17 +19,25 @@ from typing import Any
 
 import torch
 
-from .adapters import adapter_task, check_source
+from .adapters import (
+    adapter_task_id,
+    check_fits,
+    check_mode,
+    check_served_models,
+    check_source,
+    read_adapter_config,
+    shown,
+)
 from .audio import prepare_audio
 from .decoding import DecodingOptions, generate, stream_text, stream_tokens
 from .encoders import FEATURE_CACHE, Encoder, FeatureCache
-from .errors import InputError, UserError
-from .hub import HubModels, Progress
+from .errors import AdapterError, InputError, Progress, UserError
 from .image import prepare_image
 from .inspection import Inspection, Inspector
 from .media import MediaLimits
 from .model import EPALM, Adapter
 from .presets import DEFAULT_PRESET, PRESETS
+from .pretrained import HubModels
 from .serving import MAX_BATCH_ROWS, Request, Scheduler
 from .store import ModelSource, ModelStore
 from .tasks import Task, answer_tokens, get_task, load_registry
@@ -110,6 +118,7 @@ class Pipeline:
         source: ModelSource | None = None,
         pack_weights: bool = True,
         allow_local_adapters: bool = True,
+        any_adapter_models: bool = True,
         batching: bool | None = None,
         max_batch_rows: int | None = None,
         feature_cache: int | None = None,
@@ -117,6 +126,8 @@ class Pipeline:
         """`source`: where the weights come from (default: the Hub; `tiny=True`: tiny random models).
         `pack_weights`: see `store.ModelStore`. `progress` hears every load stage and download.
         `allow_local_adapters`: whether `adapter=` may name a folder on this machine (not only a Hub repo).
+        `any_adapter_models`: whether an adapter may name models no registry task uses (they are then
+        downloaded and loaded); an app for the public serves adapters on its own models only.
         `batching`: concurrent calls (from several threads) share the LM's decode steps through an
         `epalm.serving.Scheduler`, at most `max_batch_rows` rows a step (a beam-search call takes
         `num_beams` rows); defaults from EPALM_BATCHING (1/0, on) and EPALM_MAX_BATCH_ROWS (24).
@@ -124,6 +135,7 @@ class Pipeline:
         are kept for media seen again (another question, preset or task; see `encoders.FeatureCache`;
         0: none); defaults from EPALM_FEATURE_CACHE (64)."""
         self.allow_local_adapters = allow_local_adapters
+        self.any_adapter_models = any_adapter_models
         if source is None:
             if tiny:
                 from .tiny import TinyModels
@@ -187,31 +199,35 @@ class Pipeline:
     def adapter(self, task: Task, progress: Progress | None = None) -> Adapter:
         return self.store.adapter(task, progress)
 
-    def use_adapter(self, source: str, check: Callable[[Task], None] | None = None) -> str:
+    def use_adapter(self, source: str, modality: str | None = None, kind: str | None = None) -> str:
         """Serve a trained adapter (a folder, or a Hub repo id) with the models its config names,
-        shared with every other task; returns its task id (`adapter:<source>`). `check`, if given,
-        sees the adapter's task (read from its config alone: a Hub adapter's weights are fetched when it
-        loads) and refuses it by raising: a refused adapter is not served. It runs on every call, served
-        or not, since callers may differ in what they accept."""
+        shared with every other task; returns its task id (`adapter_task_id(source)`). Its config is read
+        alone (a Hub adapter's weights come when it loads) and refused, before anything loads, when it
+        does not fit its models, when it is not for `modality`/`kind` (if given), or, unless
+        `any_adapter_models`, when its models are not the registry's. A refused adapter is not served;
+        the checks run on every call, served before or not."""
         check_source(source, self.allow_local_adapters)  # served before or not: the setting may have changed
-        task_id = f"adapter:{source}"
+        task_id = adapter_task_id(source)
         task = self._adapters.get(task_id)
         if task is None:
-            task, tiny = adapter_task(source, self.allow_local_adapters)
-            if tiny != self.random_weights:
+            config = read_adapter_config(source, self.allow_local_adapters)
+            if config.tiny != self.random_weights:
+                models = ("tiny test", "real") if config.tiny else ("real", "tiny test")
                 raise InputError(
-                    f"The adapter {source} was trained on the {'tiny test' if tiny else 'real'} models; "
-                    f"{'use --tiny / Pipeline(tiny=True)' if tiny else 'it cannot run on the tiny models'}."
+                    f"The adapter {shown(source)} was trained on the {models[0]} models, not the {models[1]} ones."
                 )
-            task = self.store.source.tasks({task_id: task})[task_id]
-        if check is not None:
-            check(task)
+            task = config.task  # settings as trained: on this pipeline's kind of models, as just checked
+            check_fits(task, self.tasks.values())
+        if kind is not None:
+            check_mode(task, modality, kind, source)
+        if not self.any_adapter_models:
+            check_served_models(task, self.tasks.values())
         self._adapters[task_id] = task  # one dict store: atomic
         return task_id
 
     def is_adapter_served(self, source: str) -> bool:
         """Whether `use_adapter(source)` has already read this adapter (no download to wait for)."""
-        return f"adapter:{source}" in self._adapters
+        return adapter_task_id(source) in self._adapters
 
     def preload(self, task_ids: list[str], progress: Progress | None = None) -> None:
         for task_id in task_ids:
@@ -293,17 +309,21 @@ class Pipeline:
         progress: Progress | None = None,
         inspect: bool = False,
         adapter: str | None = None,
+        modality: str | None = None,
         **overrides: Any,
     ) -> Iterator[Answer]:
         """Partial answers as they are generated (greedy and sampling), then the final one.
         Beam search yields only the final answer. Bad input fails before any model loads.
         `inspect`: answers carry an `Inspection` (see epalm.inspection); off, nothing of it is computed.
-        `adapter`: a trained adapter (folder or Hub repo id) to use instead of `task`."""
+        `adapter`: a trained adapter (folder or Hub repo id) to use instead of `task`, refused unless it is
+        for `modality` (when given) and for captions (`question` None) or questions."""
         if adapter is not None:
-            task = self.use_adapter(adapter)
+            task = self.use_adapter(adapter, modality, "caption" if question is None else "qa")
         if task is None:
             raise InputError("Name a task or an adapter.")
         spec = self.task(task)
+        if modality is not None and spec.modality != modality:
+            raise InputError(f"'{spec.title}' takes {spec.modality}, not {modality}.")
         question = self._check_question(spec, question)
         options = self.decoding_options(spec, preset, **overrides)
         transform = spec.preprocess
@@ -323,7 +343,11 @@ class Pipeline:
         trace = inspector.trace if inspector else None
         if inspector:
             inspector.read_prompt(input_ids, tokenizer)
-        adapter, encoder = self.adapter(spec, progress), self.encoder(spec, progress)
+        try:
+            adapter, encoder = self.adapter(spec, progress), self.encoder(spec, progress)
+        except AdapterError:
+            self._adapters.pop(spec.id, None)  # a user's adapter that does not fit its models is not served
+            raise
         dtype = self.store.dtype_name
         with self._out_of_memory(spec):
             started = time.perf_counter()

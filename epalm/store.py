@@ -16,9 +16,9 @@ from typing import Any, Protocol
 import torch
 from transformers import OPTForCausalLM, PreTrainedTokenizerBase
 
+from .adapter_format import check_injection, load_adapter
 from .encoders import Encoder
-from .errors import InputError
-from .hub import Progress, WeightsUnavailable, load_adapter
+from .errors import InputError, Progress, WeightsUnavailable
 from .model import EPALM, Adapter, pack_linear_weights, packs
 from .tasks import EncoderRef, ModelRef, Task
 
@@ -171,6 +171,7 @@ class ModelStore:
         encoder = self.encoder(task, progress)
 
         def load(report: Progress) -> Adapter:
+            check_injection(task, lm.config.num_hidden_layers, encoder.depth)  # before its weights are fetched
             state = self.source.adapter_state(task, report)
             adapter = load_adapter(task, state, encoder.dim, lm.config.hidden_size, lm.config.word_embed_proj_dim)
             return adapter.to(self.device)  # stays float32: a few MB, and the precision matters

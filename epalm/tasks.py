@@ -8,13 +8,18 @@ point one at their own adapter by editing the YAML (or passing another file); no
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+import math
 import os
 import re
+import types
+import typing
 from collections.abc import Iterable
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -28,9 +33,13 @@ from .video import VideoTransform
 # The repository's checkpoints/tasks.yaml (a checkout or an editable install); a wheel carries it as epalm/tasks.yaml
 _CHECKOUT_REGISTRY = Path(__file__).resolve().parents[1] / "checkpoints" / "tasks.yaml"
 DEFAULT_REGISTRY = _CHECKOUT_REGISTRY if _CHECKOUT_REGISTRY.is_file() else Path(__file__).with_name("tasks.yaml")
-ADAPTER_CONFIG = "adapter_config.json"  # the settings file of our adapter folders (hub.py writes them)
+ADAPTER_CONFIG = "adapter_config.json"  # an adapter folder: its task's settings (`AdapterConfig`)
+ADAPTER_WEIGHTS = "adapter.safetensors"  # and its tensors (`adapter_format`)
+MAX_CONFIG_BYTES = 1 << 20  # an adapter_config.json is ~2 KB
+MAX_TEXT = 200  # characters of any id, name, title or prompt in a registry entry or an adapter config
 MODALITIES = ("image", "video", "audio")
 KINDS = ("caption", "qa")
+KIND_WORDS = {"caption": "captioning", "qa": "question answering"}
 Transform = ImageTransform | VideoTransform | AudioTransform
 _TRANSFORMS = {"image": ImageTransform, "video": VideoTransform, "audio": AudioTransform}
 
@@ -74,6 +83,9 @@ class AdapterSource:
     revision: str = "main"
 
 
+QUESTION = "{question}"  # where a prompt takes the question
+
+
 @dataclass(frozen=True)
 class TextFormat:
     """How the LM input is written. Captions start from BOS alone (`prompt: ""`); questions are
@@ -86,16 +98,20 @@ class TextFormat:
     question_mark: bool = False
 
     def __post_init__(self) -> None:
+        rest = self.prompt.replace(QUESTION, "", 1)
+        if "{" in rest or "}" in rest:
+            raise ValueError(f"prompt may hold {QUESTION} once and no other braces, not {self.prompt!r}")
         if self.answer_token and self.answer_token not in self.prompt:
             raise ValueError(f"answer_token {self.answer_token!r} does not occur in the prompt {self.prompt!r}")
 
     def render(self, question: str | None) -> str:
-        if "{question}" not in self.prompt:
+        """The prompt with the question in place of {question}, as plain text (never a format string)."""
+        if QUESTION not in self.prompt:
             return self.prompt
         question = (question or "").strip()
         if self.question_mark and not question.endswith("?"):
             question += "?"
-        return self.prompt.format(question=question)
+        return self.prompt.replace(QUESTION, question)
 
     def prompt_ids(self, tokenizer, question: str | None) -> list[int]:
         """The LM input at inference: BOS then the rendered prompt (the original tokenizer call)."""
@@ -137,42 +153,119 @@ class RegistryError(UserError, ValueError):
     """The registry file is malformed; the message names the task and the field."""
 
 
-def _build(task_id: str, entry: dict, base_dir: Path) -> Task:
-    def section(name: str) -> dict:
-        value = entry.get(name)
-        if not isinstance(value, dict):
-            raise RegistryError(f"task {task_id!r}: '{name}' must be a mapping")
-        return value
-
+def _build(task_id: str, entry: object, base_dir: Path, where: str = "") -> Task:
+    """A task from its registry entry (or an adapter config), every value checked (`_settings`);
+    a RegistryError names the task (or `where`) and the field."""
     try:
+        if not isinstance(entry, dict):
+            raise ValueError("must be a mapping")
         entry = {**_trained_adapter_settings(entry, base_dir), **entry}
-        modality, kind = entry["modality"], entry["kind"]
+        modality, kind = entry.get("modality"), entry.get("kind")
         if modality not in MODALITIES or kind not in KINDS:
-            raise RegistryError(f"task {task_id!r}: modality must be one of {MODALITIES} and kind one of {KINDS}")
-        lm = ModelRef(**section("lm"))
-        encoder = dict(section("encoder"))
-        encoder["config"] = tuple(sorted(encoder.get("config", {}).items()))
-        adapter = dict(section("adapter"))
+            raise ValueError(f"modality must be one of {', '.join(MODALITIES)} and kind one of {', '.join(KINDS)}")
+        lm = _section(ModelRef, entry.get("lm"), "lm")
+        encoder = dict(_settings(EncoderRef, entry.get("encoder"), "encoder", config=dict))
+        encoder["config"] = tuple(sorted(_overrides(encoder.get("config", {})).items()))
+        adapter = _settings(AdapterSource, entry.get("adapter"), "adapter")
         if not adapter.get("repo_id"):  # a local file, relative to the registry
             adapter["filename"] = str((base_dir / os.path.expanduser(adapter["filename"])).resolve())
         return Task(
             id=task_id,
-            title=entry.get("title", task_id),
-            label=entry.get("label", entry.get("title", task_id)),
+            title=_value(entry.get("title", task_id), str, "title"),
+            label=_value(entry.get("label", entry.get("title", task_id)), str, "label"),
             modality=modality,
             kind=kind,
             lm=lm,
             encoder=EncoderRef(**encoder),
-            preprocess=_TRANSFORMS[modality](**section("preprocess")),
-            injection=InjectionConfig(**section("injection")),
-            text=TextFormat(**section("text")),
-            generation=DecodingOptions(**section("generation")),
+            preprocess=_section(_TRANSFORMS[modality], entry.get("preprocess"), "preprocess"),
+            injection=_section(InjectionConfig, entry.get("injection"), "injection"),
+            text=_section(TextFormat, entry.get("text"), "text"),
+            generation=_section(DecodingOptions, entry.get("generation"), "generation"),
             adapter=AdapterSource(**adapter),
         )
-    except RegistryError:
-        raise
-    except (KeyError, TypeError, ValueError) as exc:
-        raise RegistryError(f"task {task_id!r} in the registry: {exc}") from exc
+    except (KeyError, TypeError, ValueError) as exc:  # RegistryError is a ValueError
+        raise RegistryError(f"{where or f'task {task_id!r}'}: {exc}") from exc
+
+
+def _section(cls: type, value: object, where: str) -> Any:
+    """The dataclass `cls` built from `value`, every field checked; a bad value names its field."""
+    settings = _settings(cls, value, where)
+    try:
+        return cls(**settings)
+    except ValueError as exc:  # a bound of the dataclass's own: its message starts with the field's name
+        named = str(exc).split(" ", 1)[0] in settings
+        raise ValueError(f"{where}.{exc}" if named else f"{where}: {exc}") from None
+
+
+def _settings(cls: type, value: object, where: str, **special: type) -> dict[str, Any]:
+    """`value` as keyword arguments of the dataclass `cls`: a mapping of its fields only, each of its
+    declared type (`special`: fields read as is, of that type). Untrusted input (a stranger's adapter
+    config) is read the same way as the registry: nothing else reaches the constructors."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{where} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = sorted(str(key) for key in value if key not in known)
+    if unknown:
+        raise ValueError(f"{where} has no setting {_shown(unknown[0])} (it has {', '.join(known)})")
+    missing = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in value and _required(f)]
+    if missing:
+        raise ValueError(f"{where}.{missing[0]} is missing")
+    checked = {}
+    for name, item in value.items():
+        kind = special.get(name, hints[name])
+        checked[name] = item if name in special and isinstance(item, kind) else _value(item, kind, f"{where}.{name}")
+    return checked
+
+
+def _value(value: object, kind: Any, where: str) -> Any:
+    """`value` if it is of the declared type `kind` (numbers finite, strings at most MAX_TEXT characters
+    of UTF-8 text, tuples of their length), else a ValueError naming `where`."""
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        options = typing.get_args(kind)
+        if value is None and type(None) in options:
+            return None
+        kind = next(option for option in options if option is not type(None))
+    if typing.get_origin(kind) is tuple and isinstance(value, (list, tuple)):
+        parts = typing.get_args(kind)
+        if len(value) == len(parts):
+            return tuple(_value(item, part, f"{where}[{i}]") for i, (item, part) in enumerate(zip(value, parts)))
+    elif kind is bool and isinstance(value, bool):
+        return value
+    elif kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif kind is float and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    elif kind is str and isinstance(value, str):
+        if len(value) > MAX_TEXT:
+            raise ValueError(f"{where} is {len(value):,} characters long; the limit is {MAX_TEXT}")
+        if not value.isprintable():  # control characters, lone surrogates
+            raise ValueError(f"{where} must be printable text")
+        return value
+    names = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}
+    expected = names.get(kind, f"a list of {len(typing.get_args(kind))}")
+    raise ValueError(f"{where} must be {expected}, not {_shown(value)}")
+
+
+def _overrides(config: object) -> dict[str, object]:
+    """An encoder's config overrides (AST's layer-norm epsilon): a few named numbers, flags or words."""
+    if not isinstance(config, dict) or len(config) > 16:
+        raise ValueError("encoder.config must be a mapping of at most 16 settings")
+    checked = {}
+    for key, value in config.items():
+        kind = type(value) if isinstance(value, (bool, int, float, str)) else str
+        checked[_value(key, str, "encoder.config")] = _value(value, kind, f"encoder.config.{key}")
+    return checked
+
+
+def _required(field: dataclasses.Field) -> bool:
+    return field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+
+
+def _shown(value: object) -> str:
+    """A value as a message may quote it: short."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "…"
 
 
 def answer_tokens(tasks: Iterable[Task], lm: ModelRef) -> list[str]:
@@ -186,6 +279,84 @@ def answer_tokens(tasks: Iterable[Task], lm: ModelRef) -> list[str]:
 TASK_GENERATION_KEYS = tuple(
     f.name for f in fields(DecodingOptions) if f.name not in ("eos_token_id", "pad_token_id", "seed")
 )
+# what an adapter config holds of its task: all but the id (the caller's) and where the weights are (beside it)
+_TASK_KEYS = ("title", "label", "modality", "kind", "lm", "encoder", "preprocess", "injection", "text", "generation")
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """`adapter_config.json`: the settings of the task an adapter was trained or converted for (enough to
+    rebuild that task) and, for one trained here, what it came from. The one writer and reader of the
+    file; reading treats it as untrusted input (a stranger's Hub repo): every value is checked, and a
+    bad one is refused naming its field."""
+
+    task: Task
+    base_task: str | None = None  # the registry task it was trained from
+    tiny: bool = False  # trained on the tiny random test models: it runs only on them
+    training: dict | None = None  # its training run: data, recipe, best score (epalm.training)
+
+    def to_dict(self) -> dict:
+        task = self.task
+        data = {
+            "task": task.id,
+            "title": task.title,
+            "label": task.label,
+            "modality": task.modality,
+            "kind": task.kind,
+            "lm": asdict(task.lm),
+            "encoder": {**asdict(task.encoder), "config": dict(task.encoder.config)},
+            "preprocess": asdict(task.preprocess),
+            "injection": asdict(task.injection),
+            "text": asdict(task.text),
+            "generation": {key: getattr(task.generation, key) for key in TASK_GENERATION_KEYS},
+            "tiny": self.tiny,
+        }
+        if self.base_task is not None:
+            data["base_task"] = self.base_task
+        if self.training is not None:
+            data["training"] = self.training
+        return data
+
+    def write(self, folder: str | Path) -> Path:
+        path = Path(folder) / ADAPTER_CONFIG
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def read(cls, folder: str | Path, task_id: str, weights: AdapterSource | None = None) -> AdapterConfig:
+        """The config in `folder`, its task named `task_id` with its weights in that folder or `weights`
+        (a Hub repo's file, fetched when the adapter loads). RegistryError: missing, unreadable or bad."""
+        folder = Path(folder).expanduser().resolve()
+        data = _config_data(folder)
+        try:
+            entry = {key: data[key] for key in _TASK_KEYS if key in data}
+            task = _build(task_id, {**entry, "adapter": {"filename": str(folder)}}, folder, where=ADAPTER_CONFIG)
+            base_task = _value(data.get("base_task"), str | None, "base_task")
+            tiny = _value(data.get("tiny", False), bool, "tiny")
+            training = data.get("training")
+            if training is not None and not isinstance(training, dict):
+                raise ValueError("training must be a mapping")
+        except ValueError as exc:
+            raise RegistryError(str(exc) if isinstance(exc, RegistryError) else f"{ADAPTER_CONFIG}: {exc}") from exc
+        return cls(task if weights is None else replace(task, adapter=weights), base_task, tiny, training)
+
+
+def _config_data(folder: Path) -> dict:
+    """The JSON object of `folder`'s adapter config, read within `MAX_CONFIG_BYTES`."""
+    path = folder / ADAPTER_CONFIG
+    try:
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ValueError(f"larger than {MAX_CONFIG_BYTES // 1024} KB")
+        data = json.loads(raw.decode("utf-8"))
+    except FileNotFoundError:
+        raise RegistryError(f"not an adapter folder: it has no {ADAPTER_CONFIG}") from None
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise RegistryError(f"{ADAPTER_CONFIG} is not readable JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise RegistryError(f"{ADAPTER_CONFIG} must hold a JSON object")
+    return data
 
 
 def _trained_adapter_settings(entry: dict, base_dir: Path) -> dict:
@@ -194,22 +365,11 @@ def _trained_adapter_settings(entry: dict, base_dir: Path) -> dict:
     adapter = entry.get("adapter")
     if not isinstance(adapter, dict) or adapter.get("repo_id") or "filename" not in adapter or "modality" in entry:
         return {}
-    config_file = base_dir / os.path.expanduser(adapter["filename"]) / ADAPTER_CONFIG
-    if not config_file.is_file():
-        return {}
-    config = json.loads(config_file.read_text())
-    keys = ("title", "label", "modality", "kind", "lm", "encoder", "preprocess", "injection", "text", "generation")
-    return {k: config[k] for k in keys if k in config}  # "label": older folders lack it (the title stands in)
-
-
-def task_from_adapter(folder: str | Path, task_id: str, weights: AdapterSource | None = None) -> Task:
-    """The task an adapter folder of our format was trained or converted for, its weights that folder
-    or `weights` (a Hub repo's file, fetched when the adapter loads)."""
-    folder = Path(folder).expanduser().resolve()
+    folder = base_dir / os.path.expanduser(str(adapter["filename"]))
     if not (folder / ADAPTER_CONFIG).is_file():
-        raise RegistryError(f"{folder} is not an adapter folder: it has no {ADAPTER_CONFIG}")
-    task = _build(task_id, {"adapter": {"filename": str(folder)}}, folder)
-    return task if weights is None else replace(task, adapter=weights)
+        return {}
+    data = _config_data(folder)
+    return {key: data[key] for key in _TASK_KEYS if key in data}  # "label": older folders lack it (the title stands in)
 
 
 def load_registry(path: str | Path | None = None) -> dict[str, Task]:

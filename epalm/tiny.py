@@ -28,10 +28,12 @@ from transformers import (
     TimesformerModel,
 )
 
+from .adapter_format import read_adapter
 from .encoders import Encoder, wrap_encoder
-from .hub import ADAPTER_WEIGHTS, Progress, fetch, is_cached, read_adapter
+from .errors import Progress
+from .hub import fetch, is_cached
 from .model import Adapter, InjectionConfig
-from .tasks import ADAPTER_CONFIG, EncoderRef, ModelRef, Task
+from .tasks import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EncoderRef, ModelRef, Task
 
 TINY_WIDTH = 32  # hidden size of the tiny LM and encoders
 TOKENIZER_VOCAB = 500  # byte-level BPE: 256 bytes + 4 specials + merges

@@ -44,21 +44,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
+from .adapter_format import model_card_head, save_adapter
 from .data import DataError, Dataset, Example, decode_all, detect_kind, load_folder
 from .decoding import generate
-from .hub import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    WeightsUnavailable,
-    adapter_config,
-    check_push,
-    model_card_head,
-    push_to_hub,
-    save_adapter,
-)
+from .errors import WeightsUnavailable
 from .metrics import caption_scores, exact_match, vqa_accuracy
 from .model import EPALM, Adapter
-from .tasks import Task
+from .publish import check_push, push_to_hub
+from .tasks import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterConfig, Task
 
 log = logging.getLogger(__name__)
 
@@ -406,21 +399,23 @@ class Trainer:
                 log_file.write(json.dumps(record) + "\n")
 
     def _save_best(self, adapter: Adapter, history: list[dict], best: dict) -> None:
-        config = {
-            **adapter_config(self.task),
-            "title": f"{self.task.title}, trained on {self.dataset.root.name}",
-            "label": f"{self.task.label}, trained on {self.dataset.root.name}",  # not the base task's menu label
-            "base_task": self.task.id,
-            "tiny": self.pipeline.random_weights,
-            "training": {
+        name = self.dataset.root.name
+        config = AdapterConfig(
+            # its own title and menu label, not the base task's
+            replace(
+                self.task, title=f"{self.task.title}, trained on {name}", label=f"{self.task.label}, trained on {name}"
+            ),
+            base_task=self.task.id,
+            tiny=self.pipeline.random_weights,
+            training={
                 "data": self.dataset.summary(),
                 "recipe": {
                     k: v for k, v in asdict(self.config).items() if k not in ("push_to_hub", "progress", "registry")
                 },
                 "best": best,
             },
-        }
-        save_adapter(adapter.state_dict(), config, self._model_card(config, history), self.out)
+        )
+        save_adapter(adapter.state_dict(), config, self._model_card(config.to_dict(), history), self.out)
 
     def _model_card(self, config: dict, history: list[dict]) -> str:
         data, recipe, best = config["training"]["data"], config["training"]["recipe"], config["training"]["best"]

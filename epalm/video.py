@@ -28,7 +28,8 @@ import torch
 import torchvision.transforms.functional as TF
 from torchvision.transforms import InterpolationMode
 
-from .image import CLIP_MEAN, CLIP_STD
+from .errors import bounded
+from .image import CLIP_MEAN, CLIP_STD, check_pixel_transform
 from .media import MediaError, MediaLimits, Source, check_duration, container_duration, local_path, open_container
 
 try:
@@ -38,6 +39,7 @@ except ImportError:  # no wheels for this platform: PyAV decodes every video
 
 log = logging.getLogger(__name__)
 
+MAX_FRAMES = 64  # frames sampled from one clip: each is 224×224×3 floats in memory and 196 tokens in TimeSformer
 SEEK_AHEAD_S = 2.0  # PyAV: decode forward to a frame at most this far ahead, seek to farther ones
 
 
@@ -49,6 +51,10 @@ class VideoTransform:
     num_frames: int = 8
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
+
+    def __post_init__(self) -> None:
+        check_pixel_transform(self.size, self.mean, self.std)
+        bounded("num_frames", self.num_frames, 1, MAX_FRAMES)
 
 
 @dataclass(frozen=True)

@@ -529,7 +529,7 @@ def test_a_fractional_file_size_limit_starts_and_holds(tmp_path, media_files):
             handle_file(str(media_files["audio"])), preset="fast", max_new_tokens=2, api_name="/caption_audio"
         )
         assert "tokens/s" in info
-        with pytest.raises(AppError, match="allowed only when local adapters are .*--allow-local-adapters"):
+        with pytest.raises(AppError, match="is not a Hub repo id .*; adapter folders on this machine are not accepted"):
             flagless = write_wav(tmp_path / "flagless.wav", seconds=0.5, freq=660.0)
             client.predict(handle_file(str(flagless)), adapter=str(tmp_path), api_name="/caption_audio")
     finally:
@@ -793,7 +793,7 @@ def test_a_saved_adapter_answers_the_same_in_the_cli_the_python_api_and_the_app(
     [added] = pipeline.loaded()[len(loaded) :]
     assert "adapter:someone/colours" in added, "only the adapter was loaded: the LM and encoder are shared"
     assert "adapter:" not in demo_app.Demo(pipeline).status(), "the status line shows no user's adapter to others"
-    with pytest.raises(AppError, match="'/.*' is not a Hub repo id.*--allow-local-adapters"):
+    with pytest.raises(AppError, match="'/.*' is not a Hub repo id.*adapter folders on this machine are not accepted"):
         client.predict(handle_file(image), adapter=str(folder), **settings, api_name="/caption_image")
     monkeypatch.setattr(pipeline, "allow_local_adapters", True)
     assert client.predict(handle_file(image), adapter=f" {folder} ", **settings, api_name="/caption_image")[0] == answer
@@ -805,9 +805,9 @@ def test_a_saved_adapter_answers_the_same_in_the_cli_the_python_api_and_the_app(
         (
             "/answer_image",
             ["why?"],
-            "trained for image captioning, not image question answering: use it in the Image tab, Caption",
+            "trained for image captioning, not image question answering: use it to caption images",
         ),
-        ("/caption_audio", [], "trained for image captioning, not audio captioning: use it in the Image tab, Caption"),
+        ("/caption_audio", [], "trained for image captioning, not audio captioning: use it to caption images"),
     ],
 )
 def test_an_adapter_for_another_tab_or_mode_is_refused_saying_where_it_goes(

@@ -186,3 +186,31 @@ def test_the_library_refuses_paths_outside_its_folders_before_opening_them(tmp_p
     inside = write_image(allowed / "mine.png")
     assert check_file(inside, limits) == inside.resolve()
     assert pipeline.caption(str(inside), task="image-caption", preset="fast").done
+
+
+def test_a_malformed_adapter_config_is_a_readable_refusal_in_the_app(app, fake_hub, tmp_path, media_files):
+    """Every bad adapter config of the library's table, given by a visitor as a Hub id or (where allowed) a
+    folder: a refusal naming the field, never an internal error; the app answers normally afterwards."""
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    from test_adapters import MALFORMED, _set, saved_tiny_adapter
+
+    blocks, url = app
+    client = Client(url, verbose=False)
+    folder = saved_tiny_adapter(tmp_path / "good", Pipeline(device="cpu", tiny=True))
+    good = json.loads((folder / "adapter_config.json").read_text())
+    image = handle_file(str(media_files["image"]))
+    for number, (field, value, message) in enumerate(MALFORMED):
+        bad = tmp_path / f"bad{number}"
+        bad.mkdir()
+        (bad / "adapter.safetensors").write_bytes((folder / "adapter.safetensors").read_bytes())
+        (bad / "adapter_config.json").write_text(json.dumps(_set(json.loads(json.dumps(good)), field, value)))
+        fake_hub.add(f"someone/bad{number}", "adapter_config.json", (bad / "adapter_config.json").read_bytes())
+        fake_hub.add(f"someone/bad{number}", "adapter.safetensors", (bad / "adapter.safetensors").read_bytes())
+        for source in (str(bad), f"someone/bad{number}"):
+            with pytest.raises(AppError) as refused:
+                client.predict(image, adapter=source, preset="fast", api_name="/caption_image")
+            shown = str(refused.value)
+            assert message in shown and "Something went wrong" not in shown, (field, value, shown)
+    assert client.predict(image, preset="fast", api_name="/caption_image")[0], "the app answers as before"

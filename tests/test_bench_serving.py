@@ -146,7 +146,7 @@ def test_cold_start_parts_come_from_the_app_log():
     stamp = lambda s: datetime.fromtimestamp(launched + s).strftime("%Y-%m-%d %H:%M:%S,%f")[:-3]  # noqa: E731
     log = [
         f"{stamp(6.5)} epalm.store: Loading OPT-2.7B language model…",
-        f"{stamp(6.6)} epalm.hub: Reading the weights of facebook/opt-2.7b (5.3 GB)",
+        f"{stamp(6.6)} epalm.pretrained: Reading the weights of facebook/opt-2.7b (5.3 GB)",
         f"{stamp(10.3)} epalm.store: Packing the weights of OPT-2.7B for this CPU's matrix kernels…",
         f"{stamp(13.1)} epalm.store: packed 193 linear layers of facebook/opt-2.7b",
         f"{stamp(13.2)} epalm.store: Loading ViT-B/16 image encoder…",

@@ -88,6 +88,8 @@ def test_a_webcam_photo_and_a_pasted_image_are_answered(browser, source):
         if source == "webcam":
             box.get_by_role("button", name="Capture from camera").click()
             box.get_by_text("Click to Access Webcam").click()
+            box.locator("video").wait_for(state="visible", timeout=30_000)  # the camera's stream has started
+            page.wait_for_function("() => document.querySelector('#image-input video').readyState >= 2")
             box.get_by_role("button", name="capture photo").click()
         else:
             page.evaluate(

@@ -24,4 +24,4 @@ def test_the_cli_reports_a_broken_registry_as_a_user_error(tmp_path, capsys, med
         == 2
     )
     err = capsys.readouterr().err
-    assert err.startswith("error: task 'image-caption' in the registry") and "Traceback" not in err
+    assert err.startswith("error: task 'image-caption': ") and "Traceback" not in err

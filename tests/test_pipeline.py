@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from epalm.decoding import DecodingOptions
-from epalm.hub import WeightsUnavailable
+from epalm.errors import WeightsUnavailable
 from epalm.media import MediaError
 from epalm.pipeline import MAX_QUESTION_CHARS, MAX_QUESTION_TOKENS, InputError, OutOfMemory, Pipeline
 from epalm.presets import PRESETS

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from epalm.__main__ import main
-from epalm.hub import WeightsUnavailable
+from epalm.errors import WeightsUnavailable
 from epalm.pipeline import Pipeline
 from epalm.tasks import load_registry
 

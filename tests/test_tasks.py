@@ -76,7 +76,7 @@ def test_a_user_registry_adds_a_task_with_a_local_adapter(tmp_path):
     "entry, message",
     [
         ("modality: smell\n    kind: caption", "modality must be one of"),
-        ("modality: image\n    kind: caption\n    lm: facebook/opt", "'lm' must be a mapping"),
+        ("modality: image\n    kind: caption\n    lm: facebook/opt", "task 'broken': lm must be a mapping"),
     ],
 )
 def test_malformed_entries_name_the_task(tmp_path, entry, message):
@@ -110,16 +110,13 @@ def test_answer_tokens_come_from_the_registry():
 def test_an_adapter_folder_keeps_its_task_s_settings(tmp_path):
     """What an adapter folder stores rebuilds its task: a trained or converted adapter decodes as the task did
     (the minimum answer of long questions included) and is named as the task was."""
-    import json
-
-    from epalm.hub import adapter_config
-    from epalm.tasks import ADAPTER_CONFIG, task_from_adapter
+    from epalm.tasks import AdapterConfig
 
     for task in load_registry().values():
         folder = tmp_path / task.id
         folder.mkdir()
-        (folder / ADAPTER_CONFIG).write_text(json.dumps(adapter_config(task)))
-        rebuilt = task_from_adapter(folder, task.id)
+        AdapterConfig(task).write(folder)
+        rebuilt = AdapterConfig.read(folder, task.id).task
         assert rebuilt.generation == task.generation and rebuilt.label == task.label, task.id
         assert (rebuilt.injection, rebuilt.text, rebuilt.lm, rebuilt.encoder) == (
             task.injection,

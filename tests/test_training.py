@@ -163,7 +163,7 @@ def test_pipeline_shares_models_with_user_adapters_and_guards_folders(pipe, tmp_
     added = set(pipe.loaded()) - loaded
     assert len(added) == 1 and "adapter" in added.pop()  # the LM and encoder were reused
     public = Pipeline(device="cpu", tiny=True, allow_local_adapters=False)
-    with pytest.raises(ValueError, match="not a Hub repo id .*Local adapter folders are allowed only"):
+    with pytest.raises(ValueError, match="not a Hub repo id .*; adapter folders on this machine are not accepted"):
         public.caption(data / "red_0.png", adapter=str(tmp_path / "adapter"))
     with pytest.raises(ValueError, match="neither an existing folder nor a Hub repo id"):
         pipe.caption(data / "red_0.png", adapter="not a repo")
