@@ -114,6 +114,10 @@ def load_adapter(
                 f"Adapter for task '{task.id}': {key} has shape {tuple(state[key].shape)}, but the task's models "
                 f"need {tuple(tensor.shape)} (is the LM or encoder in the registry the one it was trained with?)."
             )
+        if not state[key].is_floating_point():
+            raise AdapterError(f"Adapter for task '{task.id}': {key} holds {state[key].dtype} values, not numbers.")
+        if not torch.isfinite(state[key]).all():  # a diverged training run: every answer would be empty
+            raise AdapterError(f"Adapter for task '{task.id}': {key} holds NaN or infinite values.")
     adapter.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     return adapter.eval().requires_grad_(False)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import replace
 
 import pytest
@@ -110,3 +111,20 @@ def test_corrupt_file_is_a_clear_error(tmp_path):
     (tmp_path / "bad.pth").write_bytes(b"\x00garbage")
     with pytest.raises(AdapterError, match="not a readable PyTorch checkpoint"):
         read_adapter(tmp_path / "bad.pth")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda t: t.to(torch.int32), "holds torch.int32 values, not numbers"),
+        (lambda t: t.fill_(float("nan")), "holds NaN or infinite values"),
+    ],
+    ids=["integers", "nan"],
+)
+def test_tensors_that_are_not_finite_numbers_are_refused(change, message):
+    task, _, encoder, adapter = fixture_task(PARITY_CASES[0])
+    state = {key: tensor.clone() for key, tensor in adapter.state_dict().items()}
+    key = sorted(state)[0]
+    state[key] = change(state[key])
+    with pytest.raises(AdapterError, match=f"{re.escape(key)} {message}"):
+        load_adapter(task, state, encoder.dim, adapter.connector[0].out_features, adapter.prompt(1).shape[-1])
