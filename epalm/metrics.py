@@ -99,7 +99,10 @@ def caption_scores(predictions: list[str], references: list[list[str]]) -> dict[
 
 # -- VQA ---------------------------------------------------------------------------------------------
 
-_NUMBERS = {"none": "0", **{w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}}
+_NUMBERS = {
+    "none": "0",
+    **{w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())},
+}
 _ARTICLES = {"a", "an", "the"}
 _PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
 _COMMA_IN_NUMBER = re.compile(r"(\d)(,)(\d)")

@@ -109,6 +109,16 @@ class TextFormat:
 
 
 @dataclass(frozen=True)
+class PaperResult:
+    """What the paper reports for a task (`epalm eval` prints it beside its own numbers): the
+    benchmark and split, and each metric's value as the paper gives it (a number, or a text such as
+    "45.0 (val) / 40.4 (test)" where it gives several)."""
+
+    benchmark: str
+    metrics: tuple[tuple[str, float | str], ...] = ()
+
+
+@dataclass(frozen=True)
 class Task:
     id: str
     title: str
@@ -122,6 +132,7 @@ class Task:
     text: TextFormat
     generation: DecodingOptions
     adapter: AdapterSource
+    paper: PaperResult | None = None
 
     @property
     def needs_question(self) -> bool:
@@ -168,11 +179,20 @@ def _build(task_id: str, entry: dict, base_dir: Path) -> Task:
             text=TextFormat(**section("text")),
             generation=DecodingOptions(**section("generation")),
             adapter=AdapterSource(**adapter),
+            paper=_paper(entry.get("paper")),
         )
     except RegistryError:
         raise
     except (KeyError, TypeError, ValueError) as exc:
         raise RegistryError(f"task {task_id!r} in the registry: {exc}") from exc
+
+
+def _paper(entry: dict | None) -> PaperResult | None:
+    """`paper: {benchmark: COCO Karpathy test, CIDEr: 97.22, ...}`: the benchmark, then metric: value."""
+    if entry is None:
+        return None
+    values = {k: v for k, v in entry.items() if k != "benchmark"}
+    return PaperResult(str(entry["benchmark"]), tuple((str(k), v) for k, v in values.items()))
 
 
 def answer_tokens(tasks: Iterable[Task], lm: ModelRef) -> list[str]:
