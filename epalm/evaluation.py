@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
@@ -110,7 +111,14 @@ class PredictionLog:
     def add(self, predictions: Iterable[Prediction]) -> Iterator[Prediction]:
         """Append each prediction as it arrives (and pass it on)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        cut = False  # a killed run's last line, cut short: the next line starts after it, not on it
+        if self.path.is_file() and self.path.stat().st_size:
+            with self.path.open("rb") as existing:
+                existing.seek(-1, os.SEEK_END)
+                cut = existing.read(1) != b"\n"
         with self.path.open("a") as out:
+            if cut:
+                out.write("\n")
             for prediction in predictions:
                 entry = {k: v for k, v in asdict(prediction).items() if v is not None}
                 out.write(json.dumps(entry) + "\n")
