@@ -12,9 +12,7 @@ from epalm.__main__ import main
 from epalm.evaluation import Request, predict
 from epalm.pipeline import Pipeline
 
-from conftest import write_image
-
-QUESTIONS = ["what color is the cat", "how many people are there", "is there a dog", "what is the man holding"]
+from conftest import VQA_QUESTIONS, write_image
 
 
 @pytest.fixture()
@@ -34,34 +32,6 @@ def coco(tmp_path):
     path = tmp_path / "captions.json"
     path.write_text(json.dumps({"images": images, "annotations": annotations}))
     return path, folder
-
-
-@pytest.fixture()
-def vqa(tmp_path):
-    """Six VQAv2 questions about three images named by id (`{image_id}.png`)."""
-    folder = tmp_path / "images"
-    folder.mkdir()
-    questions, annotations = [], []
-    for n in range(6):
-        image_id = n % 3
-        write_image(folder / f"{image_id}.png", seed=image_id)
-        qid = 500 + n
-        questions.append({"image_id": image_id, "question": QUESTIONS[n % 4] + "?", "question_id": qid})
-        answers = [
-            {"answer": a, "answer_confidence": "yes", "answer_id": j} for j, a in enumerate(["yes"] * 6 + ["2"] * 4)
-        ]
-        annotations.append(
-            {
-                "question_id": qid,
-                "image_id": image_id,
-                "answer_type": "other",
-                "question_type": "what",
-                "answers": answers,
-            }
-        )
-    (tmp_path / "q.json").write_text(json.dumps({"data_subtype": "val2014", "questions": questions}))
-    (tmp_path / "a.json").write_text(json.dumps({"annotations": annotations}))
-    return tmp_path / "a.json", tmp_path / "q.json", folder
 
 
 def run(capsys, *args) -> tuple[int, str, str]:
@@ -171,7 +141,7 @@ def test_predict_shares_the_pipelines_decode_steps(vqa):
     it gets alone."""
     _, _, media = vqa
     pipe = Pipeline(tiny=True)
-    requests = [Request(n, str(media / f"{n % 3}.png"), QUESTIONS[n % 4]) for n in range(6)]
+    requests = [Request(n, str(media / f"{n % 3}.png"), VQA_QUESTIONS[n % 4]) for n in range(6)]
     lm = pipe.lm(pipe.task("image-vqa"))[0]
     rows: list[int] = []
     pipe.scheduler(lm).callback = rows.append

@@ -13,8 +13,6 @@ from epalm.__main__ import main
 from epalm.evaluation import Request, Runner
 from epalm.scale import ScaleError
 
-from test_evaluation import vqa  # noqa: F401 (the fixture)
-
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_cluster():
@@ -32,7 +30,7 @@ def run(capsys, *args) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
-def test_eval_on_two_ray_workers_matches_one_process(vqa, tmp_path, capsys):  # noqa: F811
+def test_eval_on_two_ray_workers_matches_one_process(vqa, tmp_path, capsys):
     annotations, questions, media = vqa
     files = [
         "--annotations",
@@ -60,7 +58,7 @@ def test_eval_on_two_ray_workers_matches_one_process(vqa, tmp_path, capsys):  # 
     assert len((tmp_path / "ray" / "predictions.jsonl").read_text().splitlines()) == 6
 
 
-def test_dataset_bytes_captioned_on_ray_match_one_process(vqa, tmp_path, capsys, monkeypatch):  # noqa: F811
+def test_dataset_bytes_captioned_on_ray_match_one_process(vqa, tmp_path, capsys, monkeypatch):
     """A dataset that stores its files' bytes (as Hub datasets do) goes through Ray whole."""
     import datasets
 
