@@ -134,6 +134,8 @@ def _scale_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> N
 
 def _eval_flags(parser: argparse.ArgumentParser) -> None:
     """The flags of `python -m epalm eval` (epalm.evaluation; the files it reads: epalm.benchmarks)."""
+    from .presets import PRESETS  # light: no torch
+
     parser.add_argument("task", help="task id (see `python -m epalm tasks`)")
     parser.add_argument(
         "--annotations",
@@ -161,7 +163,9 @@ def _eval_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto: a GPU if any (default: auto)")
     parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: float32 on CPU, float16 on GPU)")
     parser.add_argument("--registry", help=REGISTRY_HELP)
-    parser.add_argument("--preset", help="decoding preset (default: paper, the task's own settings)")
+    parser.add_argument(
+        "--preset", choices=list(PRESETS), help="decoding preset (default: paper, the task's own settings)"
+    )
     parser.add_argument("--beams", dest="num_beams", type=int, help="beam search width (paper: 3)")
     parser.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, help="stop after this many new tokens")
     parser.add_argument("--max-batch-rows", type=int, help="rows per decode step (default: $EPALM_MAX_BATCH_ROWS, 24)")

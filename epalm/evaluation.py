@@ -187,6 +187,7 @@ def evaluate(
             raise EvaluationError("--limit must be at least 1")
         benchmark.items = benchmark.items[:limit]
     out = Path(out).expanduser()
+    _check_media(benchmark)
     _check_run(out, task, annotations, questions, image_pattern, split, decoding, runner)
     predictions = PredictionLog(out / PREDICTIONS_LOG)
     done = predictions.done
@@ -199,11 +200,14 @@ def evaluate(
             out,
             len(todo),
         )
-    _check_media(benchmark, todo)
     for _ in _progress(predictions.add(runner.run(task, todo, decoding)), len(todo), progress):
         pass
     texts = {i.key: predictions.done[i.key] for i in benchmark.items if i.key in predictions.done}
-    failed = {i.key: predictions.entries[i.key].error or "no prediction" for i in benchmark.items if i.key not in texts}
+    failed = {}
+    for item in benchmark.items:
+        if item.key not in texts:
+            entry = predictions.entries.get(item.key)
+            failed[item.key] = entry.error if entry and entry.error else "no prediction"
     (out / "predictions.json").write_text(json.dumps(benchmark.results(texts)))
     scores, notes = benchmark.score(texts)
     notes = benchmark.notes + notes
@@ -255,7 +259,7 @@ def _check_run(
         "tiny": bool(runner.pipeline.get("tiny")),
     }
     path = out / RUN_FILE
-    if path.is_file():
+    if path.is_file() and (out / PREDICTIONS_LOG).is_file():
         before = json.loads(path.read_text())
         changed = [k for k in settings if before.get(k) != settings[k]]
         if changed:
@@ -268,13 +272,13 @@ def _check_run(
     path.write_text(json.dumps(settings, indent=1))
 
 
-def _check_media(benchmark: Benchmark, todo: list[Request]) -> None:
-    """Stop at once when none of the media is where the file and pattern say (a wrong --media or
-    --image-pattern), rather than failing every item."""
-    if todo and not any(Path(r.media).is_file() for r in todo[:50]):
+def _check_media(benchmark: Benchmark) -> None:
+    """Stop at once when none of the first media files is where the file and pattern say (a wrong
+    --media or --image-pattern), rather than failing every item."""
+    if not any(item.media.is_file() for item in benchmark.items[:50]):
         raise EvaluationError(
-            f"no media found: {todo[0].media} does not exist (nor do the next ones); check --media, or name the "
-            "files with --image-pattern"
+            f"no media found: {benchmark.items[0].media} does not exist (nor do the next ones); check --media, or "
+            "name the files with --image-pattern"
         )
 
 

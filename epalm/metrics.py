@@ -16,8 +16,10 @@ scored them after the same VQA normalisation (`normalised_accuracy`), which is w
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
+import subprocess
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -26,6 +28,7 @@ from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS
 
+log = logging.getLogger(__name__)
 # -- captions ------------------------------------------------------------------------------------
 
 _BRACKETS = {"(": " -lrb- ", ")": " -rrb- ", "[": " -lsb- ", "]": " -rsb- ", "{": " -lcb- ", "}": " -rcb- "}
@@ -74,8 +77,14 @@ def coco_caption_scores(
     if not predictions or set(predictions) != set(references):
         raise ValueError("need a prediction for every key with references, and at least one")
     java = java_available() if java is None else java
-    refs = _tokenized(references, java)
-    hyps = _tokenized({key: [text] for key, text in predictions.items()}, java)
+    hypotheses = {key: [text] for key, text in predictions.items()}
+    tokenizer = JAVA_TOKENIZER if java else PYTHON_TOKENIZER
+    try:
+        refs, hyps = _tokenized(references, java), _tokenized(hypotheses, java)
+    except (OSError, subprocess.CalledProcessError) as exc:  # Java found but the toolkit's jar could not run
+        log.warning("the Java PTB tokenizer failed (%s); tokenizing in Python", exc)
+        java, tokenizer = False, f"Python PTB tokenizer (the Java one failed: {exc}; METEOR left out)"
+        refs, hyps = _tokenized(references, False), _tokenized(hypotheses, False)
     scores: dict[str, float] = {}
     bleu, _ = Bleu(4).compute_score(refs, hyps, verbose=0)
     scores.update({f"BLEU-{n + 1}": float(value) for n, value in enumerate(bleu)})
@@ -85,7 +94,7 @@ def coco_caption_scores(
         scores["METEOR"] = float(Meteor().compute_score(refs, hyps)[0])
     scores["ROUGE-L"] = float(Rouge().compute_score(refs, hyps)[0])
     scores["CIDEr"] = float(Cider().compute_score(refs, hyps)[0])
-    return CaptionScores(scores, JAVA_TOKENIZER if java else PYTHON_TOKENIZER)
+    return CaptionScores(scores, tokenizer)
 
 
 def caption_scores(predictions: list[str], references: list[list[str]]) -> dict[str, float]:

@@ -67,8 +67,7 @@ def ray_predict(
 ) -> Iterator[Prediction]:
     """The predictions of `requests`, made by `workers` Ray actors (default: one per GPU of the
     cluster, else one per node), as their blocks finish."""
-    ray = _import_ray()
-    _connect(ray, address, pipeline)
+    ray = connect(address, pipeline)
     resources = ray.cluster_resources()
     gpus = 0 if pipeline.get("device") == "cpu" else int(resources.get("GPU", 0))
     nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
@@ -103,9 +102,12 @@ def ray_predict(
         num_cpus=cpus,
     )
     log.info("Ray: %d worker(s) on %d node(s), %s each", workers, nodes, "one GPU" if gpus else f"{cpus} CPU(s)")
-    for row in results.iter_rows():
-        request = requests[int(row["index"])]
-        yield Prediction(request.key, None if row["error"] else row["answer"], row["error"] or None)
+    try:
+        for row in results.iter_rows():
+            request = requests[int(row["index"])]
+            yield Prediction(request.key, None if row["error"] else row["answer"], row["error"] or None)
+    except ray.exceptions.RayError as exc:  # a worker died (out of memory, a node lost): what came back is kept
+        raise ScaleError(f"a Ray worker failed; the answers so far are kept, run again to go on: {exc}") from exc
 
 
 def _import_ray() -> Any:
@@ -117,11 +119,13 @@ def _import_ray() -> Any:
     return ray
 
 
-def _connect(ray: Any, address: str, pipeline: dict[str, Any]) -> None:
-    """Start a local cluster ("local") or join `address`, handing the workers this package (and the
-    one a custom model source comes from, such as the benchmarks' `bench`)."""
+def connect(address: str, pipeline: dict[str, Any]) -> Any:
+    """Ray, connected: a local cluster started ("local") or the one at `address` joined, its workers
+    handed this package (and the one a custom model source comes from, such as the benchmarks' `bench`).
+    Once connected, the connection is kept for the process."""
+    ray = _import_ray()
     if ray.is_initialized():
-        return
+        return ray
     modules = {str(Path(__file__).resolve().parent)}
     source = pipeline.get("source")
     if source is not None:
@@ -137,3 +141,4 @@ def _connect(ray: Any, address: str, pipeline: dict[str, Any]) -> None:
         where = "start Ray here" if address == "local" else f"reach the Ray cluster at {address}"
         raise ScaleError(f"could not {where}: {exc}") from exc
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+    return ray

@@ -86,6 +86,8 @@ def test_eval_vqa_with_an_image_pattern_and_a_limit(vqa, tmp_path, capsys):
     assert code == 2 and "no media found" in err and "--image-pattern" in err, (
         "the default names (COCO_val2014_...) are not there"
     )
+    fixed = ["--image-pattern", "{image_id}.png", "--limit", "1", "--max-new-tokens", "2"]
+    assert run(capsys, *args, "--out", tmp_path / "other", "--tiny", *fixed)[0] == 0, "the pattern fixed in place"
 
 
 def test_rerun_skips_what_is_done_and_retries_failures(vqa, tmp_path, capsys):

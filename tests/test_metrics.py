@@ -126,3 +126,17 @@ def test_normalised_accuracy_is_epalms_and_exact_accuracy_gqas():
     assert normalised_accuracy(predictions, labels) == pytest.approx(NORMALISED["expected"]["overall"])
     assert normalised_accuracy(["a dog"], [{"dog": 0.6, "cat": 1.0}]) == 0.6, "the answer's weight"
     assert exact_accuracy(["yes", "Yes", "no"], ["yes", "yes", "no"]) == pytest.approx(2 / 3)
+
+
+def test_a_java_tokenizer_that_fails_falls_back_to_python_and_says_why(monkeypatch):
+    import subprocess
+
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    def broken(self, captions):
+        raise subprocess.CalledProcessError(1, ["java", "-cp", "stanford-corenlp-3.4.1.jar"])
+
+    monkeypatch.setattr(PTBTokenizer, "tokenize", broken)
+    result = coco_caption_scores(*_fixture_captions(), java=True)
+    assert result.tokenizer.startswith("Python PTB tokenizer (the Java one failed") and "METEOR" not in result.scores
+    assert result.scores["CIDEr"] == pytest.approx(COCO["expected"]["CIDEr"], abs=1e-9)
