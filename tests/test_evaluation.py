@@ -121,20 +121,19 @@ def test_rerun_skips_what_is_done_and_retries_failures(vqa, tmp_path, capsys):
     assert json.loads((out / "predictions.json").read_text()) == json.loads((fresh / "predictions.json").read_text())
 
 
-def test_a_rerun_with_other_settings_or_a_task_that_does_not_fit_is_refused(coco, tmp_path, capsys):
-    annotations, media = coco
+def test_a_rerun_with_other_settings_or_a_task_that_does_not_fit_is_refused(vqa, tmp_path, capsys):
+    annotations, questions, media = vqa
 
     def args(task, out, *more):
-        return ["eval", task, "--annotations", annotations, "--media", media, "--out", tmp_path / out, "--tiny", *more]
+        files = ["--annotations", annotations, "--questions", questions, "--media", media, "--out", tmp_path / out]
+        return ["eval", task, *files, "--tiny", "--image-pattern", "{image_id}.png", *more]
 
-    assert run(capsys, *args("image-caption", "run", "--max-new-tokens", "2", "--limit", "1"))[0] == 0
-    code, _, err = run(capsys, *args("image-caption", "run", "--max-new-tokens", "3"))
+    assert run(capsys, *args("image-vqa", "run", "--max-new-tokens", "2", "--limit", "1"))[0] == 0
+    code, _, err = run(capsys, *args("image-vqa", "run", "--max-new-tokens", "3"))
     assert code == 2 and "made with other settings (decoding)" in err
-    code, _, err = run(capsys, *args("video-caption", "other"))
-    assert (
-        code == 2 and "holds COCO captions (captions about image); 'video-caption' writes captions about video" in err
-    )
-    code, _, err = run(capsys, *args("image-caption", "third", "--limit", "0"))
+    code, _, err = run(capsys, *args("video-qa-msrvtt", "other"))
+    assert code == 2 and "holds VQAv2 (answers to questions about image); 'video-qa-msrvtt' writes answers" in err
+    code, _, err = run(capsys, *args("image-vqa", "third", "--limit", "0"))
     assert code == 2 and "--limit must be at least 1" in err
 
 
