@@ -1,4 +1,4 @@
-"""Command line: `python -m epalm {tasks,download,caption,ask,convert,train,parity} ...`.
+"""Command line: `python -m epalm {tasks,download,caption,ask,eval,convert,train,parity} ...`.
 
 Several paths make one batch run that loads the models once and prints one line per path, in
 input order: `PATH<TAB>answer` or `PATH<TAB>ERROR: message` (or JSON lines with --jsonl). A bad
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from .evaluation import Runner
     from .tasks import Task
 
 # The library (torch, transformers) is imported inside the commands, once the arguments are parsed:
@@ -44,7 +45,15 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="write what the model saw (PNGs) and its prompt, token probabilities and beams (JSON) to DIR/<file name>/",
     )
-    parser.add_argument("paths", nargs="+", help="image, video or audio files")
+    parser.add_argument("paths", nargs="*", help="image, video or audio files, or folders of them")
+    bulk = parser.add_argument_group("many inputs", "A folder or a Hub dataset, answered into a file (epalm.bulk).")
+    bulk.add_argument("--dataset", help="a Hub dataset (or a local dataset folder) instead of paths")
+    bulk.add_argument("--split", help="the dataset's split (default: its only one)")
+    bulk.add_argument("--column", help="the dataset's media column (default: its image, video or audio column)")
+    bulk.add_argument(
+        "--out", type=Path, metavar="FILE", help="write the answers to FILE (.jsonl or .parquet); a re-run resumes"
+    )
+    _scale_flags(bulk)
     decoding = parser.add_argument_group("decoding", "A preset, then any of its settings overridden one by one.")
     decoding.add_argument(
         "--preset",
@@ -96,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask = sub.add_parser("ask", help="answer a question about media files")
     ask.add_argument("--question", "-q", required=True)
     _model_flags(ask)
+    _eval_flags(sub.add_parser("eval", help="score a task on a benchmark's own files, beside the paper's numbers"))
     conv = sub.add_parser("convert", help="convert an original .pth adapter to adapter.safetensors + config")
     conv.add_argument("src", type=Path)
     conv.add_argument("out_dir", type=Path)
@@ -106,6 +116,61 @@ def build_parser() -> argparse.ArgumentParser:
     par = sub.add_parser("parity", help="check against reference fixtures (same as python -m epalm.parity)")
     par.add_argument("cases", nargs="+", help="case folders, or folders of cases (e.g. tests/fixtures/parity)")
     return parser
+
+
+def _scale_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    parser.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="shard the work across Ray workers: a cluster started here, or the one at ADDRESS "
+        '(pip install "epalm[scale]")',
+    )
+    parser.add_argument(
+        "--workers", type=int, help="Ray workers, one pipeline each (default: one per GPU, else one per node)"
+    )
+
+
+def _eval_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of `python -m epalm eval` (epalm.evaluation; the files it reads: epalm.benchmarks)."""
+    from .presets import PRESETS  # light: no torch
+
+    parser.add_argument("task", help="task id (see `python -m epalm tasks`)")
+    parser.add_argument(
+        "--annotations",
+        required=True,
+        type=Path,
+        help="the benchmark's own file: COCO captions or Karpathy split, VQAv2 annotations, GQA questions, "
+        "MSR-VTT, MSRVTT-QA / MSVD-QA, AudioCaps (JSON or CSV)",
+    )
+    parser.add_argument("--questions", type=Path, help="VQAv2: its questions file")
+    parser.add_argument("--media", required=True, type=Path, help="the folder of the images, videos or audio files")
+    parser.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="output folder: predictions.jsonl (as they come), predictions.json, metrics.json; a re-run resumes",
+    )
+    parser.add_argument(
+        "--image-pattern",
+        help='the media file of an item from its fields, e.g. "COCO_val2014_{image_id:012d}.jpg" (default: the '
+        "file's own names, or its benchmark's naming)",
+    )
+    parser.add_argument("--split", help="Karpathy split file, MSR-VTT: the split to read (default: test)")
+    parser.add_argument("--limit", type=int, metavar="N", help="the first N items only (smoke runs)")
+    parser.add_argument("--tiny", action="store_true", help="tiny random models, no network (numbers are meaningless)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto: a GPU if any (default: auto)")
+    parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: float32 on CPU, float16 on GPU)")
+    parser.add_argument("--registry", help=REGISTRY_HELP)
+    parser.add_argument(
+        "--preset", choices=list(PRESETS), help="decoding preset (default: paper, the task's own settings)"
+    )
+    parser.add_argument("--beams", dest="num_beams", type=int, help="beam search width (paper: 3)")
+    parser.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, help="stop after this many new tokens")
+    parser.add_argument("--max-batch-rows", type=int, help="rows per decode step (default: $EPALM_MAX_BATCH_ROWS, 24)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    _scale_flags(parser)
 
 
 def _train_flags(parser: argparse.ArgumentParser) -> None:
@@ -211,6 +276,8 @@ def _download(args: argparse.Namespace, registry: dict[str, Task]) -> int:
 def _check_tasks(parser: argparse.ArgumentParser, args: argparse.Namespace, registry: dict[str, Task]) -> None:
     """An unknown task, or a task of the other kind, is a usage error: said once, before any work.
     (With --adapter the task comes from the adapter's own config.)"""
+    if args.command in ("caption", "ask"):
+        _check_inputs(parser, args)
     if args.command in ("caption", "ask") and getattr(args, "adapter", None):
         return
     if args.command in ("caption", "ask") and not args.task:
@@ -228,7 +295,81 @@ def _check_tasks(parser: argparse.ArgumentParser, args: argparse.Namespace, regi
         parser.error(f"'{task.id}' answers questions: use `ask --question ...`")
 
 
+def _check_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if bool(args.paths) == bool(args.dataset):
+        parser.error("give media files or folders, or --dataset NAME (one of the two)")
+    if (args.ray or args.dataset) and not args.out:
+        parser.error("--ray and --dataset write their answers to a file: add --out FILE.jsonl (or .parquet)")
+    if args.out and args.save_inputs:
+        parser.error("--save-inputs is for a few files at a time, not with --out")
+    if (args.split or args.column) and not args.dataset:
+        parser.error("--split and --column are for --dataset")
+    if args.out and args.adapter:
+        parser.error("--out answers with a registry task (--task); run a trained adapter on a few files at a time")
+
+
+def _runner(args: argparse.Namespace, registry: dict[str, Task]) -> Runner:
+    """Where `eval` and `caption`/`ask --out` predict: this process, or Ray workers (the same pipeline)."""
+    from .evaluation import Runner
+
+    pipeline = dict(device=args.device, dtype=args.dtype, tiny=args.tiny, registry=registry)
+    if getattr(args, "max_batch_rows", None) is not None:
+        pipeline["max_batch_rows"] = args.max_batch_rows
+    return Runner(pipeline, args.ray, args.workers)
+
+
+def _eval(args: argparse.Namespace, registry: dict[str, Task]) -> int:
+    """`python -m epalm eval`: 0 when every item was predicted, 2 for a user error or failed items."""
+    from .errors import UserError
+    from .evaluation import evaluate
+
+    decoding = {"preset": args.preset, "num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens}
+    try:
+        result = evaluate(
+            args.task,
+            args.annotations,
+            args.media,
+            args.out,
+            _runner(args, registry),
+            questions=args.questions,
+            image_pattern=args.image_pattern,
+            split=args.split,
+            limit=args.limit,
+            decoding=decoding,
+            progress=args.progress,
+        )
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(result.table)
+    return 2 if result.failed else 0
+
+
+def _bulk(args: argparse.Namespace, question: str | None, registry: dict[str, Task]) -> int:
+    """`caption`/`ask` with --out: every input answered into a file, in one process or with Ray."""
+    from .bulk import dataset_requests, media_files, run_bulk
+    from .errors import UserError
+    from .evaluation import Request
+
+    decoding = {
+        k: getattr(args, k)
+        for k in ("preset", "num_beams", "do_sample", "temperature", "top_p", "top_k", "seed", "max_new_tokens")
+    }
+    try:
+        if args.dataset:
+            requests = dataset_requests(args.dataset, args.split, args.column, question)
+        else:
+            requests = [Request(p, p, question) for p in media_files(args.paths, registry[args.task].modality)]
+        answered, failed = run_bulk(args.task, requests, args.out, _runner(args, registry), decoding)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{answered} answered, {failed} failed: {args.out}", file=sys.stderr)
+    return 2 if failed else 0
+
+
 def _run(args: argparse.Namespace, question: str | None) -> int:
+    from .bulk import media_files
     from .errors import UserError
     from .media import MediaLimits
     from .pipeline import Pipeline
@@ -254,6 +395,12 @@ def _run(args: argparse.Namespace, question: str | None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     inspect = args.save_inputs is not None
+    if args.task:
+        try:
+            args.paths = media_files(args.paths, pipeline.task(args.task).modality)
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     for path in args.paths:
         try:
             settings = dict(
@@ -368,6 +515,10 @@ def main(argv: list[str] | None = None) -> int:
         return _download(args, registry)
     if args.command == "convert":
         return _convert(args)
+    if args.command == "eval":
+        return _eval(args, registry)
+    if args.out:
+        return _bulk(args, getattr(args, "question", None), registry)
     return _run(args, getattr(args, "question", None))
 
 

@@ -125,6 +125,16 @@ class TextFormat:
 
 
 @dataclass(frozen=True)
+class PaperResult:
+    """What the paper reports for a task (`epalm eval` prints it beside its own numbers): the
+    benchmark and split, and each metric's value as the paper gives it (a number, or a text such as
+    "45.0 (val) / 40.4 (test)" where it gives several)."""
+
+    benchmark: str
+    metrics: tuple[tuple[str, float | str], ...] = ()
+
+
+@dataclass(frozen=True)
 class Task:
     id: str
     title: str
@@ -138,6 +148,7 @@ class Task:
     text: TextFormat
     generation: DecodingOptions
     adapter: AdapterSource
+    paper: PaperResult | None = None
 
     @property
     def needs_question(self) -> bool:
@@ -182,6 +193,7 @@ def _build(task_id: str, entry: object, base_dir: Path, where: str = "") -> Task
             text=_section(TextFormat, entry.get("text"), "text"),
             generation=_section(DecodingOptions, entry.get("generation"), "generation"),
             adapter=AdapterSource(**adapter),
+            paper=_paper(entry.get("paper")),
         )
     except (KeyError, TypeError, ValueError) as exc:  # RegistryError is a ValueError
         raise RegistryError(f"{where or f'task {task_id!r}'}: {exc}") from exc
@@ -266,6 +278,14 @@ def _shown(value: object) -> str:
     """A value as a message may quote it: short."""
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "…"
+
+
+def _paper(entry: dict | None) -> PaperResult | None:
+    """`paper: {benchmark: COCO Karpathy test, CIDEr: 97.22, ...}`: the benchmark, then metric: value."""
+    if entry is None:
+        return None
+    values = {k: v for k, v in entry.items() if k != "benchmark"}
+    return PaperResult(str(entry["benchmark"]), tuple((str(k), v) for k, v in values.items()))
 
 
 def answer_tokens(tasks: Iterable[Task], lm: ModelRef) -> list[str]:

@@ -283,6 +283,37 @@ def write_wav(path: Path, seconds: float = 1.0, rate: int = 16000, freq: float =
     return path
 
 
+VQA_QUESTIONS = ["what color is the cat", "how many people are there", "is there a dog", "what is the man holding"]
+
+
+@pytest.fixture()
+def vqa(tmp_path):
+    """Six VQAv2 questions about three images named by id (`{image_id}.png`)."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    questions, annotations = [], []
+    for n in range(6):
+        image_id = n % 3
+        write_image(folder / f"{image_id}.png", seed=image_id)
+        qid = 500 + n
+        questions.append({"image_id": image_id, "question": VQA_QUESTIONS[n % 4] + "?", "question_id": qid})
+        answers = [
+            {"answer": a, "answer_confidence": "yes", "answer_id": j} for j, a in enumerate(["yes"] * 6 + ["2"] * 4)
+        ]
+        annotations.append(
+            {
+                "question_id": qid,
+                "image_id": image_id,
+                "answer_type": "other",
+                "question_type": "what",
+                "answers": answers,
+            }
+        )
+    (tmp_path / "q.json").write_text(json.dumps({"data_subtype": "val2014", "questions": questions}))
+    (tmp_path / "a.json").write_text(json.dumps({"annotations": annotations}))
+    return tmp_path / "a.json", tmp_path / "q.json", folder
+
+
 @pytest.fixture(scope="session")
 def media_files(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("media")

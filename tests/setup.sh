@@ -6,6 +6,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q -r requirements.txt -r requirements-test.txt
 has() { command -v "$1" >/dev/null 2>&1; }
+# the COCO caption toolkit's own PTB tokenizer and METEOR are Java programs (without Java, the tests of that path skip)
+if ! has java && has apt-get; then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq default-jre-headless >/dev/null
+fi
 if [ -n "${EPALM_CHROMIUM:-}" ] || has chromium || has chromium-browser; then
   :
 elif has apt-get; then

@@ -53,6 +53,14 @@ def test_requirements_test_txt_pins_the_test_extra():
     check_in_step(pinned("requirements-test.txt"), ranged(extra))
 
 
+def test_ray_is_an_extra_the_tests_install_as_users_do():
+    """`pip install "epalm[scale]"` gives users the Ray the tests of --ray run on; the app needs none."""
+    project = PROJECT["project"]
+    scale, test = ranged(project["optional-dependencies"]["scale"]), ranged(project["optional-dependencies"]["test"])
+    assert "ray" in scale and all(str(test.get(name)) == str(req) for name, req in scale.items())
+    assert "ray" not in ranged(project["dependencies"], project["optional-dependencies"]["app"])
+
+
 def test_decord_is_only_required_where_it_has_wheels():
     decord = pinned("requirements.txt")["decord"]
     for platform, machine, wanted in [
