@@ -10,19 +10,17 @@ uses the tiny tokenizer: no download). Two figures per request:
 
 - direct: the work only inspection does (on the media side: turning the encoder's input back into
   pictures, drawing the spectrogram, reading an audio file's duration; on the decoding side: the
-  per-step trace, the prompt, the token probabilities and beams), timed where it runs in process
-  CPU time, over the plain answer's CPU time divided by the usable cores. CPU time barely sees other
-  processes taking turns on the cores; the denominator is a lower bound of the answer's wall time
-  (no process runs faster than its CPU time spread over every core), so the figure is an upper
-  bound. Both sides decode the media with the same functions, so nothing else differs.
+  per-step trace, the prompt, the token probabilities and beams), as the pipeline's observer times it
+  where it runs (wall seconds: `Pipeline.stream(observer=...)`), over the plain answer's CPU time
+  divided by the usable cores. The denominator is a lower bound of the answer's wall time (no process
+  runs faster than its CPU time spread over every core), so the figure is an upper bound on a quiet
+  machine. Both sides decode the media with the same functions, so nothing else differs.
 - A/B: the difference of the end-to-end wall-time medians; on a shared CPU, noisier than the effect.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import functools
 import json
 import os
 import statistics
@@ -30,20 +28,14 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))  # `python bench/inspection.py` puts bench/ first, not the repository
 
-import torch  # noqa: E402
 
 from bench import models as M  # noqa: E402
 from bench.timing import wait_for_quiet  # noqa: E402
-from epalm import inspection as inspection_module  # noqa: E402
-from epalm import pipeline as pipeline_module  # noqa: E402
-from epalm.inspection import Inspector  # noqa: E402
 from epalm.pipeline import Pipeline  # noqa: E402
 
 REQUESTS = [  # (task, example file)
@@ -55,41 +47,23 @@ REQUESTS = [  # (task, example file)
 SETTINGS = {"paper": dict(num_beams=3, max_new_tokens=11), "greedy": dict(num_beams=1, max_new_tokens=11)}
 
 
-SPENT = {"media": 0.0, "decoding": 0.0}  # seconds of inspection-only work in the current request
-MEDIA_WORK = ("viewable", "spectrogram_picture", "clip_seconds")  # what Inspector.prepare adds to the plain path
-
-
-def _timed(kind: str, method: Callable, *args: Any) -> Any:
-    started = time.process_time()
-    try:
-        return method(*args)
-    finally:
-        SPENT[kind] += time.process_time() - started
-
-
-class TimedInspector(Inspector):
-    """An `Inspector` that adds the time of its decoding-side work (trace, prompt, result) to SPENT."""
-
-    def trace(self, ids: torch.Tensor, logprobs: torch.Tensor) -> None:
-        _timed("decoding", super().trace, ids, logprobs)
-
-    def read_prompt(self, input_ids: torch.Tensor, tokenizer: Any) -> None:
-        _timed("decoding", super().read_prompt, input_ids, tokenizer)
-
-    def partial(self, options: Any) -> Any:
-        return _timed("decoding", super().partial, options)
-
-    def result(self, *args: Any) -> Any:
-        return _timed("decoding", super().result, *args)
+INSPECTION = {"inspect_media": "media", "inspect_decode": "decoding"}  # the observer's phases of inspection work
 
 
 def answer_time(pipe: Pipeline, task: str, path: str, setting: str, inspect: bool) -> dict:
-    """Wall and process CPU seconds of one whole request (media file to final answer)."""
+    """Wall and process CPU seconds of one whole request (media file to final answer), and the wall seconds
+    of its inspection-only work by side, as the pipeline's observer reports them."""
+    spent = {"media": 0.0, "decoding": 0.0}
+
+    def observe(phase: str, seconds: float) -> None:
+        if phase in INSPECTION:
+            spent[INSPECTION[phase]] += seconds
+
     wall, cpu = time.perf_counter(), time.process_time()
-    *_, final = pipe.stream(path, task, **SETTINGS[setting], inspect=inspect)
+    *_, final = pipe.stream(path, task, **SETTINGS[setting], inspect=inspect, observer=observe)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     assert (final.inspection is not None) == inspect
-    return dict(wall=wall, cpu=cpu, new_tokens=final.timings.new_tokens)
+    return dict(wall=wall, cpu=cpu, new_tokens=final.timings.new_tokens, **spent)
 
 
 def measure(
@@ -103,48 +77,39 @@ def measure(
     requests = [(task, str(ROOT / path)) for task, path in REQUESTS if pipe.task(task).modality in modalities]
     cores = len(os.sched_getaffinity(0))
     rows = []
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(mock.patch.object(pipeline_module, "Inspector", TimedInspector))
-        for name in MEDIA_WORK:
-            function = getattr(inspection_module, name)
-            timed = functools.partial(_timed, "media", function)
-            stack.enter_context(mock.patch.object(inspection_module, name, timed))
-        for inspect in (True, False):
-            answer_time(pipe, *requests[0], "greedy", inspect)
-        for task, path in requests:
-            for setting in SETTINGS:
-                runs: dict[bool, list[dict]] = {True: [], False: []}
-                extra: dict[str, list[float]] = {"media": [], "decoding": []}
-                for round_ in range(repeats):
-                    wait_for_quiet(max_wait=quiet_wait)
-                    SPENT.update(media=0.0, decoding=0.0)
-                    for inspect in (False, True) if round_ % 2 else (True, False):  # alternate who goes first
-                        runs[inspect].append(answer_time(pipe, task, path, setting, inspect))
-                    for kind in extra:
-                        extra[kind].append(SPENT[kind])
-                plain_cpu = min(r["cpu"] for r in runs[False])
-                work = max(extra["media"]) + max(extra["decoding"])
-                wall = {inspect: statistics.median(r["wall"] for r in runs[inspect]) for inspect in runs}
-                row = dict(
-                    task=task,
-                    file=str(Path(path).relative_to(ROOT)),
-                    setting=setting,
-                    new_tokens=runs[False][-1]["new_tokens"],
-                    cores=cores,
-                    plain_cpu_s=plain_cpu,
-                    plain_wall_s=wall[False],
-                    inspected_wall_s=wall[True],
-                    media_extra_ms=max(extra["media"]) * 1e3,
-                    decoding_extra_ms=max(extra["decoding"]) * 1e3,
-                    direct_pct=100 * work / (plain_cpu / cores),
-                    ab_pct=100 * (wall[True] - wall[False]) / wall[False],
-                    repeats=repeats,
-                )
-                log(
-                    f"{task} {setting}: plain {plain_cpu:.2f} CPU s ({wall[False]:.2f} s wall), inspection work "
-                    f"{work * 1e3:.1f} ms ({row['direct_pct']:.2f} %), A/B {row['ab_pct']:+.1f} %"
-                )
-                rows.append(row)
+    for inspect in (True, False):
+        answer_time(pipe, *requests[0], "greedy", inspect)
+    for task, path in requests:
+        for setting in SETTINGS:
+            runs: dict[bool, list[dict]] = {True: [], False: []}
+            for round_ in range(repeats):
+                wait_for_quiet(max_wait=quiet_wait)
+                for inspect in (False, True) if round_ % 2 else (True, False):  # alternate who goes first
+                    runs[inspect].append(answer_time(pipe, task, path, setting, inspect))
+            plain_cpu = min(r["cpu"] for r in runs[False])
+            extra = {side: max(r[side] for r in runs[True]) for side in ("media", "decoding")}
+            work = extra["media"] + extra["decoding"]
+            wall = {inspect: statistics.median(r["wall"] for r in runs[inspect]) for inspect in runs}
+            row = dict(
+                task=task,
+                file=str(Path(path).relative_to(ROOT)),
+                setting=setting,
+                new_tokens=runs[False][-1]["new_tokens"],
+                cores=cores,
+                plain_cpu_s=plain_cpu,
+                plain_wall_s=wall[False],
+                inspected_wall_s=wall[True],
+                media_extra_ms=extra["media"] * 1e3,
+                decoding_extra_ms=extra["decoding"] * 1e3,
+                direct_pct=100 * work / (plain_cpu / cores),
+                ab_pct=100 * (wall[True] - wall[False]) / wall[False],
+                repeats=repeats,
+            )
+            log(
+                f"{task} {setting}: plain {plain_cpu:.2f} CPU s ({wall[False]:.2f} s wall), inspection work "
+                f"{work * 1e3:.1f} ms ({row['direct_pct']:.2f} %), A/B {row['ab_pct']:+.1f} %"
+            )
+            rows.append(row)
     return rows
 
 

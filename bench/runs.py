@@ -17,9 +17,11 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from bench.machine import bandwidth_probe
 from bench.models import INPUTS, BenchTask, build_adapter, param_bytes
 from bench.timing import CpuMonitor, Device, rss_bytes, summary, wait_for_quiet
-from epalm.decoding import CachedSession, DecodingOptions, generate
+from epalm.decoding import DecodingOptions
 from epalm.encoders import Encoder
+from epalm.engine import generate
 from epalm.model import EPALM, Adapter, InjectionConfig
+from epalm.original import generate_original
 
 # Decoding settings: 29 new tokens after BOS (max_length 30), forced to full length because no
 # id equals eos_token_id=-1 (the loops compare ids with it and never stop early).
@@ -73,9 +75,9 @@ class Workload:
     probe_mib: int = 512  # buffer of the bandwidth sample taken around each group of runs
     quiet_wait_s: float = 300.0  # longest wait for other processes to leave the CPU before a group
 
-    def options(self, setting: str, use_cache: bool, new_tokens: int | None = None) -> DecodingOptions:
+    def options(self, setting: str, new_tokens: int | None = None) -> DecodingOptions:
         n = self.new_tokens if new_tokens is None else new_tokens
-        return DecodingOptions(**SETTINGS[setting], max_length=1 + n, eos_token_id=NO_EOS, use_cache=use_cache)
+        return DecodingOptions(**SETTINGS[setting], max_length=1 + n, eos_token_id=NO_EOS)
 
     def text(self) -> tuple[torch.Tensor, torch.Tensor]:
         ids = torch.tensor([[2]], device=self.dev.device)  # BOS: a caption
@@ -170,7 +172,7 @@ def epalm_group(
     ids, mask = work.text()
 
     def once(short: bool) -> dict:
-        options = work.options(setting, use_cache, new_tokens=min(2, work.new_tokens) if short else None)
+        options = work.options(setting, new_tokens=min(2, work.new_tokens) if short else None)
         clock = StepClock(work.dev)
         with work.dev.peak_memory() as mem, torch.inference_mode():
             t0 = work.dev.now()
@@ -178,7 +180,8 @@ def epalm_group(
             t1 = work.dev.now()
             prefix = adapter.prefix(features)
             t2 = work.dev.now()
-            out = generate(work.lm, prefix, ids, mask, options, callback=clock.tick)
+            decode = generate if use_cache else generate_original  # the engine, or the original algorithm
+            out = decode(work.lm, prefix, ids, mask, options, callback=clock.tick)
             t3 = work.dev.now()
         run = clock.decode_numbers(t2, t3, out.sequences.shape[1] - ids.shape[1])
         return dict(
@@ -271,15 +274,14 @@ def profile_step(work: Workload, setting: str, top: int = 12) -> dict:
     if beams > 1:
         prefix = prefix.repeat_interleave(beams)
         ids, mask = ids.repeat_interleave(beams, 0), mask.repeat_interleave(beams, 0)
-    session = CachedSession(work.lm, ids, mask, prefix)
-    logits = session.start()
+    logits, state = work.lm.prefill(ids, mask, prefix)
     for _ in range(4):
-        logits = session.step(logits.argmax(-1))
+        logits = work.lm.step(state, logits.argmax(-1))
     tokens = logits.argmax(-1)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if work.dev.cuda else [])
     with profile(activities=activities) as prof:
         t0 = work.dev.now()
-        session.step(tokens)
+        work.lm.step(state, tokens)
         wall = work.dev.now() - t0
     events = prof.key_averages()
     attr = "self_device_time_total" if work.dev.cuda else "self_cpu_time_total"

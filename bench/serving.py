@@ -191,7 +191,7 @@ def serve(pipe: Pipeline, sent: Plan, setting: str, new_tokens: int, batched: bo
                         served = time.perf_counter()
                         answer = pipe.caption(media, task, **settings)
                         service.append(time.perf_counter() - served)
-                        encoding.append(answer.timings.encode_s)
+                        encoding.append(answer.timings.media_s + answer.timings.encode_s)
                 else:
                     answer = pipe.caption(media, task, **settings)
             except Exception as exc:  # reported, not hidden: a failed request has no latency

@@ -40,6 +40,9 @@ _EXPORTS = {
     "Answer": "pipeline",
     "OutOfMemory": "pipeline",
     "Pipeline": "pipeline",
+    "ServingConfig": "config",
+    "Status": "pipeline",
+    "answers": "pipeline",
     "Timings": "pipeline",
     "ModelSource": "store",
     "Task": "tasks",
@@ -50,6 +53,7 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:  # for type checkers and editors; `X as X` marks a re-export
+    from .config import ServingConfig as ServingConfig
     from .decoding import DecodingOptions as DecodingOptions
     from .errors import AdapterError as AdapterError
     from .errors import InputError as InputError
@@ -63,7 +67,9 @@ if TYPE_CHECKING:  # for type checkers and editors; `X as X` marks a re-export
     from .pipeline import Answer as Answer
     from .pipeline import OutOfMemory as OutOfMemory
     from .pipeline import Pipeline as Pipeline
+    from .pipeline import Status as Status
     from .pipeline import Timings as Timings
+    from .pipeline import answers as answers
     from .presets import DEFAULT_PRESET as DEFAULT_PRESET
     from .presets import PRESETS as PRESETS
     from .presets import Preset as Preset

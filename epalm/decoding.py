@@ -1,6 +1,7 @@
-"""Decoding loops: greedy, sampling and beam search with the rules of transformers 4.24 (the
-version the adapters were evaluated with), over eP-ALM's cached decoder or, as a baseline, the
-original uncached algorithm that re-runs the whole sequence every step.
+"""Decoding rules: greedy, sampling and beam search with the rules of transformers 4.24 (the version
+the adapters were evaluated with), one step at a time, kept apart from the model: `epalm.engine`
+applies each request's rule to its rows of a batched step (and `epalm.original`, the original
+uncached algorithm, applies the same rules).
 
 Returned ids follow the original `generate`: input ids (with their padding) then new tokens;
 `max_length` counts input ids plus new tokens, but always leaves room for `min_answer_tokens`
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 from transformers.generation.logits_process import (
@@ -22,7 +22,6 @@ from transformers.generation.logits_process import (
 )
 
 from .errors import bounded
-from .model import EPALM, DecodeState, Prefix
 
 MAX_BEAMS = 8  # beams of one request: each is a row of every decode step
 MAX_LENGTH = 512  # ids of one answer (a caption is 10-20); OPT has 2,048 positions
@@ -49,15 +48,13 @@ class DecodingOptions:
     eos_token_id: int = 2
     pad_token_id: int = 1
     seed: int | None = None
-    use_cache: bool = True  # False: the original algorithm, the whole sequence re-run each step
 
     def __post_init__(self) -> None:
         """Every setting in its bounds, checked before anything is allocated: a request (or a stranger's
         adapter config) asking for 2,000 beams or a million tokens is refused, not run."""
         bounded("num_beams", self.num_beams, 1, MAX_BEAMS)
-        for name in ("do_sample", "use_cache"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false")
+        if not isinstance(self.do_sample, bool):
+            raise ValueError("do_sample must be true or false")
         if self.do_sample and self.num_beams > 1:
             raise ValueError("beam sampling is not supported: use num_beams=1 with do_sample")
         if self.max_length is None and self.max_new_tokens is None:
@@ -115,60 +112,6 @@ Trace = Callable[[torch.Tensor, torch.Tensor], None]
 """Called at every step, when asked for, with the ids so far [rows, L] and the model's next-token
 log-probabilities for them [rows, vocab] (float32, before any sampling warper): what
 `epalm.inspection` reads token confidences from. Decoding does the same with or without it."""
-
-
-class Session(Protocol):
-    """One batch being decoded: next-token logits as tokens are appended."""
-
-    def start(self) -> torch.Tensor: ...
-
-    def step(self, tokens: torch.Tensor) -> torch.Tensor: ...
-
-    def reorder(self, index: torch.Tensor) -> None: ...
-
-
-class CachedSession:
-    """eP-ALM's exact cached decoder: prefill once, then one token (plus the refresh) per step."""
-
-    def __init__(self, model: EPALM, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix: Prefix) -> None:
-        self.model, self.input_ids, self.attention_mask, self.prefix = model, input_ids, attention_mask, prefix
-        self.state: DecodeState | None = None
-
-    def start(self) -> torch.Tensor:
-        logits, self.state = self.model.prefill(self.input_ids, self.attention_mask, self.prefix)
-        return logits
-
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.model.step(self.state, tokens)
-
-    def reorder(self, index: torch.Tensor) -> None:
-        self.state.reorder(index)
-
-
-class UncachedSession:
-    """The original algorithm: every step re-runs prompt, injection and all tokens so far."""
-
-    def __init__(self, model: EPALM, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix: Prefix) -> None:
-        self.model, self.ids, self.mask, self.prefix = model, input_ids, attention_mask, prefix
-
-    def start(self) -> torch.Tensor:
-        return self.model(self.ids, self.mask, self.prefix)[:, -1]
-
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        self.ids = torch.cat([self.ids, tokens[:, None]], dim=1)
-        self.mask = torch.cat([self.mask, self.mask.new_ones(len(tokens), 1)], dim=1)
-        return self.start()
-
-    def reorder(self, index: torch.Tensor) -> None:
-        self.ids, self.mask = self.ids.index_select(0, index), self.mask.index_select(0, index)
-        self.prefix = self.prefix.select(index)
-
-
-def _session(
-    model: EPALM, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix: Prefix, options: DecodingOptions
-) -> Session:
-    kind = CachedSession if options.use_cache else UncachedSession
-    return kind(model, input_ids, attention_mask, prefix)
 
 
 class TokenRule:
@@ -323,6 +266,12 @@ def step_rule(options: DecodingOptions, input_ids: torch.Tensor, trace: Trace | 
     return BeamRule(options, input_ids, trace) if options.num_beams > 1 else TokenRule(options, input_ids, trace)
 
 
+def stopped(length: int, limit: int) -> bool:
+    """Whether a finished beam hypothesis of `length` ids stopped on EOS (which 4.24 then appended to
+    it) rather than at the length limit: the hypotheses keep their ids without that EOS."""
+    return length < limit
+
+
 def _finalize(
     hyps: list[_Hypotheses],
     done: list[bool],
@@ -343,70 +292,9 @@ def _finalize(
     out = ids.new_full((len(best), width), pad)
     for i, (_, seq) in enumerate(best):
         out[i, : len(seq)] = seq
-        if len(seq) < limit:
+        if stopped(len(seq), limit):
             out[i, len(seq)] = eos
     return GenerationOutput(out, torch.tensor([score for score, _ in best]), [hyp.beams for hyp in hyps])
-
-
-def _decode(
-    model: EPALM,
-    prefix: Prefix,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    options: DecodingOptions,
-    rule: StepRule,
-    callback: StepCallback | None,
-) -> Iterator[torch.Tensor]:
-    """Run `rule` to its end, one step at a time: yields each step's tokens ([rows])."""
-    session = _session(model, input_ids, attention_mask, prefix, options)
-    logits = session.start()
-    if options.num_beams > 1:
-        rows = beam_rows(len(input_ids), options.num_beams, input_ids.device)
-        logits = logits.index_select(0, rows)
-        session.reorder(rows)
-    while True:
-        tokens = rule.choose(logits)
-        if callback is not None:
-            callback(tokens)
-        yield tokens
-        if rule.done:
-            return
-        if rule.order is not None:
-            session.reorder(rule.order)
-        logits = session.step(tokens)
-
-
-@torch.inference_mode()  # as a decorator: entered per step, so a consumer may resume it in any thread
-def stream_tokens(
-    model: EPALM,
-    prefix: Prefix,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    options: DecodingOptions,
-    callback: StepCallback | None = None,
-    trace: Trace | None = None,
-) -> Iterator[torch.Tensor]:
-    """Greedy or sampling, one step at a time: yields the new token of every row ([B]) (see `TokenRule`)."""
-    rule = TokenRule(options, input_ids, trace)
-    yield from _decode(model, prefix, input_ids, attention_mask, options, rule, callback)
-
-
-@torch.inference_mode()
-def generate(
-    model: EPALM,
-    prefix: Prefix,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    options: DecodingOptions,
-    callback: StepCallback | None = None,
-    trace: Trace | None = None,
-) -> GenerationOutput:
-    """Run the whole decode (greedy, sampling or beam search); ids as the original returns them
-    (inputs included). `callback`, if given, is called after each step with its tokens (see `StepCallback`)."""
-    rule = step_rule(options, input_ids, trace)
-    for _ in _decode(model, prefix, input_ids, attention_mask, options, rule, callback):
-        pass
-    return rule.result()
 
 
 def stream_text(tokens: Iterator[torch.Tensor], tokenizer, row: int = 0) -> Iterator[str]:

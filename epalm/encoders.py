@@ -14,6 +14,7 @@ import itertools
 import threading
 import weakref
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import timm
 import torch
@@ -21,6 +22,8 @@ import transformers
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from transformers import ASTModel, TimesformerModel
+
+from .config import FEATURE_CACHE
 
 
 class Encoder(nn.Module):
@@ -147,19 +150,21 @@ def build_encoder(library: str, class_path: str, config: dict) -> Encoder:
     return wrap_encoder(model)
 
 
-FEATURE_CACHE = 64  # inputs whose encoder features are kept (6 x 768 floats each at the OPT-2.7B shape)
-
-
 class FeatureCache:
-    """The features of recently encoded inputs, least recently used dropped first, at most `size`
-    (0: off). An encoder's output for one prepared input is deterministic, and the frozen encoders
-    are what serving cannot batch away (seconds for a video on a CPU), so a second question about
-    the same picture or clip, or another user's click on the same example, reuses its features.
+    """Encodes inputs for the requests of many threads, keeping the features of recent ones.
 
-    Entries are keyed by the encoder object (a number it gets on first use, never reused, unlike
-    `id()`), the blocks taken, and a digest of the input's dtype, shape and bytes (~10 ms for 16
-    frames on a CPU). They are detached clones of one input's [num_blocks, dim] features, never views
-    of a batch. Thread-safe; two threads missing the same input at once both encode it.
+    `features()` runs on each request's own thread, so that an encoder never stalls the decode
+    steps of the requests already running (`epalm.serving`); the requests waiting for one encoder at
+    the same moment are encoded together, in one call, by whichever of their threads takes the encoder
+    first (the others wait for it, then take it in turn for what arrived meanwhile).
+
+    The features of the last `size` inputs are kept (0: none), least recently used dropped first: an
+    encoder's output for one prepared input is deterministic, and the frozen encoders are what serving
+    cannot batch away (seconds for a video on a CPU), so a second question about the same picture or
+    clip, or another user's click on the same example, skips its encoder. Entries are keyed by the
+    encoder object (a number it gets on first use, never reused, unlike `id()`), the blocks taken, and a
+    digest of the input's dtype, shape and bytes (~10 ms for 16 frames on a CPU), and are detached
+    clones of one input's [num_blocks, dim] features, never views of a batch.
     """
 
     def __init__(self, size: int = FEATURE_CACHE) -> None:
@@ -169,38 +174,81 @@ class FeatureCache:
         self._entries: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._encoders: weakref.WeakKeyDictionary[Encoder, int] = weakref.WeakKeyDictionary()
         self._numbers = itertools.count()
-        self._lock = threading.Lock()
+        self._waiting: dict[int, list[_Wanted]] = {}  # encoder number -> inputs waiting for it
+        self._busy: set[int] = set()  # encoders running now
+        self._changed = threading.Condition()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def encode(self, encoder: Encoder, inputs: list[torch.Tensor], num_blocks: int) -> tuple[torch.Tensor, list[bool]]:
-        """`encoder(torch.stack(inputs), num_blocks)` ([num_blocks, len(inputs), dim]) and which inputs
-        were cached: the encoder runs once, on the inputs neither cached nor repeated in `inputs`."""
-        if not self.size:
-            return encoder(_batch(encoder, inputs), num_blocks), [False] * len(inputs)
-        keys = [self._key(encoder, x, num_blocks) for x in inputs]
-        with self._lock:
-            found = {key: self._entries[key] for key in keys if key in self._entries}
-            for key in found:
-                self._entries.move_to_end(key)
-        missing = {key: x for key, x in zip(keys, inputs) if key not in found}  # one of each repeated input
-        if missing:
-            features = encoder(_batch(encoder, list(missing.values())), num_blocks)
-            with self._lock:
-                for i, key in enumerate(missing):
-                    found[key] = self._entries[key] = features[:, i].detach().clone()
+    def features(self, encoder: Encoder, x: torch.Tensor, num_blocks: int) -> tuple[torch.Tensor, bool]:
+        """The [num_blocks, dim] features of one prepared input, and whether they were kept from before."""
+        wanted = _Wanted(self._key(encoder, x, num_blocks), x, num_blocks)
+        number = wanted.key[0]
+        with self._changed:
+            if self.size and wanted.key in self._entries:
+                self._entries.move_to_end(wanted.key)
+                return self._entries[wanted.key], True
+            self._waiting.setdefault(number, []).append(wanted)
+        while True:
+            with self._changed:
+                while number in self._busy and not wanted.done:
+                    self._changed.wait()
+                if wanted.done:
+                    break
+                self._busy.add(number)  # this thread runs the encoder, for all that wait for it now
+                batch, self._waiting[number] = self._waiting[number], []
+            try:
+                self._encode(encoder, batch)
+            finally:
+                with self._changed:
+                    self._busy.discard(number)
+                    self._changed.notify_all()
+        if wanted.error is not None:
+            raise wanted.error
+        return wanted.features, wanted.cached
+
+    def _encode(self, encoder: Encoder, batch: list[_Wanted]) -> None:
+        """Run the encoder once per input shape and block count over `batch` (each distinct input once),
+        and hand every waiting input its features (or the encoder's error)."""
+        groups: dict[tuple, list[_Wanted]] = {}
+        for wanted in batch:
+            groups.setdefault((tuple(wanted.x.shape), wanted.num_blocks), []).append(wanted)
+        for (_, num_blocks), group in groups.items():
+            distinct = list({wanted.key: wanted for wanted in group}.values())
+            try:
+                with torch.inference_mode():
+                    output = encoder(torch.stack([w.x for w in distinct]).to(encoder.device), num_blocks)
+                found = {wanted.key: output[:, i].detach().clone() for i, wanted in enumerate(distinct)}
+            except Exception as exc:  # the failure belongs to these inputs only
+                for wanted in group:
+                    wanted.error, wanted.done = exc, True
+                continue
+            with self._changed:
+                for key, features in found.items():
+                    if self.size:
+                        self._entries[key] = features
                 while len(self._entries) > self.size:
                     self._entries.popitem(last=False)
-        return torch.stack([found[key] for key in keys], dim=1), [key not in missing for key in keys]
+            for wanted in group:
+                wanted.features, wanted.done = found[wanted.key], True
 
     def _key(self, encoder: Encoder, x: torch.Tensor, num_blocks: int) -> tuple:
         data = x.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
         digest = hashlib.blake2b(data, digest_size=16).digest()
-        with self._lock:
+        with self._changed:
             number = self._encoders.setdefault(encoder, next(self._numbers))
         return number, num_blocks, str(x.dtype), tuple(x.shape), digest
 
 
-def _batch(encoder: Encoder, inputs: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack(inputs).to(encoder.device)
+@dataclass(eq=False)
+class _Wanted:
+    """One input waiting for its encoder, and what it got."""
+
+    key: tuple
+    x: torch.Tensor
+    num_blocks: int
+    done: bool = False
+    cached: bool = False
+    features: torch.Tensor | None = None
+    error: BaseException | None = None

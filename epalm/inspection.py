@@ -15,6 +15,7 @@ import html
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ import torch
 from PIL import Image
 
 from .audio import FRAME_LENGTH_MS, FRAME_SHIFT_MS, AudioTransform, audio_fbank, load_window, window_seconds
-from .decoding import DecodingOptions
+from .decoding import DecodingOptions, stopped
 from .image import ImageTransform, image_tensor, load_image
 from .media import MediaLimits, container_duration, local_path, open_container
 from .model import InjectionConfig
@@ -130,8 +131,9 @@ class Inspection:
             "beams": [asdict(b) for b in self.beams],
         }
 
-    def describe(self) -> str:
-        """Markdown for people: the input, the prompt, the settings, the tokens and the beams."""
+    def describe(self, tokens: bool = True) -> str:
+        """Markdown for people: the input, the prompt, the settings, the tokens (unless shown apart:
+        `tokens=False`) and the beams."""
         settings = [f"{k.replace('_', ' ')} {v}" for k, v in self.decoding.items() if k != "strategy" and v is not None]
         soft_prompt = self.prompt.split("]")[0] + "]"
         parts = [
@@ -140,15 +142,15 @@ class Inspection:
             f"soft prompt; {_escape(self.injection)}.",
             f"**Decoding:** {' · '.join([self.decoding['strategy'], *settings])}",
         ]
-        if self.tokens:
-            tokens = " ".join(f"{_code(t.text)} {_percent(t.prob)}" for t in self.tokens)
-            parts.append(f"**Answer tokens and the model's probability of each:** {tokens}")
+        if self.tokens and tokens:
+            shown = " ".join(f"{_code(t.text)} {_percent(t.prob)}" for t in self.tokens)
+            parts.append(f"**Answer tokens and the model's probability of each:** {shown}")
         if self.beams:
             rows = [
                 f"| {rank} | {_escape(b.text) or '(empty)'} | {b.score:.3f} | {_percent(math.exp(b.logprob))} |"
                 for rank, b in enumerate(self.beams, 1)
             ]
-            parts.append("\n".join(["| beam | text | score (ranked by) | probability |", "|---|---|---|---|", *rows]))
+            parts.append("\n".join(["| rank | text | score (ranked by) | probability |", "|---|---|---|---|", *rows]))
         return "\n\n".join(parts)
 
     def save(self, folder: str | Path, answer: str | None = None) -> list[Path]:
@@ -248,10 +250,11 @@ def decoding_settings(options: DecodingOptions) -> dict[str, Any]:
 
 class Inspector:
     """Collects the artefacts of one request: `prepare` decodes the media (as the pipeline's
-    preprocessing does) and keeps what the encoder will see; the decoder calls `trace` each step."""
+    preprocessing does) and keeps what the encoder will see; the decoder calls `trace` each step.
+    `timed` wraps the work only inspection adds to the media's decoding (the pipeline's observer times it)."""
 
-    def __init__(self, task: Task) -> None:
-        self.task = task
+    def __init__(self, task: Task, timed: Callable[[Callable], Callable] = lambda function: function) -> None:
+        self.task, self.timed = task, timed
         self.seen: Seen | None = None
         self.prompt = ""
         self.steps: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -261,14 +264,15 @@ class Inspector:
         if isinstance(transform, ImageTransform):
             image = load_image(media, limits)
             pixels = image_tensor(image, transform)
-            self.seen = Seen("image", [viewable(pixels, transform.mean, transform.std)], [], source_size=image.size)
+            picture = self.timed(viewable)(pixels, transform.mean, transform.std)
+            self.seen = Seen("image", [picture], [], source_size=image.size)
             self.seen.captions = [self.seen.summary()]
         elif isinstance(transform, VideoTransform):
             sampled = sample_frames(media, transform.num_frames, limits)
             pixels = video_tensor(sampled.frames, transform)
             self.seen = Seen(
                 "video",
-                list(viewable(pixels, transform.mean, transform.std)),
+                list(self.timed(viewable)(pixels, transform.mean, transform.std)),
                 [f"{t:.2f} s (frame {i})" for t, i in zip(sampled.timestamps, sampled.indices)],
                 frame_indices=list(sampled.indices),
                 timestamps=sampled.timestamps,
@@ -287,11 +291,11 @@ class Inspector:
             needed = round(window_seconds(transform) * rate)  # samples behind target_length frames
             duration = len(wave) / rate
             if len(wave) > needed:  # the window was filled: how long is the whole clip?
-                duration = clip_seconds(media, rate, limits)
+                duration = self.timed(clip_seconds)(media, rate, limits)
         fbank = audio_fbank(wave, transform)
         self.seen = Seen(
             "audio",
-            [spectrogram_picture(fbank)],
+            [self.timed(spectrogram_picture)(fbank)],
             [],
             duration=duration,
             heard_seconds=min(len(wave), needed) / rate,
@@ -333,8 +337,7 @@ class Inspector:
         limit = options.length_limit(start)
         for score, seq in sorted(hypotheses, key=lambda h: h[0], reverse=True):
             ids = seq.tolist()
-            stopped = len(ids) < limit  # as _finalize decides whether a hypothesis ended with EOS
-            new = ids[start:] + ([options.eos_token_id] if stopped else [])
+            new = ids[start:] + ([options.eos_token_id] if stopped(len(ids), limit) else [])
             tokens = self._probabilities(ids[:start], new, tokenizer)
             text = tokenizer.decode(new, skip_special_tokens=True).strip()
             inspection.beams.append(Beam(text, score, sum(t.logprob for t in tokens), tokens))

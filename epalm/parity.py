@@ -20,8 +20,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import OPTConfig, OPTForCausalLM
 
-from .decoding import DecodingOptions, generate
+from .decoding import DecodingOptions
 from .encoders import Encoder, build_encoder
+from .engine import generate
 from .model import EPALM, Adapter, InjectionConfig
 
 FEATURE_TOLERANCE = 1e-5

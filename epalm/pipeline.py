@@ -1,19 +1,23 @@
-"""One object that serves every task: media in, text (streamed or whole) out, with timings.
+"""One object that serves every task: media in; what the request is doing, then text (streamed or
+whole), out; with timings.
 
 It loads lazily and keeps exactly one instance of each LM and each encoder however many tasks use
-it; per-task adapters (a few MB each) are passed to the shared LM per call, never swapped into
-it, so concurrent calls for different tasks cannot mix them.
+it; per-task adapters (a few MB each) are passed to the shared LM per call, never swapped into it,
+so concurrent calls for different tasks cannot mix them. Every request takes the same path: its
+checks, its media, its models (loading them if need be, reporting as they load), its encoder (on
+the caller's thread), then the decode engine, as a batch of its own or in the shared batch
+(`epalm.serving`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
+import dataclasses
 import logging
-import os
+import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -28,20 +32,20 @@ from .adapters import (
     read_adapter_config,
     shown,
 )
-from .audio import prepare_audio
-from .decoding import DecodingOptions, generate, stream_text, stream_tokens
-from .encoders import FEATURE_CACHE, Encoder, FeatureCache
+from .config import ServingConfig
+from .decoding import DecodingOptions, stream_text
+from .encoders import Encoder, FeatureCache
+from .engine import Request, decode_alone
 from .errors import AdapterError, InputError, Progress, UserError
-from .image import prepare_image
 from .inspection import Inspection, Inspector
 from .media import MediaLimits
 from .model import EPALM, Adapter
 from .presets import DEFAULT_PRESET, PRESETS
 from .pretrained import HubModels
-from .serving import MAX_BATCH_ROWS, Request, Scheduler
+from .serving import Scheduler
 from .store import ModelSource, ModelStore
-from .tasks import Task, answer_tokens, get_task, load_registry
-from .video import prepare_video
+from .tasks import KINDS, MEDIA_NAMES, Task, answer_tokens, get_task, load_registry, tasks_by_modality
+from .video import MAX_FRAMES
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +55,16 @@ log = logging.getLogger(__name__)
 # limit. However long the prompt within these limits, the task's `min_answer_tokens` still fit after it.
 MAX_QUESTION_CHARS = 300
 MAX_QUESTION_TOKENS = 128
-_PREPARE: dict[str, Callable[..., torch.Tensor]] = {
-    "image": prepare_image,
-    "video": prepare_video,
-    "audio": prepare_audio,
+_OPTIONS = {
+    f.name: f.type for f in dataclasses.fields(DecodingOptions) if f.name not in ("eos_token_id", "pad_token_id")
 }
+
+Observer = Callable[[str, float], None]
+"""Hears where a request's time went, phase by phase, as wall seconds: "media" (the file decoded and
+prepared), "load" (waiting for models), "encode" (waiting for and running the encoder), "decode"
+(start of decoding to the final answer); and, within those, `inspect=True`'s own work: "inspect_media"
+(the viewable copy of what the encoder saw) and "inspect_decode" (the per-step trace, the prompt, the
+token probabilities and beams). Called on the thread that did the work."""
 
 
 class OutOfMemory(UserError, RuntimeError):
@@ -66,7 +75,8 @@ class OutOfMemory(UserError, RuntimeError):
 class Timings:
     """Where the time of one answer went, as of the answer it belongs to."""
 
-    encode_s: float = 0.0  # media decoding + preprocessing + encoder + adapter
+    media_s: float = 0.0  # the file decoded and prepared for the encoder
+    encode_s: float = 0.0  # the encoder (waiting for it included), and the adapter
     features_cached: bool = False  # the encoder did not run: its features for this media were kept from before
     first_token_s: float | None = None  # start of decoding to the first token shown; None for beam search (none early)
     generate_s: float = 0.0  # decoding so far
@@ -79,10 +89,26 @@ class Timings:
 
     def summary(self) -> str:
         tokens = f"{self.new_tokens} tokens in {self.generate_s:.2f} s ({self.tokens_per_s:.1f} tokens/s)"
-        encode = f"encode {self.encode_s:.2f} s" + (" (features reused)" if self.features_cached else "")
+        encoder = "encoder features reused" if self.features_cached else f"encoder {self.encode_s:.2f} s"
+        inputs = f"media {self.media_s:.2f} s · {encoder}"
         if self.first_token_s is None:  # beam search: no token is final before the search ends
-            return f"{encode} · {self.num_beams}-beam search: {tokens}, shown at its end"
-        return f"{encode} · first token {self.first_token_s:.2f} s · {tokens}"
+            return f"{inputs} · {self.num_beams}-beam search: {tokens}"
+        return f"{inputs} · first token {self.first_token_s:.2f} s · {tokens}"
+
+
+@dataclass
+class Status:
+    """What a request is doing while there is no answer to show yet, for people: `stage` is "loading"
+    (models: their stages and download bytes, whoever started the load), "encoding" or "decoding"
+    (beam search, which shows its best beam so far); `eta_s`: the seconds it should still take, where
+    known."""
+
+    stage: str
+    message: str
+    eta_s: float | None = None
+
+    def __str__(self) -> str:
+        return self.message + (f" (about {_seconds(self.eta_s)} left)" if self.eta_s and self.eta_s >= 1 else "")
 
 
 @dataclass
@@ -98,6 +124,19 @@ class Answer:
     dtype: str = "float32"
     inspection: Inspection | None = None  # with `inspect=True`: what the model saw (and, when done, how sure it was)
     notice: str | None = None
+
+
+Event = Status | Answer
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A request, checked: what runs, on what settings."""
+
+    task: Task
+    question: str | None
+    options: DecodingOptions
+    transform: Any
 
 
 class Pipeline:
@@ -130,10 +169,9 @@ class Pipeline:
         downloaded and loaded); an app for the public serves adapters on its own models only.
         `batching`: concurrent calls (from several threads) share the LM's decode steps through an
         `epalm.serving.Scheduler`, at most `max_batch_rows` rows a step (a beam-search call takes
-        `num_beams` rows); defaults from EPALM_BATCHING (1/0, on) and EPALM_MAX_BATCH_ROWS (24).
-        Each call's answer is the one it gets alone. `feature_cache`: how many inputs' encoder features
-        are kept for media seen again (another question, preset or task; see `encoders.FeatureCache`;
-        0: none); defaults from EPALM_FEATURE_CACHE (64)."""
+        `num_beams` rows). Each call's answer is the one it gets alone. `feature_cache`: how many inputs'
+        encoder features are kept for media seen again (see `encoders.FeatureCache`; 0: none). The three
+        default to EPALM_BATCHING, EPALM_MAX_BATCH_ROWS and EPALM_FEATURE_CACHE, else `epalm.config`'s."""
         self.allow_local_adapters = allow_local_adapters
         self.any_adapter_models = any_adapter_models
         if source is None:
@@ -148,18 +186,35 @@ class Pipeline:
         special_tokens = lambda ref: answer_tokens(self.tasks.values(), ref)  # noqa: E731
         self.store = ModelStore(source, device, dtype, pack_weights, progress, special_tokens)
         self.limits = limits or MediaLimits()
-        self.batching = _env_flag("EPALM_BATCHING", True) if batching is None else batching
-        self.max_batch_rows = (
-            _env_int("EPALM_MAX_BATCH_ROWS", MAX_BATCH_ROWS) if max_batch_rows is None else max_batch_rows
-        )
+        serving = ServingConfig.from_env() if None in (batching, max_batch_rows, feature_cache) else None
+        self.batching = serving.batching if batching is None else batching
+        self.max_batch_rows = serving.max_batch_rows if max_batch_rows is None else max_batch_rows
         if self.max_batch_rows < 1:
             raise InputError("the rows limit of a batch must be at least 1")
-        size = _env_int("EPALM_FEATURE_CACHE", FEATURE_CACHE) if feature_cache is None else feature_cache
+        size = serving.feature_cache if feature_cache is None else feature_cache
         if size < 0:
             raise InputError("the feature cache size must be 0 (off) or more")
         self.features = FeatureCache(size)
+        self.preloading: dict[str, str] = {}  # task id -> "waiting", "loading…", "ready" or the failure
         self._schedulers: dict[int, Scheduler] = {}
         self._schedulers_lock = threading.Lock()
+        self._encode_seconds: dict[tuple, float] = {}  # (encoder, input shape) -> its last time: an estimate
+
+    @classmethod
+    def from_config(cls, config: ServingConfig, **kwargs: Any) -> Pipeline:
+        """The pipeline an app serves with (`kwargs`: more `Pipeline` arguments). A ZeroGPU Space runs
+        each call in a GPU process of its own, where nothing could share a decode step: no batching."""
+        return cls(
+            device=config.device,
+            dtype=config.dtype,
+            tiny=config.tiny,
+            limits=config.limits,
+            allow_local_adapters=config.allow_local_adapters,
+            batching=config.batching and not config.zero_gpu,
+            max_batch_rows=config.max_batch_rows,
+            feature_cache=config.feature_cache,
+            **kwargs,
+        )
 
     @property
     def device(self) -> torch.device:
@@ -177,6 +232,14 @@ class Pipeline:
     def random_weights(self) -> bool:
         """True when the models are random (`tiny`): the answers are meaningless."""
         return self.store.source.random_weights
+
+    @property
+    def default_concurrency(self) -> int:
+        """Requests to serve at once: with batching, as many as one step may hold (they share each decode
+        step); without, 1 on CPU and 2 on GPU (one call at a time each)."""
+        if self.batching:
+            return self.max_batch_rows
+        return 2 if self.device.type == "cuda" else 1
 
     # -- models ----------------------------------------------------------------------------
 
@@ -231,7 +294,40 @@ class Pipeline:
 
     def preload(self, task_ids: list[str], progress: Progress | None = None) -> None:
         for task_id in task_ids:
-            self.adapter(self.task(task_id), progress)
+            self._models(self.task(task_id), progress)
+
+    def start_preload(self, task_ids: list[str] | None = None) -> threading.Thread:
+        """Load these tasks in the background, one after the other (default: the first task of the
+        first modality and kind, where an app opens); `preloading` says how each one went. A request
+        for one of them meanwhile waits for it, hearing its progress."""
+        if task_ids is None:
+            first = next(iter(tasks_by_modality(self.tasks.values()).values()), {})
+            task_ids = [next(iter(first.values()))[0].id] if first else []
+        unknown = [task_id for task_id in task_ids if task_id not in self.tasks]
+        if unknown:
+            raise InputError(f"unknown task(s) to preload: {', '.join(unknown)}; known tasks: {', '.join(self.tasks)}")
+        self.preloading.update({task_id: "waiting" for task_id in task_ids})
+        thread = threading.Thread(target=self._preload, args=(task_ids,), name="epalm-preload", daemon=True)
+        thread.start()
+        return thread
+
+    @property
+    def preloading_now(self) -> bool:
+        """Whether a preload is waiting or loading."""
+        return any(state in ("waiting", "loading…") for state in self.preloading.values())
+
+    def _preload(self, task_ids: list[str]) -> None:
+        for task_id in task_ids:
+            self.preloading[task_id] = "loading…"
+            try:
+                self.preload([task_id])
+                self.preloading[task_id] = "ready"
+            except UserError as exc:
+                log.warning("preload of %s failed: %s", task_id, exc)
+                self.preloading[task_id] = f"failed: {exc}"
+            except Exception as exc:
+                log.exception("preload of %s failed", task_id)
+                self.preloading[task_id] = f"failed: {type(exc).__name__}: {exc}"
 
     def loaded(self, users_adapters: bool = True) -> list[str]:
         """Human-readable names of what is in memory now (`users_adapters=False`: not the adapters
@@ -242,8 +338,41 @@ class Pipeline:
         """The one scheduler that batches the decode steps of `lm`."""
         with self._schedulers_lock:
             if id(lm) not in self._schedulers:
-                self._schedulers[id(lm)] = Scheduler(lm, self.max_batch_rows, features=self.features)
+                self._schedulers[id(lm)] = Scheduler(lm, self.max_batch_rows)
             return self._schedulers[id(lm)]
+
+    def _models(self, task: Task, progress: Progress | None) -> tuple[EPALM, Any, Encoder, Adapter]:
+        lm, tokenizer = self.lm(task, progress)
+        encoder = self.encoder(task, progress)
+        try:
+            return lm, tokenizer, encoder, self.adapter(task, progress)
+        except AdapterError:
+            self._adapters.pop(task.id, None)  # a user's adapter that does not fit its models is not served
+            raise
+
+    def _loading(self, task: Task, progress: Progress | None) -> Generator[Status, None, tuple]:
+        """The task's models; while they load (here or for another request), a `Status` per report."""
+        if self.store.has(task):
+            return self._models(task, progress)
+        reports: queue.SimpleQueue = queue.SimpleQueue()
+        outcome: dict[str, Any] = {}
+
+        def load() -> None:
+            try:
+                outcome["models"] = self._models(
+                    task, lambda message: (reports.put(message), progress and progress(message))
+                )
+            except BaseException as exc:  # raised on the request's own thread
+                outcome["error"] = exc
+            finally:
+                reports.put(None)
+
+        threading.Thread(target=load, name="epalm-load", daemon=True).start()
+        while (message := reports.get()) is not None:
+            yield Status("loading", message)
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["models"]
 
     # -- answering -------------------------------------------------------------------------
 
@@ -251,24 +380,66 @@ class Pipeline:
         """The task's settings, the preset's rules applied (default: paper, the task's own), then
         `overrides` (fields of `DecodingOptions`; None means "not given")."""
         preset = preset or DEFAULT_PRESET
-        if preset not in PRESETS:
+        if not isinstance(preset, str) or preset not in PRESETS:
             raise InputError(f"unknown decoding preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        unknown = sorted(set(overrides) - set(_OPTIONS))
+        if unknown:
+            raise InputError(f"unknown decoding setting {unknown[0]!r}; the settings are {', '.join(_OPTIONS)}")
+        given = {name: _whole(value) if "int" in _OPTIONS[name] else value for name, value in overrides.items()}
         try:
             options = PRESETS[preset].apply(task.generation)
-            return replace(options, **{k: v for k, v in overrides.items() if v is not None})
+            return replace(options, **{k: v for k, v in given.items() if v is not None})
         except (TypeError, ValueError) as exc:
             raise InputError(f"invalid decoding settings: {exc}") from exc
+
+    def _plan(
+        self,
+        task: Any,
+        question: Any,
+        preset: Any,
+        num_frames: Any,
+        adapter: Any,
+        modality: Any,
+        overrides: dict[str, Any],
+    ) -> _Plan:
+        """Every check of a request's own values, before anything loads; each refusal names the value."""
+        for name, value in (("task", task), ("adapter", adapter), ("question", question), ("modality", modality)):
+            if value is not None and not isinstance(value, str):
+                raise InputError(f"{name} must be text, not {type(value).__name__}")
+        adapter = adapter.strip() or None if adapter is not None else None  # an empty field: the task's own
+        if adapter is not None:
+            kind = "caption" if question is None else "qa"
+            task = self.use_adapter(adapter, modality, kind)
+        if not task:
+            raise InputError("Name a task or an adapter.")
+        spec = self.task(task)
+        if modality is not None and spec.modality != modality:
+            raise InputError(f"'{spec.title}' takes {spec.modality}, not {modality}.")
+        options = self.decoding_options(spec, preset, **overrides)
+        transform = spec.preprocess
+        if num_frames is not None and spec.modality == "video":
+            frames = _whole(num_frames)
+            if not isinstance(frames, int) or not 1 <= frames <= MAX_FRAMES:
+                raise InputError(f"frames to sample must be a whole number from 1 to {MAX_FRAMES}, not {num_frames!r}")
+            transform = replace(transform, num_frames=frames)
+        return _Plan(spec, self._check_question(spec, question), options, transform)
 
     def _check_question(self, task: Task, question: str | None) -> str | None:
         if not task.needs_question:
             if question and question.strip():  # never answer something else than what was asked
-                raise InputError(f"'{task.title}' writes a caption and takes no question; choose a question task.")
+                raise InputError(
+                    f"'{task.title}' writes a caption and takes no question; choose a question task."
+                    if task.kind in KINDS
+                    else f"'{task.title}' takes no question."
+                )
             return None
         question = (question or "").strip()
         if not question:
             raise InputError(f"Please type a question: '{task.title}' answers questions about the {task.modality}.")
         if len(question) > MAX_QUESTION_CHARS:
             raise InputError(f"The question is {len(question)} characters long; the limit is {MAX_QUESTION_CHARS}.")
+        if any(0xD800 <= ord(c) <= 0xDFFF or c == "\0" for c in question):
+            raise InputError("The question holds characters that are not text; please type it again.")
         return question
 
     def _text_ids(self, task: Task, question: str | None, tokenizer: Any) -> torch.Tensor:
@@ -298,7 +469,6 @@ class Pipeline:
             f"{options.min_answer_tokens} new tokens; raise max new tokens for a longer answer."
         )
 
-    @torch.inference_mode()  # as a decorator: entered per step, never held across a yield
     def stream(
         self,
         media: Any,
@@ -310,105 +480,108 @@ class Pipeline:
         inspect: bool = False,
         adapter: str | None = None,
         modality: str | None = None,
+        observer: Observer | None = None,
         **overrides: Any,
-    ) -> Iterator[Answer]:
-        """Partial answers as they are generated (greedy and sampling), then the final one.
-        Beam search yields only the final answer. Bad input fails before any model loads.
+    ) -> Iterator[Event]:
+        """What the request is doing (`Status`: its models loading, whoever started the load, with their
+        download bytes; its encoder; a beam search's best beam so far), partial answers as they are
+        generated (greedy and sampling), then the final `Answer`. Bad input fails before any model loads.
         `inspect`: answers carry an `Inspection` (see epalm.inspection); off, nothing of it is computed.
         `adapter`: a trained adapter (folder or Hub repo id) to use instead of `task`, refused unless it is
-        for `modality` (when given) and for captions (`question` None) or questions."""
-        if adapter is not None:
-            task = self.use_adapter(adapter, modality, "caption" if question is None else "qa")
-        if task is None:
-            raise InputError("Name a task or an adapter.")
-        spec = self.task(task)
-        if modality is not None and spec.modality != modality:
-            raise InputError(f"'{spec.title}' takes {spec.modality}, not {modality}.")
-        question = self._check_question(spec, question)
-        options = self.decoding_options(spec, preset, **overrides)
-        transform = spec.preprocess
-        if num_frames is not None and spec.modality == "video":
-            if not 1 <= num_frames <= 64:
-                raise InputError("frames to sample must be between 1 and 64")
-            transform = replace(transform, num_frames=num_frames)
+        for `modality` (when given) and for captions (`question` None) or questions. `observer` hears
+        where the time went (see `Observer`). Closing the iterator (Stop, a closed tab) ends the request
+        at its next step, in the shared batch or alone."""
+        clock = _Clock(observer)
+        if isinstance(adapter, str) and adapter.strip() and not self.is_adapter_served(adapter.strip()):
+            yield Status("loading", "Reading the adapter's settings…")
+        plan = self._plan(task, question, preset, num_frames, adapter, modality, overrides)
+        spec, options = plan.task, plan.options
+        if media is None or (isinstance(media, str) and not media.strip()):
+            raise InputError(f"Please upload {MEDIA_NAMES[spec.modality]} first.")
+        inspector = Inspector(spec, lambda function: clock.wrap("inspect_media", function)) if inspect else None
         timings = Timings(num_beams=options.num_beams)
-        started = time.perf_counter()
-        inspector = Inspector(spec) if inspect else None
-        pixels = (inspector.prepare if inspector else _PREPARE[spec.modality])(media, transform, self.limits)
-        timings.encode_s = time.perf_counter() - started
-        lm, tokenizer = self.lm(spec, progress)
-        input_ids = self._text_ids(spec, question, tokenizer)
+        with clock("media") as spent:
+            if inspector:
+                pixels = inspector.prepare(media, plan.transform, self.limits)
+            else:
+                pixels = spec.prepare(media, self.limits, plan.transform)
+        timings.media_s = spent()
+        with clock("load"):
+            lm, tokenizer, encoder, adapter_module = yield from self._loading(spec, progress)
+        input_ids = self._text_ids(spec, plan.question, tokenizer)
         notice = self._check_length(options, input_ids.shape[1], lm.config.max_position_embeddings)
         options = replace(options, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        trace = inspector.trace if inspector else None
         if inspector:
-            inspector.read_prompt(input_ids, tokenizer)
-        try:
-            adapter, encoder = self.adapter(spec, progress), self.encoder(spec, progress)
-        except AdapterError:
-            self._adapters.pop(spec.id, None)  # a user's adapter that does not fit its models is not served
-            raise
-        dtype = self.store.dtype_name
+            with clock("inspect_decode"):
+                inspector.read_prompt(input_ids, tokenizer)
+        estimate = (id(encoder), tuple(pixels.shape))
+        yield Status("encoding", f"Encoding the {_described(spec, pixels)}…", self._encode_seconds.get(estimate))
         with self._out_of_memory(spec):
-            started = time.perf_counter()
-            mask = torch.ones_like(input_ids)
-            if self.batching and options.use_cache:
-                request = self.scheduler(lm).submit(pixels, encoder, adapter, input_ids, options, trace)
-                tokens, generated = request.tokens(), request.result
-                decoding_started = functools.partial(self._encoded, request, timings, started)
-            else:
-                features, cached = self.features.encode(encoder, [pixels], spec.injection.num_features)
-                timings.features_cached = cached[0]
-                prefix = adapter.prefix(features)
-                timings.encode_s += time.perf_counter() - started
-                decoding_started = functools.partial(float, time.perf_counter())
-                tokens = stream_tokens(lm, prefix, input_ids, mask, options, trace=trace) if options.streams else None
-                generated = functools.partial(generate, lm, prefix, input_ids, mask, options, trace=trace)
-            if options.streams:
-                ids: list[int] = []
-                partial = inspector.partial(options) if inspector else None
+            with clock("encode") as spent:
+                features, timings.features_cached = self.features.features(encoder, pixels, spec.injection.num_features)
+                prefix = adapter_module.prefix(features[:, None])
+            timings.encode_s = spent()
+            if not timings.features_cached:
+                self._encode_seconds[estimate] = timings.encode_s
+            trace = clock.wrap("inspect_decode", inspector.trace) if inspector else None
+            request = Request(prefix, input_ids, options, trace=trace)
+            with clock("decode"):
+                tokens = self.scheduler(lm).submit(request) if self.batching else decode_alone(lm, request)
                 try:
-                    for text in stream_text(self._timed(tokens, timings, decoding_started, ids), tokenizer):
-                        timed = replace(timings)
-                        yield Answer(text.strip(), spec.id, False, timed, self.device.type, dtype, partial, notice)
+                    yield from self._decoding(spec, request, tokens, tokenizer, timings, inspector, notice)
                 finally:
                     tokens.close()  # a consumer that stops early (Stop, closed tab) frees the rows now
-                text = tokenizer.decode(ids, skip_special_tokens=True)
-                inspected = inspector.result(tokenizer, input_ids, options, ids) if inspector else None
-            else:
-                generated = generated()
-                output = generated.sequences[0, input_ids.shape[1] :]
-                timings.generate_s = time.perf_counter() - decoding_started()
-                timings.new_tokens = int((output != options.pad_token_id).sum())
-                text = tokenizer.decode(output, skip_special_tokens=True)
-                hypotheses = generated.hypotheses[0] if generated.hypotheses else None
-                inspected = (
-                    inspector.result(tokenizer, input_ids, options, output.tolist(), hypotheses) if inspector else None
+                    request.cancel()  # (and one that never read a token: a no-op once finished)
+            output = request.result().sequences[0, input_ids.shape[1] :].tolist()
+        if not options.streams:
+            timings.new_tokens = sum(token != options.pad_token_id for token in output)
+        text = tokenizer.decode(output, skip_special_tokens=True).strip()
+        inspected = None
+        if inspector:
+            with clock("inspect_decode"):
+                hypotheses = request.rule.result().hypotheses
+                stopped = output[: timings.new_tokens] if options.streams else output
+                inspected = inspector.result(
+                    tokenizer, input_ids, options, stopped, hypotheses[0] if hypotheses else None
                 )
-        yield Answer(text.strip(), spec.id, True, timings, self.device.type, dtype, inspection=inspected, notice=notice)
+        yield Answer(text, spec.id, True, timings, self.device.type, self.dtype_name, inspected, notice)
 
-    @staticmethod
-    def _encoded(request: Request, timings: Timings, submitted: float) -> float:
-        """When a batched request's decoding started (its encoder done; asked once, at its first
-        token): its encoding, waiting for a place in the batch included, counts to `encode_s`."""
-        timings.encode_s += request.encoded - submitted
-        timings.features_cached = request.features_cached
-        return request.encoded
+    def _decoding(
+        self,
+        task: Task,
+        request: Request,
+        tokens: Iterator[torch.Tensor],
+        tokenizer: Any,
+        timings: Timings,
+        inspector: Inspector | None,
+        notice: str | None,
+    ) -> Iterator[Event]:
+        """Partial answers (greedy, sampling) or the beam search's progress, as the tokens come."""
+        started, options = time.perf_counter(), request.options
+        prompt = request.input_ids.shape[1]
+        limit = options.length_limit(prompt)
 
-    @staticmethod
-    def _timed(
-        tokens: Iterator[torch.Tensor], timings: Timings, started: Callable[[], float], ids: list[int]
-    ) -> Iterator[torch.Tensor]:
-        start = None
-        for step in tokens:
-            now = time.perf_counter()
-            if start is None:
-                start = started()
-                timings.first_token_s = now - start
-            timings.generate_s = now - start
-            ids.append(int(step[0]))
-            timings.new_tokens = len(ids)
-            yield step
+        def counted() -> Iterator[torch.Tensor]:
+            for step in tokens:
+                now = time.perf_counter()
+                if timings.new_tokens == 0 and options.streams:
+                    timings.first_token_s = now - started
+                timings.generate_s = now - started
+                timings.new_tokens += 1
+                yield step
+
+        if options.streams:
+            partial = inspector.partial(options) if inspector else None
+            for text in stream_text(counted(), tokenizer):
+                yield Answer(text.strip(), task.id, False, replace(timings), self.device.type, self.dtype_name, partial)
+            return
+        for _ in counted():
+            best = tokenizer.decode(request.rule.ids[0, prompt:].tolist(), skip_special_tokens=True).strip()
+            steps = timings.new_tokens
+            eta = (limit - prompt - steps) * timings.generate_s / steps
+            message = f"{options.num_beams}-beam search: {steps} tokens so far; best beam: {best or '…'}"
+            yield Status("decoding", message, eta if eta > 0 else None)
+        timings.generate_s = time.perf_counter() - started
 
     @contextlib.contextmanager
     def _out_of_memory(self, task: Task) -> Iterator[None]:
@@ -431,21 +604,51 @@ class Pipeline:
         return _last(self.stream(media, task, question, **kwargs))
 
 
-def _env_flag(name: str, default: bool) -> bool:
-    value = os.environ.get(name, "").strip().lower()
-    if not value:
-        return default
-    if value not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
-        raise InputError(f"{name} must be 1 or 0, not {value!r}")
-    return value in ("1", "true", "yes", "on")
+class _Clock:
+    """Times a request's phases for its `Observer` (and for its `Timings`)."""
+
+    def __init__(self, observer: Observer | None) -> None:
+        self.observer = observer
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[Callable[[], float]]:
+        started, ended = time.perf_counter(), None
+
+        def spent() -> float:
+            return (ended or time.perf_counter()) - started
+
+        try:
+            yield spent
+        finally:
+            ended = time.perf_counter()
+            if self.observer is not None:
+                self.observer(phase, ended - started)
+
+    def wrap(self, phase: str, function: Callable) -> Callable:
+        """`function`, its every call timed as `phase`."""
+        if self.observer is None:
+            return function
+
+        def timed(*args: Any) -> Any:
+            with self(phase):
+                return function(*args)
+
+        return timed
 
 
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name, "").strip()
-    try:
-        return int(value) if value else default
-    except ValueError:
-        raise InputError(f"{name} must be a whole number, not {value!r}") from None
+def _whole(value: Any) -> Any:
+    """A whole number given as a float (a slider's 5.0) as an int; anything else as it is (checked later)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _described(task: Task, pixels: torch.Tensor) -> str:
+    if task.modality == "video":
+        return f"video ({len(pixels)} frames)"
+    return {"image": "image", "audio": "audio"}[task.modality]
+
+
+def _seconds(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -457,8 +660,14 @@ def _is_oom(exc: BaseException) -> bool:
     )
 
 
-def _last(answers: Iterator[Answer]) -> Answer:
+def answers(events: Iterator[Event]) -> Iterator[Answer]:
+    """The answers of a stream, partial then final, without its `Status` events (for a caller that
+    shows no progress)."""
+    return (event for event in events if isinstance(event, Answer))
+
+
+def _last(events: Iterator[Event]) -> Answer:
     final = None
-    for final in answers:  # noqa: B007 (keeps the last one)
+    for final in events:  # noqa: B007 (keeps the last one)
         pass
     return final

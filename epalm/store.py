@@ -178,6 +178,11 @@ class ModelStore:
 
         return self._get(("adapter", task.id), f"{task.label} adapter ({task.id})", load, task, progress)
 
+    def has(self, task: Task) -> bool:
+        """Whether the task's LM, encoder and adapter are all in memory (nothing to wait for)."""
+        keys = (("lm", task.lm), ("encoder", task.encoder, task.modality), ("adapter", task.id))
+        return all(key in self._loaded for key in keys)
+
     def loaded(self, hidden: Collection[str] = ()) -> list[str]:
         """What is in memory now, in load order, named for people ("OPT-2.7B language model"); the
         adapters of the `hidden` task ids left out."""

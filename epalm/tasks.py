@@ -23,12 +23,13 @@ from typing import Any
 
 import yaml
 
-from .audio import AudioTransform
+from .audio import AudioTransform, prepare_audio
 from .decoding import DecodingOptions
 from .errors import UserError
-from .image import ImageTransform
+from .image import ImageTransform, prepare_image
+from .media import MediaLimits
 from .model import InjectionConfig
-from .video import VideoTransform
+from .video import VideoTransform, prepare_video
 
 # The repository's checkpoints/tasks.yaml (a checkout or an editable install); a wheel carries it as epalm/tasks.yaml
 _CHECKOUT_REGISTRY = Path(__file__).resolve().parents[1] / "checkpoints" / "tasks.yaml"
@@ -40,8 +41,10 @@ MAX_TEXT = 200  # characters of any id, name, title or prompt in a registry entr
 MODALITIES = ("image", "video", "audio")
 KINDS = ("caption", "qa")
 KIND_WORDS = {"caption": "captioning", "qa": "question answering"}
+MEDIA_NAMES = {"image": "an image", "video": "a video", "audio": "an audio clip"}
 Transform = ImageTransform | VideoTransform | AudioTransform
 _TRANSFORMS = {"image": ImageTransform, "video": VideoTransform, "audio": AudioTransform}
+_PREPARE = {"image": prepare_image, "video": prepare_video, "audio": prepare_audio}
 
 
 @dataclass(frozen=True)
@@ -153,6 +156,11 @@ class Task:
     @property
     def needs_question(self) -> bool:
         return self.kind == "qa"
+
+    def prepare(self, media: Any, limits: MediaLimits, transform: Transform | None = None) -> Any:
+        """The encoder's input for `media` (a tensor without the batch dimension), as this task's
+        preprocessing makes it (`transform`: another, e.g. more video frames)."""
+        return _PREPARE[self.modality](media, transform or self.preprocess, limits)
 
     @property
     def menu_label(self) -> str:
@@ -286,6 +294,15 @@ def _paper(entry: dict | None) -> PaperResult | None:
         return None
     values = {k: v for k, v in entry.items() if k != "benchmark"}
     return PaperResult(str(entry["benchmark"]), tuple((str(k), v) for k, v in values.items()))
+
+
+def tasks_by_modality(tasks: Iterable[Task]) -> dict[str, dict[str, list[Task]]]:
+    """modality -> kind -> tasks, modalities and kinds in their fixed order, tasks in registry order:
+    what the app's tabs and menus show."""
+    grouped: dict[str, dict[str, list[Task]]] = {}
+    for task in tasks:
+        grouped.setdefault(task.modality, {}).setdefault(task.kind, []).append(task)
+    return {m: {k: grouped[m][k] for k in KINDS if k in grouped[m]} for m in MODALITIES if m in grouped}
 
 
 def answer_tokens(tasks: Iterable[Task], lm: ModelRef) -> list[str]:

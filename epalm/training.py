@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from .adapter_format import model_card_head, save_adapter
 from .data import DataError, Dataset, Example, decode_all, detect_kind, load_folder
-from .decoding import generate
+from .engine import generate
 from .errors import WeightsUnavailable
 from .metrics import caption_scores, exact_match, vqa_accuracy
 from .model import EPALM, Adapter
@@ -241,7 +241,7 @@ class Trainer:
     def __init__(self, data: str | Path, base: str, out: str | Path, config: TrainConfig, pipeline: Any = None) -> None:
         from accelerate import Accelerator
 
-        from .pipeline import _PREPARE, Pipeline
+        from .pipeline import Pipeline
         from .store import resolve_dtype
 
         if pipeline is not None and pipeline.store.pack_weights:
@@ -267,9 +267,7 @@ class Trainer:
         self.config = replace(config.resolved(self.task), mixed_precision=precision)
         self.out = Path(out).expanduser().resolve()
         self.device = self.accelerator.device
-        self.prepare: Callable[[Path], torch.Tensor] = lambda path: _PREPARE[self.task.modality](
-            path, self.task.preprocess, pipeline.limits
-        )
+        self.prepare: Callable[[Path], torch.Tensor] = lambda path: self.task.prepare(path, pipeline.limits)
         self.dataset = self._load_data(data)
         self.lm, self.tokenizer = pipeline.lm(self.task)
         self.encoder = pipeline.encoder(self.task)

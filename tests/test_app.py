@@ -23,9 +23,10 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 import app as demo_app
-from epalm import MediaLimits, Pipeline
+from epalm import MediaLimits, Pipeline, ServingConfig
 from epalm.__main__ import main as cli
 from epalm.image import CLIP_MEAN, CLIP_STD, prepare_image
+from epalm.tasks import tasks_by_modality
 from epalm.video import frame_indices
 
 from conftest import ROOT, write_image, write_video, write_wav
@@ -73,7 +74,7 @@ def test_page_is_served_before_any_model_loads():
     blocks, url = serve(pipeline)
     try:
         page = urllib.request.urlopen(url, timeout=30).read().decode()
-        assert "eP-ALM" in page or "gradio" in page.lower()
+        assert "eP-ALM: Efficient Perceptual Augmentation of Language Models" in page, "the app's own page"
         assert pipeline.loaded() == [], "nothing is loaded to serve the page"
         assert time.perf_counter() - started < 60
     finally:
@@ -104,7 +105,7 @@ def test_endpoints_return_what_the_model_saw_after_the_answer(client, media_file
     assert "64×48" in picture["caption"] and "224×224" in described
     assert "".join(t["token"] for t in tokens).replace("</s>", "").strip() == answer
     assert all(0 < t["class_or_confidence"] <= 1 for t in tokens)
-    assert "what&nbsp;is&nbsp;this??&lt;/a&gt;" in described.lower() and "| beam |" in described
+    assert "what&nbsp;is&nbsp;this??&lt;/a&gt;" in described.lower() and "| rank |" in described
     video = handle_file(str(media_files["video"]))
     *_, frames, tokens, described = client.predict(video, "what is up", "video-qa-msvd", api_name="/answer_video")
     assert [f["caption"] for f in frames] == [f"{i / 8:.2f} s (frame {i})" for i in frame_indices(8, 12)]
@@ -128,7 +129,7 @@ def test_api_lists_the_documented_parameters_and_named_outputs(client):
             "Answer" if name.startswith("/answer") else "Caption",
             "Details",
             seen,
-            demo_app.TOKENS_LABEL,
+            "Answer tokens, shaded by the model's probability",
             "What the model saw",
         ]
 
@@ -267,7 +268,7 @@ def test_only_the_documented_endpoints_run_models(tiny_app):
         if fn.fn is None:
             continue
         name = fn.fn.__name__
-        assert name in {"load_example", "status", "<lambda>"} or f"/{fn.api_name}" in ENDPOINTS, name
+        assert name in {"load_example", "refresh_status", "tick"} or f"/{fn.api_name}" in ENDPOINTS, name
         if f"/{fn.api_name}" in ENDPOINTS:
             endpoints[fn.api_name] = fn
     assert {f"/{name}" for name in endpoints} == ENDPOINTS
@@ -296,7 +297,7 @@ def test_the_stop_button_cancels_its_event(tiny_app):
         if dependency["cancels"]:
             stop = ids[dependency["targets"][0][0]]
             modality, kind = stop.split("-")[:2]
-            assert dependency["cancels"] == [by_api[f"{demo_app.KINDS[kind].endpoint}_{modality}"]]
+            assert dependency["cancels"] == [by_api[f"{demo_app.KINDS[kind][2]}_{modality}"]]
     stops = [d for d in config["dependencies"] if d["cancels"]]
     assert len(stops) == len(ENDPOINTS)
 
@@ -312,8 +313,8 @@ def test_audio_examples_can_be_played_before_they_are_run(tiny_app):
     assert sorted(players) == examples and all(Path(value["path"]).is_file() for value in players.values())
 
 
-def test_load_stages_are_shown_before_the_answer(media_files):
-    demo = demo_app.Demo(Pipeline(device="cpu", tiny=True))
+def test_what_the_request_is_doing_is_shown_before_the_answer(media_files):
+    pipeline = Pipeline(device="cpu", tiny=True)
     request = dict(
         media=str(media_files["image"]),
         task="image-caption",
@@ -321,61 +322,48 @@ def test_load_stages_are_shown_before_the_answer(media_files):
         max_new_tokens=2,
         temperature=0.7,
         top_p=0.9,
+        adapter="",
     )
-    outputs = list(demo.run("image", request))
-    stages = [info for answer, info, *_ in outputs if info.startswith("⏳")]
-    assert stages and all(answer == "" for answer, info, *_ in outputs if info.startswith("⏳"))
-    assert outputs[0][:2] == ("", stages[0]) and "tokens/s" in outputs[-1][1]
-    assert all(re.match(r"⏳ (Load(ing|ed)|Packing the weights of) ", stage) for stage in stages)
-    again = list(demo.run("image", request))
-    assert not any(info.startswith("⏳") for _, info, *_ in again), "nothing to load the second time"
+    outputs = list(demo_app.respond(pipeline, "image", request))
+    stages = [info for answer, info, *_ in outputs if isinstance(info, str) and info.startswith("⏳")]
+    assert stages and outputs[0][1] == stages[0] and "tokens/s" in outputs[-1][1]
+    assert all(re.match(r"⏳ (Load(ing|ed)|Packing the weights of|Encoding the image)", stage) for stage in stages)
+    assert stages[-1] == "⏳ Encoding the image…", "the stage that runs is shown, until the first token"
+    again = list(demo_app.respond(pipeline, "image", request))
+    assert [info for _, info, *_ in again if info.startswith("⏳")] == ["⏳ Encoding the image…"], "nothing to load"
 
 
-def test_a_load_that_fails_at_once_still_ends_the_request(media_files):
-    """Load stages and the failure can reach the request's thread together: it still ends, with the message."""
-    import threading
-
-    from epalm import WeightsUnavailable
-
-    pipeline = Pipeline(device="cpu", tiny=True)
-    missing = "config.json of facebook/opt-2.7b is not in the local Hugging Face cache"
-
-    def fails_at_once(*args, progress, **kwargs):
-        progress("Loading OPT-2.7B language model…")
-        progress("Downloading config.json of facebook/opt-2.7b…")
-        raise WeightsUnavailable(missing)
-        yield  # a generator, as the real stream is
-
-    pipeline.stream = fails_at_once
-    request = dict(media=str(media_files["image"]), task="image-caption", preset="fast", max_new_tokens=2)
-    outputs, ended = [], []
-
-    def run() -> None:
-        try:
-            outputs.extend(demo_app.Demo(pipeline).run("image", {**request, "temperature": 0.7, "top_p": 0.9}))
-        except Exception as exc:
-            ended.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(timeout=30)
-    assert ended and missing in str(ended[0]), "the request ended, with the message"
-    assert outputs[-1][:2] == ("", f"⚠️ {missing}")
-
-
-def test_the_status_line_names_models_for_people_and_reports_preloads(media_files, tmp_path, monkeypatch):
-    demo = demo_app.Demo(Pipeline(device="cpu", tiny=True))
-    assert "tiny random stand-ins" in demo.status() and "nothing yet" in demo.status()
-    demo.start_preload(["audio-caption"]).join(timeout=120)
-    assert "**tiny random stand-ins** loaded for: OPT-2.7B language model, AST audio encoder" in demo.status()
-    assert "facebook/" not in demo.status() and "preload" not in demo.status()
+def test_a_load_that_fails_still_ends_the_request_with_its_message(media_files, tmp_path, monkeypatch):
     import huggingface_hub.constants as constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
-    real = demo_app.Demo(Pipeline(device="cpu"))
+    request = dict(
+        media=str(media_files["image"]), task="image-caption", preset="fast", max_new_tokens=2, temperature=0.7
+    )
+    outputs = []
+    with pytest.raises(demo_app.gr.Error, match="facebook/opt-2.7b") as ended:
+        for output in demo_app.respond(Pipeline(device="cpu"), "image", {**request, "top_p": 0.9, "adapter": ""}):
+            outputs.append(output)
+    assert outputs[-1][0] == "" and outputs[-1][1].startswith("⚠️ Cannot get") and "facebook/opt-2.7b" in outputs[-1][1]
+    assert "`" not in ended.value.message, "the toast shows no raw Markdown"
+
+
+def test_the_status_line_names_models_for_people_and_reports_preloads(media_files, tmp_path, monkeypatch):
+    pipeline = Pipeline(device="cpu", tiny=True)
+    assert "tiny random stand-ins" in demo_app.status(pipeline) and "nothing yet" in demo_app.status(pipeline)
+    pipeline.start_preload(["audio-caption"]).join(timeout=120)
+    line = demo_app.status(pipeline)
+    assert "**tiny random stand-ins** loaded for: OPT-2.7B language model, AST audio encoder" in line
+    assert "facebook/" not in line and "preload" not in line
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    real = Pipeline(device="cpu")
     real.start_preload(["image-caption"]).join(timeout=120)
-    assert re.search(r"preload of `image-caption`: failed: Cannot get .*facebook/opt-2.7b", real.status())
+    assert demo_app.status(real).endswith("preload of `image-caption`: failed"), "the details are the request's"
+    assert re.match(r"failed: Cannot get .*facebook/opt-2.7b", real.preloading["image-caption"])
 
 
 def test_missing_weights_offline_name_the_repo(media_files, tmp_path, monkeypatch):
@@ -415,37 +403,9 @@ def test_user_errors_are_logged_as_one_line(client, tmp_path, capfd, caplog):
     out, err = capfd.readouterr()
     assert "Traceback" not in out + err + caplog.text
     assert [r.getMessage() for r in caplog.records if r.name == "epalm.app"] == [
-        "refused a image request: Could not read this file as an image: it is not a format Pillow knows "
+        "refused a request (image): Could not read this file as an image: it is not a format Pillow knows "
         "(JPEG, PNG, WebP, GIF, BMP, TIFF...) or it is damaged."
     ]
-
-
-def test_flags_have_environment_equivalents_and_help_shows_defaults(monkeypatch):
-    monkeypatch.setenv("EPALM_TINY", "1")
-    monkeypatch.setenv("EPALM_DEVICE", "cpu")
-    monkeypatch.setenv("EPALM_CONCURRENCY", "3")
-    monkeypatch.setenv("EPALM_PRELOAD", "image-caption audio-caption")
-    assert not demo_app.parse_args([]).allow_local_adapters
-    monkeypatch.setenv("EPALM_ALLOW_LOCAL_ADAPTERS", "1")
-    args = demo_app.parse_args([])
-    assert (
-        args.tiny
-        and args.device == "cpu"
-        and args.concurrency == 3
-        and args.preload == ["image-caption", "audio-caption"]
-        and args.allow_local_adapters
-    )
-    assert demo_app.parse_args(["--port", "9999", "--dtype", "bfloat16"]).port == 9999
-    assert demo_app.parse_args([]).max_duration == MediaLimits().max_clip_seconds, "one duration limit, the library's"
-
-
-def test_the_page_s_first_task_loads_at_start_up_unless_told_otherwise(monkeypatch):
-    monkeypatch.delenv("EPALM_PRELOAD", raising=False)
-    assert demo_app.parse_args([]).preload is None, "the default: decided from the registry in main()"
-    assert demo_app.default_preload(Pipeline(device="cpu", tiny=True)) == ["image-caption"]
-    assert demo_app.parse_args(["--preload"]).preload == []
-    monkeypatch.setenv("EPALM_PRELOAD", "")
-    assert demo_app.parse_args([]).preload == []
 
 
 @pytest.mark.parametrize(
@@ -454,28 +414,18 @@ def test_the_page_s_first_task_loads_at_start_up_unless_told_otherwise(monkeypat
         ([], {}, (True, 24)),
         (["--no-batching", "--max-batch-rows", "5"], {}, (False, 5)),
         ([], {"EPALM_BATCHING": "0", "EPALM_MAX_BATCH_ROWS": "7"}, (False, 7)),
-        ([], {"EPALM_MAX_BATCH_ROWS": "many"}, "error: EPALM_MAX_BATCH_ROWS must be a whole number, not 'many'"),
-        (["--max-batch-rows", "0"], {}, "error: the rows limit of a batch must be at least 1"),
+        ([], {"SPACES_ZERO_GPU": "true"}, (False, 24)),
     ],
 )
 def test_batching_flags_and_variables_reach_the_library(monkeypatch, flags, env, expected):
-    made = []
-
-    def recorded(**kwargs):  # the app's Pipeline, kept, then a stop before anything is served
-        made.append(Pipeline(**kwargs))
-        raise demo_app.UserError("stop here")
-
-    for name in ("EPALM_BATCHING", "EPALM_MAX_BATCH_ROWS"):
+    """One reading of the settings, the app's and the library's; only a ZeroGPU Space (SPACES_ZERO_GPU, not the
+    `spaces` package being installed) turns batching off by itself."""
+    for name in ("EPALM_BATCHING", "EPALM_MAX_BATCH_ROWS", "SPACES_ZERO_GPU"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    monkeypatch.setattr(demo_app, "Pipeline", recorded)
-    with pytest.raises(SystemExit) as exit_:
-        demo_app.main(demo_app.parse_args(["--tiny", "--device", "cpu", *flags]), block=False)
-    if isinstance(expected, str):
-        assert str(exit_.value) == expected and not made
-    else:
-        assert str(exit_.value) == "error: stop here" and (made[0].batching, made[0].max_batch_rows) == expected
+    pipeline = demo_app.start(ServingConfig.parse(["--tiny", "--device", "cpu", "--preload", *flags]))
+    assert (pipeline.batching, pipeline.max_batch_rows) == expected
 
 
 def test_the_first_task_starts_loading_before_gradio_is_imported(monkeypatch):
@@ -500,7 +450,7 @@ def test_help_answers_without_importing_gradio_or_torch():
     env = {**os.environ, "COLUMNS": "300"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120, env=env)
     assert out.stdout.strip().endswith("[]"), out.stdout + out.stderr
-    assert "(default: 7860)" in out.stdout and "(default: 1800.0)" in out.stdout and "(default: 200.0)" in out.stdout
+    assert "default: 7860]" in out.stdout and "default: 1800.0]" in out.stdout and "default: 200.0]" in out.stdout
 
 
 @pytest.mark.parametrize(
@@ -512,14 +462,14 @@ def test_help_answers_without_importing_gradio_or_torch():
 )
 def test_bad_start_up_flags_are_one_line_errors(flags, message):
     with pytest.raises(SystemExit) as exit_:
-        demo_app.main(demo_app.parse_args(["--tiny", *flags]), block=False)
+        demo_app.main(ServingConfig.parse(["--tiny", *flags]), block=False)
     assert str(exit_.value).startswith(message) and "\n" not in str(exit_.value)
 
 
 def test_a_fractional_file_size_limit_starts_and_holds(tmp_path, media_files):
     port = free_port()
-    args = demo_app.parse_args(["--tiny", "--max-file-size", "0.05", "--port", str(port), "--device", "cpu"])
-    blocks = demo_app.main(args, block=False)
+    config = ServingConfig.parse(["--tiny", "--max-file-size", "0.05", "--port", str(port), "--device", "cpu"])
+    blocks = demo_app.main(config, block=False)
     try:
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
         big = write_wav(tmp_path / "big.wav", seconds=2.0)  # 62 kB: over 0.05 MB
@@ -681,7 +631,7 @@ def test_the_queue_bound_holds_under_a_burst(media_files, monkeypatch, api_name)
         with open(media_files[modality], "rb") as upload:
             path = httpx.post(f"http://127.0.0.1:{port}/gradio_api/upload", files={"files": upload}).json()[0]
         media = {"path": path, "meta": {"_type": "gradio.FileData"}}
-        task = demo_app.tasks_by_modality(pipeline)[modality][kind][0].id
+        task = tasks_by_modality(pipeline.tasks.values())[modality][kind][0].id
         data = [media] + (["why?"] if kind == "qa" else []) + [task, "paper", 0, 0.7, 0.9]
         data += ([0] if modality == "video" else []) + [""]
         statuses: list[int] = []
@@ -703,7 +653,7 @@ def test_the_queue_bound_holds_under_a_burst(media_files, monkeypatch, api_name)
             thread.start()
         for thread in threads:
             thread.join()
-        running = demo_app.default_concurrency(pipeline)  # the batch's rows limit: 24
+        running = pipeline.default_concurrency  # the batch's rows limit: 24
         assert running == pipeline.max_batch_rows == 24
         assert statuses.count(200) <= 8 + running, "at most max_size waiting and the running ones"
         assert statuses.count(503) >= 60 - 8 - running and len(statuses) == 60
@@ -792,7 +742,7 @@ def test_a_saved_adapter_answers_the_same_in_the_cli_the_python_api_and_the_app(
     assert info.startswith("`adapter:someone/colours` · ")
     [added] = pipeline.loaded()[len(loaded) :]
     assert "adapter:someone/colours" in added, "only the adapter was loaded: the LM and encoder are shared"
-    assert "adapter:" not in demo_app.Demo(pipeline).status(), "the status line shows no user's adapter to others"
+    assert "adapter:" not in demo_app.status(pipeline), "the status line shows no user's adapter to others"
     with pytest.raises(AppError, match="'/.*' is not a Hub repo id.*adapter folders on this machine are not accepted"):
         client.predict(handle_file(image), adapter=str(folder), **settings, api_name="/caption_image")
     monkeypatch.setattr(pipeline, "allow_local_adapters", True)

@@ -1,64 +1,22 @@
-"""Decoding loops: cached == original uncached ids, 4.24 beam rules, sampling, streaming."""
+"""Decoding rules: 4.24 beam rules, EOS and length limits, sampling, streaming text, presets."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from epalm.decoding import DecodingOptions, generate, stream_text, stream_tokens
+from epalm.decoding import DecodingOptions, stream_text
+from epalm.engine import generate, stream_tokens
 from epalm.model import InjectionConfig
 from epalm.presets import DEFAULT_PRESET, PRESETS
 
 from test_model import make, padded_batch
 
-SETTINGS = {
-    "greedy": DecodingOptions(num_beams=1, max_length=20),
-    "beam3": DecodingOptions(num_beams=3, max_length=20),
-    "beam2_new_tokens": DecodingOptions(num_beams=2, max_new_tokens=9),
-}
-LAYOUTS = {
-    "end_is_last": InjectionConfig(1, 5, 2, prompt_len=3),
-    "late_recomputed": InjectionConfig(1, 3, 2, prompt_len=3),
-    "post_ln": InjectionConfig(0, 4, 3, prompt_len=2),
-}
-
-
-@pytest.mark.parametrize("setting", SETTINGS)
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("batch", [1, 2])
-def test_cached_ids_equal_the_original_uncached_ids(setting, layout, batch):
-    overrides = {"do_layer_norm_before": False} if layout == "post_ln" else {}
-    lm, prefix = make(LAYOUTS[layout], batch=batch, seed=3, **overrides)
-    ids, mask = padded_batch(seed=batch)
-    ids, mask = ids[:batch], mask[:batch]
-    options = SETTINGS[setting]
-    with torch.inference_mode():
-        fast = generate(lm, prefix, ids, mask, options)
-        slow = generate(lm, prefix, ids, mask, DecodingOptions(**{**options.__dict__, "use_cache": False}))
-    assert torch.equal(fast.sequences, slow.sequences)
-    assert torch.equal(fast.sequences[:, : ids.shape[1]], ids), "returned ids start with the input ids"
-    limit = options.length_limit(ids.shape[1])
-    assert fast.sequences.shape[1] <= limit
-    if options.num_beams > 1:
-        torch.testing.assert_close(fast.sequence_scores, slow.sequence_scores, atol=1e-5, rtol=0)
-
-
-@pytest.mark.parametrize("use_cache", [True, False])
-def test_beam_search_runs_each_prompt_once_not_once_per_beam(monkeypatch, use_cache):
-    lm, prefix = make(LAYOUTS["late_recomputed"], batch=2, seed=3)
-    ids, mask = padded_batch()
-    options = DecodingOptions(num_beams=3, max_new_tokens=4, use_cache=use_cache)
-    widths = []
-    first = lm.prefill if use_cache else lm.forward
-    monkeypatch.setattr(lm, "prefill" if use_cache else "forward", lambda i, *a: widths.append(len(i)) or first(i, *a))
-    with torch.inference_mode():
-        out = generate(lm, prefix, ids, mask, options)
-    assert widths[0] == 2, "the prompt of each input ran once"
-    assert out.sequences.shape[0] == 2 and out.hypotheses and all(len(h) == 3 for h in out.hypotheses)
+END_IS_LAST = InjectionConfig(1, 5, 2, prompt_len=3)  # layer `end` is the LM's last
 
 
 def test_eos_stops_rows_and_pads_finished_ones():
-    lm, prefix = make(LAYOUTS["end_is_last"], batch=2, seed=3)
+    lm, prefix = make(END_IS_LAST, batch=2, seed=3)
     ids, mask = padded_batch()
     with torch.inference_mode():
         free = generate(lm, prefix, ids, mask, DecodingOptions(num_beams=1, max_length=20)).sequences
@@ -72,7 +30,7 @@ def test_eos_stops_rows_and_pads_finished_ones():
 
 
 def test_at_least_one_token_even_past_max_length():
-    lm, prefix = make(LAYOUTS["end_is_last"])
+    lm, prefix = make(END_IS_LAST)
     ids = torch.tensor([[2, 40, 41, 42, 43]])
     with torch.inference_mode():
         out = generate(lm, prefix, ids, torch.ones_like(ids), DecodingOptions(num_beams=1, max_length=3))
@@ -99,7 +57,7 @@ def test_beam_length_normalisation_counts_input_ids():
 
 
 def test_sampling_is_seeded_and_respects_top_k():
-    lm, prefix = make(LAYOUTS["end_is_last"])
+    lm, prefix = make(END_IS_LAST)
     ids = torch.tensor([[2, 40]])
     options = DecodingOptions(num_beams=1, do_sample=True, top_k=1, max_new_tokens=6, seed=7)
     with torch.inference_mode():
@@ -112,7 +70,7 @@ def test_sampling_is_seeded_and_respects_top_k():
 
 
 def test_streaming_yields_growing_prefixes_that_end_in_the_final_text(tokenizer):
-    lm, prefix = make(LAYOUTS["end_is_last"])
+    lm, prefix = make(END_IS_LAST)
     ids = torch.tensor([[2, 40]])
     options = DecodingOptions(num_beams=1, max_new_tokens=12)
     with torch.inference_mode():
@@ -121,25 +79,6 @@ def test_streaming_yields_growing_prefixes_that_end_in_the_final_text(tokenizer)
     assert len(parts) >= 2
     assert all(b.startswith(a) and len(b) > len(a) for a, b in zip(parts, parts[1:]))
     assert parts[-1] == tokenizer.decode(final, skip_special_tokens=True)
-
-
-@pytest.mark.parametrize("beams", [1, 3])
-def test_callback_sees_every_step_and_changes_nothing(beams):
-    lm, prefix = make(LAYOUTS["late_recomputed"], batch=2, seed=3)
-    ids, mask = padded_batch()
-    options = DecodingOptions(num_beams=beams, max_length=20, eos_token_id=-1)  # no EOS: every step runs
-    seen: list[torch.Tensor] = []
-    with torch.inference_mode():
-        plain = generate(lm, prefix, ids, mask, options).sequences
-        watched = generate(lm, prefix, ids, mask, options, callback=lambda tokens: seen.append(tokens.clone()))
-    watched = watched.sequences
-    assert torch.equal(plain, watched)
-    assert len(seen) == 20 - ids.shape[1] and all(t.shape == (len(ids) * beams,) for t in seen)
-    if beams == 1:
-        assert torch.equal(torch.stack(seen, dim=1), plain[:, ids.shape[1] :])
-    else:  # the kept hypothesis of each item ends with one of its beams' last tokens
-        for b in range(len(ids)):
-            assert plain[b, -1] in seen[-1][b * beams : (b + 1) * beams]
 
 
 def test_options_are_validated():
@@ -182,7 +121,7 @@ def test_long_prompts_get_the_minimum_answer_room(strategy, prompt_ids, min_answ
     """max_length 30 counted over the prompt: 4.24's beam finalize crashed at 30+ ids, and greedy
     or sampling gave one token. With `min_answer_tokens` the limit leaves that many new tokens
     (1: the original's own rule of one token)."""
-    lm, prefix = make(LAYOUTS["end_is_last"])
+    lm, prefix = make(END_IS_LAST)
     ids = torch.randint(4, 400, (1, prompt_ids), generator=torch.Generator().manual_seed(prompt_ids))
     ids[0, 0] = 2
     never = lm.config.vocab_size  # an EOS id outside the vocabulary: every allowed token is generated
@@ -198,7 +137,7 @@ def test_long_prompts_get_the_minimum_answer_room(strategy, prompt_ids, min_answ
 
 def test_a_raised_limit_continues_the_original_greedy_answer():
     """Where the original cut a greedy answer at max_length, the raised limit only adds tokens."""
-    lm, prefix = make(LAYOUTS["end_is_last"])
+    lm, prefix = make(END_IS_LAST)
     ids = torch.randint(4, 400, (1, 28), generator=torch.Generator().manual_seed(1))
     ids[0, 0] = 2
     with torch.inference_mode():

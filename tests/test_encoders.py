@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -89,17 +92,64 @@ def test_feature_cache_encodes_each_input_once(encoder_calls):
     with torch.inference_mode():
         alone = encoder(torch.stack([a, b]), 3)
         calls.clear()
-        first, hits = cache.encode(encoder, [a], 3)
-        assert hits == [False] and calls == [1]
-        torch.testing.assert_close(first, alone[:, :1])
-        again, hits = cache.encode(encoder, [a.clone(), b, b.clone()], 3)  # equal bytes: one entry
-        assert hits == [True, False, False] and calls == [1, 1], "b encoded once, a not again"
-        torch.testing.assert_close(again, alone[:, [0, 1, 1]])
-        assert torch.equal(again[:, 0], first[:, 0])
-        cache.encode(encoder, [a], 2)  # other blocks, other encoder, other dtype: other features
-        cache.encode(other, [a], 3)
-        cache.encode(encoder, [a.double()], 3)
+        first, hit = cache.features(encoder, a, 3)
+        assert not hit and calls == [1]
+        torch.testing.assert_close(first, alone[:, 0])
+        again, hit = cache.features(encoder, a.clone(), 3)  # equal bytes: the same entry
+        assert hit and calls == [1] and torch.equal(again, first)
+        torch.testing.assert_close(cache.features(encoder, b, 3)[0], alone[:, 1])
+        cache.features(encoder, a, 2)  # other blocks, other encoder, other dtype: other features
+        cache.features(other, a, 3)
+        cache.features(encoder, a.double(), 3)
         assert calls == [1, 1, 1, 1] and other_calls == [1] and len(cache) == 5
+
+
+def test_inputs_waiting_for_one_encoder_are_encoded_together_by_one_of_their_threads(encoder_calls):
+    """While the encoder runs for one request, the others that want it queue up; the next of their threads
+    to take the encoder runs it once for all of them (each distinct input once), on its own thread."""
+    encoder = tiny_encoder("image")
+    calls = encoder_calls(encoder)
+    running, release = threading.Event(), threading.Event()
+    forward = encoder.forward
+
+    def held(x, num_blocks):  # the first call holds the encoder until the others wait for it
+        running.set()
+        assert release.wait(10)
+        return forward(x, num_blocks)
+
+    encoder.forward = held
+    cache = FeatureCache(8)
+    first, *rest = _inputs(3, 4)
+    inputs = [first, *rest, rest[0].clone()]  # the last two are the same bytes
+    results: dict[int, tuple] = {}
+
+    def ask(i: int) -> threading.Thread:
+        thread = threading.Thread(target=lambda: results.__setitem__(i, cache.features(encoder, inputs[i], 3)))
+        thread.start()
+        return thread
+
+    threads = [ask(0)]
+    assert running.wait(10)
+    encoder.forward = forward
+    threads += [ask(i) for i in range(1, len(inputs))]
+    while sum(len(waiting) for waiting in cache._waiting.values()) < len(inputs) - 1:
+        time.sleep(0.01)
+    release.set()
+    for thread in threads:
+        thread.join(10)
+    assert calls == [1, 3], "the first alone, then the four that waited in one call (three distinct inputs)"
+    with torch.inference_mode():
+        for i, x in enumerate(inputs):
+            torch.testing.assert_close(results[i][0], encoder(x[None], 3)[:, 0])
+
+
+def test_an_encoder_failure_reaches_the_inputs_encoded_with_it_only():
+    encoder = tiny_encoder("image")
+    cache = FeatureCache(8)
+    (good,) = _inputs(4, 1)
+    with pytest.raises(Exception, match="doesn't match model"):  # timm's check of the input size
+        cache.features(encoder, torch.zeros(3, 17, 5), 3)
+    assert cache.features(encoder, good, 3)[0].shape == (3, encoder.dim) and not cache._busy
 
 
 def test_feature_cache_drops_the_least_recently_used_and_owns_its_tensors(encoder_calls):
@@ -107,16 +157,13 @@ def test_feature_cache_drops_the_least_recently_used_and_owns_its_tensors(encode
     calls = encoder_calls(encoder)
     cache = FeatureCache(2)
     a, b, c = _inputs(1, 3)
+    for x in (a, b, a, c):  # a is the most recent before c: c evicts b
+        cache.features(encoder, x, 3)
+    assert len(cache) == 2 and calls == [1, 1, 1]
+    assert cache.features(encoder, a, 3)[1] and not cache.features(encoder, b, 3)[1] and calls == [1, 1, 1, 1]
     with torch.inference_mode():
-        cache.encode(encoder, [a], 3)
-        cache.encode(encoder, [b], 3)
-        cache.encode(encoder, [a], 3)  # a is now the most recent
-        cache.encode(encoder, [c], 3)  # evicts b
-        assert len(cache) == 2 and calls == [1, 1, 1]
-        kept, hits = cache.encode(encoder, [a, b], 3)
-        assert hits == [True, False] and calls == [1, 1, 1, 1]
-        torch.testing.assert_close(kept[:, 0], encoder(a[None], 3)[:, 0])
-        assert all(entry._base is None for entry in cache._entries.values()), "no entry is a view of a batch"
+        torch.testing.assert_close(cache.features(encoder, a, 3)[0], encoder(a[None], 3)[:, 0])
+    assert all(entry._base is None for entry in cache._entries.values()), "no entry is a view of a batch"
 
 
 def test_feature_cache_of_size_zero_keeps_nothing(encoder_calls):
@@ -124,9 +171,8 @@ def test_feature_cache_of_size_zero_keeps_nothing(encoder_calls):
     calls = encoder_calls(encoder)
     cache = FeatureCache(0)
     (a,) = _inputs(2, 1)
-    with torch.inference_mode():
-        for _ in range(2):
-            assert cache.encode(encoder, [a, a], 3)[1] == [False, False]
-    assert calls == [2, 2] and len(cache) == 0
+    for _ in range(2):
+        assert cache.features(encoder, a, 3)[1] is False
+    assert calls == [1, 1] and len(cache) == 0
     with pytest.raises(ValueError, match="0 \\(off\\) or more"):
         FeatureCache(-1)

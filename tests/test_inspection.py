@@ -10,10 +10,11 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from epalm.decoding import DecodingOptions, generate
+from epalm.decoding import DecodingOptions
+from epalm.engine import generate
 from epalm.image import CLIP_MEAN, CLIP_STD
 from epalm.inspection import Inspector
-from epalm.pipeline import Pipeline
+from epalm.pipeline import Pipeline, answers
 from epalm.video import frame_indices
 
 from conftest import write_video, write_wav
@@ -98,8 +99,8 @@ def test_the_prompt_shows_the_soft_prompt_and_the_question_format(pipe, media_fi
 @pytest.mark.parametrize("preset", ["paper", "fast", "sampling"])
 def test_inspecting_changes_nothing_and_is_off_by_default(pipe, media_files, preset):
     settings = dict(preset=preset, seed=3, max_new_tokens=8)
-    plain = list(pipe.stream(media_files["image"], "image-caption", **settings))
-    inspected = list(pipe.stream(media_files["image"], "image-caption", **settings, inspect=True))
+    plain = list(answers(pipe.stream(media_files["image"], "image-caption", **settings)))
+    inspected = list(answers(pipe.stream(media_files["image"], "image-caption", **settings, inspect=True)))
     assert [a.text for a in plain] == [a.text for a in inspected]
     assert all(a.inspection is None for a in plain)
     assert all(a.inspection.seen is inspected[-1].inspection.seen for a in inspected), "partials show the media too"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from epalm.decoding import CachedSession, UncachedSession
 from epalm.model import EPALM, Adapter, InjectionConfig, Prefix, additive_mask
 from epalm.tiny import tiny_lm
 
@@ -157,17 +156,19 @@ def test_cached_logits_equal_uncached_every_step(name):
     injection, overrides = VARIANTS[name]
     lm, prefix = make(injection, batch=2, **overrides)
     ids, mask = padded_batch()
-    cached, uncached = CachedSession(lm, ids, mask, prefix), UncachedSession(lm, ids, mask, prefix)
     with torch.inference_mode():
-        a, b = cached.start(), uncached.start()
+        a, state = lm.prefill(ids, mask, prefix)  # cached; and the whole sequence re-run each step
+        b = lm(ids, mask, prefix)[:, -1]
         for step in range(8):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=0, msg=f"step {step}")
             tokens = a.argmax(-1)
-            a, b = cached.step(tokens), uncached.step(tokens)
             if step == 3:  # beam-style reorder in the middle of decoding
                 index = torch.tensor([1, 0])
-                cached.reorder(index)
-                uncached.reorder(index)
+                state.reorder(index)
+                ids, mask, prefix, tokens = ids[index], mask[index], prefix.select(index), tokens[index]
+            a = lm.step(state, tokens)
+            ids, mask = torch.cat([ids, tokens[:, None]], 1), torch.cat([mask, torch.ones_like(tokens)[:, None]], 1)
+            b = lm(ids, mask, prefix)[:, -1]
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
 
 
@@ -191,14 +192,15 @@ def test_bf16_runs_and_stays_close_to_fp32():
         ref = lm(ids, torch.ones_like(ids), prefix)
         lm.to(torch.bfloat16)
         low = lm(ids, torch.ones_like(ids), prefix)
-        session = CachedSession(lm, ids, torch.ones_like(ids), prefix)
-        step_logits = session.step(session.start().argmax(-1))
+        logits, state = lm.prefill(ids, torch.ones_like(ids), prefix)
+        step_logits = lm.step(state, logits.argmax(-1))
     assert low.dtype == torch.bfloat16 and torch.isfinite(step_logits).all()
     assert (low.float() - ref).abs().max() < 0.1 * ref.abs().max()
 
 
 def test_packed_weights_give_the_same_logits_and_ids():
-    from epalm.decoding import DecodingOptions, generate
+    from epalm.decoding import DecodingOptions
+    from epalm.engine import generate
     from epalm.model import PackedLinear, pack_linear_weights
 
     injection = InjectionConfig(1, 5, 2, prompt_len=3)

@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from epalm.decoding import DecodingOptions, generate
+from epalm.decoding import DecodingOptions
+from epalm.engine import generate
 from epalm.parity import encoder_input, load_case, main, run_case
 
 from conftest import PARITY_CASES, PARITY_DIR

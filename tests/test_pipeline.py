@@ -12,7 +12,7 @@ import torch
 from epalm.decoding import DecodingOptions
 from epalm.errors import WeightsUnavailable
 from epalm.media import MediaError
-from epalm.pipeline import MAX_QUESTION_CHARS, MAX_QUESTION_TOKENS, InputError, OutOfMemory, Pipeline
+from epalm.pipeline import MAX_QUESTION_CHARS, MAX_QUESTION_TOKENS, InputError, OutOfMemory, Pipeline, Status, answers
 from epalm.presets import PRESETS
 from epalm.tasks import TextFormat, load_registry
 from epalm.tiny import TinyModels
@@ -36,22 +36,27 @@ def pipe() -> Pipeline:
     ],
 )
 def test_every_modality_answers(pipe, media_files, task, modality, question):
-    result = pipe.stream(media_files[modality], task, question, preset="fast", max_new_tokens=6)
-    answers = list(result)
-    final = answers[-1]
+    events = list(pipe.stream(media_files[modality], task, question, preset="fast", max_new_tokens=6))
+    final = events[-1]
     assert final.done and final.task == task and isinstance(final.text, str)
-    assert final.timings.new_tokens >= 1 and final.timings.encode_s > 0 and final.timings.first_token_s > 0
-    assert all(not a.done for a in answers[:-1])
+    assert final.timings.new_tokens >= 1 and final.timings.media_s > 0 and final.timings.first_token_s > 0
+    assert all(not a.done for a in answers(events[:-1]))
+    assert [e.stage for e in events if isinstance(e, Status)][-1] == "encoding", "the stage that runs is said"
 
 
 def test_paper_preset_is_the_default_and_is_beam_search(pipe, media_files):
-    answers = list(pipe.stream(media_files["image"], "image-caption"))
-    assert len(answers) == 1 and answers[0].done, "beam search shows only the final answer"
+    events = list(pipe.stream(media_files["image"], "image-caption"))
+    final = list(answers(events))
+    assert len(final) == 1 and final[0].done, "beam search gives only the final answer"
+    searched = [e for e in events if isinstance(e, Status) and e.stage == "decoding"]
+    assert searched and "3-beam search" in searched[0].message, "and shows its progress meanwhile"
     assert pipe.decoding_options(pipe.task("image-caption")).num_beams == 3
 
 
 def test_streaming_gives_growing_prefixes_ending_in_the_final_text(pipe, media_files):
-    parts = [a.text for a in pipe.stream(media_files["image"], "image-caption", preset="fast", max_new_tokens=12)]
+    parts = [
+        a.text for a in answers(pipe.stream(media_files["image"], "image-caption", preset="fast", max_new_tokens=12))
+    ]
     assert len(parts) >= 3
     assert all(b.startswith(a) for a, b in zip(parts[:-2], parts[1:-1]))
     assert parts[-1] == parts[-2] or parts[-1].startswith(parts[-2])
@@ -77,14 +82,19 @@ def test_concurrent_calls_for_different_tasks_do_not_mix_adapters(media_files):
     pipe = Pipeline(device="cpu", tiny=True)
     jobs = [("image-caption", None), ("image-vqa", "what is it"), ("image-gqa", "where is it"), ("image-caption", None)]
     settings = dict(preset="fast", max_new_tokens=8)
-    alone = [list(pipe.stream(media_files["image"], t, q, **settings))[-1].text for t, q in jobs]
+    alone = [
+        pipe.answer(media_files["image"], q, t, **settings).text
+        if q
+        else pipe.caption(media_files["image"], t, **settings).text
+        for t, q in jobs
+    ]
     assert len(set(alone[:3])) > 1, "different adapters give different answers"
     results: dict[int, str] = {}
     barrier = threading.Barrier(len(jobs) * 3)
 
     def worker(i: int, task: str, question: str | None) -> None:
         barrier.wait()
-        results[i] = list(pipe.stream(media_files["image"], task, question, **settings))[-1].text
+        results[i] = list(answers(pipe.stream(media_files["image"], task, question, **settings)))[-1].text
 
     threads = [
         threading.Thread(target=worker, args=(k * len(jobs) + i, t, q))
@@ -95,6 +105,7 @@ def test_concurrent_calls_for_different_tasks_do_not_mix_adapters(media_files):
         t.start()
     for t in threads:
         t.join()
+    assert len(results) == len(threads), "every worker answered"
     for index, text in results.items():
         assert text == alone[index % len(jobs)]
 
@@ -211,7 +222,7 @@ def test_a_stream_can_be_resumed_from_other_threads(pipe, media_files):
     """Web servers pull each partial answer in whichever worker thread is free."""
     stream = pipe.stream(media_files["image"], "image-caption", preset="fast", max_new_tokens=8)
     pulled: list = []
-    while not pulled or not pulled[-1].done:
+    while not pulled or not getattr(pulled[-1], "done", False):
         worker = threading.Thread(target=lambda: pulled.append(next(stream)))
         worker.start()
         worker.join()
@@ -250,12 +261,12 @@ def test_presets_keep_the_tasks_own_limits(media_files):
 
 
 def test_each_partial_answer_has_its_own_timings(pipe, media_files):
-    answers = list(pipe.stream(media_files["image"], "image-caption", preset="fast", max_new_tokens=12))
-    assert len({id(a.timings) for a in answers}) == len(answers)
-    counts = [a.timings.new_tokens for a in answers]
+    partials = list(answers(pipe.stream(media_files["image"], "image-caption", preset="fast", max_new_tokens=12)))
+    assert len({id(a.timings) for a in partials}) == len(partials)
+    counts = [a.timings.new_tokens for a in partials]
     assert counts == sorted(counts) and counts[0] < counts[-1], "an early partial keeps the count it was shown with"
-    assert all(a.timings.first_token_s == answers[0].timings.first_token_s for a in answers)
-    assert "first token" in answers[-1].timings.summary()
+    assert all(a.timings.first_token_s == partials[0].timings.first_token_s for a in partials)
+    assert "first token" in partials[-1].timings.summary()
 
 
 def test_beam_search_timings_claim_no_first_token(pipe, media_files):
@@ -385,8 +396,8 @@ def test_a_closed_stream_leaves_the_batch_at_the_next_step(media_files):
     scheduler.callback = callback
     settings = dict(preset="fast", max_new_tokens=150)
     closing = pipe.stream(media_files["image"], "image-caption", **settings)
-    staying = pipe.stream(media_files["audio"], "audio-caption", **settings)
-    next(staying)
+    staying = answers(pipe.stream(media_files["audio"], "audio-caption", **settings))
+    next(staying)  # its first token
     while 2 not in steps:  # until both share steps
         next(closing)
     closing.close()
@@ -450,5 +461,56 @@ def test_feature_cache_setting_comes_from_the_environment(monkeypatch, media_fil
     with pytest.raises(InputError, match="EPALM_FEATURE_CACHE must be a whole number, not 'lots'"):
         Pipeline(device="cpu", tiny=True)
     monkeypatch.setenv("EPALM_FEATURE_CACHE", "-1")
-    with pytest.raises(InputError, match="feature cache size must be 0 \\(off\\) or more"):
+    with pytest.raises(InputError, match="EPALM_FEATURE_CACHE must be a number from 0 to 1e\\+06, not -1"):
         Pipeline(device="cpu", tiny=True)
+
+
+def test_a_running_stream_keeps_getting_tokens_while_a_newcomer_is_encoded(media_files, monkeypatch):
+    """Encoders run on the requests' own threads: a 1 s video encoding beside a running answer leaves the
+    shared decode steps going (it used to run on the scheduler's thread, between two steps)."""
+    pipe = Pipeline(device="cpu", tiny=True)
+    pipe.preload(["image-caption", "video-caption"])
+    encoder, forward = pipe.encoder(pipe.task("video-caption")), None
+    window: list[float] = []
+
+    def slow(video, num_blocks):  # the newcomer's encoder, slowed down to a real video's seconds
+        window.append(time.perf_counter())
+        time.sleep(1.0)
+        out = forward(video, num_blocks)
+        window.append(time.perf_counter())
+        return out
+
+    forward = encoder.forward
+    monkeypatch.setattr(encoder, "forward", slow)
+    scheduler = pipe.scheduler(pipe.lm(pipe.task("image-caption"))[0])
+    scheduler.callback = lambda rows: time.sleep(0.008)  # steps of ~10 ms: the answer outlasts the encoding
+    arrivals: list[float] = []
+    running = answers(pipe.stream(media_files["image"], "image-caption", preset="fast", max_new_tokens=250))
+    next(running)
+    newcomer = threading.Thread(target=pipe.caption, args=(media_files["video"], "video-caption"))
+    newcomer.start()
+    for _ in running:
+        arrivals.append(time.perf_counter())
+    newcomer.join(30)
+    start, end = window
+    during = [t for t in arrivals if start < t < end]
+    assert len(during) >= 50, f"{len(during)} tokens arrived while the video was encoded for {end - start:.1f} s"
+
+
+@pytest.mark.parametrize("batching", [False, True])
+def test_a_closed_beam_search_stops_at_its_next_step_batched_or_not(media_files, batching, monkeypatch):
+    """Stop closes the stream: the search leaves at its next step, alone or in the shared batch."""
+    pipe = Pipeline(device="cpu", tiny=True, batching=batching)
+    lm = pipe.lm(pipe.task("image-caption"))[0]
+    steps, step = [], lm.step
+    monkeypatch.setattr(lm, "step", lambda state, tokens: steps.append(len(tokens)) or step(state, tokens))
+    stream = pipe.stream(media_files["image"], "image-caption", num_beams=8, max_new_tokens=250)
+    for event in stream:
+        if isinstance(event, Status) and event.stage == "decoding" and len(steps) >= 3:
+            break
+    stream.close()
+    at_close = len(steps)
+    time.sleep(0.3)
+    assert len(steps) <= at_close + 1, "at most the step under way when it was closed"
+    if batching:
+        assert pipe.scheduler(lm).rows == 0

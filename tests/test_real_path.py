@@ -44,7 +44,14 @@ NEEDED = (
 
 
 def answers(pipe: Pipeline, media_files) -> list[str]:
-    return [list(pipe.stream(media_files[kind], task, question, **SETTINGS))[-1].text for task, kind, question in JOBS]
+    return [
+        (
+            pipe.answer(media_files[kind], question, task, **SETTINGS)
+            if question
+            else pipe.caption(media_files[kind], task, **SETTINGS)
+        ).text
+        for task, kind, question in JOBS
+    ]
 
 
 def go_offline(hub, monkeypatch) -> None:
