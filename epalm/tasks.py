@@ -2,7 +2,7 @@
 
 A task names its LM, its encoder, the preprocessing, the injection and prompt settings, the text
 format, its decoding settings (the paper's, plus the fewest new tokens a long question leaves room
-for) and where its adapter lives on the Hub. Users add tasks or
+for), where its adapter lives on the Hub and the recipe that adapter was trained with. Users add tasks or
 point one at their own adapter by editing the YAML (or passing another file); no code changes.
 """
 
@@ -109,6 +109,25 @@ class TextFormat:
 
 
 @dataclass(frozen=True)
+class TrainingRecipe:
+    """The optimisation settings a task's released adapter was trained with (the registry's `training`;
+    docs/original.md, "Training"): what `python -m epalm train --recipe paper` runs."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    prompt_lr: float
+    warmup_lr: float
+    min_lr: float
+
+    def __post_init__(self) -> None:
+        for name in ("lr", "prompt_lr", "warmup_lr", "min_lr"):  # YAML reads `2e-5` (no dot) as a string
+            object.__setattr__(self, name, float(getattr(self, name)))
+        if int(self.epochs) < 1 or int(self.batch_size) < 1:
+            raise ValueError("training: epochs and batch_size must be at least 1")
+
+
+@dataclass(frozen=True)
 class Task:
     id: str
     title: str
@@ -122,6 +141,7 @@ class Task:
     text: TextFormat
     generation: DecodingOptions
     adapter: AdapterSource
+    training: TrainingRecipe | None = None  # the released adapter's recipe; None for a task that states none
 
     @property
     def needs_question(self) -> bool:
@@ -168,6 +188,7 @@ def _build(task_id: str, entry: dict, base_dir: Path) -> Task:
             text=TextFormat(**section("text")),
             generation=DecodingOptions(**section("generation")),
             adapter=AdapterSource(**adapter),
+            training=TrainingRecipe(**section("training")) if "training" in entry else None,
         )
     except RegistryError:
         raise
