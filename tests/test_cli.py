@@ -215,3 +215,40 @@ def test_a_long_question_says_its_answer_limit_was_raised(media_files, capsys):
     assert f"note: {path}: Long question" in out.err and "--max-new-tokens N" in out.err
     assert main(["ask", "--tiny", "--task", "image-vqa", "-q", question, "--jsonl", "--preset", "fast", path]) == 0
     assert "up to 8 new tokens" in json.loads(capsys.readouterr().out)["notice"]
+
+
+def test_train_help_answers_without_importing_the_library_and_leaves_defaults_to_it():
+    """`train --help` is quick too, and no flag restates a default: every flag the user leaves out is None,
+    so `TrainConfig` and the recipe decide."""
+    code = (
+        "import runpy, sys\n"
+        "sys.argv = ['epalm', 'train', '--help']\n"
+        "try:\n    runpy.run_module('epalm', run_name='__main__', alter_sys=True)\n"
+        "except SystemExit as exc:\n    assert exc.code == 0, exc.code\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "--no-init-from-base" in out.stdout and out.stdout.rstrip().endswith("[]"), out.stdout
+    from dataclasses import fields
+
+    from epalm.__main__ import build_parser
+    from epalm.training import TrainConfig
+
+    args = vars(build_parser().parse_args(["train", "data", "--base", "image-caption", "--out", "out"]))
+    flags = {k: v for k, v in args.items() if k not in ("command", "verbose", "data", "base", "out")}
+    assert set(flags) <= {f.name for f in fields(TrainConfig)}, "each flag sets a TrainConfig field"
+    assert len(flags) > 30 and {k: v for k, v in flags.items() if v is not None} == {}
+
+
+def test_an_adapter_of_the_other_kind_points_to_the_right_command(media_files, tmp_path, capsys):
+    from epalm.training import train
+
+    from conftest import write_colour_folder
+
+    data = write_colour_folder(tmp_path / "colours", per_colour=2, qa=True)
+    train(data, "image-vqa", tmp_path / "qa-adapter", tiny=True, recipe="paper", epochs=1, progress=False)
+    adapter = str(tmp_path / "qa-adapter")
+    code, out, err = run(capsys, "caption", "--tiny", "--adapter", adapter, str(data / "red_0.png"))
+    assert code == 2 and out == ""
+    assert err == f"error: the adapter {tmp_path / 'qa-adapter'} answers questions: use `ask --question ...`\n"
