@@ -23,8 +23,7 @@ def write_colour_media(path: Path, colour: str, seed: int) -> Path:
     from PIL import Image
 
     if path.suffix == ".wav":
-        _write_tone(path, PITCHES[colour] * (1 + 0.02 * (seed % 5)))
-        return path
+        return write_tone(path, PITCHES[colour] * (1 + 0.02 * (seed % 5)))
     rng = np.random.default_rng(seed)
     rgb = np.clip(np.array(COLOURS[colour]) + rng.integers(-25, 26, 3), 0, 255).astype(np.uint8)
     frame = np.broadcast_to(rgb, (32, 32, 3)).copy()
@@ -40,7 +39,8 @@ def write_colour_media(path: Path, colour: str, seed: int) -> Path:
     return path
 
 
-def _write_tone(path: Path, freq: float, seconds: float = 10.0, rate: int = 16000) -> None:
+def write_tone(path: Path, freq: float, seconds: float = 10.0, rate: int = 16000) -> Path:
+    """A mono 16-bit sine tone (10 s: the audio model's window)."""
     import wave
 
     import numpy as np
@@ -52,6 +52,7 @@ def _write_tone(path: Path, freq: float, seconds: float = 10.0, rate: int = 1600
         out.setsampwidth(2)
         out.setframerate(rate)
         out.writeframes(samples.tobytes())
+    return path
 
 
 def write_colour_folder(root: Path, per_colour: int, suffix: str = ".png", qa: bool = False, seed: int = 0) -> Path:

@@ -59,7 +59,7 @@ from .hub import (
 )
 from .metrics import caption_scores, exact_match, vqa_accuracy
 from .model import EPALM, Adapter
-from .recipe import MIN_IMPROVEMENT, ConfigError, Plan, TrainConfig, parameter_groups, plan, set_lr, settings
+from .recipe import MIN_GAIN, MIN_IMPROVEMENT, ConfigError, Plan, TrainConfig, parameter_groups, plan, set_lr, settings
 from .training_card import model_card, summary
 
 log = logging.getLogger(__name__)
@@ -142,8 +142,8 @@ class _Interrupts:
     """While training: the first Ctrl-C asks the run to stop at its next safe point, where the state is
     saved; a second one stops at once. Outside the main thread Ctrl-C cannot reach the run anyway."""
 
-    def __init__(self) -> None:
-        self.requested = False
+    def __init__(self, main_process: bool) -> None:
+        self.requested, self.main_process = False, main_process
         self._previous: Any = None
 
     def __enter__(self) -> _Interrupts:
@@ -157,7 +157,10 @@ class _Interrupts:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        log.warning("\nCtrl-C: stopping after this step, its state saved (again: at once, back to the last validation)")
+        if self.main_process:
+            log.warning(
+                "\nCtrl-C: stopping after this step, its state saved (again: at once, back to the last validation)"
+            )
 
     def __exit__(self, *exc: Any) -> None:
         if self._previous is not None:
@@ -212,7 +215,7 @@ class Trainer:
         self.plan: Plan  # chosen once every file is decoded (`_start`): unreadable ones are rows less
         self.decoding = self._decoding_options()
         self.features: dict[str, torch.Tensor] = {}
-        self.interrupts = _Interrupts()
+        self.interrupts = _Interrupts(self.accelerator.is_main_process)
         self.progress: dict = {}
 
     # -- folders -------------------------------------------------------------------------------
@@ -288,7 +291,8 @@ class Trainer:
         dataset.cut = len(cut)
         if cut:
             longest = max(cut, key=lambda e: len(e.answer) + len(e.question or ""))
-            log.warning(
+            self._log(
+                logging.WARNING,
                 "%d texts are longer than the LM's %d positions and were cut to them (the longest: %s, %s characters)",
                 len(cut),
                 positions,
@@ -320,7 +324,7 @@ class Trainer:
         decode_all(self.dataset, self.prepare, use, self.config.skip_bad)
         files = len({e.key for e in self.dataset.train + self.dataset.validation})
         what = "decoded and encoded" if keep else "decoded"
-        log.info("%s %d files in %.1f s", what, files, time.perf_counter() - started)
+        self._log(logging.INFO, "%s %d files in %.1f s", what, files, time.perf_counter() - started)
 
     def _media_features(self, examples: list[Example]) -> torch.Tensor:
         if self.config.cache_features:
@@ -386,7 +390,7 @@ class Trainer:
         """The training loss on the validation rows (it breaks ties of the metric)."""
         examples, total = self.dataset.validation, 0.0
         for start in range(0, len(examples), self.plan.batch_size):
-            self._safe_point()
+            self._safe_point(every_process=False)
             total += self._loss(model, self._collate(examples[start : start + self.plan.batch_size])).sum().item()
         return total / len(examples) * self.config.lm_loss_weight
 
@@ -399,7 +403,7 @@ class Trainer:
         unique = list({(e.key, e.question): e for e in examples}.values())
         answers: dict[tuple[str, str | None], str] = {}
         for start in range(0, len(unique), self.plan.batch_size):
-            self._safe_point()
+            self._safe_point(every_process=False)
             chunk = unique[start : start + self.plan.batch_size]
             answers.update(((e.key, e.question), a) for e, a in zip(chunk, self._answers(model.adapter, chunk)))
         predictions = [answers[e.key, e.question] for e in examples]
@@ -501,12 +505,12 @@ class Trainer:
             "plan": self.plan.as_dict(),
         }
         self._write_log({"event": "start", "plan": self.plan.as_dict(), "data": self.dataset.summary()})
-        log.info("recipe: %s", self.plan.reason)
+        self._log(logging.INFO, "recipe: %s", self.plan.reason)
         if accelerator.is_main_process:
             baseline = {"event": "baseline", "epoch": 0, **self._validate(self._model())}
             self.progress["baseline"] = baseline
             self._write_log(baseline)
-            log.info("before training: %s", _scores(baseline))
+            self._log(logging.INFO, "before training: %s", _scores(baseline))
         self._checkpoint()
 
     def _resume(self) -> None:
@@ -529,7 +533,7 @@ class Trainer:
         if self.accelerator.is_main_process:  # lines written after the saved state are written again
             with (self.work / LOG_FILE).open("r+b") as log_file:
                 log_file.truncate(progress["log_bytes"])
-        log.warning("%s", _resuming_at(progress, self.plan))
+        self._log(logging.WARNING, "%s", _resuming_at(progress, self.plan))
 
     def _new_adapter(self) -> Adapter:
         torch.manual_seed(self.config.seed)
@@ -546,13 +550,21 @@ class Trainer:
                 ) from exc
         return adapter.to(self.device)
 
+    def _log(self, level: int, message: str, *args: Any) -> None:
+        """Log once, from the main process (every process runs the same code)."""
+        if self.accelerator.is_main_process:
+            log.log(level, message, *args)
+
     def _model(self) -> AdapterLoss:
         return self.accelerator.unwrap_model(self.model)
 
-    def _safe_point(self) -> None:
-        """Stop here if Ctrl-C asked to (every process at the same step)."""
+    def _safe_point(self, every_process: bool = True) -> None:
+        """Stop here if Ctrl-C asked to. With several processes, only where every process passes (the
+        training steps, not the main process's validation), so that they stop at the same step."""
         requested = self.interrupts.requested
         if self.accelerator.num_processes > 1:
+            if not every_process:
+                return
             flag = torch.tensor([float(requested)], device=self.device)
             requested = bool(self.accelerator.reduce(flag, "max").item())
         if requested:
@@ -630,7 +642,7 @@ class Trainer:
 
             progress["stopped"] = broadcast_object_list([progress["stopped"]])[0]
         self._write_log(record)
-        log.log(logging.INFO if self.metric in record else logging.DEBUG, "epoch %d: %s", epoch + 1, _scores(record))
+        self._log(logging.INFO if self.metric in record else logging.DEBUG, "epoch %d: %s", epoch + 1, _scores(record))
         progress["history"].append(record)
         progress.update(epoch=epoch + 1, step=0, loss_sum=0.0, samples=0, seconds=0.0)
 
@@ -638,7 +650,7 @@ class Trainer:
         """Save the adapter when it is the best so far; stop when `patience` validations did not improve."""
         progress, metric = self.progress, self.metric
         best = progress["best"]
-        improved = best is None or record[metric] > best[metric]
+        improved = best is None or record[metric] >= best[metric] + MIN_GAIN
         improved = improved or record["validation_loss"] < best["validation_loss"] * (1 - MIN_IMPROVEMENT)
         if best is None or _better(record, best, metric):
             keys = ("epoch", metric, "validation_loss")
@@ -652,7 +664,7 @@ class Trainer:
                 f"validation loss improved for {progress['stale']} validations (best {metric} {best[metric]:.4f} "
                 f"at epoch {best['epoch']})"
             )
-            log.warning("%s", progress["stopped"])
+            self._log(logging.WARNING, "%s", progress["stopped"])
             self._write_log({"event": "stop", "reason": progress["stopped"]})
 
     def _checkpoint(self) -> None:
@@ -681,7 +693,7 @@ class Trainer:
         progress = json.loads((self.work / LAST / PROGRESS).read_text())  # the main process's, with the validation
         accelerator.wait_for_everyone()  # read by every process before the main one moves the folder
         best, baseline = progress["best"], progress["baseline"]
-        improved = best[metric] > baseline[metric]
+        improved = best[metric] - baseline[metric] >= MIN_GAIN
         ending = summary(metric, best, baseline, improved, self.plan.init_from_base)
         if accelerator.is_main_process:
             self._write_log({"event": "end", "improved": improved, "summary": ending, "stopped": progress["stopped"]})
@@ -691,7 +703,6 @@ class Trainer:
             (self.work / "README.md").write_text(self._card(config, progress))
             self._replace_output()
         accelerator.wait_for_everyone()
-        log.log(logging.INFO if improved else logging.WARNING, "%s", ending)
         url = self._push() if self.config.push_to_hub and accelerator.is_main_process else None
         return TrainResult(
             self.out,
@@ -753,8 +764,10 @@ class Trainer:
 
 
 def _better(record: dict, best: dict, metric: str) -> bool:
-    """A higher metric, or the same with a lower validation loss (small validation sets tie often)."""
-    return (record[metric], -record["validation_loss"]) > (best[metric], -best["validation_loss"])
+    """A higher metric, or the same (within `MIN_GAIN`) with a lower validation loss: small validation
+    sets tie often, and a CIDEr of 0.0000026 is no better than 0."""
+    gain = record[metric] - best[metric]
+    return gain >= MIN_GAIN or (abs(gain) < MIN_GAIN and record["validation_loss"] < best["validation_loss"])
 
 
 def _scores(record: dict) -> str:
@@ -796,7 +809,7 @@ def _finished_result(out: Path, config: dict) -> TrainResult:
         best[metric],
         best["epoch"],
         baseline[metric],
-        best[metric] > baseline[metric],
+        best[metric] - baseline[metric] >= MIN_GAIN,
         training["summary"],
         training["stopped"],
         already_finished=True,

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 # the synthetic tasks the training tests learn, for the tests to import from here (bench/train.py measures the same)
-from epalm.synthetic import COLOURS, write_colour_folder  # noqa: F401
+from epalm.synthetic import COLOURS, write_colour_folder, write_tone  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 PARITY_DIR = ROOT / "tests" / "fixtures" / "parity"
@@ -272,18 +272,7 @@ def write_video(path: Path, frames: int = 12, size: tuple[int, int] = (64, 48), 
 
 def write_wav(path: Path, seconds: float = 1.0, rate: int = 16000, freq: float = 440.0) -> Path:
     """A mono 16-bit sine tone."""
-    import wave
-
-    import numpy as np
-
-    t = np.arange(int(seconds * rate)) / rate
-    samples = (0.3 * np.sin(2 * np.pi * freq * t) * 32767).astype("<i2")
-    with wave.open(str(path), "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(rate)
-        out.writeframes(samples.tobytes())
-    return path
+    return write_tone(path, freq, seconds, rate)
 
 
 @pytest.fixture(scope="session")

@@ -24,18 +24,19 @@ def run(capsys, *args: str) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
-def test_help_answers_without_importing_the_library():
-    """`python -m epalm ... --help` (and usage errors) must not wait for torch, transformers or gradio."""
+@pytest.mark.parametrize("command, flag", [("caption", "--max-new-tokens"), ("train", "--no-init-from-base")])
+def test_help_answers_without_importing_the_library(command, flag):
+    """`python -m epalm ... --help` (and usage errors) must not wait for torch, transformers, datasets or gradio."""
     code = (
         "import runpy, sys\n"
-        "sys.argv = ['epalm', 'caption', '--help']\n"
+        f"sys.argv = ['epalm', '{command}', '--help']\n"
         "try:\n    runpy.run_module('epalm', run_name='__main__', alter_sys=True)\n"
         "except SystemExit as exc:\n    assert exc.code == 0, exc.code\n"
-        "print(sorted(m for m in ('torch', 'transformers', 'gradio') if m in sys.modules))\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'datasets', 'gradio') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert "--max-new-tokens" in out.stdout and out.stdout.rstrip().endswith("[]"), out.stdout
+    assert flag in out.stdout and out.stdout.rstrip().endswith("[]"), out.stdout
 
 
 def test_help_describes_every_decoding_flag_and_shows_defaults(capsys):
@@ -217,19 +218,8 @@ def test_a_long_question_says_its_answer_limit_was_raised(media_files, capsys):
     assert "up to 8 new tokens" in json.loads(capsys.readouterr().out)["notice"]
 
 
-def test_train_help_answers_without_importing_the_library_and_leaves_defaults_to_it():
-    """`train --help` is quick too, and no flag restates a default: every flag the user leaves out is None,
-    so `TrainConfig` and the recipe decide."""
-    code = (
-        "import runpy, sys\n"
-        "sys.argv = ['epalm', 'train', '--help']\n"
-        "try:\n    runpy.run_module('epalm', run_name='__main__', alter_sys=True)\n"
-        "except SystemExit as exc:\n    assert exc.code == 0, exc.code\n"
-        "print(sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert "--no-init-from-base" in out.stdout and out.stdout.rstrip().endswith("[]"), out.stdout
+def test_train_flags_leave_every_default_to_the_library():
+    """No flag restates a default: every flag the user leaves out is None, so `TrainConfig` and the recipe decide."""
     from dataclasses import fields
 
     from epalm.__main__ import build_parser
