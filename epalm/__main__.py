@@ -8,11 +8,14 @@ file never stops the others; the exit status is 0 when every path succeeded and 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
+import os
+import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .tasks import Task
@@ -406,8 +409,12 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+# The modules each command needs (default: the pipeline's), imported first by `_load`
+_LIBRARIES = {"train": ("epalm.training", "accelerate", "datasets"), "parity": ("epalm.parity",)}
+
+
 def main(argv: list[str] | None = None) -> int:
-    """The `epalm` command. Ctrl-C before a command's own handling (while torch loads) ends it quietly."""
+    """The `epalm` command. Ctrl-C before a command's own handling ends it quietly."""
     try:
         return _main(argv)
     except KeyboardInterrupt:
@@ -415,10 +422,32 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _load(command: str) -> None:
+    """Import the command's libraries (the first seconds of every command), Ctrl-C ending the process at
+    once: raised inside torch's import, where C++ calls Python, an interrupt can abort the process
+    ("terminate called after throwing an instance of 'pybind11::error_already_set'") instead of unwinding."""
+
+    def stop(signum: int, frame: Any) -> None:
+        print("\nInterrupted.", file=sys.stderr, flush=True)
+        os._exit(130)  # nothing is written before the command runs: nothing to clean up
+
+    try:
+        previous = signal.signal(signal.SIGINT, stop)
+    except ValueError:  # not the main thread, which alone receives Ctrl-C
+        previous = None
+    try:
+        for name in _LIBRARIES.get(command, ("epalm.pipeline",)):
+            importlib.import_module(name)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    _load(args.command)
     if args.command == "parity":
         from . import parity
 

@@ -33,20 +33,19 @@ import itertools
 import json
 import logging
 import shlex
-import shutil
 import signal
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .data import BadRow, Columns, DataError, Dataset, Example, check, decode_all, load_data
+from .batches import EpochSampler, TokenizedRows
+from .data import Columns, DataError, Dataset, Example, check, decode_all, load_data
 from .decoding import DecodingOptions, generate
 from .hub import (
     ADAPTER_CONFIG,
@@ -60,15 +59,12 @@ from .hub import (
 from .metrics import caption_scores, exact_match, vqa_accuracy
 from .model import EPALM, Adapter
 from .recipe import MIN_GAIN, MIN_IMPROVEMENT, ConfigError, Plan, TrainConfig, parameter_groups, plan, set_lr, settings
+from .run_folder import LOG_FILE, RunFolder
 from .training_card import model_card, summary
 
 log = logging.getLogger(__name__)
 
-LAST = "last"  # sub-folder of the run folder with the state --resume continues from
-PROGRESS = "progress.json"
-LOG_FILE = "log.jsonl"
 PUBLISHED = [ADAPTER_WEIGHTS, ADAPTER_CONFIG, "README.md", LOG_FILE]
-CHARS_PER_POSITION = 8  # a text is cut to this many characters per LM position before it is tokenized
 TIMING = ("samples_per_s",)  # the log's fields that differ between two runs of the same training
 
 
@@ -120,24 +116,6 @@ class AdapterLoss(nn.Module):
         return nn.functional.cross_entropy(logits.float().transpose(1, 2), labels[:, 1:], reduction="none").sum(1)
 
 
-class EpochSampler(Sampler[int]):
-    """A fresh seeded permutation each epoch: the order of epoch e is known again on --resume.
-    (Not `set_epoch`: accelerate would set that from its own count of passes, which restarts at 0.)"""
-
-    def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed, self.epoch = size, seed, 0
-
-    def use_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
-
-    def __len__(self) -> int:
-        return self.size
-
-
 class _Interrupts:
     """While training: the first Ctrl-C asks the run to stop at its next safe point, where the state is
     saved; a second one stops at once. Outside the main thread Ctrl-C cannot reach the run anyway."""
@@ -179,9 +157,9 @@ class Trainer:
         if pipeline is not None and pipeline.store.pack_weights:
             raise ValueError("training needs the LM's plain weights: pass a Pipeline(pack_weights=False)")
         self.config = config
-        self.out = Path(out).expanduser().resolve()
-        self.work = self.out.with_name(self.out.name + ".training")  # the run's folder until it finishes
-        self.finished = self._check_folders()  # before anything loads: a wrong --out is said at once
+        self.folder = RunFolder(out)
+        self.out, self.work = self.folder.out, self.folder.work
+        self.finished = self.folder.check(config.resume, config.overwrite)  # before anything loads: said at once
         if self.finished is not None:
             return
         if config.push_to_hub:  # no token or a bad repo id: said now, not after the training
@@ -210,95 +188,15 @@ class Trainer:
         )
         self.lm, self.tokenizer = pipeline.lm(self.task)
         self.encoder = pipeline.encoder(self.task)
-        self.ids: dict[Example, tuple[list[int], int]] = {}  # training ids and prompt length of each row
-        self._tokenize()
+        self.rows = TokenizedRows(self.dataset, self.task.text, self.tokenizer, self.lm.config.max_position_embeddings)
+        check(self.dataset, config.skip_bad)  # the rows whose question left no room
         self.plan: Plan  # chosen once every file is decoded (`_start`): unreadable ones are rows less
         self.decoding = self._decoding_options()
         self.features: dict[str, torch.Tensor] = {}
         self.interrupts = _Interrupts(self.accelerator.is_main_process)
         self.progress: dict = {}
 
-    # -- folders -------------------------------------------------------------------------------
-
-    def _check_folders(self) -> dict | None:
-        """Refuse an output folder this run would overwrite or cannot continue; with `resume`, return the
-        adapter config of a run that already finished (nothing left to do)."""
-        config, out, work = self.config, self.out, self.work
-        if config.resume:
-            if (work / LAST / PROGRESS).is_file():
-                return None
-            finished = _finished_config(out)
-            if finished is not None:
-                return finished
-            raise ConfigError(f"nothing to resume: {work} holds no interrupted run (and {out} no finished one)")
-        if (work / LAST / PROGRESS).is_file() and not config.overwrite:
-            raise ConfigError(
-                f"{work} holds an interrupted run: continue it with --resume, or start over with --overwrite"
-            )
-        if out.exists() and not out.is_dir():
-            raise ConfigError(f"--out {out} is a file, not a folder")
-        if out.is_dir() and any(out.iterdir()):
-            if not (out / ADAPTER_CONFIG).is_file():
-                raise ConfigError(
-                    f"{out} is not empty and holds no adapter: choose another --out (nothing is replaced)"
-                )
-            if not config.overwrite:
-                raise ConfigError(
-                    f"{out} already holds an adapter: --overwrite replaces it when the new run finishes (until then "
-                    "it stays as it is), --resume continues an interrupted run"
-                )
-        return None
-
-    def _replace_output(self) -> None:
-        """The finished run's folder becomes OUT; the adapter it replaces is deleted only then."""
-        old = None
-        if self.out.exists():
-            old = self.out.with_name(self.out.name + ".replaced")
-            shutil.rmtree(old, ignore_errors=True)
-            self.out.rename(old)
-        self.work.rename(self.out)
-        if old is not None:
-            shutil.rmtree(old)
-        shutil.rmtree(self.out / LAST, ignore_errors=True)  # nothing to resume in a finished run
-
     # -- data ----------------------------------------------------------------------------------
-
-    def _tokenize(self) -> None:
-        """Every row's training ids, once. A text longer than the LM's positions is cut to them (its
-        end, EOS included, is not trained on), saying so; a question that leaves no room is a bad row."""
-        tokenizer, text, dataset = self.tokenizer, self.task.text, self.dataset
-        positions = self.lm.config.max_position_embeddings
-        chars = positions * CHARS_PER_POSITION
-        cut: list[Example] = []
-        for split in (dataset.train, dataset.validation):
-            kept = []
-            for example in split:
-                question = example.question[:chars] if example.question else example.question
-                prompt = text.prompt_ids(tokenizer, question)
-                if len(prompt) >= positions:
-                    dataset.bad.append(BadRow(example.where, f"the question fills the LM's {positions} positions"))
-                    continue
-                ids = text.training_ids(tokenizer, question, example.answer[:chars])
-                if len(ids) > positions or len(example.answer) > chars or question != example.question:
-                    ids = ids[:positions]
-                    answer = tokenizer.decode(ids[len(prompt) :], skip_special_tokens=True).strip()
-                    cut.append(example)
-                    example = replace(example, answer=answer, question=question)
-                self.ids[example] = (ids, len(prompt))
-                kept.append(example)
-            split[:] = kept
-        check(dataset, self.config.skip_bad)
-        dataset.cut = len(cut)
-        if cut:
-            longest = max(cut, key=lambda e: len(e.answer) + len(e.question or ""))
-            self._log(
-                logging.WARNING,
-                "%d texts are longer than the LM's %d positions and were cut to them (the longest: %s, %s characters)",
-                len(cut),
-                positions,
-                longest.where,
-                f"{len(longest.answer) + len(longest.question or ''):,}",
-            )
 
     def _has_base_adapter(self) -> bool:
         """Whether the base task has an adapter to start from (the tiny models give every task one)."""
@@ -332,17 +230,7 @@ class Trainer:
         return self._encode(torch.stack([self.prepare(e.source()) for e in examples]))
 
     def _collate(self, examples: list[Example]) -> dict[str, Any]:
-        ids = [self.ids[e][0] for e in examples]
-        width = max(len(i) for i in ids)
-        input_ids = torch.full((len(ids), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
-        labels = torch.full((len(ids), width), -100, dtype=torch.long)
-        for row, (seq, example) in enumerate(zip(ids, examples)):
-            input_ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
-            start = self.ids[example][1] if self.plan.answer_loss_only else 0
-            labels[row, start : len(seq)] = input_ids[row, start : len(seq)]
-        return {"examples": examples, "input_ids": input_ids, "attention_mask": mask, "labels": labels}
+        return self.rows.collate(examples, self.plan.answer_loss_only)
 
     def _loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         """Per-sample losses of one collated batch."""
@@ -429,7 +317,7 @@ class Trainer:
             self._start()
         except BaseException as exc:  # before the first saved state there is nothing to continue from
             if not self.config.resume and self.accelerator.is_main_process:
-                shutil.rmtree(self.work, ignore_errors=True)
+                self.folder.discard()
             if isinstance(exc, KeyboardInterrupt):
                 raise TrainingInterrupted(
                     f"Interrupted before training started; nothing was saved{unchanged}."
@@ -463,8 +351,7 @@ class Trainer:
         """Features, model, optimizer and data order; then the saved state (resume) or a baseline validation."""
         config, accelerator = self.config, self.accelerator
         if accelerator.is_main_process and not config.resume:
-            shutil.rmtree(self.work, ignore_errors=True)  # a stale interrupted run (--overwrite)
-            self.work.mkdir(parents=True)
+            self.folder.start()
         accelerator.wait_for_everyone()
         torch.manual_seed(config.seed)
         self._scan()
@@ -514,8 +401,7 @@ class Trainer:
         self._checkpoint()
 
     def _resume(self) -> None:
-        last = self.work / LAST
-        progress = json.loads((last / PROGRESS).read_text())
+        progress = self.folder.progress()
         now = settings(self.config)
         changed = [name for name in now if now[name] != progress["settings"].get(name)]
         if changed:
@@ -528,11 +414,7 @@ class Trainer:
                 f"the data differ from those the run in {self.work} started with: resume it with the same data, "
                 "or start over with --overwrite"
             )
-        self.accelerator.load_state(str(last))
-        self.progress = progress
-        if self.accelerator.is_main_process:  # lines written after the saved state are written again
-            with (self.work / LOG_FILE).open("r+b") as log_file:
-                log_file.truncate(progress["log_bytes"])
+        self.progress = self.folder.load(self.accelerator)
         self._log(logging.WARNING, "%s", _resuming_at(progress, self.plan))
 
     def _new_adapter(self) -> Adapter:
@@ -668,29 +550,13 @@ class Trainer:
             self._write_log({"event": "stop", "reason": progress["stopped"]})
 
     def _checkpoint(self) -> None:
-        """Save the state `--resume` continues from (adapter, optimizer, random states, progress) next to
-        the last one, which it then replaces: a save cut short leaves the last one whole."""
-        last, accelerator = self.work / LAST, self.accelerator
-        partial, old = last.with_name(LAST + ".partial"), last.with_name(LAST + ".old")
-        if accelerator.is_main_process:
-            shutil.rmtree(partial, ignore_errors=True)
-            if (self.work / LOG_FILE).is_file():
-                self.progress["log_bytes"] = (self.work / LOG_FILE).stat().st_size
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(partial))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            (partial / PROGRESS).write_text(json.dumps(self.progress, indent=1))
-            if last.exists():
-                last.rename(old)
-            partial.rename(last)
-            shutil.rmtree(old, ignore_errors=True)
-        accelerator.wait_for_everyone()
+        """Save the state `--resume` continues from: adapter, optimizer, random states, progress."""
+        self.folder.save(self.accelerator, self.progress)
 
     def _finish(self) -> TrainResult:
         accelerator, metric = self.accelerator, self.metric
         accelerator.wait_for_everyone()
-        progress = json.loads((self.work / LAST / PROGRESS).read_text())  # the main process's, with the validation
+        progress = self.folder.progress()  # the main process's, with the validation
         accelerator.wait_for_everyone()  # read by every process before the main one moves the folder
         best, baseline = progress["best"], progress["baseline"]
         improved = best[metric] - baseline[metric] >= MIN_GAIN
@@ -701,7 +567,7 @@ class Trainer:
             config["training"].update(baseline=baseline, summary=ending, stopped=progress["stopped"], finished=True)
             (self.work / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
             (self.work / "README.md").write_text(self._card(config, progress))
-            self._replace_output()
+            self.folder.finish()
         accelerator.wait_for_everyone()
         url = self._push() if self.config.push_to_hub and accelerator.is_main_process else None
         return TrainResult(
@@ -722,8 +588,7 @@ class Trainer:
 
     def _write_log(self, record: dict) -> None:
         if self.accelerator.is_main_process:
-            with (self.work / LOG_FILE).open("a") as log_file:
-                log_file.write(json.dumps(record) + "\n")
+            self.folder.log(record)
 
     def _save_best(self) -> None:
         adapter = self._model().adapter
@@ -788,15 +653,6 @@ def _resuming_at(progress: dict, plan: Plan) -> str:
     if step >= plan.steps_per_epoch:
         return f"resuming with the validation of epoch {epoch} of {plan.epochs}"
     return f"resuming epoch {epoch} of {plan.epochs} at step {step + 1} of {plan.steps_per_epoch}"
-
-
-def _finished_config(out: Path) -> dict | None:
-    """The adapter config of a finished training run in `out`, if there is one."""
-    try:
-        config = json.loads((out / ADAPTER_CONFIG).read_text())
-    except (OSError, ValueError):
-        return None
-    return config if config.get("training", {}).get("finished") else None
 
 
 def _finished_result(out: Path, config: dict) -> TrainResult:
