@@ -38,6 +38,7 @@ from bench.models import build_encoder_for as build_encoder  # noqa: E402
 from bench.models import build_lm, encoder_input, injection_for  # noqa: E402
 from bench.report import write_section  # noqa: E402
 from bench.timing import CpuMonitor, reset_rss_peak, rss_bytes, rss_peak_bytes, wait_for_quiet  # noqa: E402
+from epalm.data import MAX_HELD_OUT  # noqa: E402
 from epalm.decoding import generate  # noqa: E402
 from epalm.model import EPALM, Adapter  # noqa: E402
 from epalm.recipe import TrainConfig, plan  # noqa: E402
@@ -163,7 +164,7 @@ def schedule(results: dict, args: argparse.Namespace) -> list[dict]:
         ]
         widest = max(runs, key=lambda r: r["batch"])
         for files in FILES:
-            validation = max(1, round(files * 0.1))
+            validation = min(max(1, round(files * TrainConfig.validation_fraction)), MAX_HELD_OUT)
             recipe = plan(TrainConfig(), task, files - validation)
             per_sample = widest["step_s"] / widest["batch"]  # steps at the plan's batch: scaled per sample
             validations = sum(recipe.validates(epoch) for epoch in range(recipe.epochs)) + 1  # and one before
@@ -348,7 +349,8 @@ def markdown(results: dict, minutes: float) -> str:
         )
         lines += [
             "",
-            f"The default schedule (`epalm.recipe.plan`, {SCHEDULE_TASK}; 10% of the files held out for validation) "
+            f"The default schedule (`epalm.recipe.plan`, {SCHEDULE_TASK}; 10% of the files, at most "
+            f"{MAX_HELD_OUT}, held out for validation) "
             f"and its wall time: encode each file once + train + validate (a 3-beam decode per validation file and "
             f"the validation loss, at every validation and once before training). This machine: from the times "
             f"measured above (steps at the plan's batch scaled per sample from the widest batch measured; per file "

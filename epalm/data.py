@@ -15,7 +15,8 @@ do not look at symlinks. A Hub dataset (`user/name`) or a local folder without m
 loaded with `datasets.load_dataset`; its media column (an Image, Audio or Video feature) is read
 undecoded, as the file's bytes, so that eP-ALM sees each input exactly as the inference path
 prepares it (`epalm.image/video/audio`). With no validation or test split, a seeded fraction of
-the training files is held out (all of their rows). Every bad row (missing file, empty text, a
+the training files is held out (all of their rows; at most `MAX_HELD_OUT` files: validating
+decodes each of them, several times a run). Every bad row (missing file, empty text, a
 file that cannot be decoded) is reported with where it is, then skipped or refused.
 """
 
@@ -43,6 +44,7 @@ METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 _BUILDERS = {".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 _MEDIA_FEATURES = ("Image", "Audio", "Video")
 LISTED = 50  # bad rows listed by name; the rest are counted
+MAX_HELD_OUT = 500  # files; enough to tell epochs apart (a 2% standard error on an accuracy)
 
 
 class DataError(UserError, ValueError):
@@ -113,7 +115,7 @@ class Dataset:
     kind: str  # "caption" or "qa"
     train: list[Example]
     validation: list[Example]
-    validation_source: str  # the split, or "held out 10% of train's files (seed 42)"
+    validation_source: str  # the split, or how many files were held out of the training split
     bad: list[BadRow] = field(default_factory=list)
     reported: int = 0  # bad rows already reported (`check`)
     cut: int = 0  # texts cut to the LM's positions (set by the trainer)
@@ -172,7 +174,10 @@ def load_data(
         held = validation_split
     else:
         train, validation = _hold_out(train, validation_fraction, seed)
-        held = f"held out {validation_fraction:.0%} of the training files (seed {seed})"
+        files = len({e.key for e in validation})
+        held = (
+            f"held out {validation_fraction:.0%} of the training files, at most {MAX_HELD_OUT} (seed {seed}): {files}"
+        )
     dataset = Dataset(name, kind, train, validation, held, bad, keep=cache)
     check(dataset, skip_bad)
     return dataset
@@ -408,7 +413,7 @@ def _hold_out(train: list[Example], fraction: float, seed: int) -> tuple[list[Ex
     """Whole files are held out: a file's other captions or questions in train would leak its answers."""
     files = list(dict.fromkeys(e.key for e in train))
     random.Random(seed).shuffle(files)
-    held = set(files[: max(1, round(len(files) * fraction))]) if len(files) > 1 else set()
+    held = set(files[: min(max(1, round(len(files) * fraction)), MAX_HELD_OUT)]) if len(files) > 1 else set()
     return [e for e in train if e.key not in held], [e for e in train if e.key in held]
 
 

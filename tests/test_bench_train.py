@@ -33,7 +33,7 @@ def test_training_bench_runs_and_rewrites_its_section(tmp_path):
         row["recipe"] == "small" for row in schedule
     )
     assert all(sum(row["here_s"].values()) > 0 and sum(row["gpu_s"].values()) > 0 for row in schedule)
-    assert "| float32 | 20,000 | small | 5 | 5,625 (16) |" in text and "one GPU, estimated |" in text
+    assert "| float32 | 20,000 | small | 5 | 6,095 (16) |" in text and "one GPU, estimated |" in text
     [row] = measured["tiny"]  # the default settings, on the tiny models
     assert row["task"] == "image-vqa" and row["held_out_exact_match"] >= 0.9 and row["steps"] >= 300
     assert "| image-vqa | 32 | " in text
