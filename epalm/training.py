@@ -644,6 +644,8 @@ def _interrupted_at(progress: dict, plan: Plan) -> str:
     epoch, step = progress["epoch"] + 1, progress["step"]
     if step >= plan.steps_per_epoch:
         return f"while validating epoch {epoch} of {plan.epochs}"
+    if step == 0:
+        return f"at the start of epoch {epoch} of {plan.epochs}"
     return f"in epoch {epoch} of {plan.epochs}, after step {step} of {plan.steps_per_epoch}"
 
 
@@ -652,6 +654,8 @@ def _resuming_at(progress: dict, plan: Plan) -> str:
     epoch, step = progress["epoch"] + 1, progress["step"]
     if step >= plan.steps_per_epoch:
         return f"resuming with the validation of epoch {epoch} of {plan.epochs}"
+    if step == 0:
+        return f"resuming at the start of epoch {epoch} of {plan.epochs}"
     return f"resuming epoch {epoch} of {plan.epochs} at step {step + 1} of {plan.steps_per_epoch}"
 
 
