@@ -175,9 +175,8 @@ def load_data(
     else:
         train, validation = _hold_out(train, validation_fraction, seed)
         files = len({e.key for e in validation})
-        held = (
-            f"held out {validation_fraction:.0%} of the training files, at most {MAX_HELD_OUT} (seed {seed}): {files}"
-        )
+        share = f"{validation_fraction:.0%}, at most {MAX_HELD_OUT}; seed {seed}"
+        held = f"{files} files held out of the training split ({share})"
     dataset = Dataset(name, kind, train, validation, held, bad, keep=cache)
     check(dataset, skip_bad)
     return dataset

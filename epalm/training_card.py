@@ -31,38 +31,41 @@ def summary(metric: str, best: dict, baseline: dict, improved: bool, from_base: 
 
 
 def _recipe(plan: dict, settings: dict, peak_lrs: dict, qa: bool) -> str:
+    """The recipe as a list: what ran, why, and where it departs from the original."""
     if plan["recipe"] == "paper":
-        rates = f"AdamW lr {plan['lr']:g} (prompt lr {plan['prompt_lr']:g} for QA, as the original)"
-        schedule = (
-            f"warm-up from {plan['warmup_lr']:g} in {plan['warmup_steps']} steps of {plan['warmup_every']} iterations, "
-            f"then cosine to {plan['min_lr']:g} per epoch"
-        )
         what = 'The released adapters\' recipe (eP-ALM, ICCV 2023; docs/original.md, "Training")'
+        rates = (
+            f"AdamW, lr {plan['lr']:g} (prompt lr {plan['prompt_lr']:g} for QA, as the original); warm-up from "
+            f"{plan['warmup_lr']:g} in {plan['warmup_steps']} steps of {plan['warmup_every']} iterations, then cosine "
+            f"to {plan['min_lr']:g} per epoch"
+        )
     else:
+        what = "Sized in optimizer steps for small data (docs/training.md)"
         low, high = min(peak_lrs.values()), max(peak_lrs.values())
         rates = (
             f"AdamW, peak lr {low:.3g} to {high:.3g} (each weight tensor's RMS x {TRAVEL:g} / {plan['total_steps']} "
-            "steps, unless set)"
+            f"steps, unless set); linear warm-up over {plan['warmup_steps']} steps, then cosine to 0"
         )
-        schedule = f"linear warm-up over {plan['warmup_steps']} steps, then cosine to 0"
-        what = "Sized in optimizer steps for small data (docs/training.md)"
-    start = "the base task's adapter" if plan["init_from_base"] else "a fresh adapter"
-    answer = " on the answer only" if qa and plan["answer_loss_only"] else ""
-    stopping = (
-        f"stopping after {plan['patience']} validations without improvement" if plan["patience"] else "no early stop"
-    )
-    return f"""{what}: {plan["epochs"]} epochs of {plan["steps_per_epoch"]} steps ({plan["total_steps"]} optimizer
-steps) at batch {plan["batch_size"]}, {rates}, {schedule}; weight decay {settings["weight_decay"]:g}, loss weight
-{settings["lm_loss_weight"]:g}{answer}, LM dropout {"on" if plan["dropout"] else "off"}, seed {
-        settings["seed"]
-    }; validation
-every {plan["validate_every"]} epochs, {stopping}; started from {start}.
-Why this recipe: {plan["reason"]}. (The rule: the paper's recipe when it gives at least {PAPER_MIN_STEPS:,} optimizer
-steps on the data, else the small-data recipe, which starts from the base task's adapter when there is one.)
-Departures from the original: no augmentation, encoder features {
-        "cached" if settings["cache_features"] else "computed each step"
-    } (encoder in eval mode), video frames from the middle of each segment (the original drew
-them at random), texts cut to the LM's positions."""
+    every = "every epoch" if plan["validate_every"] == 1 else f"every {plan['validate_every']} epochs"
+    stopping = f"stop after {plan['patience']} without improvement" if plan["patience"] else "no early stop"
+    features = "cached" if settings["cache_features"] else "computed each step"
+    lines = [
+        f"{what}, because: {plan['reason']}.",
+        f"- {plan['epochs']} epochs of {plan['steps_per_epoch']} steps ({plan['total_steps']} optimizer steps) at "
+        f"batch {plan['batch_size']}",
+        f"- {rates}",
+        f"- weight decay {settings['weight_decay']:g}, loss weight {settings['lm_loss_weight']:g}"
+        f"{' on the answer only' if qa and plan['answer_loss_only'] else ''}, LM dropout "
+        f"{'on' if plan['dropout'] else 'off'}, seed {settings['seed']}",
+        f"- validation {every}, {stopping}; started from "
+        f"{'the base task' + chr(39) + 's adapter' if plan['init_from_base'] else 'a fresh adapter'}",
+        f"- the rule: the paper's recipe when it gives at least {PAPER_MIN_STEPS:,} optimizer steps on the data, "
+        "else the small-data recipe, which starts from the base task's adapter when there is one",
+        f"- departures from the original: no augmentation, encoder features {features} (the encoder in eval mode), "
+        "video frames from the middle of each segment (the original drew them at random), texts cut to the LM's "
+        "positions",
+    ]
+    return "\n".join(lines)
 
 
 def model_card(task: Task, config: dict, progress: dict, metric: str, parameters: int, usage: str | Path) -> str:

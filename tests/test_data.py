@@ -31,7 +31,7 @@ def test_held_out_fraction_is_seeded_and_disjoint(tmp_path):
     assert [e.media for e in first.validation] != [e.media for e in other.validation]
     assert not {e.media for e in first.train} & {e.media for e in first.validation}
     assert first.train[0].answer.startswith("a ") and first.train[0].question is None
-    assert first.validation_source == "held out 20% of the training files, at most 500 (seed 1): 4"
+    assert first.validation_source == "4 files held out of the training split (20%, at most 500; seed 1)"
 
 
 def test_at_most_so_many_files_are_held_out(tmp_path, monkeypatch):
@@ -40,7 +40,7 @@ def test_at_most_so_many_files_are_held_out(tmp_path, monkeypatch):
     root = write_colour_folder(tmp_path / "colours", per_colour=5)
     monkeypatch.setattr(data, "MAX_HELD_OUT", 3)  # 500 in use: validating decodes each held-out file
     dataset = load_data(root, "caption", validation_fraction=0.5)
-    assert len(dataset.validation) == 3 and len(dataset.train) == 17 and dataset.validation_source.endswith(": 3")
+    assert len(dataset.validation) == 3 and len(dataset.train) == 17 and dataset.validation_source.startswith("3 files")
 
 
 def test_a_file_with_several_captions_is_held_out_whole(tmp_path):
