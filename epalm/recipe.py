@@ -165,25 +165,25 @@ def plan(config: TrainConfig, task: Task, rows: int, processes: int = 1, base_ad
     paper = task.training
     paper_steps = paper.epochs * math.ceil(rows / (paper.batch_size * processes)) if paper else None
     recipe = config.recipe
-    if recipe == "auto":
+    if recipe == "auto":  # the reason completes "this recipe, because ..."
         if paper_steps is not None and paper_steps >= PAPER_MIN_STEPS:
             recipe = "paper"
             reason = (
-                f"the paper's recipe: it gives {paper_steps:,} optimizer steps on these {rows:,} rows "
-                f"(at least {PAPER_MIN_STEPS:,}, the length its learning rates were made for)"
+                f"it gives {paper_steps:,} optimizer steps on these {rows:,} rows, at least {PAPER_MIN_STEPS:,} "
+                "(its learning rates were made for long runs)"
             )
         elif paper_steps is not None:
             recipe = "small"
             reason = (
-                f"sized for small data: the paper's recipe would give {paper_steps:,} optimizer steps on these "
-                f"{rows:,} rows ({paper.epochs} epochs at batch {paper.batch_size}), too few for its learning rate "
-                f"{paper.lr:g} (its adapters had about 24,000 to 283,000)"
+                f"the paper's recipe would give {paper_steps:,} optimizer steps on these {rows:,} rows "
+                f"({paper.epochs} epochs at batch {paper.batch_size}), too few for its learning rate {paper.lr:g} "
+                "(its adapters had about 24,000 to 283,000)"
             )
         else:
             recipe = "small"
-            reason = f"sized for the data: the task '{task.id}' states no paper recipe"
+            reason = f"the task '{task.id}' states no paper recipe"
     else:
-        reason = f"--recipe {recipe}"
+        reason = f"--recipe {recipe} was asked for"
     if recipe == "paper":
         if paper is None:
             raise ConfigError(

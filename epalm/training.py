@@ -392,7 +392,7 @@ class Trainer:
             "plan": self.plan.as_dict(),
         }
         self._write_log({"event": "start", "plan": self.plan.as_dict(), "data": self.dataset.summary()})
-        self._log(logging.INFO, "recipe: %s", self.plan.reason)
+        self._log(logging.INFO, "the %s recipe, because %s", self.plan.recipe, self.plan.reason)
         if accelerator.is_main_process:
             baseline = {"event": "baseline", "epoch": 0, **self._validate(self._model())}
             self.progress["baseline"] = baseline

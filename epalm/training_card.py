@@ -50,9 +50,9 @@ def _recipe(plan: dict, settings: dict, peak_lrs: dict, qa: bool) -> str:
     stopping = f"stop after {plan['patience']} without improvement" if plan["patience"] else "no early stop"
     features = "cached" if settings["cache_features"] else "computed each step"
     lines = [
-        f"{what}, because: {plan['reason']}.",
-        f"- {plan['epochs']} epochs of {plan['steps_per_epoch']} steps ({plan['total_steps']} optimizer steps) at "
-        f"batch {plan['batch_size']}",
+        f"{what}, because {plan['reason']}.",
+        f"- {plan['epochs']} epochs of {plan['steps_per_epoch']} step{'s' if plan['steps_per_epoch'] > 1 else ''} "
+        f"({plan['total_steps']} optimizer steps) at batch {plan['batch_size']}",
         f"- {rates}",
         f"- weight decay {settings['weight_decay']:g}, loss weight {settings['lm_loss_weight']:g}"
         f"{' on the answer only' if qa and plan['answer_loss_only'] else ''}, LM dropout "

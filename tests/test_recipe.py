@@ -54,7 +54,7 @@ def test_small_data_gets_a_schedule_sized_in_steps_and_large_data_the_papers(reg
     assert plan(TrainConfig(), caption, rows=200_000, processes=8).recipe == "small"
     # --recipe paper on small data is the paper's recipe all the same
     forced = plan(TrainConfig(recipe="paper"), caption, rows=192)
-    assert forced.recipe == "paper" and forced.total_steps == 8 * 12 and forced.reason == "--recipe paper"
+    assert forced.recipe == "paper" and forced.total_steps == 8 * 12 and forced.reason == "--recipe paper was asked for"
 
 
 def test_without_a_released_adapter_small_data_starts_fresh_and_settings_given_win(registry):
