@@ -160,7 +160,8 @@ def load_data(
     elif path.exists() or str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
         raise DataError(f"training data not found: {source} is neither a folder nor a Hub dataset id (user/name)")
     else:
-        splits, name = _dataset_splits(str(source), None), str(source)
+        name = str(source)
+        splits = _dataset_splits(name, None, f"cannot load the dataset {name} (nor is it a local folder)")
     train_split = split or "train"
     if train_split not in splits:
         raise DataError(f"{name} has no split {train_split!r}; its splits: {', '.join(splits)} (choose with --split)")
