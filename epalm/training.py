@@ -335,7 +335,7 @@ class Trainer:
         except _Stop:
             self._checkpoint()
             raise TrainingInterrupted(
-                f"Interrupted {_interrupted_at(self.progress, self.plan)}; the state is saved in {self.work}"
+                f"Interrupted {_position(self.progress, self.plan)}; the state is saved in {self.work}"
                 f"{unchanged}. Run the same command with --resume to continue."
             ) from None
         except KeyboardInterrupt:  # a second Ctrl-C: the last saved state stands
@@ -415,7 +415,7 @@ class Trainer:
                 "or start over with --overwrite"
             )
         self.progress = self.folder.load(self.accelerator)
-        self._log(logging.WARNING, "%s", _resuming_at(progress, self.plan))
+        self._log(logging.WARNING, "%s", _position(progress, self.plan, resuming=True))
 
     def _new_adapter(self) -> Adapter:
         torch.manual_seed(self.config.seed)
@@ -639,24 +639,21 @@ def _scores(record: dict) -> str:
     return ", ".join(f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float) and k not in TIMING)
 
 
-def _interrupted_at(progress: dict, plan: Plan) -> str:
-    """Where a run stopped, counted from 1 as the progress bars count: "in epoch 3 of 8, after step 22 of 40"."""
-    epoch, step = progress["epoch"] + 1, progress["step"]
+def _position(progress: dict, plan: Plan, resuming: bool = False) -> str:
+    """Where a run stopped, or what it resumes with, counted from 1 as the progress bars count:
+    "in epoch 3 of 8, after step 22 of 40" / "resuming epoch 3 of 8 at step 23 of 40"."""
+    epoch, step, of = progress["epoch"] + 1, progress["step"], f"of {plan.epochs}"
     if step >= plan.steps_per_epoch:
-        return f"while validating epoch {epoch} of {plan.epochs}"
+        return (
+            f"resuming with the validation of epoch {epoch} {of}"
+            if resuming
+            else f"while validating epoch {epoch} {of}"
+        )
     if step == 0:
-        return f"at the start of epoch {epoch} of {plan.epochs}"
-    return f"in epoch {epoch} of {plan.epochs}, after step {step} of {plan.steps_per_epoch}"
-
-
-def _resuming_at(progress: dict, plan: Plan) -> str:
-    """What a resumed run does first, counted as `_interrupted_at` counts."""
-    epoch, step = progress["epoch"] + 1, progress["step"]
-    if step >= plan.steps_per_epoch:
-        return f"resuming with the validation of epoch {epoch} of {plan.epochs}"
-    if step == 0:
-        return f"resuming at the start of epoch {epoch} of {plan.epochs}"
-    return f"resuming epoch {epoch} of {plan.epochs} at step {step + 1} of {plan.steps_per_epoch}"
+        return f"{'resuming at' if resuming else 'at'} the start of epoch {epoch} {of}"
+    if resuming:
+        return f"resuming epoch {epoch} {of} at step {step + 1} of {plan.steps_per_epoch}"
+    return f"in epoch {epoch} {of}, after step {step} of {plan.steps_per_epoch}"
 
 
 def _finished_result(out: Path, config: dict) -> TrainResult:

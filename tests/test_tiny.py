@@ -55,24 +55,14 @@ def test_tiny_builders_leave_the_callers_random_state_alone():
             assert torch.equal(a, b), name
 
 
-def test_the_tiny_lm_has_a_realistic_logit_scale_and_the_same_weights_in_every_process():
+def test_the_tiny_lm_has_a_realistic_logit_scale():
     """With OPT's init (std 0.02) at width 32 every logit stays within about ±0.1 and no adapter can make
-    the LM say anything; the tiny LM's next-token logits spread over several units, as a real OPT's do."""
-    import hashlib
-    import subprocess
-    import sys
-
+    the LM say anything; the tiny LM's next-token logits spread over several units, as a real OPT's do.
+    (That another process builds the same weights, tests/test_training.py shows: the CLI, in its own
+    process, answers with a trained adapter as this one does.)"""
     from epalm.tiny import tiny_tokenizer
 
-    from conftest import ROOT
-
-    lm = tiny_lm()
     ids = tiny_tokenizer()(["a man riding a wave on top of a surfboard"], return_tensors="pt")
     with torch.no_grad():
-        logits = lm(**ids).logits[0]
+        logits = tiny_lm()(**ids).logits[0]
     assert 2 < logits.std(-1).mean() < 8 and logits.softmax(-1).max() > 0.5
-    digest = "import hashlib\nfrom epalm.tiny import tiny_lm\nweights = tiny_lm().state_dict().values()\n"
-    digest += "print(hashlib.sha256(b''.join(t.numpy().tobytes() for t in weights)).hexdigest())"
-    other = subprocess.run([sys.executable, "-c", digest], capture_output=True, text=True, cwd=ROOT, timeout=300)
-    here = hashlib.sha256(b"".join(t.numpy().tobytes() for t in lm.state_dict().values())).hexdigest()
-    assert other.returncode == 0 and other.stdout.strip() == here
