@@ -129,7 +129,7 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
     recipe = parser.add_argument_group("recipe", "Unset values are the recipe's (docs/training.md).")
     recipe.add_argument(
         "--recipe",
-        choices=["auto", "paper", "small"],
+        choices=r.RECIPES,
         help="paper: the base task's released recipe as it is; small: sized in steps for small data; "
         f"auto (default): paper when it gives {r.PAPER_MIN_STEPS:,}+ optimizer steps on the data, else small",
     )
