@@ -8,11 +8,14 @@ file never stops the others; the exit status is 0 when every path succeeded and 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
+import os
+import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .evaluation import Runner
@@ -174,64 +177,118 @@ def _eval_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _train_flags(parser: argparse.ArgumentParser) -> None:
-    """The flags of `python -m epalm train` (every `TrainConfig` field that a user sets)."""
+    """The flags of `python -m epalm train`: every `TrainConfig` field a user sets. Their defaults are
+    None (not given): the library's own apply (`epalm.recipe.TrainConfig`, the recipe's rule)."""
+    from . import recipe as r  # light: no torch
+    from .recipe import TrainConfig as C
+
     parser.add_argument(
-        "data", type=Path, help="folder of media + metadata.jsonl/csv (Hugging Face imagefolder convention)"
+        "data", help="a folder of media + metadata.jsonl/csv/parquet (imagefolder convention), or a Hub dataset id"
     )
     parser.add_argument(
         "--base", required=True, help="task whose LM, encoder, settings and recipe to use (python -m epalm tasks)"
     )
     parser.add_argument(
-        "--out", required=True, type=Path, help="output folder: the adapter (best checkpoint), last/, log.jsonl"
+        "--out", required=True, type=Path, help="output folder: the adapter (best checkpoint), log.jsonl"
     )
-    parser.add_argument("--epochs", type=int, help="default: the base task's recipe")
-    parser.add_argument("--batch-size", type=int, help="per process; default: the base task's recipe")
-    parser.add_argument("--lr", type=float, help="learning rate (default: the recipe's, 2e-5 for the OPT-2.7B tasks)")
-    parser.add_argument("--prompt-lr", type=float, help="QA tasks: the prompt's learning rate")
-    parser.add_argument("--warmup-lr", type=float)
-    parser.add_argument("--min-lr", type=float)
-    parser.add_argument("--weight-decay", type=float, default=0.02)
-    parser.add_argument(
-        "--answer-loss-only", action="store_true", help="QA: no loss on the question (the original has one)"
+    recipe = parser.add_argument_group("recipe", "Unset values are the recipe's (docs/training.md).")
+    recipe.add_argument(
+        "--recipe",
+        choices=r.RECIPES,
+        help="paper: the base task's released recipe as it is; small: sized in steps for small data; "
+        f"auto (default): paper when it gives {r.PAPER_MIN_STEPS:,}+ optimizer steps on the data, else small",
     )
-    parser.add_argument(
+    recipe.add_argument("--epochs", type=int)
+    recipe.add_argument("--batch-size", type=int, help="per process")
+    recipe.add_argument("--lr", type=float, help="learning rate (small recipe: each weight tensor's own by default)")
+    recipe.add_argument("--prompt-lr", type=float, help="the soft prompt's learning rate")
+    recipe.add_argument("--warmup-lr", type=float, help="paper recipe: where the warm-up starts")
+    recipe.add_argument("--min-lr", type=float, help="paper recipe: where the cosine ends")
+    recipe.add_argument(
+        "--warmup-steps",
+        type=int,
+        help=f"paper: timm's {r.PAPER_WARMUP_STEPS} warm-up steps; small: {r.WARMUP_FRACTION * 100:g}%% of the steps",
+    )
+    recipe.add_argument("--weight-decay", type=float, help=f"default: {C.weight_decay:g}")
+    recipe.add_argument(
+        "--answer-loss-only",
+        action=argparse.BooleanOptionalAction,
+        help="QA: no loss on the question (paper recipe: off, the original has one; "
+        f"small: {'on' if r.SMALL_ANSWER_LOSS_ONLY else 'off'})",
+    )
+    recipe.add_argument(
         "--schedule-all-groups",
-        action="store_true",
-        help="the lr schedule moves every group (the original: group 0 only)",
+        action="store_const",
+        const=True,
+        help="paper recipe: the lr schedule moves every group (the original: group 0 only)",
     )
-    parser.add_argument(
-        "--no-dropout", dest="dropout", action="store_false", help="LM in eval mode (the original trains with dropout)"
+    recipe.add_argument(
+        "--dropout",
+        action=argparse.BooleanOptionalAction,
+        help="the LM in train mode, dropout on (paper recipe: on, as the original; "
+        f"small: {'on' if r.SMALL_DROPOUT else 'off'})",
     )
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument(
-        "--device", default="auto", help="cpu, or auto (accelerate's device; its launcher's for many GPUs)"
+    recipe.add_argument(
+        "--init-from-base",
+        action=argparse.BooleanOptionalAction,
+        help="start from the base task's adapter (default: for small data, when it has one)",
     )
-    parser.add_argument(
-        "--dtype", help="frozen models' weights: float32, bfloat16, float16 (the adapter stays float32)"
+    recipe.add_argument(
+        "--validate-every", type=int, metavar="EPOCHS", help=f"paper: 1; small: about {r.VALIDATIONS} validations"
     )
-    parser.add_argument(
+    recipe.add_argument(
+        "--patience",
+        type=int,
+        metavar="N",
+        help=f"stop after N validations without improvement (0: never; paper: 0; small: {r.PATIENCE})",
+    )
+    recipe.add_argument("--seed", type=int, help=f"default: {C.seed}")
+    data = parser.add_argument_group("data")
+    data.add_argument("--split", help="the dataset's training split (default: train)")
+    data.add_argument("--media-column", help="default: file_name (folders), the image/audio/video column (datasets)")
+    data.add_argument("--text-column", help=f"captions (default: {C.text_column})")
+    data.add_argument("--question-column", help=f"default: {C.question_column}")
+    data.add_argument("--answer-column", help=f"default: {C.answer_column}")
+    data.add_argument(
+        "--validation-fraction",
+        type=float,
+        help=f"held out when the data has no validation split (default: {C.validation_fraction:g})",
+    )
+    data.add_argument(
+        "--refuse-bad",
+        dest="skip_bad",
+        action="store_const",
+        const=False,
+        help="stop on any bad row instead of skipping it",
+    )
+    run = parser.add_argument_group("run")
+    run.add_argument("--resume", action="store_const", const=True, help="continue the interrupted run of --out")
+    run.add_argument(
+        "--overwrite", action="store_const", const=True, help="replace the adapter in --out when this run finishes"
+    )
+    run.add_argument("--device", help="cpu, or auto (default: accelerate's device; its launcher's for many GPUs)")
+    run.add_argument("--dtype", help="frozen models' weights: float32, bfloat16, float16 (the adapter stays float32)")
+    run.add_argument(
         "--mixed-precision",
         choices=["no", "fp16", "bf16"],
         help="autocast, by accelerate (default: no on CPU, the weights' on GPU)",
     )
-    parser.add_argument(
-        "--no-cache-features", dest="cache_features", action="store_false", help="run the encoder every step"
+    run.add_argument(
+        "--no-cache-features",
+        dest="cache_features",
+        action="store_const",
+        const=False,
+        help="run the encoder every step",
     )
-    parser.add_argument("--gradient-checkpointing", action="store_true", help="less memory for large LMs, ~30%% slower")
-    parser.add_argument("--init-from-base", action="store_true", help="start from the base task's released adapter")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/last")
-    parser.add_argument(
-        "--validation-fraction", type=float, default=0.1, help="held out when there is no validation split"
+    run.add_argument(
+        "--gradient-checkpointing", action="store_const", const=True, help="less memory for large LMs, ~30%% slower"
     )
-    parser.add_argument(
-        "--refuse-bad", dest="skip_bad", action="store_false", help="stop on any bad row instead of skipping it"
-    )
-    parser.add_argument("--eval-beams", type=int, help="validation decoding beams (default: the task's)")
-    parser.add_argument("--eval-max-new-tokens", type=int, help="validation decoding length (default: the task's)")
-    parser.add_argument("--tiny", action="store_true", help="tiny random models (tests, smoke runs)")
-    parser.add_argument("--registry", help="another task registry file")
-    parser.add_argument("--push-to-hub", metavar="REPO", help="upload the adapter folder to this Hub repo at the end")
-    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    run.add_argument("--eval-beams", type=int, help="validation decoding beams (default: the task's)")
+    run.add_argument("--eval-max-new-tokens", type=int, help="validation decoding length (default: the task's)")
+    run.add_argument("--tiny", action="store_const", const=True, help="tiny random models (tests, smoke runs)")
+    run.add_argument("--registry", help="another task registry file")
+    run.add_argument("--push-to-hub", metavar="REPO", help="upload the adapter folder to this Hub repo at the end")
+    run.add_argument("--no-progress", dest="progress", action="store_const", const=False)
 
 
 def _tasks(registry: dict[str, Task]) -> int:
@@ -391,6 +448,8 @@ def _run(args: argparse.Namespace, question: str | None) -> int:
             registry=load_registry(args.registry) if args.registry else None,
             limits=limits,
         )
+        if args.adapter:  # an adapter of the other kind: said once, saying what it is for
+            pipeline.use_adapter(args.adapter, kind="caption" if question is None else "qa")
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -461,36 +520,78 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    """`python -m epalm train`: 0 when trained, 2 for a user error, 130 when interrupted (resumable)."""
+    """`python -m epalm train`: 0 when trained (or nothing was left to resume), 2 for a user error,
+    130 when interrupted."""
     from dataclasses import fields
 
     from .errors import UserError
     from .training import TrainConfig, TrainingInterrupted, train
 
     logging.getLogger("accelerate").setLevel(logging.WARNING)
-    options = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    for name in ("epalm.training", "epalm.data"):  # the recipe, each validation, cut texts: said as they happen
+        logging.getLogger(name).setLevel(logging.INFO)
+    given = {f.name: getattr(args, f.name, None) for f in fields(TrainConfig)}
     try:
-        result = train(args.data, args.base, args.out, **options)
+        result = train(args.data, args.base, args.out, **{k: v for k, v in given.items() if v is not None})
     except TrainingInterrupted as exc:
         print(f"\n{exc}", file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:
-        print("\nInterrupted before the first training step; nothing to resume from.", file=sys.stderr)
         return 130
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if result.already_finished:
+        print(f"Nothing to resume: the run in {result.out} had finished. {result.summary}")
+        print("Train again with --overwrite.")
+        return 0
     if result.main_process:
-        print(f"best {result.metric} {result.best:.4f} at epoch {result.best_epoch}; adapter written to {result.out}")
+        print(result.summary)
+        if result.stopped:
+            print(f"{result.stopped[0].upper()}{result.stopped[1:]}.")
+        print(f"Adapter written to {result.out}")
     if result.url:
         print(f"uploaded to {result.url}")
     return 0
 
 
+# The modules each command needs (default: the pipeline's), imported first by `_load`
+_LIBRARIES = {"train": ("epalm.training", "accelerate", "datasets"), "parity": ("epalm.parity",)}
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The `epalm` command. Ctrl-C before a command's own handling ends it quietly."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("\nInterrupted.", file=sys.stderr)
+        return 130
+
+
+def _load(command: str) -> None:
+    """Import the command's libraries (the first seconds of every command), Ctrl-C ending the process at
+    once: raised inside torch's import, where C++ calls Python, an interrupt can abort the process
+    ("terminate called after throwing an instance of 'pybind11::error_already_set'") instead of unwinding."""
+
+    def stop(signum: int, frame: Any) -> None:
+        print("\nInterrupted.", file=sys.stderr, flush=True)
+        os._exit(130)  # nothing is written before the command runs: nothing to clean up
+
+    try:
+        previous = signal.signal(signal.SIGINT, stop)
+    except ValueError:  # not the main thread, which alone receives Ctrl-C
+        previous = None
+    try:
+        for name in _LIBRARIES.get(command, ("epalm.pipeline",)):
+            importlib.import_module(name)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    _load(args.command)
     if args.command == "parity":
         from . import parity
 

@@ -115,7 +115,9 @@ def _decode(path: str, limits: MediaLimits, max_seconds: float | None) -> tuple[
     """First-channel samples (native dtype) and rate of the file's first audio track."""
     with open_container(path, "audio") as container:
         if not container.streams.audio:
-            extra = " (it contains only video)" if container.streams.video else ""
+            demuxer = container.format.name  # FFmpeg reads a picture with an "image2" or "<codec>_pipe" demuxer
+            image = demuxer.endswith("_pipe") or demuxer == "image2"
+            extra = " (it is an image)" if image else " (it contains only video)" if container.streams.video else ""
             raise MediaError(f"This file has no audio track{extra}.")
         stream = container.streams.audio[0]
         check_duration(container_duration(container), limits.max_clip_seconds, "recording")

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .config import MAX_BATCH_ROWS
 from .decoding import DecodingOptions, GenerationOutput, StepCallback, StepRule, Trace, beam_rows, step_rule
 from .model import EPALM, DecodeState, Prefix
 
@@ -210,6 +211,31 @@ class Engine:
                 )
             )
         return keep
+
+
+def admit(engine: Engine, waiting: list[Request], max_rows: int) -> None:
+    """Move the waiting requests that fit under `max_rows` into the engine, first come first served; a
+    request larger than the limit runs alone. Cancelled ones leave the queue, told so."""
+    for request in [r for r in waiting if r.cancelled.is_set()]:
+        waiting.remove(request)
+        request._tell(None)
+    running = engine.rows
+    while waiting:
+        rows = waiting[0].rows
+        if running + rows > max_rows and (running or engine.requests):
+            return
+        engine.add(waiting.pop(0))
+        running += rows
+
+
+def decode_together(model: EPALM, requests: list[Request], max_rows: int = MAX_BATCH_ROWS) -> None:
+    """Decode `requests` together, inline, at most `max_rows` rows a step (the others wait their turn);
+    each gets the ids it would get alone (`Request.result()`)."""
+    engine, waiting = Engine(model), list(requests)
+    while waiting or engine.requests:
+        admit(engine, waiting, max_rows)
+        with torch.inference_mode():
+            engine.step()
 
 
 def decode_alone(model: EPALM, request: Request) -> Iterator[torch.Tensor]:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from .config import MAX_BATCH_ROWS
-from .engine import Engine, Request
+from .engine import Engine, Request, admit
 from .model import EPALM
 
 log = logging.getLogger(__name__)
@@ -93,16 +93,7 @@ class Scheduler:
         """Move the waiting requests that fit into the engine; False (the thread ends) when there is
         nothing left to do."""
         with self._lock:
-            for request in [r for r in self._waiting if r.cancelled.is_set()]:
-                self._waiting.remove(request)
-                request._tell(None)
-            running = self.engine.rows
-            while self._waiting:
-                rows = self._waiting[0].rows
-                if running + rows > self.max_rows and (running or self.engine.requests):
-                    break
-                self.engine.add(self._waiting.pop(0))
-                running += rows
+            admit(self.engine, self._waiting, self.max_rows)
             if not self.engine.requests:
                 self._thread = None
                 return False

@@ -2,7 +2,7 @@
 
 A task names its LM, its encoder, the preprocessing, the injection and prompt settings, the text
 format, its decoding settings (the paper's, plus the fewest new tokens a long question leaves room
-for) and where its adapter lives on the Hub. Users add tasks or
+for), where its adapter lives on the Hub and the recipe that adapter was trained with. Users add tasks or
 point one at their own adapter by editing the YAML (or passing another file); no code changes.
 """
 
@@ -25,7 +25,7 @@ import yaml
 
 from .audio import AudioTransform, prepare_audio
 from .decoding import DecodingOptions
-from .errors import UserError
+from .errors import UserError, bounded
 from .image import ImageTransform, prepare_image
 from .media import MediaLimits
 from .model import InjectionConfig
@@ -37,6 +37,7 @@ DEFAULT_REGISTRY = _CHECKOUT_REGISTRY if _CHECKOUT_REGISTRY.is_file() else Path(
 ADAPTER_CONFIG = "adapter_config.json"  # an adapter folder: its task's settings (`AdapterConfig`)
 ADAPTER_WEIGHTS = "adapter.safetensors"  # and its tensors (`adapter_format`)
 MAX_CONFIG_BYTES = 1 << 20  # an adapter_config.json is ~2 KB
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # a number in exponent form
 MAX_TEXT = 200  # characters of any id, name, title or prompt in a registry entry or an adapter config
 MODALITIES = ("image", "video", "audio")
 KINDS = ("caption", "qa")
@@ -138,6 +139,25 @@ class PaperResult:
 
 
 @dataclass(frozen=True)
+class TrainingRecipe:
+    """The optimisation settings a task's released adapter was trained with (the registry's `training`;
+    docs/original.md, "Training"): what `python -m epalm train --recipe paper` runs."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    prompt_lr: float
+    warmup_lr: float
+    min_lr: float
+
+    def __post_init__(self) -> None:
+        bounded("epochs", self.epochs, 1, 10_000)
+        bounded("batch_size", self.batch_size, 1, 65_536)
+        for name in ("lr", "prompt_lr", "warmup_lr", "min_lr"):
+            bounded(name, getattr(self, name), 0, 1, whole=False)
+
+
+@dataclass(frozen=True)
 class Task:
     id: str
     title: str
@@ -152,6 +172,7 @@ class Task:
     generation: DecodingOptions
     adapter: AdapterSource
     paper: PaperResult | None = None
+    training: TrainingRecipe | None = None  # the released adapter's recipe; None for a task that states none
 
     @property
     def needs_question(self) -> bool:
@@ -202,6 +223,7 @@ def _build(task_id: str, entry: object, base_dir: Path, where: str = "") -> Task
             generation=_section(DecodingOptions, entry.get("generation"), "generation"),
             adapter=AdapterSource(**adapter),
             paper=_paper(entry.get("paper")),
+            training=_section(TrainingRecipe, entry["training"], "training") if "training" in entry else None,
         )
     except (KeyError, TypeError, ValueError) as exc:  # RegistryError is a ValueError
         raise RegistryError(f"{where or f'task {task_id!r}'}: {exc}") from exc
@@ -254,6 +276,8 @@ def _value(value: object, kind: Any, where: str) -> Any:
         return value
     elif kind is int and isinstance(value, int) and not isinstance(value, bool):
         return value
+    elif kind is float and isinstance(value, str) and _EXPONENT.fullmatch(value):  # YAML 1.1 reads 3e-4 as text
+        return float(value)
     elif kind is float and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return float(value)
     elif kind is str and isinstance(value, str):

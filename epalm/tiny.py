@@ -39,8 +39,9 @@ TINY_WIDTH = 32  # hidden size of the tiny LM and encoders
 TOKENIZER_VOCAB = 500  # byte-level BPE: 256 bytes + 4 specials + merges
 # Weight scales that let a tiny adapter steer the tiny LM, as a real adapter steers OPT. With OPT's
 # init_std 0.02 at width 32 the logits stay within about ±0.1 and the layers barely pass anything
-# on, so no adapter can make the LM say anything. Measured on the colour-captioning task of
-# tests/test_training.py: 0.35 / 0.7 learns it in ~40 steps.
+# on, so no adapter can make the LM say anything. With these, next-token logits spread over several
+# units (std ~4) as a real OPT's do, and the default training recipe learns the synthetic tasks of
+# tests/test_training.py (every modality) to a held-out exact match of 1.0.
 TINY_INIT_STD = 0.35  # every linear layer
 TINY_EMBED_STD = 0.7  # token embeddings and the tied LM head: confident next tokens
 

@@ -18,6 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+# the synthetic tasks the training tests learn, for the tests to import from here (bench/train.py measures the same)
+from epalm.synthetic import COLOURS, write_colour_folder, write_tone  # noqa: F401
+
 ROOT = Path(__file__).resolve().parents[1]
 PARITY_DIR = ROOT / "tests" / "fixtures" / "parity"
 TINY_BENCH = ["--lm", "tiny", "--encoders", "tiny", "--dtype", "float32"]  # the benchmarks at the tiny shapes
@@ -269,18 +272,7 @@ def write_video(path: Path, frames: int = 12, size: tuple[int, int] = (64, 48), 
 
 def write_wav(path: Path, seconds: float = 1.0, rate: int = 16000, freq: float = 440.0) -> Path:
     """A mono 16-bit sine tone."""
-    import wave
-
-    import numpy as np
-
-    t = np.arange(int(seconds * rate)) / rate
-    samples = (0.3 * np.sin(2 * np.pi * freq * t) * 32767).astype("<i2")
-    with wave.open(str(path), "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(rate)
-        out.writeframes(samples.tobytes())
-    return path
+    return write_tone(path, freq, seconds, rate)
 
 
 VQA_QUESTIONS = ["what color is the cat", "how many people are there", "is there a dog", "what is the man holding"]
@@ -562,49 +554,3 @@ def real_hub(fake_hub, real_repos, tmp_path):
         fake_hub.add(repo_id, filename, data, repo_type=repo_type)
     fake_hub.registry = reduced_registry(tmp_path)
     return fake_hub
-
-
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "white": (235, 235, 235)}
-PITCHES = {"red": 220.0, "green": 440.0, "blue": 880.0, "white": 1760.0}  # the audio task: a tone per "colour"
-
-
-def write_colour_media(path: Path, colour: str, seed: int) -> Path:
-    """By the file's suffix: a solid-colour image or clip (shade jittered by `seed`), or a 10-s tone
-    (the model's window) of the colour's pitch: the synthetic tasks the training tests learn."""
-    import av
-    import numpy as np
-    from PIL import Image
-
-    if path.suffix == ".wav":
-        return write_wav(path, seconds=10.0, freq=PITCHES[colour] * (1 + 0.02 * (seed % 5)))
-    rng = np.random.default_rng(seed)
-    rgb = np.clip(np.array(COLOURS[colour]) + rng.integers(-25, 26, 3), 0, 255).astype(np.uint8)
-    frame = np.broadcast_to(rgb, (32, 32, 3)).copy()
-    if path.suffix == ".png":
-        Image.fromarray(frame).save(path)
-        return path
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=8)
-        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
-        for _ in range(4):
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
-    return path
-
-
-def write_colour_folder(root: Path, per_colour: int, suffix: str = ".png", qa: bool = False, seed: int = 0) -> Path:
-    """An imagefolder-convention folder: files + metadata.jsonl, captions "a red" (one token per
-    colour for the tiny tokenizer) or, with `qa`, "what colour is it?" -> "a red"."""
-    import json
-
-    root.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for c, colour in enumerate(COLOURS):
-        for i in range(per_colour):
-            name = f"{colour}_{i}{suffix}"
-            write_colour_media(root / name, colour, seed=seed + 100 * c + i)
-            target = f"a {colour}"
-            columns = {"question": "what colour is it", "answer": target} if qa else {"text": target}
-            rows.append({"file_name": name, **columns})
-    (root / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return root

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from epalm.__main__ import main
+from epalm.adapters import shown
 
 from conftest import PARITY_CASES, ROOT
 
@@ -24,18 +25,19 @@ def run(capsys, *args: str) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
-def test_help_answers_without_importing_the_library():
-    """`python -m epalm ... --help` (and usage errors) must not wait for torch, transformers or gradio."""
+@pytest.mark.parametrize("command, flag", [("caption", "--max-new-tokens"), ("train", "--no-init-from-base")])
+def test_help_answers_without_importing_the_library(command, flag):
+    """`python -m epalm ... --help` (and usage errors) must not wait for torch, transformers, datasets or gradio."""
     code = (
         "import runpy, sys\n"
-        "sys.argv = ['epalm', 'caption', '--help']\n"
+        f"sys.argv = ['epalm', '{command}', '--help']\n"
         "try:\n    runpy.run_module('epalm', run_name='__main__', alter_sys=True)\n"
         "except SystemExit as exc:\n    assert exc.code == 0, exc.code\n"
-        "print(sorted(m for m in ('torch', 'transformers', 'gradio') if m in sys.modules))\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'datasets', 'gradio') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert "--max-new-tokens" in out.stdout and out.stdout.rstrip().endswith("[]"), out.stdout
+    assert flag in out.stdout and out.stdout.rstrip().endswith("[]"), out.stdout
 
 
 def test_help_describes_every_decoding_flag_and_shows_defaults(capsys):
@@ -215,3 +217,32 @@ def test_a_long_question_says_its_answer_limit_was_raised(media_files, capsys):
     assert f"note: {path}: Long question" in out.err and "--max-new-tokens N" in out.err
     assert main(["ask", "--tiny", "--task", "image-vqa", "-q", question, "--jsonl", "--preset", "fast", path]) == 0
     assert "up to 8 new tokens" in json.loads(capsys.readouterr().out)["notice"]
+
+
+def test_train_flags_leave_every_default_to_the_library():
+    """No flag restates a default: every flag the user leaves out is None, so `TrainConfig` and the recipe decide."""
+    from dataclasses import fields
+
+    from epalm.__main__ import build_parser
+    from epalm.training import TrainConfig
+
+    args = vars(build_parser().parse_args(["train", "data", "--base", "image-caption", "--out", "out"]))
+    flags = {k: v for k, v in args.items() if k not in ("command", "verbose", "data", "base", "out")}
+    assert set(flags) <= {f.name for f in fields(TrainConfig)}, "each flag sets a TrainConfig field"
+    assert len(flags) > 30 and {k: v for k, v in flags.items() if v is not None} == {}
+
+
+def test_an_adapter_of_the_other_kind_points_to_the_right_command(media_files, tmp_path, capsys):
+    from epalm.training import train
+
+    from conftest import write_colour_folder
+
+    data = write_colour_folder(tmp_path / "colours", per_colour=2, qa=True)
+    train(data, "image-vqa", tmp_path / "qa-adapter", tiny=True, recipe="paper", epochs=1, progress=False)
+    adapter = str(tmp_path / "qa-adapter")
+    code, out, err = run(capsys, "caption", "--tiny", "--adapter", adapter, str(data / "red_0.png"))
+    assert code == 2 and out == ""
+    assert err == (
+        f"error: The adapter {shown(str(tmp_path / 'qa-adapter'))} was trained for image question answering, not image "
+        "captioning: use it to answer questions about images.\n"
+    )

@@ -671,6 +671,13 @@ CORPUS: list[tuple[str, str, Builder, Any, MediaLimits]] = [
         "no audio track (it contains only video)",
         MediaLimits(),
     ),
+    (
+        "an image given as audio",
+        "audio",
+        lambda p: Image.new("RGB", (8, 8)).save(p / "photo.png") or p / "photo.png",
+        "This file has no audio track (it is an image).",
+        MediaLimits(),
+    ),
     ("silence", "audio", lambda p: write_wav(p / "silence.wav", np.zeros(16000, np.int16)), AUDIO, MediaLimits()),
     (
         "0.1 s clip",

@@ -53,3 +53,16 @@ def test_tiny_builders_leave_the_callers_random_state_alone():
     for built, rebuilt in zip(first, again):
         for (name, a), (_, b) in zip(built.state_dict().items(), rebuilt.state_dict().items()):
             assert torch.equal(a, b), name
+
+
+def test_the_tiny_lm_has_a_realistic_logit_scale():
+    """With OPT's init (std 0.02) at width 32 every logit stays within about ±0.1 and no adapter can make
+    the LM say anything; the tiny LM's next-token logits spread over several units, as a real OPT's do.
+    (That another process builds the same weights, tests/test_training.py shows: the CLI, in its own
+    process, answers with a trained adapter as this one does.)"""
+    from epalm.tiny import tiny_tokenizer
+
+    ids = tiny_tokenizer()(["a man riding a wave on top of a surfboard"], return_tensors="pt")
+    with torch.no_grad():
+        logits = tiny_lm()(**ids).logits[0]
+    assert 2 < logits.std(-1).mean() < 8 and logits.softmax(-1).max() > 0.5
