@@ -4,17 +4,24 @@ format (`adapter.safetensors` + `adapter_config.json`), turned into a task next 
 The adapter's config names the LM, encoder and settings it was trained with, so a pipeline that
 already holds that LM and encoder serves it without loading them again. Its config is a stranger's
 input: every value is checked (`tasks.AdapterConfig`) and the settings must fit the models they name
-(`check_fits`) before anything runs.
+(`check_fits`) before anything runs. `UsersAdapters` keeps a bounded few of them ready, each served as
+its files are now.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import astuple
+import contextlib
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import astuple, dataclass, replace
 from pathlib import Path
 
-from .errors import AdapterError
-from .hub import RepoFiles, is_repo_id, locate
+from .errors import AdapterError, UserError
+from .hub import RepoFiles, is_repo_id, locate, remote
+from .media import describe_bytes
 from .tasks import ADAPTER_CONFIG, ADAPTER_WEIGHTS, KIND_WORDS, AdapterConfig, AdapterSource, RegistryError, Task
 
 MAX_SOURCE = 1024  # characters of an adapter's name: a Hub repo id (at most 96) or a folder's path
@@ -66,9 +73,9 @@ def resolve_adapter(source: str, allow_local: bool = True, revision: str = "main
     return locate(files)[ADAPTER_CONFIG].parent, weights
 
 
-def read_adapter_config(source: str, allow_local: bool = True) -> AdapterConfig:
+def read_adapter_config(source: str, allow_local: bool = True, revision: str = "main") -> AdapterConfig:
     """A trained adapter's config (its task id: `adapter_task_id(source)`), every value checked."""
-    folder, weights = resolve_adapter(source, allow_local)
+    folder, weights = resolve_adapter(source, allow_local, revision)
     try:
         return AdapterConfig.read(folder, adapter_task_id(source), weights)
     except RegistryError as exc:
@@ -118,3 +125,151 @@ def check_mode(task: Task, modality: str | None, kind: str, source: str) -> None
         f"The adapter {shown(source)} was trained for {task.modality} {KIND_WORDS[task.kind]}, not "
         f"{modality or task.modality} {KIND_WORDS[kind]}: use it to {use}."
     )
+
+
+MAX_USERS_ADAPTERS = 8  # users' adapters kept ready at once
+MAX_USERS_ADAPTER_BYTES = 512 * 2**20  # their weights together (an OPT-2.7B adapter is ~50 MB in float32)
+MAX_ADAPTER_DOWNLOAD = 256 * 2**20  # one adapter's weights file, checked before it downloads
+RECHECK_S = 60.0  # a Hub adapter's branch is asked for its commit at most this often
+
+
+class Busy(UserError):
+    """Every kept users' adapter is in use: the request should come back later."""
+
+
+@dataclass
+class _Served:
+    task: Task
+    stamp: tuple  # the identity of its files: a folder's sizes and times, a Hub repo's commit
+    size: int  # bytes of its weights
+    checked: float  # time.monotonic() of the last check of the stamp
+    users: int = 0  # requests using it now
+
+
+class UsersAdapters:
+    """The users' adapters a pipeline serves, read and checked once each and kept ready: at most
+    `max_count` of them and `max_bytes` of weights, the least recently used one unloaded first (through
+    `unload(task_id)`), and a `Busy` refusal rather than growth when every kept one is in use. Each is
+    served as its files are now: a folder retrained in place (its files' sizes or times changed), or a
+    Hub branch that moved (asked at most every `recheck_s`), is read again and its old weights unloaded.
+    A folder is one adapter however it is spelled (`runs/b1`, `./runs/b1/`, `~/…`). A Hub adapter's
+    weights are refused above `max_download` bytes before they download."""
+
+    def __init__(
+        self,
+        unload: Callable[[str], None],
+        max_count: int = MAX_USERS_ADAPTERS,
+        max_bytes: int = MAX_USERS_ADAPTER_BYTES,
+        max_download: int = MAX_ADAPTER_DOWNLOAD,
+        recheck_s: float = RECHECK_S,
+    ) -> None:
+        self.unload, self.max_count, self.max_bytes = unload, max_count, max_bytes
+        self.max_download, self.recheck_s = max_download, recheck_s
+        self._served: OrderedDict[str, _Served] = OrderedDict()  # task id -> what is kept, least recent first
+        self._lock = threading.Lock()
+
+    def __contains__(self, task_id: str) -> bool:
+        return task_id in self._served
+
+    def __len__(self) -> int:
+        return len(self._served)
+
+    def get(self, task_id: str) -> Task | None:
+        served = self._served.get(task_id)
+        return served.task if served else None
+
+    def task_id(self, source: str, allow_local: bool) -> str:
+        """The task id of the adapter `source` names: a folder's by its real path, a repo's by its id."""
+        check_source(source, allow_local)
+        path = Path(source).expanduser()
+        with contextlib.suppress(OSError):
+            if allow_local and path.exists():
+                return adapter_task_id(os.path.realpath(path))
+        return adapter_task_id(source)
+
+    def serve(self, source: str, allow_local: bool, accept: Callable[[AdapterConfig], None]) -> str:
+        """The task id of the adapter `source` names, read (again, if its files changed) and kept;
+        `accept(config)` refuses an adapter by raising (a refused one is not kept)."""
+        task_id = self.task_id(source, allow_local)
+        name = task_id.removeprefix("adapter:")
+        with self._lock:
+            served = self._served.get(task_id)
+            if served is not None and time.monotonic() - served.checked < self.recheck_s and served.stamp[0] == "hub":
+                self._served.move_to_end(task_id)
+                return task_id
+        stamp, revision, size = self._stamp(name, allow_local)
+        if served is not None and served.stamp == stamp:
+            with self._lock:
+                served.checked = time.monotonic()
+                self._served.move_to_end(task_id)
+            return task_id
+        config = read_adapter_config(name, allow_local, revision)
+        accept(config)
+        task = config.task
+        with self._lock:
+            old = self._served.pop(task_id, None)
+            self._make_room(size)
+            self._served[task_id] = _Served(task, stamp, size, time.monotonic(), old.users if old else 0)
+        if old is not None:
+            self.unload(task_id)  # its files changed: the next request loads the new weights
+        return task_id
+
+    @contextlib.contextmanager
+    def using(self, task_id: str) -> Iterator[None]:
+        """While a request uses this adapter, it is not unloaded to make room for another."""
+        with self._lock:
+            served = self._served.get(task_id)
+            if served is not None:
+                served.users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                if served is not None:
+                    served.users -= 1
+
+    def _stamp(self, name: str, allow_local: bool) -> tuple[tuple, str, int]:
+        """The identity of the adapter's files now, the revision to read them at, and its weights' size."""
+        path, folder = Path(name), False
+        with contextlib.suppress(OSError):  # a name too long to be a path
+            folder = allow_local and path.is_absolute() and path.is_dir()
+        if folder:
+            stats = [(path / file).stat() for file in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if (path / file).is_file()]
+            return ("folder", *((s.st_size, s.st_mtime_ns) for s in stats)), "main", stats[-1].st_size if stats else 0
+        if not is_repo_id(name):
+            raise AdapterError(f"Adapter {shown(name)!r} is neither an existing folder nor a Hub repo id (user/name).")
+        files = RepoFiles(f"the adapter {name}", name, files=(ADAPTER_CONFIG,), named="you gave")
+        now = remote(files, ADAPTER_CONFIG)  # None offline: the cached copy stands
+        revision = now.commit if now else "main"
+        weights = remote(replace(files, revision=revision), ADAPTER_WEIGHTS) if now else None
+        size = weights.size if weights and weights.size is not None else 0
+        if size > self.max_download:
+            raise AdapterError(
+                f"The adapter {shown(name)}'s weights are {describe_bytes(size)}; this app takes adapters of "
+                f"up to {describe_bytes(self.max_download)}."
+            )
+        return ("hub", revision), revision, size
+
+    def _make_room(self, size: int) -> None:
+        """Unload the least recently used idle adapters until one more of `size` bytes fits (the lock held)."""
+
+        def full() -> bool:
+            return (
+                len(self._served) >= self.max_count
+                or sum(s.size for s in self._served.values()) + size > self.max_bytes
+            )
+
+        for task_id, served in list(self._served.items()):
+            if not full():
+                return
+            if served.users == 0:
+                del self._served[task_id]
+                self.unload(task_id)
+        if full():
+            raise Busy("The server is busy with other adapters right now; please try again in a minute.")
+
+    def forget(self, task_id: str) -> None:
+        """Stop serving an adapter (one that turned out not to fit its models when it loaded)."""
+        with self._lock:
+            self._served.pop(task_id, None)
+        self.unload(task_id)

@@ -224,6 +224,29 @@ def fetch(source: AdapterSource, progress: Progress | None = None, task_id: str 
     return locate(files, progress)[source.filename]
 
 
+@dataclass(frozen=True)
+class Remote:
+    """What the Hub says of one file now: the commit its revision points at, and its size in bytes."""
+
+    commit: str
+    size: int | None
+
+
+def remote(files: RepoFiles, name: str) -> Remote | None:
+    """The Hub's answer for `name` of `files` (one HEAD request), or None where it cannot be asked
+    (offline, unreachable): then the cached copy stands. A missing repo or file is an error."""
+    if hub_constants.HF_HUB_OFFLINE:
+        return None
+    url = hf_hub_url(files.repo_id, name, repo_type=files.repo_type, revision=files.revision)
+    try:
+        metadata = get_hf_file_metadata(url, timeout=HUB_TIMEOUT_S)
+    except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError) as exc:
+        raise _unavailable(files, name, exc) from exc
+    except Exception:  # connection refused, DNS, timeout, another HTTP error: ask again later
+        return None
+    return Remote(metadata.commit_hash or "", metadata.size) if metadata.commit_hash else None
+
+
 def is_cached(files: RepoFiles | AdapterSource | None) -> bool:
     """Whether everything `files` names is in the local cache (an adapter source: its file)."""
     if isinstance(files, AdapterSource):

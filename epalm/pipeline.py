@@ -23,15 +23,7 @@ from typing import Any
 
 import torch
 
-from .adapters import (
-    adapter_task_id,
-    check_fits,
-    check_mode,
-    check_served_models,
-    check_source,
-    read_adapter_config,
-    shown,
-)
+from .adapters import UsersAdapters, check_fits, check_mode, check_served_models, shown
 from .config import ServingConfig
 from .decoding import DecodingOptions, stream_text
 from .encoders import Encoder, FeatureCache
@@ -44,7 +36,7 @@ from .presets import DEFAULT_PRESET, PRESETS
 from .pretrained import HubModels
 from .serving import Scheduler
 from .store import ModelSource, ModelStore
-from .tasks import KINDS, MEDIA_NAMES, Task, answer_tokens, get_task, load_registry, tasks_by_modality
+from .tasks import KINDS, MEDIA_NAMES, AdapterConfig, Task, answer_tokens, get_task, load_registry, tasks_by_modality
 from .video import MAX_FRAMES
 
 log = logging.getLogger(__name__)
@@ -182,9 +174,9 @@ class Pipeline:
             else:
                 source = HubModels()
         self.tasks: dict[str, Task] = source.tasks(registry if registry is not None else load_registry())
-        self._adapters: dict[str, Task] = {}  # users' adapters (`use_adapter`), apart: the registry never changes
         special_tokens = lambda ref: answer_tokens(self.tasks.values(), ref)  # noqa: E731
         self.store = ModelStore(source, device, dtype, pack_weights, progress, special_tokens)
+        self.users = UsersAdapters(self.store.drop_adapter)  # users' adapters, apart: the registry never changes
         self.limits = limits or MediaLimits()
         serving = ServingConfig.from_env() if None in (batching, max_batch_rows, feature_cache) else None
         self.batching = serving.batching if batching is None else batching
@@ -244,9 +236,9 @@ class Pipeline:
     # -- models ----------------------------------------------------------------------------
 
     def task(self, task_id: str) -> Task:
-        """A registry task, or a user's adapter served so far (`use_adapter`)."""
-        if task_id in self._adapters:
-            return self._adapters[task_id]
+        """A registry task, or a user's adapter served now (`use_adapter`)."""
+        if task_id in self.users:
+            return self.users.get(task_id)
         try:
             return get_task(task_id, self.tasks)
         except KeyError as exc:
@@ -263,34 +255,38 @@ class Pipeline:
         return self.store.adapter(task, progress)
 
     def use_adapter(self, source: str, modality: str | None = None, kind: str | None = None) -> str:
-        """Serve a trained adapter (a folder, or a Hub repo id) with the models its config names,
-        shared with every other task; returns its task id (`adapter_task_id(source)`). Its config is read
-        alone (a Hub adapter's weights come when it loads) and refused, before anything loads, when it
-        does not fit its models, when it is not for `modality`/`kind` (if given), or, unless
-        `any_adapter_models`, when its models are not the registry's. A refused adapter is not served;
-        the checks run on every call, served before or not."""
-        check_source(source, self.allow_local_adapters)  # served before or not: the setting may have changed
-        task_id = adapter_task_id(source)
-        task = self._adapters.get(task_id)
-        if task is None:
-            config = read_adapter_config(source, self.allow_local_adapters)
+        """Serve a trained adapter (a folder, or a Hub repo id) with the models its config names, shared
+        with every other task; returns its task id. Its config is read alone (a Hub adapter's weights come
+        when it loads) and refused, before anything loads, when it does not fit its models, when it is not
+        for `modality`/`kind` (if given), or, unless `any_adapter_models`, when its models are not the
+        registry's. A refused adapter is not served; the checks that depend on the caller run on every
+        call. A few are kept ready, as their files are now (`adapters.UsersAdapters`)."""
+
+        def accept(config: AdapterConfig) -> None:
             if config.tiny != self.random_weights:
                 models = ("tiny test", "real") if config.tiny else ("real", "tiny test")
                 raise InputError(
                     f"The adapter {shown(source)} was trained on the {models[0]} models, not the {models[1]} ones."
                 )
-            task = config.task  # settings as trained: on this pipeline's kind of models, as just checked
-            check_fits(task, self.tasks.values())
+            check_fits(config.task, self.tasks.values())
+            self._check_use(config.task, source, modality, kind)
+
+        task_id = self.users.serve(source, self.allow_local_adapters, accept)
+        self._check_use(self.users.get(task_id), source, modality, kind)  # this caller's rules, served or not
+        return task_id
+
+    def _check_use(self, task: Task, source: str, modality: str | None, kind: str | None) -> None:
         if kind is not None:
             check_mode(task, modality, kind, source)
         if not self.any_adapter_models:
             check_served_models(task, self.tasks.values())
-        self._adapters[task_id] = task  # one dict store: atomic
-        return task_id
 
     def is_adapter_served(self, source: str) -> bool:
         """Whether `use_adapter(source)` has already read this adapter (no download to wait for)."""
-        return adapter_task_id(source) in self._adapters
+        try:
+            return self.users.task_id(source, self.allow_local_adapters) in self.users
+        except UserError:
+            return False
 
     def preload(self, task_ids: list[str], progress: Progress | None = None) -> None:
         for task_id in task_ids:
@@ -332,7 +328,7 @@ class Pipeline:
     def loaded(self, users_adapters: bool = True) -> list[str]:
         """Human-readable names of what is in memory now (`users_adapters=False`: not the adapters
         `use_adapter` served, which a public app does not show one user of another)."""
-        return self.store.loaded(() if users_adapters else set(self._adapters))
+        return self.store.loaded(() if users_adapters else self.users)
 
     def scheduler(self, lm: EPALM) -> Scheduler:
         """The one scheduler that batches the decode steps of `lm`."""
@@ -347,7 +343,7 @@ class Pipeline:
         try:
             return lm, tokenizer, encoder, self.adapter(task, progress)
         except AdapterError:
-            self._adapters.pop(task.id, None)  # a user's adapter that does not fit its models is not served
+            self.users.forget(task.id)  # a user's adapter that does not fit its models is not served
             raise
 
     def _loading(self, task: Task, progress: Progress | None) -> Generator[Status, None, tuple]:
@@ -495,9 +491,16 @@ class Pipeline:
         if isinstance(adapter, str) and adapter.strip() and not self.is_adapter_served(adapter.strip()):
             yield Status("loading", "Reading the adapter's settings…")
         plan = self._plan(task, question, preset, num_frames, adapter, modality, overrides)
-        spec, options = plan.task, plan.options
         if media is None or (isinstance(media, str) and not media.strip()):
-            raise InputError(f"Please upload {MEDIA_NAMES[spec.modality]} first.")
+            raise InputError(f"Please upload {MEDIA_NAMES[plan.task.modality]} first.")
+        with self.users.using(plan.task.id):  # a user's adapter stays loaded while it answers
+            yield from self._answer(plan, media, inspect, progress, clock)
+
+    def _answer(
+        self, plan: _Plan, media: Any, inspect: bool, progress: Progress | None, clock: _Clock
+    ) -> Iterator[Event]:
+        """One checked request: its media, its models, its encoder, then the engine."""
+        spec, options = plan.task, plan.options
         inspector = Inspector(spec, lambda function: clock.wrap("inspect_media", function)) if inspect else None
         timings = Timings(num_beams=options.num_beams)
         with clock("media") as spent:

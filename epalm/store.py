@@ -178,6 +178,12 @@ class ModelStore:
 
         return self._get(("adapter", task.id), f"{task.label} adapter ({task.id})", load, task, progress)
 
+    def drop_adapter(self, task_id: str) -> None:
+        """Unload a task's adapter (the requests using it keep their reference until they end)."""
+        with self._guard:
+            self._loaded.pop(("adapter", task_id), None)
+            self._names.pop(("adapter", task_id), None)
+
     def has(self, task: Task) -> bool:
         """Whether the task's LM, encoder and adapter are all in memory (nothing to wait for)."""
         keys = (("lm", task.lm), ("encoder", task.encoder, task.modality), ("adapter", task.id))

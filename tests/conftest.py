@@ -215,8 +215,11 @@ class FakeHub:
         threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
 
     def add(self, repo_id: str, filename: str, data: bytes, repo_type: str = "model", revision: str = "main") -> None:
+        """A file at `revision`; on `main`, also at the commit `main` is now (`COMMIT`), as the Hub resolves it."""
         prefix = {"model": "", "space": "spaces/", "dataset": "datasets/"}[repo_type]
         self.files[f"/{prefix}{repo_id}/resolve/{revision}/{filename}"] = data
+        if revision == "main":
+            self.files[f"/{prefix}{repo_id}/resolve/{self.COMMIT}/{filename}"] = data
 
 
 @pytest.fixture()

@@ -5,11 +5,12 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 
 from epalm.adapter_format import save_adapter
 from epalm.adapters import read_adapter_config, resolve_adapter
 from epalm.errors import AdapterError, WeightsUnavailable
-from epalm.pipeline import Pipeline
+from epalm.pipeline import Pipeline, Status
 from epalm.tasks import AdapterConfig
 from epalm.tiny import tiny_adapter
 
@@ -177,3 +178,81 @@ def test_the_question_is_plain_text_in_the_prompt(tmp_path):
 
     text = TextFormat("{question}?</a>", "</a>", question_mark=True)
     assert text.render("{question.__class__.__mro__} {0} {}") == "{question.__class__.__mro__} {0} {}??</a>"
+
+
+def _publish(fake_hub, repo: str, folder) -> None:
+    for name in ("adapter.safetensors", "adapter_config.json"):
+        fake_hub.add(repo, name, (folder / name).read_bytes())
+
+
+def _other_weights(folder, seed: int) -> None:
+    """Retrain in place, as it were: the same adapter folder with other weights."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(folder / "adapter.safetensors")
+    generator = torch.Generator().manual_seed(seed)
+    save_file({k: torch.randn(v.shape, generator=generator) for k, v in state.items()}, folder / "adapter.safetensors")
+
+
+def test_a_retrained_folder_is_served_with_its_new_weights_however_it_is_spelled(tmp_path, media_files, monkeypatch):
+    pipe = Pipeline(device="cpu", tiny=True)
+    folder = saved_tiny_adapter(tmp_path / "runs" / "b1", pipe)
+    monkeypatch.chdir(tmp_path)
+    settings = dict(preset="fast", max_new_tokens=6)
+    before = pipe.caption(media_files["image"], adapter="runs/b1", **settings)
+    assert pipe.caption(media_files["image"], adapter="./runs/b1/", **settings).task == before.task
+    assert before.task == f"adapter:{folder.resolve()}" and len(pipe.users) == 1, "one adapter, however spelled"
+    _other_weights(folder, seed=3)
+    after = pipe.caption(media_files["image"], adapter=str(folder), **settings).text
+    assert after != before.text
+    assert (
+        after == Pipeline(device="cpu", tiny=True).caption(media_files["image"], adapter=str(folder), **settings).text
+    )
+
+
+def test_a_re_pushed_hub_adapter_is_served_as_its_branch_is_now(fake_hub, tmp_path, media_files):
+    pipe = Pipeline(device="cpu", tiny=True)
+    pipe.users.recheck_s = 0  # ask the Hub every time (by default at most once a minute)
+    folder = saved_tiny_adapter(tmp_path / "mine", pipe)
+    _publish(fake_hub, "someone/moving", folder)
+    settings = dict(preset="fast", max_new_tokens=6)
+    before = pipe.caption(media_files["image"], adapter="someone/moving", **settings).text
+    _other_weights(folder, seed=4)
+    fake_hub.COMMIT = "fedcba9876543210fedcba9876543210fedcba98"  # the branch moves to a new commit
+    _publish(fake_hub, "someone/moving", folder)
+    after = pipe.caption(media_files["image"], adapter="someone/moving", **settings).text
+    assert after != before and after == pipe.caption(media_files["image"], adapter=str(folder), **settings).text
+    assert f"/someone/moving/resolve/{fake_hub.COMMIT}/adapter.safetensors" in fake_hub.downloads
+
+
+def test_users_adapters_are_bounded_and_a_full_house_is_busy_not_bigger(fake_hub, tmp_path, media_files):
+    from epalm.adapters import Busy
+
+    pipe = Pipeline(device="cpu", tiny=True)
+    pipe.users.max_count = 2
+    folder = saved_tiny_adapter(tmp_path / "mine", pipe)
+    for name in ("a", "b", "c"):
+        _publish(fake_hub, f"someone/{name}", folder)
+    settings = dict(preset="fast", max_new_tokens=2)
+    for name in ("a", "b", "c"):  # the least recently used one is unloaded for the third
+        pipe.caption(media_files["image"], adapter=f"someone/{name}", **settings)
+    assert len(pipe.users) == 2 and not pipe.is_adapter_served("someone/a")
+    assert sum("adapter:" in name for name in pipe.loaded()) == 2, "its weights left memory too"
+    held = [pipe.stream(media_files["image"], None, adapter=f"someone/{name}", **settings) for name in ("b", "c")]
+    for stream in held:  # two answers under way, holding both places
+        next(event for event in stream if isinstance(event, Status) and event.stage == "encoding")
+    with pytest.raises(Busy, match="busy with other adapters right now; please try again"):
+        pipe.caption(media_files["image"], adapter="someone/a", **settings)
+    for stream in held:
+        stream.close()
+    assert pipe.caption(media_files["image"], adapter="someone/a", **settings).done
+
+
+def test_hub_adapter_weights_over_the_limit_are_refused_before_they_download(fake_hub, tmp_path, media_files):
+    pipe = Pipeline(device="cpu", tiny=True)
+    folder = saved_tiny_adapter(tmp_path / "mine", pipe)
+    _publish(fake_hub, "someone/big", folder)
+    pipe.users.max_download = 1000
+    with pytest.raises(AdapterError, match=r"someone/big's weights are \d+ KB; this app takes adapters of up to"):
+        pipe.caption(media_files["image"], adapter="someone/big")
+    assert not any(path.endswith("adapter.safetensors") for path in fake_hub.downloads)

@@ -15,6 +15,7 @@ import json
 import os
 import urllib.request
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from gradio.utils import get_upload_folder
 from PIL import Image
 
 from epalm import MediaError, MediaLimits, Pipeline
+from epalm.adapters import MAX_USERS_ADAPTERS
 from epalm.media import NOT_UPLOADED, check_file
 
 from conftest import write_image, write_video, write_wav
@@ -34,7 +36,7 @@ MEDIA_TYPES = {"image", "video", "audio"}
 def app():
     pipeline = Pipeline(device="cpu", tiny=True)
     blocks, url = serve(pipeline)
-    yield blocks, url
+    yield blocks, url, pipeline
     blocks.close()
 
 
@@ -112,7 +114,7 @@ def defaults(blocks, dependency: dict) -> list:
 
 
 def test_no_event_reads_a_file_its_caller_did_not_upload(app, tmp_path):
-    blocks, url = app
+    blocks, url, pipeline = app
     events = media_events(blocks)
     assert len(events) == 5, "the five endpoints take media; nothing else does"
     targets = server_files(tmp_path)
@@ -138,7 +140,7 @@ def test_no_event_reads_a_file_its_caller_did_not_upload(app, tmp_path):
 
 
 def test_an_uploaded_file_a_pasted_image_and_an_example_still_answer(app, media_files):
-    blocks, url = app
+    blocks, url, pipeline = app
     dependency = next(d for d in blocks.config["dependencies"] if d["api_name"] == "caption_image")
     fn_index, kinds, position = next(e for e in media_events(blocks) if e[0] == dependency["id"])
     data = defaults(blocks, dependency)
@@ -196,7 +198,7 @@ def test_a_malformed_adapter_config_is_a_readable_refusal_in_the_app(app, fake_h
 
     from test_adapters import MALFORMED, _set, saved_tiny_adapter
 
-    blocks, url = app
+    blocks, url, pipeline = app
     client = Client(url, verbose=False)
     folder = saved_tiny_adapter(tmp_path / "good", Pipeline(device="cpu", tiny=True))
     good = json.loads((folder / "adapter_config.json").read_text())
@@ -214,3 +216,37 @@ def test_a_malformed_adapter_config_is_a_readable_refusal_in_the_app(app, fake_h
             shown = str(refused.value)
             assert message in shown and "Something went wrong" not in shown, (field, value, shown)
     assert client.predict(image, preset="fast", api_name="/caption_image")[0], "the app answers as before"
+
+
+def test_hundreds_of_visitors_adapters_keep_the_server_flat(app, fake_hub, tmp_path, media_files):
+    """Every visitor may name another Hub adapter: a bounded few stay loaded, memory stays flat."""
+    from gradio_client import Client, handle_file
+
+    from test_adapters import _publish, saved_tiny_adapter
+
+    blocks, url, pipeline = app
+    client = Client(url, verbose=False)
+    folder = saved_tiny_adapter(tmp_path / "mine", Pipeline(device="cpu", tiny=True))
+    image = handle_file(str(media_files["image"]))
+    for number in range(200):
+        _publish(fake_hub, f"visitor/adapter-{number}", folder)
+
+    def visit(number: int) -> str:
+        answer, *_ = client.predict(
+            image, adapter=f"visitor/adapter-{number}", preset="fast", max_new_tokens=2, api_name="/caption_image"
+        )
+        return answer
+
+    rss = []
+    with ThreadPoolExecutor(4) as visitors:  # four at a time
+        for first, last in ((0, 50), (50, 200)):
+            assert all(isinstance(a, str) for a in visitors.map(visit, range(first, last)))
+            rss.append(_rss_bytes())
+    kept = [name for name in pipeline.loaded() if "adapter:" in name]
+    assert len(kept) <= MAX_USERS_ADAPTERS and len(pipeline.users) <= MAX_USERS_ADAPTERS, "a bounded few kept"
+    assert rss[1] - rss[0] < 40 * 2**20, f"memory grew by {(rss[1] - rss[0]) / 2**20:.0f} MB over 150 adapters"
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS"))

@@ -494,7 +494,7 @@ def test_a_running_stream_keeps_getting_tokens_while_a_newcomer_is_encoded(media
     newcomer.join(30)
     start, end = window
     during = [t for t in arrivals if start < t < end]
-    assert len(during) >= 50, f"{len(during)} tokens arrived while the video was encoded for {end - start:.1f} s"
+    assert len(during) >= 20, f"{len(during)} tokens arrived while the video was encoded for {end - start:.1f} s"
 
 
 @pytest.mark.parametrize("batching", [False, True])
