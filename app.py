@@ -5,9 +5,8 @@ every check, model, policy and setting is the library's (`epalm.config` reads th
     python app.py --tiny          # tiny random models, no download (answers are meaningless)
     python app.py --allow-local-adapters   # the Adapter field also takes folders on this machine
 
-Every flag has an environment variable (for Hugging Face Spaces): see `python app.py --help`.
-The tabs, menus and API endpoints are built from the task registry: a task added to
-`checkpoints/tasks.yaml` (or the file named by EPALM_TASKS) appears here without code changes.
+Every flag has an environment variable (for Spaces): `python app.py --help`. The tabs, menus and API
+endpoints are built from the task registry (`checkpoints/tasks.yaml`, or EPALM_TASKS): no code changes.
 """
 
 from __future__ import annotations
@@ -129,29 +128,29 @@ def seen_outputs(inspection: Inspection) -> tuple[list, list, str]:
     return pictures, tokens, inspection.describe(tokens=False)
 
 
-def _uploads_only(component: gr.components.Component, limits: Callable[[], MediaLimits]) -> gr.components.Component:
-    """Make a media input accept only files uploaded to this app (or its examples): every payload's path is
-    checked against the pipeline's `limits().folders` before anything opens it, on every event that takes
-    the input, named or not. Gradio checks only payloads marked as its files (`meta._type`); one without
-    the mark would reach the component's preprocessing with any server path. An image then goes to the
-    handler as the uploaded file itself: Gradio's `Image` would decode and convert it with Pillow first (all
-    of it, however large, dropping alpha and clipping 16-bit values), where `epalm` reads the header first
-    and converts as the CLI does. Video and audio keep Gradio's own preprocessing after the check. (An
-    instance attribute, not a subclass: Gradio writes a .pyi stub next to the module of every subclass.)"""
+def _checked(component: Any, name: str, limits: Callable[[], MediaLimits] | None = None) -> Any:
+    """`component` as an input whose refusals name its API parameter, `name`, on every event (raw JSON can
+    send a word for a slider). With `limits`, a media input that takes only files uploaded here (or the
+    examples), checked before anything opens them: Gradio checks only payloads marked as its files
+    (`meta._type`). An image goes to the handler as the file itself: Gradio's `Image` would decode it whole
+    with Pillow first, where `epalm` reads the header first. (An instance attribute, not a subclass: Gradio
+    writes a .pyi stub next to the module of every subclass.)"""
     gradio_preprocess = component.preprocess
 
     def preprocess(payload: Any) -> Any:
-        if payload is None:
-            return None
-        if payload.path is None:  # a data: URL (a pasted image): Gradio writes its bytes into the upload folder
-            return gradio_preprocess(payload)
         try:
+            if limits is None or payload is None or payload.path is None:  # no file, or a data: URL's bytes
+                return gradio_preprocess(payload)
             checked = check_in_folders(payload.path, limits().folders)  # the rest (size, format) is the handler's
-        except MediaError as exc:
+            return str(checked) if isinstance(component, gr.Image) else gradio_preprocess(payload)
+        except MediaError as exc:  # the same words for any path not uploaded here
             raise gr.Error(str(exc), print_exception=False) from None
-        return str(checked) if isinstance(component, gr.Image) else gradio_preprocess(payload)
+        except gr.Error as exc:
+            raise gr.Error(f"{name}: {exc.message}", print_exception=False) from None
+        except Exception:  # Gradio's own conversions, on a value of another type
+            raise gr.Error(f"{name}: {str(payload)[:40]!r} is not a value it takes", print_exception=False) from None
 
-    component.preprocess = preprocess  # type: ignore[method-assign]
+    component.preprocess, component.checked_as = preprocess, name  # type: ignore[method-assign]
     return component
 
 
@@ -164,12 +163,10 @@ def _media_input(modality: str, limits: Callable[[], MediaLimits]) -> gr.compone
         media = gr.Video(label="Video", sources=["upload", "webcam"], elem_id="video-input")
     else:
         media = gr.Audio(label="Audio", sources=["upload", "microphone"], type="filepath", elem_id="audio-input")
-    return _uploads_only(media, limits)
+    return _checked(media, "media", limits)
 
 
-def _endpoint(
-    pipeline: Pipeline, modality: str, kind: str, tasks: list[Task], zero_gpu: bool
-) -> Callable[..., Iterator[tuple]]:
+def _endpoint(pipeline: Pipeline, modality: str, kind: str, tasks: list[Task]) -> Callable[..., Iterator[tuple]]:
     """A named endpoint whose API parameters are exactly the inputs this modality and kind use, in API
     order: media (and question) first, then settings with their defaults (None: the preset's)."""
     p = lambda name, default=inspect.Parameter.empty: inspect.Parameter(  # noqa: E731
@@ -186,10 +183,6 @@ def _endpoint(
 
     endpoint.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     endpoint.__name__ = f"{KINDS[kind][2]}_{modality}"
-    if zero_gpu:  # a ZeroGPU Space: model calls get a GPU only inside @spaces.GPU
-        import spaces
-
-        return spaces.GPU(duration=120)(endpoint)
     return endpoint
 
 
@@ -251,8 +244,16 @@ def _kind_tab(
     # the button is the one way in (Enter in the question box and example clicks press it): it clears the
     # old answer at once in the browser, then runs the endpoint
     cleared = run.click(None, None, outputs, js=f"() => {json.dumps(['', '', *NOTHING_SEEN])}")
+    endpoint = _endpoint(pipeline, modality, kind, tasks)
+    for component, name in zip(inputs, inspect.signature(endpoint).parameters):
+        if not hasattr(component, "checked_as"):  # settings shared by the sub-tabs: once
+            _checked(component, name)
+    if config["zero_gpu"]:  # a ZeroGPU Space: model calls get a GPU only inside @spaces.GPU
+        import spaces
+
+        endpoint = spaces.GPU(duration=120)(endpoint)
     event = cleared.then(
-        _endpoint(pipeline, modality, kind, tasks, config["zero_gpu"]),
+        endpoint,
         inputs,
         outputs,
         api_name=f"{api}_{modality}",
@@ -278,7 +279,7 @@ def _kind_tab(
 def _examples_table(prefix: str, inputs: list, rows: list[list[str]]) -> None:
     """Clicking an example fills the inputs, then presses the visible button, which runs the same endpoint,
     task and settings as the user would. (Not gr.Examples: its gr.update rebuilds the image input as a
-    plain gr.Image in the session, without `_uploads_only`.)"""
+    plain gr.Image in the session, without `_checked`.)"""
     table = gr.Dataset(
         components=inputs,
         samples=rows,

@@ -784,3 +784,24 @@ def test_an_adapter_on_models_the_app_does_not_serve_is_refused(tiny_app, client
     with pytest.raises(AppError, match="trained on OPT-66B \\+ ViT-B/16, which this app does not serve"):
         client.predict(handle_file(str(own_media(tmp_path, "image"))), adapter=str(folder), api_name="/caption_image")
     assert not tiny_app[0].is_adapter_served(str(folder)), "a refused adapter is not served"
+
+
+def test_identical_answers_never_rewrite_a_picture_being_sent(client, media_files, monkeypatch):
+    """Gradio writes an array's PNG in place at a path named by its content, so two identical answers rewrote
+    one file while the other was being sent ("Too little data for declared Content-Length"). The app hands
+    it files of each response's own, which it copies once, atomically, and never writes again."""
+    import concurrent.futures
+
+    import gradio.processing_utils
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("an array was written in place")
+
+    for name in ("save_img_array_to_cache", "save_pil_to_cache"):
+        monkeypatch.setattr(gradio.processing_utils, name, forbidden)
+    image = handle_file(str(media_files["image"]))
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        jobs = [pool.submit(client.predict, image, preset="fast", api_name="/caption_image") for _ in range(2)]
+        results = [job.result(timeout=120) for job in jobs]
+    (first, *_), (second, *_) = (seen for _, _, seen, _, _ in results)
+    assert Image.open(first["image"]).tobytes() == Image.open(second["image"]).tobytes()

@@ -13,6 +13,8 @@ import base64
 import io
 import json
 import os
+import re
+import time
 import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -250,3 +252,101 @@ def test_hundreds_of_visitors_adapters_keep_the_server_flat(app, fake_hub, tmp_p
 def _rss_bytes() -> int:
     with open("/proc/self/status") as status:
         return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS"))
+
+
+# (parameter, value sent as raw JSON, what the refusal says): each names the parameter, none is an internal error
+RAW_VALUES = [
+    ("max_new_tokens", float("nan"), "max_new_tokens must be a whole number from 1 to 512, not nan"),
+    ("max_new_tokens", "abc", "max_new_tokens: 'abc' is not a value it takes"),
+    ("max_new_tokens", 1e9, "max_new_tokens: Value 1000000000.0 is greater than maximum value 64"),
+    ("frames", float("nan"), "frames to sample must be a whole number from 1 to 64, not nan"),
+    ("frames", "abc", "frames: 'abc' is not a value it takes"),
+    ("temperature", "hot", "temperature: 'hot' is not a value it takes"),
+    ("task", ["video-caption"], "task must be text, not list"),
+    ("preset", 5, "preset: Value: 5"),
+    ("adapter", "\ud800", "is not a Hub repo id (user/name) nor a folder's path"),
+    ("adapter", "x" * 10_000, "Adapter 'xxxxxxxx"),
+]
+
+
+def test_raw_json_values_get_a_readable_refusal_naming_the_parameter(app, media_files):
+    import httpx
+
+    blocks, url, _ = app
+    dependency = next(d for d in blocks.config["dependencies"] if d["api_name"] == "caption_video")
+    names = ["media", "task", "preset", "max_new_tokens", "temperature", "top_p", "frames", "adapter"]
+    with open(media_files["video"], "rb") as upload:
+        path = httpx.post(url + "gradio_api/upload", files={"files": upload}).json()[0]
+    for name, value, message in RAW_VALUES:
+        data = defaults(blocks, dependency)
+        data[0], data[names.index(name)] = {"path": path, "meta": {"_type": "gradio.FileData"}}, value
+        result = queue_call(url, dependency["id"], data)
+        refusal = result["output"]["error"]
+        assert result["success"] is False and message in refusal and len(refusal) < 300, (name, value, refusal)
+    media = {"path": path, "meta": {"_type": "gradio.FileData"}}
+    answered = queue_call(url, dependency["id"], [media, *defaults(blocks, dependency)[1:]])
+    assert answered["success"] is True, "the server answers on"
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(max_new_tokens=float("nan")), "max_new_tokens must be a whole number from 1 to 512, not nan"),
+        (dict(preset="sampling", temperature=float("nan")), "sampling needs temperature > 0"),
+        (dict(num_frames=float("nan")), "frames to sample must be a whole number from 1 to 64, not nan"),
+        (dict(task=["image-caption"]), "task must be text, not list"),
+        (dict(question="what \ud800 is"), "The question holds characters that are not text"),
+        (dict(num_beams=2000), "num_beams must be a whole number from 1 to 8, not 2000"),
+        (dict(colour="red"), "unknown decoding setting 'colour'"),
+    ],
+)
+def test_the_python_api_refuses_bad_values_naming_them(media_files, settings, message):
+    from epalm import InputError
+
+    pipe = Pipeline(device="cpu", tiny=True)
+    task = settings.pop("task", "video-qa-msvd")
+    question = settings.pop("question", "what is it?")
+    with pytest.raises(InputError, match=re.escape(message)):
+        pipe.answer(media_files["video"], question, task, **settings)
+    assert pipe.loaded() == [], "refused before any model loads"
+
+
+def test_the_cli_refuses_a_question_that_is_not_text(media_files, capsys):
+    """`ask -q $'what \\xff is'`: the shell hands Python bytes that are not UTF-8 (a lone surrogate)."""
+    from epalm.__main__ import main
+
+    code = main(["ask", "--tiny", "--task", "image-vqa", "-q", "what \udcff is", str(media_files["image"])])
+    out = capsys.readouterr().out
+    assert code == 2 and "ERROR: The question holds characters that are not text" in out
+
+
+def test_a_client_that_drops_its_connection_leaves_the_batch_at_the_next_step(media_files, monkeypatch):
+    """A closed tab or a dropped connection ends the request: its rows leave at the next step, not at the end."""
+    import httpx
+
+    pipeline = Pipeline(device="cpu", tiny=True)
+    lm = pipeline.lm(pipeline.task("image-caption"))[0]
+    steps, step = [], lm.step
+    monkeypatch.setattr(lm, "step", lambda state, tokens: (steps.append(time.monotonic()), step(state, tokens))[1])
+    pipeline.scheduler(lm).callback = lambda rows: time.sleep(0.01)  # steps slow enough to drop in between
+    blocks, url = serve(pipeline)
+    try:
+        dependency = next(d for d in blocks.config["dependencies"] if d["api_name"] == "caption_image")
+        with open(media_files["image"], "rb") as upload:
+            path = httpx.post(url + "gradio_api/upload", files={"files": upload}).json()[0]
+        data = defaults(blocks, dependency)
+        data[0], data[2], data[3] = {"path": path, "meta": {"_type": "gradio.FileData"}}, "fast", 64
+        session = uuid.uuid4().hex
+        body = {"data": data, "fn_index": dependency["id"], "session_hash": session, "trigger_id": None}
+        join = urllib.request.Request(url + "gradio_api/queue/join", json.dumps(body).encode())
+        join.add_header("Content-Type", "application/json")
+        urllib.request.urlopen(join, timeout=30).read()
+        stream = urllib.request.urlopen(url + f"gradio_api/queue/data?session_hash={session}", timeout=60)
+        while len(steps) < 3:  # the answer is under way
+            stream.readline()
+        stream.close()
+        dropped = time.monotonic()
+        time.sleep(2)
+        assert len([t for t in steps if t > dropped]) <= 2 and len(steps) < 30, f"{len(steps)} steps of 63"
+    finally:
+        blocks.close()
