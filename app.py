@@ -46,6 +46,10 @@ NOTHING_SEEN = ([], [], "")  # the panel cleared: gallery, tokens, description
 QUESTIONS = {"image": "What is in the picture?", "video": "What is happening?", "audio": "What is making this sound?"}
 DELETE_CACHE = (600, 3600)  # every 10 minutes, delete uploads older than an hour
 SAMPLING = PRESETS["sampling"].overrides  # the sliders start at the sampling preset's own values
+SEEN_CSS = (  # the image and the spectrogram in a box of their shape, not a square cell; the beams' numbers unwrapped
+    ":is([id^=image-], [id^=audio-])[id$=-seen-media] .thumbnail-item {aspect-ratio: auto; max-height: 320px}"
+    "[id$=-seen-text] :is(th, td:not(:nth-child(2))) {white-space: nowrap}"
+)
 KINDS = {"caption": ("Caption", "Caption", "caption"), "qa": ("Ask a question", "Answer", "answer")}  # tab, button, api
 
 
@@ -119,9 +123,8 @@ def info_line(answer: Answer) -> str:
 
 
 def seen_outputs(inspection: Inspection) -> tuple[list, list, str]:
-    """The panel's values: the encoder's input as (picture file, caption) pairs, each response's pictures in
-    files of their own (Gradio would write identical pictures of two responses to one path, one while the
-    other is being sent), the answer's tokens with their probabilities, and the rest in words."""
+    """The panel's values: the encoder's input as (picture file, caption) pairs, in files of each response's own
+    (Gradio writes an array's PNG in place, at one path for identical pictures), the tokens, the rest in words."""
     files = inspection.save(Path(get_upload_folder()) / "epalm-seen" / uuid.uuid4().hex)[:-1]  # not its JSON
     pictures = [(str(path), caption) for path, caption in zip(files, inspection.seen.captions)]
     tokens = [(token.text, round(token.prob, 4)) for token in inspection.tokens]
@@ -229,8 +232,8 @@ def _kind_tab(
         seen = gr.Gallery(
             label=SEEN_LABELS[modality],
             columns=4 if modality == "video" else 1,
-            height="auto",
-            object_fit="scale-down",  # never blown up past its size, never cut
+            height="max-content",  # every frame shown, none cut
+            object_fit="scale-down",  # never blown up past its size
             format="png",
             interactive=False,
             elem_id=f"{prefix}-seen-media",
@@ -280,13 +283,9 @@ def _examples_table(prefix: str, inputs: list, rows: list[list[str]]) -> None:
     """Clicking an example fills the inputs, then presses the visible button, which runs the same endpoint,
     task and settings as the user would. (Not gr.Examples: its gr.update rebuilds the image input as a
     plain gr.Image in the session, without `_checked`.)"""
+    headers, label = [c.label for c in inputs], "Examples (click one to run it)"
     table = gr.Dataset(
-        components=inputs,
-        samples=rows,
-        type="values",
-        headers=[c.label for c in inputs],
-        label="Examples (click one to run it)",
-        elem_id=f"{prefix}-examples",
+        components=inputs, samples=rows, type="values", headers=headers, label=label, elem_id=f"{prefix}-examples"
     )
 
     def load_example(row: list[str]) -> Any:
@@ -346,6 +345,7 @@ def build(
     pipeline.limits = replace(pipeline.limits, folders=(get_upload_folder(), str(EXAMPLES)))
     pipeline.any_adapter_models = False  # users' adapters run on the models this app serves, not on what they name
     with gr.Blocks(title="eP-ALM demo", delete_cache=delete_cache) as blocks:
+        gr.HTML(f"<style>{SEEN_CSS}</style>", padding=False)  # in the page, however the app is launched
         gr.Markdown(
             "# eP-ALM: Efficient Perceptual Augmentation of Language Models\n"
             "A frozen OPT language model reads frozen image, video and audio encoders through a few million "

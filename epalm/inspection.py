@@ -150,7 +150,8 @@ class Inspection:
                 f"| {rank} | {_escape(b.text) or '(empty)'} | {b.score:.3f} | {_percent(math.exp(b.logprob))} |"
                 for rank, b in enumerate(self.beams, 1)
             ]
-            parts.append("\n".join(["| rank | text | score (ranked by) | probability |", "|---|---|---|---|", *rows]))
+            heading = "**Final beams** (score: what the search ranked them by; p: the probability of the answer):"
+            parts.append("\n".join([heading, "", "| # | beam | score | p |", "|---|---|---|---|", *rows]))
         return "\n\n".join(parts)
 
     def save(self, folder: str | Path, answer: str | None = None) -> list[Path]:

@@ -105,7 +105,7 @@ def test_endpoints_return_what_the_model_saw_after_the_answer(client, media_file
     assert "64×48" in picture["caption"] and "224×224" in described
     assert "".join(t["token"] for t in tokens).replace("</s>", "").strip() == answer
     assert all(0 < t["class_or_confidence"] <= 1 for t in tokens)
-    assert "what&nbsp;is&nbsp;this??&lt;/a&gt;" in described.lower() and "| rank |" in described
+    assert "what&nbsp;is&nbsp;this??&lt;/a&gt;" in described.lower() and "| # | beam | score | p |" in described
     video = handle_file(str(media_files["video"]))
     *_, frames, tokens, described = client.predict(video, "what is up", "video-qa-msvd", api_name="/answer_video")
     assert [f["caption"] for f in frames] == [f"{i / 8:.2f} s (frame {i})" for i in frame_indices(8, 12)]
