@@ -169,3 +169,11 @@ def test_cold_start_parts_come_from_the_app_log():
     results = {"date": "d", "command": "c", "machine": {}, "threads": 2, "layers": 32, "new_tokens": 12}
     table = cold_start.markdown({**results, "cache_gb": 5.7, "runs": [run]})
     assert "| bfloat16 | 7.0 | 6.6–10.3 | 10.3–13.1 | 13.2–14.0 | 14.0–14.1 | 14.7 | **17.4** |" in table
+
+
+def test_the_join_gap_bench_runs_and_reports_its_numbers(capsys):
+    from bench import join_gap
+
+    assert join_gap.main([*TINY_BENCH[:4], "--dtype", "float32", "--new-tokens", "40", "--threads", "1"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["median_gap_s"] > 0 and result["video_answer_s"] > 0 and result["tokens_while_joining"] > 0
