@@ -137,6 +137,7 @@ def _scale_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> N
 
 def _eval_flags(parser: argparse.ArgumentParser) -> None:
     """The flags of `python -m epalm eval` (epalm.evaluation; the files it reads: epalm.benchmarks)."""
+    from .config import MAX_BATCH_ROWS  # light: no torch
     from .presets import PRESETS  # light: no torch
 
     parser.add_argument("task", help="task id (see `python -m epalm tasks`)")
@@ -171,7 +172,9 @@ def _eval_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--beams", dest="num_beams", type=int, help="beam search width (paper: 3)")
     parser.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, help="stop after this many new tokens")
-    parser.add_argument("--max-batch-rows", type=int, help="rows per decode step (default: $EPALM_MAX_BATCH_ROWS, 24)")
+    parser.add_argument(
+        "--max-batch-rows", type=int, help=f"rows per decode step (default: $EPALM_MAX_BATCH_ROWS, {MAX_BATCH_ROWS})"
+    )
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     _scale_flags(parser)
 

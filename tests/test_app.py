@@ -25,6 +25,7 @@ from PIL import Image
 import app as demo_app
 from epalm import MediaLimits, Pipeline, ServingConfig
 from epalm.__main__ import main as cli
+from epalm.config import MAX_BATCH_ROWS
 from epalm.image import CLIP_MEAN, CLIP_STD, prepare_image
 from epalm.tasks import tasks_by_modality
 from epalm.video import frame_indices
@@ -411,10 +412,10 @@ def test_user_errors_are_logged_as_one_line(client, tmp_path, capfd, caplog):
 @pytest.mark.parametrize(
     "flags, env, expected",
     [
-        ([], {}, (True, 24)),
+        ([], {}, (True, MAX_BATCH_ROWS)),
         (["--no-batching", "--max-batch-rows", "5"], {}, (False, 5)),
         ([], {"EPALM_BATCHING": "0", "EPALM_MAX_BATCH_ROWS": "7"}, (False, 7)),
-        ([], {"SPACES_ZERO_GPU": "true"}, (False, 24)),
+        ([], {"SPACES_ZERO_GPU": "true"}, (False, MAX_BATCH_ROWS)),
     ],
 )
 def test_batching_flags_and_variables_reach_the_library(monkeypatch, flags, env, expected):
@@ -654,7 +655,7 @@ def test_the_queue_bound_holds_under_a_burst(media_files, monkeypatch, api_name)
         for thread in threads:
             thread.join()
         running = pipeline.default_concurrency  # the batch's rows limit: 24
-        assert running == pipeline.max_batch_rows == 24
+        assert running == pipeline.max_batch_rows == MAX_BATCH_ROWS
         assert statuses.count(200) <= 8 + running, "at most max_size waiting and the running ones"
         assert statuses.count(503) >= 60 - 8 - running and len(statuses) == 60
         deadline = time.monotonic() + 30

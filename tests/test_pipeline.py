@@ -9,6 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from epalm.config import MAX_BATCH_ROWS
 from epalm.decoding import DecodingOptions
 from epalm.errors import WeightsUnavailable
 from epalm.media import MediaError
@@ -347,7 +348,7 @@ def test_concurrent_calls_share_decode_steps_and_get_their_answers_alone(media_f
     alone = [solo.stream(media_files[solo.task(t).modality], t, q, preset=p, **settings) for t, q, p in jobs]
     alone = [list(answers)[-1].text for answers in alone]
     pipe = Pipeline(device="cpu", tiny=True)
-    assert pipe.batching and pipe.max_batch_rows == 24
+    assert pipe.batching and pipe.max_batch_rows == MAX_BATCH_ROWS
     pipe.preload([task for task, _, _ in jobs])  # tiny models draw their weights from the global RNG: not in parallel
     steps: list[int] = []
     pipe.scheduler(pipe.lm(pipe.task("image-caption"))[0]).callback = steps.append
