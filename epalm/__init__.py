@@ -35,15 +35,15 @@ _EXPORTS = {
     "Inspection": "inspection",
     "MediaError": "media",
     "MediaLimits": "media",
-    "MAX_QUESTION_CHARS": "pipeline",
-    "MAX_QUESTION_TOKENS": "pipeline",
-    "Answer": "pipeline",
+    "MAX_QUESTION_CHARS": "checks",
+    "MAX_QUESTION_TOKENS": "checks",
+    "Answer": "answers",
     "OutOfMemory": "pipeline",
     "Pipeline": "pipeline",
     "ServingConfig": "config",
-    "Status": "pipeline",
-    "answers": "pipeline",
-    "Timings": "pipeline",
+    "Status": "answers",
+    "answers": "answers",
+    "Timings": "answers",
     "ModelSource": "store",
     "Task": "tasks",
     "load_registry": "tasks",
@@ -53,6 +53,12 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:  # for type checkers and editors; `X as X` marks a re-export
+    from .answers import Answer as Answer
+    from .answers import Status as Status
+    from .answers import Timings as Timings
+    from .answers import answers as answers
+    from .checks import MAX_QUESTION_CHARS as MAX_QUESTION_CHARS
+    from .checks import MAX_QUESTION_TOKENS as MAX_QUESTION_TOKENS
     from .config import ServingConfig as ServingConfig
     from .decoding import DecodingOptions as DecodingOptions
     from .errors import AdapterError as AdapterError
@@ -62,14 +68,8 @@ if TYPE_CHECKING:  # for type checkers and editors; `X as X` marks a re-export
     from .inspection import Inspection as Inspection
     from .media import MediaError as MediaError
     from .media import MediaLimits as MediaLimits
-    from .pipeline import MAX_QUESTION_CHARS as MAX_QUESTION_CHARS
-    from .pipeline import MAX_QUESTION_TOKENS as MAX_QUESTION_TOKENS
-    from .pipeline import Answer as Answer
     from .pipeline import OutOfMemory as OutOfMemory
     from .pipeline import Pipeline as Pipeline
-    from .pipeline import Status as Status
-    from .pipeline import Timings as Timings
-    from .pipeline import answers as answers
     from .presets import DEFAULT_PRESET as DEFAULT_PRESET
     from .presets import PRESETS as PRESETS
     from .presets import Preset as Preset

@@ -12,113 +12,44 @@ the caller's thread), then the decode engine, as a batch of its own or in the sh
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator
-from dataclasses import dataclass, field, replace
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from .adapters import UsersAdapters, check_fits, check_mode, check_served_models, shown
+from .answers import Answer, Clock, Event, Observer, Status, Timings, last
+from .checks import (
+    check_length,
+    check_question,
+    check_texts,
+    decoding_options,
+    prompt_ids,
+    transform,
+)
 from .config import ServingConfig
 from .decoding import DecodingOptions, stream_text
 from .encoders import Encoder, FeatureCache
 from .engine import Request, decode_alone
 from .errors import AdapterError, InputError, Progress, UserError
-from .inspection import Inspection, Inspector
+from .inspection import Inspector
 from .media import MediaLimits
 from .model import EPALM, Adapter
-from .presets import DEFAULT_PRESET, PRESETS
 from .pretrained import HubModels
 from .serving import Scheduler
 from .store import ModelSource, ModelStore
-from .tasks import KINDS, MEDIA_NAMES, AdapterConfig, Task, answer_tokens, get_task, load_registry, tasks_by_modality
-from .video import MAX_FRAMES
+from .tasks import MEDIA_NAMES, AdapterConfig, Task, answer_tokens, get_task, load_registry, tasks_by_modality
 
 log = logging.getLogger(__name__)
-
-# The question limits, the same in the library, the CLI and the app. The token limit bounds the prompt ids (BOS,
-# question, the task's "?</a>"); the characters, checked first, are the cheap bound: 300 characters of English are
-# about 75 OPT tokens, well inside it, so only densely tokenized text (symbols, non-Latin scripts) meets the token
-# limit. However long the prompt within these limits, the task's `min_answer_tokens` still fit after it.
-MAX_QUESTION_CHARS = 300
-MAX_QUESTION_TOKENS = 128
-_OPTIONS = {
-    f.name: f.type for f in dataclasses.fields(DecodingOptions) if f.name not in ("eos_token_id", "pad_token_id")
-}
-
-Observer = Callable[[str, float], None]
-"""Hears where a request's time went, phase by phase, as wall seconds: "media" (the file decoded and
-prepared), "load" (waiting for models), "encode" (waiting for and running the encoder), "decode"
-(start of decoding to the final answer); and, within those, `inspect=True`'s own work: "inspect_media"
-(the viewable copy of what the encoder saw) and "inspect_decode" (the per-step trace, the prompt, the
-token probabilities and beams). Called on the thread that did the work."""
 
 
 class OutOfMemory(UserError, RuntimeError):
     """The device ran out of memory; the message says what to try."""
-
-
-@dataclass
-class Timings:
-    """Where the time of one answer went, as of the answer it belongs to."""
-
-    media_s: float = 0.0  # the file decoded and prepared for the encoder
-    encode_s: float = 0.0  # the encoder (waiting for it included), and the adapter
-    features_cached: bool = False  # the encoder did not run: its features for this media were kept from before
-    first_token_s: float | None = None  # start of decoding to the first token shown; None for beam search (none early)
-    generate_s: float = 0.0  # decoding so far
-    new_tokens: int = 0
-    num_beams: int = 1
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.new_tokens / self.generate_s if self.generate_s > 0 else 0.0
-
-    def summary(self) -> str:
-        tokens = f"{self.new_tokens} tokens in {self.generate_s:.2f} s ({self.tokens_per_s:.1f} tokens/s)"
-        encoder = "encoder features reused" if self.features_cached else f"encoder {self.encode_s:.2f} s"
-        inputs = f"media {self.media_s:.2f} s · {encoder}"
-        if self.first_token_s is None:  # beam search: no token is final before the search ends
-            return f"{inputs} · {self.num_beams}-beam search: {tokens}"
-        return f"{inputs} · first token {self.first_token_s:.2f} s · {tokens}"
-
-
-@dataclass
-class Status:
-    """What a request is doing while there is no answer to show yet, for people: `stage` is "loading"
-    (models: their stages and download bytes, whoever started the load), "encoding" or "decoding"
-    (beam search, which shows its best beam so far); `eta_s`: the seconds it should still take, where
-    known."""
-
-    stage: str
-    message: str
-    eta_s: float | None = None
-
-    def __str__(self) -> str:
-        return self.message + (f" (about {_seconds(self.eta_s)} left)" if self.eta_s and self.eta_s >= 1 else "")
-
-
-@dataclass
-class Answer:
-    """A (partial) answer: `done` is False while streaming, True for the final text. `notice` tells
-    the user about a setting changed for this request (a long question's raised length limit)."""
-
-    text: str
-    task: str
-    done: bool
-    timings: Timings = field(default_factory=Timings)
-    device: str = "cpu"
-    dtype: str = "float32"
-    inspection: Inspection | None = None  # with `inspect=True`: what the model saw (and, when done, how sure it was)
-    notice: str | None = None
-
-
-Event = Status | Answer
 
 
 @dataclass(frozen=True)
@@ -375,18 +306,7 @@ class Pipeline:
     def decoding_options(self, task: Task, preset: str | None = None, **overrides: Any) -> DecodingOptions:
         """The task's settings, the preset's rules applied (default: paper, the task's own), then
         `overrides` (fields of `DecodingOptions`; None means "not given")."""
-        preset = preset or DEFAULT_PRESET
-        if not isinstance(preset, str) or preset not in PRESETS:
-            raise InputError(f"unknown decoding preset {preset!r}; choose one of {', '.join(PRESETS)}")
-        unknown = sorted(set(overrides) - set(_OPTIONS))
-        if unknown:
-            raise InputError(f"unknown decoding setting {unknown[0]!r}; the settings are {', '.join(_OPTIONS)}")
-        given = {name: _whole(value) if "int" in _OPTIONS[name] else value for name, value in overrides.items()}
-        try:
-            options = PRESETS[preset].apply(task.generation)
-            return replace(options, **{k: v for k, v in given.items() if v is not None})
-        except (TypeError, ValueError) as exc:
-            raise InputError(f"invalid decoding settings: {exc}") from exc
+        return decoding_options(task, preset, overrides)
 
     def _plan(
         self,
@@ -399,9 +319,7 @@ class Pipeline:
         overrides: dict[str, Any],
     ) -> _Plan:
         """Every check of a request's own values, before anything loads; each refusal names the value."""
-        for name, value in (("task", task), ("adapter", adapter), ("question", question), ("modality", modality)):
-            if value is not None and not isinstance(value, str):
-                raise InputError(f"{name} must be text, not {type(value).__name__}")
+        check_texts(task=task, adapter=adapter, question=question, modality=modality)
         adapter = adapter.strip() or None if adapter is not None else None  # an empty field: the task's own
         if adapter is not None:
             kind = "caption" if question is None else "qa"
@@ -411,59 +329,8 @@ class Pipeline:
         spec = self.task(task)
         if modality is not None and spec.modality != modality:
             raise InputError(f"'{spec.title}' takes {spec.modality}, not {modality}.")
-        options = self.decoding_options(spec, preset, **overrides)
-        transform = spec.preprocess
-        if num_frames is not None and spec.modality == "video":
-            frames = _whole(num_frames)
-            if not isinstance(frames, int) or not 1 <= frames <= MAX_FRAMES:
-                raise InputError(f"frames to sample must be a whole number from 1 to {MAX_FRAMES}, not {num_frames!r}")
-            transform = replace(transform, num_frames=frames)
-        return _Plan(spec, self._check_question(spec, question), options, transform)
-
-    def _check_question(self, task: Task, question: str | None) -> str | None:
-        if not task.needs_question:
-            if question and question.strip():  # never answer something else than what was asked
-                raise InputError(
-                    f"'{task.title}' writes a caption and takes no question; choose a question task."
-                    if task.kind in KINDS
-                    else f"'{task.title}' takes no question."
-                )
-            return None
-        question = (question or "").strip()
-        if not question:
-            raise InputError(f"Please type a question: '{task.title}' answers questions about the {task.modality}.")
-        if len(question) > MAX_QUESTION_CHARS:
-            raise InputError(f"The question is {len(question)} characters long; the limit is {MAX_QUESTION_CHARS}.")
-        if any(0xD800 <= ord(c) <= 0xDFFF or c == "\0" for c in question):
-            raise InputError("The question holds characters that are not text; please type it again.")
-        return question
-
-    def _text_ids(self, task: Task, question: str | None, tokenizer: Any) -> torch.Tensor:
-        """BOS then the task's text, as the original tokenizer call produced them."""
-        ids = task.text.prompt_ids(tokenizer, question)
-        if len(ids) > MAX_QUESTION_TOKENS:
-            raise InputError(
-                f"The question is {len(ids)} tokens long; the limit is {MAX_QUESTION_TOKENS}. Please shorten it."
-            )
-        return torch.tensor([ids], device=self.device)
-
-    @staticmethod
-    def _check_length(options: DecodingOptions, prompt_ids: int, positions: int) -> str | None:
-        """Refuse a length the LM has no positions for; return the notice for a limit raised to
-        leave a long question its task's minimum answer."""
-        limit = options.length_limit(prompt_ids)
-        if limit > positions:
-            raise InputError(
-                f"{prompt_ids} prompt tokens and {limit - prompt_ids} new tokens exceed the model's {positions} "
-                "positions; lower max new tokens."
-            )
-        if not options.extends_limit(prompt_ids):
-            return None
-        return (
-            f"Long question: its {prompt_ids} tokens leave {max(0, options.max_length - prompt_ids)} of the task's "
-            f"{options.max_length} (max_length counts the question), so the answer was allowed up to "
-            f"{options.min_answer_tokens} new tokens; raise max new tokens for a longer answer."
-        )
+        options = decoding_options(spec, preset, overrides)
+        return _Plan(spec, check_question(spec, question), options, transform(spec, num_frames))
 
     def stream(
         self,
@@ -487,7 +354,7 @@ class Pipeline:
         for `modality` (when given) and for captions (`question` None) or questions. `observer` hears
         where the time went (see `Observer`). Closing the iterator (Stop, a closed tab) ends the request
         at its next step, in the shared batch or alone."""
-        clock = _Clock(observer)
+        clock = Clock(observer)
         if isinstance(adapter, str) and adapter.strip() and not self.is_adapter_served(adapter.strip()):
             yield Status("loading", "Reading the adapter's settings…")
         plan = self._plan(task, question, preset, num_frames, adapter, modality, overrides)
@@ -497,7 +364,7 @@ class Pipeline:
             yield from self._answer(plan, media, inspect, progress, clock)
 
     def _answer(
-        self, plan: _Plan, media: Any, inspect: bool, progress: Progress | None, clock: _Clock
+        self, plan: _Plan, media: Any, inspect: bool, progress: Progress | None, clock: Clock
     ) -> Iterator[Event]:
         """One checked request: its media, its models, its encoder, then the engine."""
         spec, options = plan.task, plan.options
@@ -511,8 +378,8 @@ class Pipeline:
         timings.media_s = spent()
         with clock("load"):
             lm, tokenizer, encoder, adapter_module = yield from self._loading(spec, progress)
-        input_ids = self._text_ids(spec, plan.question, tokenizer)
-        notice = self._check_length(options, input_ids.shape[1], lm.config.max_position_embeddings)
+        input_ids = torch.tensor([prompt_ids(spec, plan.question, tokenizer)], device=self.device)
+        notice = check_length(options, input_ids.shape[1], lm.config.max_position_embeddings)
         options = replace(options, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         if inspector:
             with clock("inspect_decode"):
@@ -600,58 +467,17 @@ class Pipeline:
 
     def caption(self, media: Any, task: str = "image-caption", **kwargs: Any) -> Answer:
         """The final caption (see `stream` for the keyword arguments)."""
-        return _last(self.stream(media, task, None, **kwargs))
+        return last(self.stream(media, task, None, **kwargs))
 
     def answer(self, media: Any, question: str, task: str = "image-vqa", **kwargs: Any) -> Answer:
         """The final answer to `question` about `media`."""
-        return _last(self.stream(media, task, question, **kwargs))
-
-
-class _Clock:
-    """Times a request's phases for its `Observer` (and for its `Timings`)."""
-
-    def __init__(self, observer: Observer | None) -> None:
-        self.observer = observer
-
-    @contextlib.contextmanager
-    def __call__(self, phase: str) -> Iterator[Callable[[], float]]:
-        started, ended = time.perf_counter(), None
-
-        def spent() -> float:
-            return (ended or time.perf_counter()) - started
-
-        try:
-            yield spent
-        finally:
-            ended = time.perf_counter()
-            if self.observer is not None:
-                self.observer(phase, ended - started)
-
-    def wrap(self, phase: str, function: Callable) -> Callable:
-        """`function`, its every call timed as `phase`."""
-        if self.observer is None:
-            return function
-
-        def timed(*args: Any) -> Any:
-            with self(phase):
-                return function(*args)
-
-        return timed
-
-
-def _whole(value: Any) -> Any:
-    """A whole number given as a float (a slider's 5.0) as an int; anything else as it is (checked later)."""
-    return int(value) if isinstance(value, float) and value.is_integer() else value
+        return last(self.stream(media, task, question, **kwargs))
 
 
 def _described(task: Task, pixels: torch.Tensor) -> str:
     if task.modality == "video":
         return f"video ({len(pixels)} frames)"
     return {"image": "image", "audio": "audio"}[task.modality]
-
-
-def _seconds(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -661,16 +487,3 @@ def _is_oom(exc: BaseException) -> bool:
         or "out of memory" in message
         or "can't allocate memory" in message
     )
-
-
-def answers(events: Iterator[Event]) -> Iterator[Answer]:
-    """The answers of a stream, partial then final, without its `Status` events (for a caller that
-    shows no progress)."""
-    return (event for event in events if isinstance(event, Answer))
-
-
-def _last(events: Iterator[Event]) -> Answer:
-    final = None
-    for final in events:  # noqa: B007 (keeps the last one)
-        pass
-    return final

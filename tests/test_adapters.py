@@ -9,8 +9,9 @@ import torch
 
 from epalm.adapter_format import save_adapter
 from epalm.adapters import read_adapter_config, resolve_adapter
+from epalm.answers import Status
 from epalm.errors import AdapterError, WeightsUnavailable
-from epalm.pipeline import Pipeline, Status
+from epalm.pipeline import Pipeline
 from epalm.tasks import AdapterConfig
 from epalm.tiny import tiny_adapter
 

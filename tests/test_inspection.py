@@ -10,11 +10,12 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
+from epalm.answers import answers
 from epalm.decoding import DecodingOptions
 from epalm.engine import generate
 from epalm.image import CLIP_MEAN, CLIP_STD
 from epalm.inspection import Inspector
-from epalm.pipeline import Pipeline, answers
+from epalm.pipeline import Pipeline
 from epalm.video import frame_indices
 
 from conftest import write_video, write_wav

@@ -9,11 +9,13 @@ from dataclasses import replace
 import pytest
 import torch
 
+from epalm.answers import Status, answers
+from epalm.checks import MAX_QUESTION_CHARS, MAX_QUESTION_TOKENS
 from epalm.config import MAX_BATCH_ROWS
 from epalm.decoding import DecodingOptions
-from epalm.errors import WeightsUnavailable
+from epalm.errors import InputError, WeightsUnavailable
 from epalm.media import MediaError
-from epalm.pipeline import MAX_QUESTION_CHARS, MAX_QUESTION_TOKENS, InputError, OutOfMemory, Pipeline, Status, answers
+from epalm.pipeline import OutOfMemory, Pipeline
 from epalm.presets import PRESETS
 from epalm.tasks import TextFormat, load_registry
 from epalm.tiny import TinyModels
