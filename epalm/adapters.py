@@ -14,17 +14,19 @@ from dataclasses import astuple
 from pathlib import Path
 
 from .errors import AdapterError
-from .hub import RepoFiles, is_repo_id, locate
-from .tasks import ADAPTER_CONFIG, ADAPTER_WEIGHTS, KIND_WORDS, AdapterConfig, AdapterSource, RegistryError, Task
+from .hub import YOU_GAVE, RepoFiles, is_repo_id, locate
+from .refs import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterSource, RegistryError
+from .tasks import KIND_WORDS, AdapterConfig, Task
 
 MAX_SOURCE = 1024  # characters of an adapter's name: a Hub repo id (at most 96) or a folder's path
 # the preprocessing an encoder's input shape depends on (num_frames is free: TimeSformer takes any count)
 _FIXED_SHAPE = {"image": ("size",), "video": ("size",), "audio": ("sample_rate", "mel_bins", "target_length")}
+ADAPTER_PREFIX = "adapter:"  # the task ids of users' adapters start with it
 
 
 def adapter_task_id(source: str) -> str:
     """The task id a user's adapter is served under (answers and timings name it)."""
-    return f"adapter:{source}"
+    return ADAPTER_PREFIX + source
 
 
 def shown(source: str) -> str:
@@ -61,7 +63,7 @@ def resolve_adapter(source: str, allow_local: bool = True, revision: str = "main
         return path.resolve(), None
     if not is_repo_id(source):
         raise AdapterError(f"Adapter {shown(source)!r} is neither an existing folder nor a Hub repo id (user/name).")
-    files = RepoFiles(f"the adapter {source}", source, revision, files=(ADAPTER_CONFIG,), named="you gave")
+    files = RepoFiles(f"the adapter {source}", source, revision, files=(ADAPTER_CONFIG,), named=YOU_GAVE)
     weights = AdapterSource(filename=ADAPTER_WEIGHTS, repo_id=source, revision=revision)
     return locate(files)[ADAPTER_CONFIG].parent, weights
 

@@ -336,6 +336,7 @@ class Pipeline:
         inspector = Inspector(spec) if inspect else None
         pixels = (inspector.prepare if inspector else _PREPARE[spec.modality])(media, transform, self.limits)
         timings.encode_s = time.perf_counter() - started
+        self.store.resolve(spec, progress)  # issue 24 (load helper): every file the task needs, before any loads
         lm, tokenizer = self.lm(spec, progress)
         input_ids = self._text_ids(spec, question, tokenizer)
         notice = self._check_length(options, input_ids.shape[1], lm.config.max_position_embeddings)

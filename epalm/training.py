@@ -51,7 +51,8 @@ from .errors import WeightsUnavailable
 from .metrics import caption_scores, exact_match, vqa_accuracy
 from .model import EPALM, Adapter
 from .publish import check_push, push_to_hub
-from .tasks import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterConfig, Task
+from .refs import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from .tasks import AdapterConfig, Task
 
 log = logging.getLogger(__name__)
 

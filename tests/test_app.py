@@ -375,7 +375,11 @@ def test_the_status_line_names_models_for_people_and_reports_preloads(media_file
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     real = demo_app.Demo(Pipeline(device="cpu"))
     real.start_preload(["image-caption"]).join(timeout=120)
-    assert re.search(r"preload of `image-caption`: failed: Cannot get .*facebook/opt-2.7b", real.status())
+    assert re.search(
+        r"preload of `image-caption`: failed: Cannot get the adapter of image-caption: .* is not downloaded",
+        real.status(),
+    )
+    assert str(tmp_path) not in real.status(), "where the server keeps its files is not shown"
 
 
 def test_missing_weights_offline_name_the_repo(media_files, tmp_path, monkeypatch):
@@ -387,7 +391,9 @@ def test_missing_weights_offline_name_the_repo(media_files, tmp_path, monkeypatc
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     blocks, url = serve(Pipeline(device="cpu"))
     try:
-        with pytest.raises(AppError, match="facebook/opt-2.7b.*not in the local Hugging Face cache"):
+        with pytest.raises(
+            AppError, match="ePALM_caption/checkpoint_best.pth in the Space mshukor/eP-ALM is not downloaded"
+        ):
             job = Client(url, verbose=False).submit(handle_file(str(media_files["image"])), api_name="/caption_image")
             job.result(timeout=120)
     finally:
