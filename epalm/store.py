@@ -189,16 +189,16 @@ class ModelStore:
             "adapter": ("adapter", task.id),
         }
 
-    def resolve(self, task: Task, progress: Progress | None = None) -> None:
+    def resolve(self, task: Task, progress: Progress | None = None) -> int:
         """Make sure every file `task` needs, of the parts not loaded yet, can be had: in the cache, or
         on the Hub (a HEAD request each, nothing downloaded). A request for a task whose adapter is
-        missing then fails before any LM weight is read or downloaded. `progress` hears how much is to
-        download. Each part is checked once per store (a load that follows fails on its own if a file
-        went away since)."""
+        missing then fails before any LM weight is read or downloaded. Returns the bytes still to
+        download, which `progress` hears too. Each part is checked once per store (a load that follows
+        fails on its own if a file went away since)."""
         parts = {part: key for part, key in self._keys(task).items() if key not in self._loaded}
         parts = {part: key for part, key in parts.items() if key not in self._resolved}
         if not parts:
-            return
+            return 0
         try:
             size = self.source.resolve(task, list(parts))
         except WeightsUnavailable as exc:
@@ -210,6 +210,7 @@ class ModelStore:
             log.info(message)
             for callback in {progress, self.progress} - {None}:
                 _tell(callback, message)
+        return size
 
     @staticmethod
     def _hint_download(exc: WeightsUnavailable, task: Task) -> None:

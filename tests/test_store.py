@@ -222,16 +222,16 @@ def test_a_task_to_download_says_how_much_and_each_file_is_checked_once(real_hub
     pipe = Pipeline(device="cpu", registry=load_registry(real_hub.registry), pack_weights=False)
     task = pipe.task("image-caption")
     heard: list[str] = []
-    pipe.store.resolve(task, heard.append)
+    to_download = pipe.store.resolve(task, heard.append)
     heads = len(real_hub.requests)
     lm = ("config.json", "tokenizer_config.json", "vocab.json", "merges.txt", "pytorch_model.bin")
     needed = [("model", "facebook/opt-2.7b", name) for name in lm]
     needed += [("model", "timm/vit_base_patch16_224.augreg_in21k_ft_in1k", "model.safetensors")]
     needed += [("space", task.adapter.repo_id, task.adapter.filename)]
-    size = describe_bytes(sum(len(real_repos[key]) for key in needed))
-    assert heads and heard == [f"{size} to download for COCO captions before it can run"], heard
+    assert to_download == sum(len(real_repos[key]) for key in needed)
+    assert heads and heard == [f"{describe_bytes(to_download)} to download for COCO captions before it can run"]
     assert real_hub.downloads == []
-    pipe.store.resolve(task, heard.append)
+    assert pipe.store.resolve(task, heard.append) == 0
     assert len(real_hub.requests) == heads and len(heard) == 1, "resolved once"
     pipe.caption(media_files["image"], "image-caption", preset="fast", max_new_tokens=2)
     assert sorted(real_hub.downloads) == sorted(
