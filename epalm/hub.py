@@ -34,7 +34,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import validate_repo_id
 from tqdm.auto import tqdm
 
-from .errors import Progress, Transfer, WeightsUnavailable
+from .errors import Progress, Transfer, UserError, WeightsUnavailable
 from .media import describe_bytes, describe_seconds
 from .refs import AdapterSource, EncoderRef, ModelRef, TaskRefs
 
@@ -350,6 +350,21 @@ def fetch(source: AdapterSource, progress: Progress | None = None, task_id: str 
             raise WeightsUnavailable(f"Adapter file {path} does not exist.")
         return path
     return locate(files, progress)[source.filename]
+
+
+def fetch_and_read(
+    source: AdapterSource, read: Callable[[Path], T], progress: Progress | None = None, task_id: str = ""
+) -> T:
+    """`read(path)` of the adapter's local path (`fetch`). A refusal names a Hub file by its repo and name,
+    not by where this machine's cache keeps it (that path goes to the error's detail)."""
+    path = fetch(source, progress, task_id)
+    try:
+        return read(path)
+    except UserError as exc:
+        if not source.repo_id:  # a local file: its path is the name its owner gave it
+            raise
+        named = str(exc).replace(str(path), adapter_files(source, task_id).where(source.filename))
+        raise type(exc)(named, detail=f"{path}: {exc}") from exc
 
 
 def is_cached(files: RepoFiles | AdapterSource | None) -> bool:

@@ -21,8 +21,8 @@ from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM, PreTrainedTok
 from . import weight_files
 from .adapter_format import read_adapter
 from .encoders import Encoder, attention_kernel, wrap_encoder
-from .errors import AdapterError, Progress, WeightsUnavailable
-from .hub import adapter_files, cached_parts, check, encoder_files, fetch, lm_files, locate, task_files
+from .errors import Progress, WeightsUnavailable
+from .hub import cached_parts, check, encoder_files, fetch, fetch_and_read, lm_files, locate, task_files
 from .media import describe_bytes
 from .tasks import EncoderRef, ModelRef, Task
 from .weight_files import open_checkpoint
@@ -71,15 +71,7 @@ class HubModels:
         return wrap_encoder(model.to(dtype))
 
     def adapter_state(self, task: Task, progress: Progress | None = None) -> dict[str, torch.Tensor]:
-        path = fetch(task.adapter, progress, task.id)
-        files = adapter_files(task.adapter, task.id)
-        try:
-            return read_adapter(path)
-        except AdapterError as exc:
-            if files is None:  # a local file: its path is the name its owner gave
-                raise
-            named = str(exc).replace(str(path), files.where(task.adapter.filename))  # not where the cache keeps it
-            raise AdapterError(named, detail=f"{path}: {exc}") from exc
+        return fetch_and_read(task.adapter, read_adapter, progress, task.id)
 
     def resolve(self, task: Task, parts: Collection[str]) -> int:
         """Every file of these parts in the cache, or on the Hub (HEAD requests), or a local adapter's

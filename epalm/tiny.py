@@ -32,7 +32,7 @@ from transformers import (
 from .adapter_format import read_adapter
 from .encoders import Encoder, wrap_encoder
 from .errors import Progress
-from .hub import adapter_files, check, fetch, is_cached
+from .hub import adapter_files, check, fetch, fetch_and_read, is_cached
 from .model import Adapter, InjectionConfig
 from .refs import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EncoderRef, ModelRef
 from .tasks import Task
@@ -264,7 +264,7 @@ class TinyModels:
         repo's `adapter.safetensors`: trained on these tiny models, as `Pipeline.use_adapter` checks),
         the file's weights."""
         if self._reads_file(task):
-            return read_adapter(fetch(task.adapter, progress, task.id))
+            return fetch_and_read(task.adapter, read_adapter, progress, task.id)
         return tiny_adapter(task.injection, seed=zlib.crc32(task.id.encode())).state_dict()
 
     def _reads_file(self, task: Task) -> bool:

@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import huggingface_hub.constants
 import pytest
 
 from epalm.errors import Transfer, WeightsUnavailable
@@ -126,3 +127,16 @@ def test_check_asks_the_hub_about_each_file_and_downloads_none(fake_hub, monkeyp
     with pytest.raises(WeightsUnavailable, match="tokenizer.json in someone/model is not downloaded") as error:
         check(missing)
     assert error.value.not_cached
+
+
+def test_a_bad_hub_file_is_named_by_its_repo_not_by_where_the_cache_keeps_it(fake_hub):
+    from epalm.adapter_format import read_adapter
+    from epalm.errors import AdapterError
+    from epalm.hub import fetch_and_read
+
+    fake_hub.add("someone/epalm", "checkpoint_best.pth", b"not a checkpoint")
+    with pytest.raises(AdapterError) as error:
+        fetch_and_read(AdapterSource("checkpoint_best.pth", "someone/epalm"), read_adapter)
+    assert str(error.value).startswith("checkpoint_best.pth in someone/epalm is not a readable PyTorch checkpoint")
+    cache = huggingface_hub.constants.HF_HUB_CACHE
+    assert cache not in str(error.value) and error.value.detail.startswith(cache)
