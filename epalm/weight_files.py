@@ -33,7 +33,6 @@ import json
 import logging
 import mmap
 import os
-import re
 import shutil
 import struct
 import tempfile
@@ -182,7 +181,7 @@ def write(path: Path, sources: list[Path], dtype: torch.dtype, metadata: dict[st
         header[key] = {"dtype": _DTYPES[dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    text += b" " * (-(8 + len(text)) % 64)  # the data starts on a cache line, and so does every weight matrix
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as out:
@@ -269,12 +268,13 @@ def mapped_release() -> Callable[[torch.Tensor], None] | None:
     if root is None or madvise is None:
         return None
     ours = str(root.resolve()) + os.sep
-    pattern = r"^([0-9a-f]+)-([0-9a-f]+) \S+ \S+ \S+ \S+\s+(\S.*)$"
-    ranges = sorted(
-        (int(start, 16), int(end, 16))
-        for start, end, name in re.findall(pattern, maps, re.MULTILINE)
-        if name.startswith(ours) and name.endswith(".safetensors")
-    )
+    ranges = []
+    for line in maps.splitlines():  # "start-end perms offset device inode   path" (anonymous: no path)
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith(ours) and fields[5].endswith(".safetensors"):
+            start, end = fields[0].split("-")
+            ranges.append((int(start, 16), int(end, 16)))
+    ranges.sort()
     starts = [start for start, _ in ranges]
 
     def release(tensor: torch.Tensor) -> None:
