@@ -196,7 +196,7 @@ def transfer(label: str, done: int, total: int, rate: float | None) -> Transfer:
     left = (total - done) / rate if rate and done < total else None
     if rate:
         text += f", {describe_bytes(rate)}/s"
-    if left is not None:
+    if left is not None and left >= 1:  # a second or less: nothing worth saying
         text += f", about {describe_seconds(left)} left"
     return Transfer(text, done, total, rate, left)
 
