@@ -129,12 +129,12 @@ def locate(
     return _walk(files, fetcher.get, lambda name, path: path)
 
 
-def check(files: RepoFiles, local_only: bool = False) -> int:
+def check(files: RepoFiles) -> int:
     """Make sure every file `files` needs can be had, without downloading any: from the cache, or from
     the Hub (one HEAD request per file not cached; the index of a sharded checkpoint, a few kB, is
     fetched to learn its shards). Returns the bytes still to download (0: all cached). Raises what
     `locate` would, before a single large file is fetched."""
-    fetcher = _Fetcher(files, None, local_only or hub_constants.HF_HUB_OFFLINE)
+    fetcher = _Fetcher(files, None, hub_constants.HF_HUB_OFFLINE)
     found = _walk(files, fetcher.size, lambda name, size: fetcher.get(name, required=True))
     return sum(found.values())
 

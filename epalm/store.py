@@ -113,9 +113,10 @@ class _Load:
                 self.said[-1] = message
             else:
                 self.said.append(message)
-            now = time.monotonic()
-            if not transfer or now - self._logged >= self.LOG_EVERY_S or message.done >= message.total:
-                self._logged = now if transfer else self._logged
+            if not transfer:
+                log.info(message)
+            elif time.monotonic() - self._logged >= self.LOG_EVERY_S or message.done >= message.total:
+                self._logged = time.monotonic()
                 log.info(message)
             for listener in self.listeners:
                 _tell(listener, message)
