@@ -106,7 +106,7 @@ def respond(pipeline: Pipeline, modality: str, values: dict[str, Any]) -> Iterat
                 yield event.text, info_line(event), *seen_outputs(event.inspection)
             shown = shown or isinstance(event, Answer)
     except UserError as exc:
-        log.info("refused a request (%s): %s", modality, exc)
+        log.info("refused a request (%s): %s", modality, f"{exc} ({exc.detail})" if exc.detail else exc)
         message = str(exc)
     except Exception as exc:
         log.exception("%s request failed", modality)

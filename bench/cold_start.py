@@ -1,18 +1,21 @@
-"""Cold start: the time from `python app.py` to the first answer, with the files already in the Hub cache.
+"""Cold start: the time from `python app.py` to the first answer, with the files already in the Hub cache,
+today's way (the float16 checkpoint read and cast) and from the kept weights (epalm.weight_files), in one run.
 
-    python -m bench.cold_start                          # OPT-2.7B shape, bfloat16 and float32
-    python -m bench.cold_start --dtype bfloat16 --cache /tmp/epalm-cache --keep
+    python -m bench.cold_start                          # OPT-2.7B shape, bfloat16 and float32, both ways
+    python -m bench.cold_start --dtype bfloat16 --cache /tmp/epalm-cache --keep --repeats 3
     python -m bench.cold_start --layers 2 --dtype float32   # a quick run: 2 OPT layers
 
 Writes a Hugging Face cache holding what `image-caption` needs, in the real repos' layouts, with
 random weights at the real shapes: facebook/opt-2.7b's config, a tokenizer and its float16
 `pytorch_model.bin` (5.3 GB at 32 layers; the Hub has no safetensors for it), timm's ViT-B/16
-`model.safetensors`, and the adapter at its path in the Space mshukor/eP-ALM. Then, per dtype, it
-starts `python app.py` (a fresh process, offline, page cache warm: the files were just read), submits
-one image caption through the API as soon as the server answers, and times the server start, the
-first streamed token and the final answer (greedy, `--new-tokens`). The parts come from the app's log,
-where each load stage is a line with its time: the LM's read and cast, its weight packing, the
-encoder and the adapter (the encoder loads alongside the LM, so parts may overlap).
+`model.safetensors`, and the adapter at its path in the Space mshukor/eP-ALM. Per dtype it then writes
+the kept weights (what a first start leaves behind) and starts `python app.py` (a fresh process, offline,
+page cache warm: the files the start reads are read just before it) alternately without them (`read`:
+EPALM_CACHE=off, today's path) and with them (`kept`), `--repeats` times each; each start submits one
+image caption through the API as soon as the server answers and times the server start, the first
+streamed token and the final answer (greedy, `--new-tokens`). The parts come from the app's log, where
+each load stage is a line with its time: the LM's read and cast (or mapping), its weight packing, the
+encoder and the adapter.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ TASK = "image-caption"
 IMAGE = ROOT / "examples" / "image" / "cat.jpg"
 # Log lines that mark a part's start or end: (part, "start" | "end", pattern).
 MARKS = [
-    ("lm_read_and_cast", "start", r"Reading the weights of"),
+    ("lm_read_and_cast", "start", r"Reading the weights of|Mapping the \w+ weights of"),
     ("lm_read_and_cast", "end", r"Packing the weights of"),
     ("lm_pack", "start", r"Packing the weights of"),
     ("lm_pack", "end", r"packed \d+ linear layers"),
@@ -127,21 +130,71 @@ def _wait_for_server(url: str, process: subprocess.Popen, timeout: float) -> Non
     raise TimeoutError(f"the app did not answer at {url} in {timeout:.0f} s")
 
 
-def start_to_answer(cache: Path, dtype: str, new_tokens: int, threads: int) -> dict:
-    """One `python app.py` from launch to the first answer; seconds since launch."""
+def kept_folder(cache: Path) -> Path:
+    return cache.parent / f"{cache.name}-kept"
+
+
+def keep_weights(cache: Path, dtype: str) -> float:
+    """Write the kept weights of image-caption's LM in `dtype` as a first start would (a fresh process);
+    returns their size in GB."""
+    code = (
+        "import torch\n"
+        "from epalm import weight_files\n"
+        "from epalm.hub import lm_files, locate\n"
+        "from epalm.tasks import load_registry\n"
+        f"ref = load_registry()[{TASK!r}].lm\n"
+        "weights = [p for n, p in locate(lm_files(ref)).items() if n.endswith(('.bin', '.safetensors'))]\n"
+        f"dtype = torch.{dtype}\n"
+        "if weight_files.load(ref.id, weights, dtype) is None:\n"
+        "    weight_files.keep(ref.id, weights, dtype, 0)\n"
+        "    weight_files.finish()\n"
+        "print(weight_files.entry_path(ref.id, dtype).stat().st_size)\n"
+    )
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "EPALM_CACHE": str(kept_folder(cache))}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[-1]) / 1e9
+
+
+def warm(files: list[Path]) -> None:
+    """Read these files once, so that the start finds them in the page cache ("from a warm cache"): on a
+    machine whose memory cannot hold every file of the run at once, the last start's files push out the
+    next one's otherwise."""
+    for path in files:
+        with path.open("rb", buffering=0) as handle:
+            while handle.readinto(WARM_BUFFER):
+                pass
+
+
+WARM_BUFFER = bytearray(16 << 20)
+
+
+def start_files(cache: Path, dtype: str, kept: bool) -> list[Path]:
+    """What a start reads: the LM's kept weights or its checkpoint, and the other files of the task."""
+    files = [path for path in cache.rglob("*") if path.is_file() and "opt-2.7b" not in str(path)]
+    if kept:
+        return [*kept_folder(cache).rglob(f"{dtype}.safetensors"), *files]
+    return [*cache.rglob("pytorch_model.bin"), *files]
+
+
+def start_to_answer(cache: Path, dtype: str, new_tokens: int, threads: int, kept: bool) -> dict:
+    """One `python app.py` from launch to the first answer (`kept`: with the kept weights), its files in
+    the page cache; seconds since launch."""
     from gradio_client import Client, handle_file
 
+    warm(start_files(cache, dtype, kept))
     port = _free_port()
     env = {
         **os.environ,
         "HF_HUB_CACHE": str(cache),
         "HF_HUB_OFFLINE": "1",
+        "EPALM_CACHE": str(kept_folder(cache)) if kept else "off",
         "EPALM_DTYPE": dtype,
         "EPALM_DEVICE": "cpu",
         "GRADIO_SERVER_PORT": str(port),
         "GRADIO_ANALYTICS_ENABLED": "False",
         "OMP_NUM_THREADS": str(threads),
     }
+    load_average = os.getloadavg()[0]
     with tempfile.TemporaryFile("w+") as log:
         launched_wall, launched = time.time(), time.perf_counter()
         process = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -166,6 +219,8 @@ def start_to_answer(cache: Path, dtype: str, new_tokens: int, threads: int) -> d
         lines = log.read().splitlines()
     return {
         "dtype": dtype,
+        "weights": "kept" if kept else "read",
+        "load_average": f"{load_average:.2f}",
         "server_s": server_s,
         "first_token_s": first_token_s,
         "answer_s": answer_s,
@@ -197,20 +252,26 @@ def markdown(results: dict) -> str:
         "## Cold start: `python app.py` to the first answer (bench/cold_start.py)",
         "",
         f"Run on {results['date']}: `{results['command']}`. Machine: {results['machine'].get('cpu', '?')}, "
-        f"{results['machine'].get('cpu_count', '?')} cores, torch threads {results['threads']}. A Hub cache of "
-        f"{results['cache_gb']:.1f} GB with `{TASK}`'s files at the real shapes ({results['layers']} OPT layers; "
-        "float16 `pytorch_model.bin`), random weights, read offline with the page cache warm. One image caption "
-        f"submitted through the API as soon as the server answers, greedy, {results['new_tokens']} new tokens. "
-        "Seconds since launch.",
+        f"{results['machine'].get('cpu_count', '?')} cores, torch threads {results['threads']}, load average "
+        f"{results['load_average']} at the start. A Hub cache of {results['cache_gb']:.1f} GB with `{TASK}`'s files "
+        f"at the real shapes ({results['layers']} OPT layers; float16 `pytorch_model.bin`), random weights, read "
+        "offline with the page cache warm. `read`: the checkpoint read and cast at each start (EPALM_CACHE=off); "
+        "`kept`: the weights kept by an earlier start, mapped ("
+        + ", ".join(f"{dtype} {size:.1f} GB on disk" for dtype, size in results["kept_gb"].items())
+        + "). One image caption submitted through the API as soon as the server answers, greedy, "
+        f"{results['new_tokens']} new tokens. Seconds since launch; runs in the order they ran (load average at "
+        "each launch).",
         "",
-        "| dtype | server up | LM read + cast | LM packing | encoder | adapter | first token | answer |",
-        "|---|---|---|---|---|---|---|---|",
+        "| dtype | weights | load avg | server up | LM read + cast (or mapped) | LM packing | encoder | adapter | "
+        "first token | answer |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in results["runs"]:
         span = functools.partial(_span, run["parts"])
         lines.append(
-            f"| {run['dtype']} | {run['server_s']:.1f} | {span('lm_read_and_cast')} | {span('lm_pack')} | "
-            f"{span('encoder')} | {span('adapter')} | {run['first_token_s']:.1f} | **{run['answer_s']:.1f}** |"
+            f"| {run['dtype']} | {run['weights']} | {run['load_average']} | {run['server_s']:.1f} | "
+            f"{span('lm_read_and_cast')} | {span('lm_pack')} | {span('encoder')} | {span('adapter')} | "
+            f"{run['first_token_s']:.1f} | **{run['answer_s']:.1f}** |"
         )
     return "\n".join(lines) + "\n"
 
@@ -222,18 +283,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=32, help="OPT layers (32: OPT-2.7B)")
     p.add_argument("--new-tokens", type=int, default=12)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--repeats", type=int, default=1, help="starts per dtype and way, alternating read and kept")
     p.add_argument("--cache", help="where to write the Hub cache (default: a temporary folder)")
     p.add_argument("--keep", action="store_true", help="keep the cache (to rerun without writing it)")
     p.add_argument("--out", default=str(ROOT / "bench" / "cold_start.json"))
     p.add_argument("--markdown", help="write the section into this file (e.g. bench/RESULTS.md)")
     args = p.parse_args(argv)
     cache = Path(args.cache or tempfile.mkdtemp(prefix="epalm-hub-"))
+    load_average = f"{os.getloadavg()[0]:.2f}"
     try:
         cache_gb = write_cache(cache, args.layers)
-        runs = [start_to_answer(cache, dtype, args.new_tokens, args.threads) for dtype in args.dtype]
+        runs, kept_gb = [], {}
+        for dtype in args.dtype:
+            kept_gb[dtype] = keep_weights(cache, dtype)
+            for _ in range(args.repeats):
+                for kept in (False, True):  # interleaved: a change in the machine's load hits both ways
+                    runs.append(start_to_answer(cache, dtype, args.new_tokens, args.threads, kept))
     finally:
         if not args.keep:
             shutil.rmtree(cache, ignore_errors=True)
+            shutil.rmtree(kept_folder(cache), ignore_errors=True)
     results = {
         "command": "python -m bench.cold_start " + " ".join(argv),
         "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -242,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
         "layers": args.layers,
         "new_tokens": args.new_tokens,
         "cache_gb": cache_gb,
+        "kept_gb": kept_gb,
+        "load_average": load_average,
         "runs": runs,
     }
     Path(args.out).write_text(json.dumps(results, indent=1))

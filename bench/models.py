@@ -207,6 +207,7 @@ class RandomSource:
     family, the tiny tokenizer (a copy per LM: the store adds the answer tokens to it)."""
 
     random_weights = True
+    stand_in = "random weights"
 
     def __init__(self, lm_name: str = "opt-2.7b", encoders: str = "real") -> None:
         self.lm_name, self.encoders = lm_name, encoders
@@ -228,6 +229,9 @@ class RandomSource:
         config = lm_config(self.lm_name)
         width = ENCODER_WIDTHS[self.encoders]
         return tiny_adapter(task.injection, 1, width, config.hidden_size, config.word_embed_proj_dim).state_dict()
+
+    def resolve(self, task: Task, parts: Any) -> int:
+        return 0  # nothing to download
 
     def cached(self, task: Task) -> dict[str, bool]:
         return {"adapter": True, "lm": True, "encoder": True}

@@ -32,6 +32,7 @@ _EXPORTS = {
     "UserError": "errors",
     "AdapterError": "errors",
     "WeightsUnavailable": "errors",
+    "Transfer": "errors",
     "Inspection": "inspection",
     "MediaError": "media",
     "MediaLimits": "media",
@@ -63,6 +64,7 @@ if TYPE_CHECKING:  # for type checkers and editors; `X as X` marks a re-export
     from .decoding import DecodingOptions as DecodingOptions
     from .errors import AdapterError as AdapterError
     from .errors import InputError as InputError
+    from .errors import Transfer as Transfer
     from .errors import UserError as UserError
     from .errors import WeightsUnavailable as WeightsUnavailable
     from .inspection import Inspection as Inspection

@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .errors import UserError
     from .evaluation import Runner
+    from .refs import TaskRefs
     from .tasks import Task
 
 # The library (torch, transformers) is imported inside the commands, once the arguments are parsed:
@@ -29,10 +31,10 @@ REGISTRY_HELP = "another task registry file (default: $EPALM_TASKS, else checkpo
 
 
 def _model_flags(parser: argparse.ArgumentParser) -> None:
-    from .media import MediaLimits  # light: no torch
+    from .media import MediaLimits, MiB  # light: no torch
     from .presets import DEFAULT_PRESET, PRESETS  # light too
 
-    max_mb = MediaLimits().max_file_bytes / 2**20
+    max_mib = MediaLimits().max_file_bytes / MiB
     parser.add_argument("--task", help="task id (see `python -m epalm tasks`)")
     parser.add_argument("--adapter", help="a trained adapter instead of --task: its folder or Hub repo id (user/name)")
     parser.add_argument("--tiny", action="store_true", help="tiny random models, no network (answers are meaningless)")
@@ -40,7 +42,9 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: float32 on CPU, float16 on GPU)")
     parser.add_argument("--registry", help=REGISTRY_HELP)
     parser.add_argument("--frames", dest="num_frames", type=int, help="video frames to sample (default: the task's)")
-    parser.add_argument("--max-file-size", type=float, metavar="MB", help=f"refuse larger files (default: {max_mb:g})")
+    parser.add_argument(
+        "--max-file-size", type=float, metavar="MiB", help=f"refuse larger files, in MiB (default: {max_mib:g})"
+    )
     parser.add_argument("--jsonl", action="store_true", help="print one JSON object per path (answer and timings)")
     parser.add_argument(
         "--save-inputs",
@@ -294,13 +298,13 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--no-progress", dest="progress", action="store_const", const=False)
 
 
-def _tasks(registry: dict[str, Task]) -> int:
-    from .pretrained import HubModels
+def _tasks(registry: dict[str, TaskRefs]) -> int:
+    """The tasks and whether their files are cached: the registry's refs and cache lookups, no torch."""
+    from .hub import cached_parts
 
-    models = HubModels()
     rows = [("task", "modality", "kind", "language model", "encoder", "cached (adapter/LM/encoder)")]
     for task in registry.values():
-        cached = models.cached(task)
+        cached = cached_parts(task)
         marks = "/".join("yes" if cached[k] else "no" for k in ("adapter", "lm", "encoder"))
         rows.append((task.id, task.modality, task.kind, task.lm.id, task.encoder.id, marks))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -309,8 +313,9 @@ def _tasks(registry: dict[str, Task]) -> int:
     return 0
 
 
-def _download(args: argparse.Namespace, registry: dict[str, Task]) -> int:
-    """Each model once, however many of the tasks share it; one line per model, the files it took."""
+def _download(args: argparse.Namespace, registry: dict[str, TaskRefs]) -> int:
+    """Each model once, however many of the tasks share it; one line per model: its commit, the files it
+    took, what changed since the last download. A branch (`main`) is asked for its current commit."""
     from huggingface_hub import constants as hub_constants
 
     from .errors import UserError
@@ -321,27 +326,32 @@ def _download(args: argparse.Namespace, registry: dict[str, Task]) -> int:
     parts = [files for task_id in args.tasks for files in task_files(registry[task_id]).values() if files]
     for part in dict.fromkeys(parts):
         try:
-            found = locate(part)
+            before = {name: path.resolve() for name, path in locate(part, local_only=True).items()}
+        except UserError:
+            before = {}
+        try:
+            found = locate(part, refresh=True)
         except UserError as exc:
-            print(f"error: {exc}", file=sys.stderr)
             failed += 1
+            _fail(exc)
             continue
         size = describe_bytes(sum(path.stat().st_size for path in found.values()))
-        print(f"{part.repo_id}: {', '.join(found)} ({size})", flush=True)
+        snapshot = next(iter(found.values())).parts
+        commit = snapshot[snapshot.index("snapshots") + 1]
+        changed = [name for name, path in found.items() if before and before.get(name) != path.resolve()]
+        news = f"; changed since the last download: {', '.join(changed)}" if changed else ""
+        print(f"{part.repo_id}@{commit}: {', '.join(found)} ({size}){news}", flush=True)
     if not failed:
         print(f"Cached in {hub_constants.HF_HUB_CACHE}: these tasks now run without network (HF_HUB_OFFLINE=1).")
+        print("To pin a repo to what was fetched, write its commit as the `revision:` in the registry.")
     return 2 if failed else 0
 
 
-def _check_tasks(parser: argparse.ArgumentParser, args: argparse.Namespace, registry: dict[str, Task]) -> None:
+def _check_tasks(parser: argparse.ArgumentParser, args: argparse.Namespace, registry: dict[str, TaskRefs]) -> None:
     """An unknown task, or a task of the other kind, is a usage error: said once, before any work.
     (With --adapter the task comes from the adapter's own config.)"""
-    if args.command in ("caption", "ask"):
-        _check_inputs(parser, args)
     if args.command in ("caption", "ask") and getattr(args, "adapter", None):
         return
-    if args.command in ("caption", "ask") and not args.task:
-        parser.error("name a task (--task) or a trained adapter (--adapter)")
     for task_id in getattr(args, "tasks", None) or [args.task]:
         if task_id not in registry:
             parser.error(f"unknown task {task_id!r}; known tasks: {', '.join(registry)}")
@@ -356,6 +366,9 @@ def _check_tasks(parser: argparse.ArgumentParser, args: argparse.Namespace, regi
 
 
 def _check_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What `caption` and `ask` are given, checked before anything is imported or read."""
+    if not args.task and not args.adapter:
+        parser.error("name a task (--task) or a trained adapter (--adapter)")
     if bool(args.paths) == bool(args.dataset):
         parser.error("give media files or folders, or --dataset NAME (one of the two)")
     if (args.ray or args.dataset) and not args.out:
@@ -378,13 +391,15 @@ def _runner(args: argparse.Namespace, registry: dict[str, Task]) -> Runner:
     return Runner(pipeline, args.ray, args.workers)
 
 
-def _eval(args: argparse.Namespace, registry: dict[str, Task]) -> int:
+def _eval(args: argparse.Namespace) -> int:
     """`python -m epalm eval`: 0 when every item was predicted, 2 for a user error or failed items."""
     from .errors import UserError
     from .evaluation import evaluate
+    from .tasks import load_registry
 
     decoding = {"preset": args.preset, "num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens}
     try:
+        registry = load_registry(args.registry)
         result = evaluate(
             args.task,
             args.annotations,
@@ -399,31 +414,31 @@ def _eval(args: argparse.Namespace, registry: dict[str, Task]) -> int:
             progress=args.progress,
         )
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(exc)
     print(result.table)
     return 2 if result.failed else 0
 
 
-def _bulk(args: argparse.Namespace, question: str | None, registry: dict[str, Task]) -> int:
+def _bulk(args: argparse.Namespace, question: str | None) -> int:
     """`caption`/`ask` with --out: every input answered into a file, in one process or with Ray."""
     from .bulk import dataset_requests, media_files, run_bulk
     from .errors import UserError
     from .evaluation import Request
+    from .tasks import load_registry
 
     decoding = {
         k: getattr(args, k)
         for k in ("preset", "num_beams", "do_sample", "temperature", "top_p", "top_k", "seed", "max_new_tokens")
     }
     try:
+        registry = load_registry(args.registry)
         if args.dataset:
             requests = dataset_requests(args.dataset, args.split, args.column, question)
         else:
             requests = [Request(p, p, question) for p in media_files(args.paths, registry[args.task].modality)]
         answered, failed = run_bulk(args.task, requests, args.out, _runner(args, registry), decoding)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(exc)
     print(f"{answered} answered, {failed} failed: {args.out}", file=sys.stderr)
     return 2 if failed else 0
 
@@ -431,18 +446,16 @@ def _bulk(args: argparse.Namespace, question: str | None, registry: dict[str, Ta
 def _run(args: argparse.Namespace, question: str | None) -> int:
     from .bulk import media_files
     from .errors import UserError
-    from .media import MediaLimits
+    from .media import MediaLimits, MiB
     from .pipeline import Pipeline
     from .tasks import load_registry
 
-    limits = (
-        MediaLimits() if args.max_file_size is None else MediaLimits(max_file_bytes=int(args.max_file_size * 2**20))
-    )
+    limits = MediaLimits() if args.max_file_size is None else MediaLimits(max_file_bytes=int(args.max_file_size * MiB))
     decoding = {
         k: getattr(args, k)
         for k in ("num_beams", "do_sample", "temperature", "top_p", "top_k", "seed", "max_new_tokens", "max_length")
     }
-    failed, folders = 0, set()
+    failed, folders, details = 0, set(), set()
     try:
         pipeline = Pipeline(
             device=args.device,
@@ -454,15 +467,13 @@ def _run(args: argparse.Namespace, question: str | None) -> int:
         if args.adapter:  # an adapter of the other kind: said once, saying what it is for
             pipeline.use_adapter(args.adapter, kind="caption" if question is None else "qa")
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(exc)
     inspect = args.save_inputs is not None
     if args.task:
         try:
             args.paths = media_files(args.paths, pipeline.task(args.task).modality)
         except UserError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+            return _fail(exc)
     for path in args.paths:
         try:
             settings = dict(
@@ -473,7 +484,7 @@ def _run(args: argparse.Namespace, question: str | None) -> int:
             else:
                 answer = pipeline.answer(path, question, args.task, **settings)
             record = {"path": path, "answer": answer.text, "timings": vars(answer.timings), "notice": answer.notice}
-            line = f"{path}\t{answer.text}"
+            line = f"{path}\t{_printable(answer.text)}"
             if answer.notice:
                 print(f"note: {path}: {answer.notice} (--max-new-tokens N sets it)", file=sys.stderr)
             if inspect:
@@ -483,6 +494,9 @@ def _run(args: argparse.Namespace, question: str | None) -> int:
         except UserError as exc:
             failed += 1
             record, line = {"path": path, "error": str(exc)}, f"{path}\tERROR: {exc}"
+            if exc.detail and exc.detail not in details:  # for whoever runs this: once, not per file
+                details.add(exc.detail)
+                print(f"note: {exc.detail}", file=sys.stderr)
         except Exception as exc:  # an unforeseen failure on one file must not stop the batch
             log.info("unexpected failure on %s", path, exc_info=True)  # the traceback, with -v
             failed += 1
@@ -492,6 +506,12 @@ def _run(args: argparse.Namespace, question: str | None) -> int:
             )
         print(json.dumps(record) if args.jsonl else line, flush=True)
     return 2 if failed else 0
+
+
+def _printable(text: str) -> str:
+    """An answer as a terminal line may show it: control characters (a random model's bytes can be any,
+    escape sequences included) written as escapes, never sent to the terminal."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def _inputs_folder(root: Path, path: str, taken: set[Path]) -> Path:
@@ -540,8 +560,7 @@ def _train(args: argparse.Namespace) -> int:
         print(f"\n{exc}", file=sys.stderr)
         return 130
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(exc)
     if result.already_finished:
         print(f"Nothing to resume: the run in {result.out} had finished. {result.summary}")
         print("Train again with --overwrite.")
@@ -557,7 +576,12 @@ def _train(args: argparse.Namespace) -> int:
 
 
 # The modules each command needs (default: the pipeline's), imported first by `_load`
-_LIBRARIES = {"train": ("epalm.training", "accelerate", "datasets"), "parity": ("epalm.parity",)}
+_LIBRARIES = {  # what each command imports before it runs (the default: the pipeline, torch and all)
+    "train": ("epalm.training", "accelerate", "datasets"),
+    "parity": ("epalm.parity",),
+    "tasks": ("epalm.hub",),  # cache lookups: no torch
+    "download": ("epalm.hub",),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -594,36 +618,47 @@ def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    _load(args.command)
     if args.command == "parity":
+        _load(args.command)
         from . import parity
 
         return parity.main(args.cases)
+    if args.command in ("caption", "ask"):
+        _check_inputs(parser, args)  # usage errors before any import of the library
     from huggingface_hub.utils import logging as hub_logging
 
     from .errors import UserError
-    from .tasks import load_registry
+    from .refs import read_task_refs
 
     hub_logging.disable_propagation()  # huggingface_hub prints its warnings itself: once, not again through ours
     try:
-        registry = load_registry(args.registry)
+        registry = read_task_refs(args.registry)  # where each task's files are, without torch
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(exc)
+    if args.command not in ("train", "tasks"):
+        _check_tasks(parser, args, registry)
+    _load(args.command)
     if args.command == "train":
         return _train(args)
     if args.command == "tasks":
         return _tasks(registry)
-    _check_tasks(parser, args, registry)
     if args.command == "download":
         return _download(args, registry)
     if args.command == "convert":
         return _convert(args)
     if args.command == "eval":
-        return _eval(args, registry)
+        return _eval(args)
     if args.out:
-        return _bulk(args, getattr(args, "question", None), registry)
+        return _bulk(args, getattr(args, "question", None))
     return _run(args, getattr(args, "question", None))
+
+
+def _fail(exc: UserError) -> int:
+    """`error: message` on stderr, with the error's detail (for whoever runs this) under it; exit status 2."""
+    print(f"error: {exc}", file=sys.stderr)
+    if exc.detail:
+        print(f"  {exc.detail}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

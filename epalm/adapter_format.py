@@ -18,7 +18,8 @@ from safetensors.torch import load_file, save_file
 
 from .errors import AdapterError
 from .model import Adapter
-from .tasks import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterConfig, Task
+from .refs import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from .tasks import AdapterConfig, Task
 
 ADAPTER_FILES = [ADAPTER_WEIGHTS, ADAPTER_CONFIG, "README.md"]  # an adapter folder, as uploaded
 _ADAPTER_PREFIXES = ("connector.", "prompt_module.")

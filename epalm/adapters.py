@@ -20,18 +20,20 @@ from dataclasses import astuple, dataclass, replace
 from pathlib import Path
 
 from .errors import AdapterError, UserError
-from .hub import RepoFiles, is_repo_id, locate, remote
+from .hub import YOU_GAVE, RepoFiles, is_repo_id, locate, remote
 from .media import describe_bytes
-from .tasks import ADAPTER_CONFIG, ADAPTER_WEIGHTS, KIND_WORDS, AdapterConfig, AdapterSource, RegistryError, Task
+from .refs import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterSource, RegistryError
+from .tasks import KIND_WORDS, AdapterConfig, Task
 
 MAX_SOURCE = 1024  # characters of an adapter's name: a Hub repo id (at most 96) or a folder's path
 # the preprocessing an encoder's input shape depends on (num_frames is free: TimeSformer takes any count)
 _FIXED_SHAPE = {"image": ("size",), "video": ("size",), "audio": ("sample_rate", "mel_bins", "target_length")}
+ADAPTER_PREFIX = "adapter:"  # the task ids of users' adapters start with it
 
 
 def adapter_task_id(source: str) -> str:
     """The task id a user's adapter is served under (answers and timings name it)."""
-    return f"adapter:{source}"
+    return ADAPTER_PREFIX + source
 
 
 def shown(source: str) -> str:
@@ -68,7 +70,7 @@ def resolve_adapter(source: str, allow_local: bool = True, revision: str = "main
         return path.resolve(), None
     if not is_repo_id(source):
         raise AdapterError(f"Adapter {shown(source)!r} is neither an existing folder nor a Hub repo id (user/name).")
-    files = RepoFiles(f"the adapter {source}", source, revision, files=(ADAPTER_CONFIG,), named="you gave")
+    files = RepoFiles(f"the adapter {source}", source, revision, files=(ADAPTER_CONFIG,), named=YOU_GAVE)
     weights = AdapterSource(filename=ADAPTER_WEIGHTS, repo_id=source, revision=revision)
     return locate(files)[ADAPTER_CONFIG].parent, weights
 
@@ -238,7 +240,7 @@ class UsersAdapters:
             return ("folder", *((s.st_size, s.st_mtime_ns) for s in stats)), "main", stats[-1].st_size if stats else 0
         if not is_repo_id(name):
             raise AdapterError(f"Adapter {shown(name)!r} is neither an existing folder nor a Hub repo id (user/name).")
-        files = RepoFiles(f"the adapter {name}", name, files=(ADAPTER_CONFIG,), named="you gave")
+        files = RepoFiles(f"the adapter {name}", name, files=(ADAPTER_CONFIG,), named=YOU_GAVE)
         now = remote(files, ADAPTER_CONFIG)  # None offline: the cached copy stands
         revision = now.commit if now else "main"
         weights = remote(replace(files, revision=revision), ADAPTER_WEIGHTS) if now else None

@@ -54,7 +54,7 @@ SETTINGS = {
         "alone or EPALM_PRELOAD='')",
         list,
     ),
-    "max_file_size": Setting("EPALM_MAX_FILE_SIZE", "upload limit in MB", float, bounds=(0.001, 1e6)),
+    "max_file_size": Setting("EPALM_MAX_FILE_SIZE", "upload limit in MiB", float, bounds=(0.001, 1e6)),
     "max_duration": Setting("EPALM_MAX_DURATION", "longest video or audio clip, in seconds", float, bounds=(0.1, 1e6)),
     "concurrency": Setting(
         "EPALM_CONCURRENCY",
@@ -87,7 +87,7 @@ class ServingConfig:
     share: bool = False
     allow_local_adapters: bool = False
     preload: tuple[str, ...] | None = None  # None: the page's first task
-    max_file_size: float = _LIMITS.max_file_bytes / 2**20  # MB
+    max_file_size: float = _LIMITS.max_file_bytes / 2**20  # MiB
     max_duration: float = _LIMITS.max_clip_seconds
     concurrency: int = 0
     queue_size: int = QUEUE_SIZE

@@ -21,6 +21,7 @@ import av
 
 from .errors import UserError
 
+MiB = 2**20  # the unit of the upload limits (`--max-file-size`), as `describe_bytes` names it
 PLAYLIST_FORMATS = {"hls", "dash", "concat"}  # FFmpeg demuxers that open further files named inside the file
 Source = str | os.PathLike | bytes | bytearray | memoryview | IO[bytes]
 
@@ -35,7 +36,7 @@ class MediaLimits:
     decoding); only the part of a long clip that the model sees is decoded, so a long file within
     the limit costs about what a short one does."""
 
-    max_file_bytes: int = 200 * 2**20  # 200 MB
+    max_file_bytes: int = 200 * MiB
     max_pixels: int = 100_000_000  # an image's width × height, checked before its pixels are decoded
     max_frame_pixels: int = 4096 * 2304  # a video frame's width × height (4K fits; the sampled frames stay in memory)
     max_clip_seconds: float = 1800.0  # a video's or audio clip's length (the app's --max-duration)
@@ -45,8 +46,10 @@ class MediaLimits:
 
 
 def describe_bytes(size: float) -> str:
-    """'1.5 GB', '250 MB', '12 KB' (binary units, as file managers and upload limits use)."""
-    for unit, scale in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
+    """'4.9 GiB', '250 MiB', '12 KiB': binary units, named as such (1 GiB = 2³⁰ bytes), the one convention of
+    every size the demo shows: downloads, weights, upload limits. (The Hub and tqdm count in decimal units:
+    their "5.30G" is these 4.9 GiB.)"""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if size >= scale:
             value = size / scale
             return f"{value:.1f} {unit}" if value < 10 else f"{value:.0f} {unit}"

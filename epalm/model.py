@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import torch
@@ -501,7 +501,7 @@ def can_pack(weight: torch.Tensor) -> bool:
 
 
 @torch.no_grad()
-def pack_linear_weights(model: EPALM, head: bool = True) -> int:
+def pack_linear_weights(model: EPALM, head: bool = True, release: Callable[[torch.Tensor], None] | None = None) -> int:
     """Swap every Linear of the decoder layers (and the LM head) for a `PackedLinear`, one at a time:
     the dense weight is freed as its packed copy is made, so there is no second copy of the model.
     The head is tied to the token embedding, which keeps its dense weight: packing the head adds
@@ -509,7 +509,9 @@ def pack_linear_weights(model: EPALM, head: bool = True) -> int:
     beam step (`head=False` keeps the tie). CPU, float32/bfloat16 only; a no-op elsewhere.
     Do it last: packed weights do not follow `.to()`. The first layer of each shape is checked
     against its dense self (the same kernel and layout serve the others); at the first check that
-    fails, packing stops and the rest stay dense. Returns how many layers were packed."""
+    fails, packing stops and the rest stay dense. `release(weight)` is called with each dense weight
+    once packed (weights mapped from a file: their pages are handed back, see `weight_files`).
+    Returns how many layers were packed."""
     count, checked = 0, set()
 
     def pack(linear: nn.Linear) -> PackedLinear | None:
@@ -528,6 +530,8 @@ def pack_linear_weights(model: EPALM, head: bool = True) -> int:
                     if packed is None:
                         return count
                     setattr(parent, name, packed)
+                    if release is not None:
+                        release(child.weight)
                     count += 1
     if head and type(model.lm.lm_head) is nn.Linear and can_pack(model.lm.lm_head.weight):
         packed = pack(model.lm.lm_head)

@@ -269,6 +269,7 @@ class Pipeline:
             return self._schedulers[id(lm)]
 
     def _models(self, task: Task, progress: Progress | None) -> tuple[EPALM, Any, Encoder, Adapter]:
+        self.store.resolve(task, progress)  # every file the task needs, known before anything loads
         lm, tokenizer = self.lm(task, progress)
         encoder = self.encoder(task, progress)
         try:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .recipe import ConfigError
-from .tasks import ADAPTER_CONFIG
+from .refs import ADAPTER_CONFIG
 
 LAST = "last"  # the state --resume continues from
 PROGRESS = "progress.json"

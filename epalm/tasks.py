@@ -8,83 +8,43 @@ point one at their own adapter by editing the YAML (or passing another file); no
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
-import math
-import os
-import re
-import types
-import typing
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .audio import AudioTransform, prepare_audio
 from .decoding import DecodingOptions
-from .errors import UserError, bounded
+from .errors import bounded
 from .image import ImageTransform, prepare_image
 from .media import MediaLimits
 from .model import InjectionConfig
+from .refs import (  # where a task's files are, readable without torch
+    ADAPTER_CONFIG,
+    KINDS,
+    MODALITIES,
+    TASK_KEYS,
+    AdapterSource,
+    EncoderRef,
+    ModelRef,
+    RegistryError,
+    check_value,
+    config_data,
+    read_entries,
+    registry_path,
+    settings,
+    task_refs,
+    with_adapter_settings,
+)
 from .video import VideoTransform, prepare_video
 
-# The repository's checkpoints/tasks.yaml (a checkout or an editable install); a wheel carries it as epalm/tasks.yaml
-_CHECKOUT_REGISTRY = Path(__file__).resolve().parents[1] / "checkpoints" / "tasks.yaml"
-DEFAULT_REGISTRY = _CHECKOUT_REGISTRY if _CHECKOUT_REGISTRY.is_file() else Path(__file__).with_name("tasks.yaml")
-ADAPTER_CONFIG = "adapter_config.json"  # an adapter folder: its task's settings (`AdapterConfig`)
-ADAPTER_WEIGHTS = "adapter.safetensors"  # and its tensors (`adapter_format`)
-MAX_CONFIG_BYTES = 1 << 20  # an adapter_config.json is ~2 KB
-_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # a number in exponent form
-MAX_TEXT = 200  # characters of any id, name, title or prompt in a registry entry or an adapter config
-MODALITIES = ("image", "video", "audio")
-KINDS = ("caption", "qa")
 KIND_WORDS = {"caption": "captioning", "qa": "question answering"}
 MEDIA_NAMES = {"image": "an image", "video": "a video", "audio": "an audio clip"}
 Transform = ImageTransform | VideoTransform | AudioTransform
 _TRANSFORMS = {"image": ImageTransform, "video": VideoTransform, "audio": AudioTransform}
 _PREPARE = {"image": prepare_image, "video": prepare_video, "audio": prepare_audio}
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """A pretrained model on the Hub (an OPT LM, or a transformers encoder)."""
-
-    id: str
-    revision: str = "main"
-    name: str = ""  # for people ("OPT-2.7B"); the id when empty
-
-    @property
-    def display_name(self) -> str:
-        return self.name or self.id
-
-
-@dataclass(frozen=True)
-class EncoderRef:
-    """`library: timm` -> `id` is a timm name with its pretrained tag; `transformers` -> a Hub id.
-    `config` holds config overrides (AST's layer-norm epsilon)."""
-
-    library: str
-    id: str
-    revision: str = "main"
-    name: str = ""  # for people ("ViT-B/16"); the id when empty
-    config: tuple[tuple[str, object], ...] = ()
-
-    @property
-    def display_name(self) -> str:
-        return self.name or self.id
-
-
-@dataclass(frozen=True)
-class AdapterSource:
-    """Where the adapter file is: `filename` in a Hub repo, or a local path when `repo_id` is empty."""
-
-    filename: str
-    repo_id: str = ""
-    repo_type: str = "model"
-    revision: str = "main"
 
 
 QUESTION = "{question}"  # where a prompt takes the question
@@ -189,39 +149,27 @@ class Task:
         return f"{self.label} · {self.lm.display_name} + {self.encoder.display_name}"
 
 
-class RegistryError(UserError, ValueError):
-    """The registry file is malformed; the message names the task and the field."""
-
-
 def _build(task_id: str, entry: object, base_dir: Path, where: str = "") -> Task:
-    """A task from its registry entry (or an adapter config), every value checked (`_settings`);
+    """A task from its registry entry (or an adapter config), every value checked (`refs.settings`);
     a RegistryError names the task (or `where`) and the field."""
     try:
         if not isinstance(entry, dict):
             raise ValueError("must be a mapping")
-        entry = {**_trained_adapter_settings(entry, base_dir), **entry}
-        modality, kind = entry.get("modality"), entry.get("kind")
-        if modality not in MODALITIES or kind not in KINDS:
-            raise ValueError(f"modality must be one of {', '.join(MODALITIES)} and kind one of {', '.join(KINDS)}")
-        lm = _section(ModelRef, entry.get("lm"), "lm")
-        encoder = dict(_settings(EncoderRef, entry.get("encoder"), "encoder", config=dict))
-        encoder["config"] = tuple(sorted(_overrides(encoder.get("config", {})).items()))
-        adapter = _settings(AdapterSource, entry.get("adapter"), "adapter")
-        if not adapter.get("repo_id"):  # a local file, relative to the registry
-            adapter["filename"] = str((base_dir / os.path.expanduser(adapter["filename"])).resolve())
+        entry = with_adapter_settings(entry, base_dir)
+        refs = task_refs(task_id, entry, base_dir)
         return Task(
             id=task_id,
-            title=_value(entry.get("title", task_id), str, "title"),
-            label=_value(entry.get("label", entry.get("title", task_id)), str, "label"),
-            modality=modality,
-            kind=kind,
-            lm=lm,
-            encoder=EncoderRef(**encoder),
-            preprocess=_section(_TRANSFORMS[modality], entry.get("preprocess"), "preprocess"),
+            title=refs.title,
+            label=refs.label,
+            modality=refs.modality,
+            kind=refs.kind,
+            lm=refs.lm,
+            encoder=refs.encoder,
+            preprocess=_section(_TRANSFORMS[refs.modality], entry.get("preprocess"), "preprocess"),
             injection=_section(InjectionConfig, entry.get("injection"), "injection"),
             text=_section(TextFormat, entry.get("text"), "text"),
             generation=_section(DecodingOptions, entry.get("generation"), "generation"),
-            adapter=AdapterSource(**adapter),
+            adapter=refs.adapter,
             paper=_paper(entry.get("paper")),
             training=_section(TrainingRecipe, entry["training"], "training") if "training" in entry else None,
         )
@@ -231,85 +179,12 @@ def _build(task_id: str, entry: object, base_dir: Path, where: str = "") -> Task
 
 def _section(cls: type, value: object, where: str) -> Any:
     """The dataclass `cls` built from `value`, every field checked; a bad value names its field."""
-    settings = _settings(cls, value, where)
+    checked = settings(cls, value, where)
     try:
-        return cls(**settings)
+        return cls(**checked)
     except ValueError as exc:  # a bound of the dataclass's own: its message starts with the field's name
-        named = str(exc).split(" ", 1)[0] in settings
+        named = str(exc).split(" ", 1)[0] in checked
         raise ValueError(f"{where}.{exc}" if named else f"{where}: {exc}") from None
-
-
-def _settings(cls: type, value: object, where: str, **special: type) -> dict[str, Any]:
-    """`value` as keyword arguments of the dataclass `cls`: a mapping of its fields only, each of its
-    declared type (`special`: fields read as is, of that type). Untrusted input (a stranger's adapter
-    config) is read the same way as the registry: nothing else reaches the constructors."""
-    if not isinstance(value, dict):
-        raise ValueError(f"{where} must be a mapping")
-    hints = typing.get_type_hints(cls)
-    known = [f.name for f in dataclasses.fields(cls) if f.init]
-    unknown = sorted(str(key) for key in value if key not in known)
-    if unknown:
-        raise ValueError(f"{where} has no setting {_shown(unknown[0])} (it has {', '.join(known)})")
-    missing = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in value and _required(f)]
-    if missing:
-        raise ValueError(f"{where}.{missing[0]} is missing")
-    checked = {}
-    for name, item in value.items():
-        kind = special.get(name, hints[name])
-        checked[name] = item if name in special and isinstance(item, kind) else _value(item, kind, f"{where}.{name}")
-    return checked
-
-
-def _value(value: object, kind: Any, where: str) -> Any:
-    """`value` if it is of the declared type `kind` (numbers finite, strings at most MAX_TEXT characters
-    of UTF-8 text, tuples of their length), else a ValueError naming `where`."""
-    if typing.get_origin(kind) in (typing.Union, types.UnionType):
-        options = typing.get_args(kind)
-        if value is None and type(None) in options:
-            return None
-        kind = next(option for option in options if option is not type(None))
-    if typing.get_origin(kind) is tuple and isinstance(value, (list, tuple)):
-        parts = typing.get_args(kind)
-        if len(value) == len(parts):
-            return tuple(_value(item, part, f"{where}[{i}]") for i, (item, part) in enumerate(zip(value, parts)))
-    elif kind is bool and isinstance(value, bool):
-        return value
-    elif kind is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    elif kind is float and isinstance(value, str) and _EXPONENT.fullmatch(value):  # YAML 1.1 reads 3e-4 as text
-        return float(value)
-    elif kind is float and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
-    elif kind is str and isinstance(value, str):
-        if len(value) > MAX_TEXT:
-            raise ValueError(f"{where} is {len(value):,} characters long; the limit is {MAX_TEXT}")
-        if not value.isprintable():  # control characters, lone surrogates
-            raise ValueError(f"{where} must be printable text")
-        return value
-    names = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}
-    expected = names.get(kind, f"a list of {len(typing.get_args(kind))}")
-    raise ValueError(f"{where} must be {expected}, not {_shown(value)}")
-
-
-def _overrides(config: object) -> dict[str, object]:
-    """An encoder's config overrides (AST's layer-norm epsilon): a few named numbers, flags or words."""
-    if not isinstance(config, dict) or len(config) > 16:
-        raise ValueError("encoder.config must be a mapping of at most 16 settings")
-    checked = {}
-    for key, value in config.items():
-        kind = type(value) if isinstance(value, (bool, int, float, str)) else str
-        checked[_value(key, str, "encoder.config")] = _value(value, kind, f"encoder.config.{key}")
-    return checked
-
-
-def _required(field: dataclasses.Field) -> bool:
-    return field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
-
-
-def _shown(value: object) -> str:
-    """A value as a message may quote it: short."""
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "…"
 
 
 def _paper(entry: dict | None) -> PaperResult | None:
@@ -340,8 +215,6 @@ def answer_tokens(tasks: Iterable[Task], lm: ModelRef) -> list[str]:
 TASK_GENERATION_KEYS = tuple(
     f.name for f in fields(DecodingOptions) if f.name not in ("eos_token_id", "pad_token_id", "seed")
 )
-# what an adapter config holds of its task: all but the id (the caller's) and where the weights are (beside it)
-_TASK_KEYS = ("title", "label", "modality", "kind", "lm", "encoder", "preprocess", "injection", "text", "generation")
 
 
 @dataclass(frozen=True)
@@ -388,12 +261,12 @@ class AdapterConfig:
         """The config in `folder`, its task named `task_id` with its weights in that folder or `weights`
         (a Hub repo's file, fetched when the adapter loads). RegistryError: missing, unreadable or bad."""
         folder = Path(folder).expanduser().resolve()
-        data = _config_data(folder)
+        data = config_data(folder)
         try:
-            entry = {key: data[key] for key in _TASK_KEYS if key in data}
+            entry = {key: data[key] for key in TASK_KEYS if key in data}
             task = _build(task_id, {**entry, "adapter": {"filename": str(folder)}}, folder, where=ADAPTER_CONFIG)
-            base_task = _value(data.get("base_task"), str | None, "base_task")
-            tiny = _value(data.get("tiny", False), bool, "tiny")
+            base_task = check_value(data.get("base_task"), str | None, "base_task")
+            tiny = check_value(data.get("tiny", False), bool, "tiny")
             training = data.get("training")
             if training is not None and not isinstance(training, dict):
                 raise ValueError("training must be a mapping")
@@ -402,57 +275,15 @@ class AdapterConfig:
         return cls(task if weights is None else replace(task, adapter=weights), base_task, tiny, training)
 
 
-def _config_data(folder: Path) -> dict:
-    """The JSON object of `folder`'s adapter config, read within `MAX_CONFIG_BYTES`."""
-    path = folder / ADAPTER_CONFIG
-    try:
-        with path.open("rb") as handle:
-            raw = handle.read(MAX_CONFIG_BYTES + 1)
-        if len(raw) > MAX_CONFIG_BYTES:
-            raise ValueError(f"larger than {MAX_CONFIG_BYTES // 1024} KB")
-        data = json.loads(raw.decode("utf-8"))
-    except FileNotFoundError:
-        raise RegistryError(f"not an adapter folder: it has no {ADAPTER_CONFIG}") from None
-    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise RegistryError(f"{ADAPTER_CONFIG} is not readable JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise RegistryError(f"{ADAPTER_CONFIG} must hold a JSON object")
-    return data
-
-
-def _trained_adapter_settings(entry: dict, base_dir: Path) -> dict:
-    """An entry may name only a local adapter folder of our format (`adapter: {filename: ./my-adapter}`):
-    its `adapter_config.json` then gives the task's settings (those of the task it was trained from)."""
-    adapter = entry.get("adapter")
-    if not isinstance(adapter, dict) or adapter.get("repo_id") or "filename" not in adapter or "modality" in entry:
-        return {}
-    folder = base_dir / os.path.expanduser(str(adapter["filename"]))
-    if not (folder / ADAPTER_CONFIG).is_file():
-        return {}
-    data = _config_data(folder)
-    return {key: data[key] for key in _TASK_KEYS if key in data}  # "label": older folders lack it (the title stands in)
-
-
 def load_registry(path: str | Path | None = None) -> dict[str, Task]:
     """All tasks of a registry file (default: the project's `checkpoints/tasks.yaml`, or the
     file named by the EPALM_TASKS environment variable)."""
-    path = Path(path or os.environ.get("EPALM_TASKS") or DEFAULT_REGISTRY)
-    return _load(path.resolve())
+    return _load(registry_path(path))
 
 
 @functools.lru_cache(maxsize=8)
 def _load(path: Path) -> dict[str, Task]:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise RegistryError(f"cannot read the task registry {path}: {exc}") from exc
-    entries = (data or {}).get("tasks")
-    if not isinstance(entries, dict) or not entries:
-        raise RegistryError(f"{path}: no 'tasks' mapping")
-    for task_id in entries:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", str(task_id)):
-            raise RegistryError(f"{path}: task id {task_id!r} must be letters, digits, '-', '_' or '.'")
-    return {str(k): _build(str(k), v, path.parent) for k, v in entries.items()}
+    return {task_id: _build(task_id, entry, path.parent) for task_id, entry in read_entries(path).items()}
 
 
 def get_task(task_id: str, registry: dict[str, Task] | None = None) -> Task:

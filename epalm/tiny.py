@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import functools
 import zlib
+from collections.abc import Collection
 from dataclasses import replace
 from pathlib import Path
 
@@ -31,9 +32,10 @@ from transformers import (
 from .adapter_format import read_adapter
 from .encoders import Encoder, wrap_encoder
 from .errors import Progress
-from .hub import fetch, is_cached
+from .hub import adapter_files, check, fetch, fetch_and_read, is_cached
 from .model import Adapter, InjectionConfig
-from .tasks import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EncoderRef, ModelRef, Task
+from .refs import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EncoderRef, ModelRef
+from .tasks import Task
 
 TINY_WIDTH = 32  # hidden size of the tiny LM and encoders
 TOKENIZER_VOCAB = 500  # byte-level BPE: 256 bytes + 4 specials + merges
@@ -234,6 +236,7 @@ class TinyModels:
     """
 
     random_weights = True
+    stand_in = "tiny random stand-in"
 
     def __init__(self, adapter_files: bool = False) -> None:
         self.adapter_files = adapter_files
@@ -261,13 +264,27 @@ class TinyModels:
         """Random; or, with `adapter_files` or for an adapter of our format (a local folder, or a Hub
         repo's `adapter.safetensors`: trained on these tiny models, as `Pipeline.use_adapter` checks),
         the file's weights."""
+        if self._reads_file(task):
+            return fetch_and_read(task.adapter, read_adapter, progress, task.id)
+        return tiny_adapter(task.injection, seed=zlib.crc32(task.id.encode())).state_dict()
+
+    def _reads_file(self, task: Task) -> bool:
         source = task.adapter
-        ours = (
+        if self.adapter_files:
+            return True
+        return (
             source.filename == ADAPTER_WEIGHTS if source.repo_id else (Path(source.filename) / ADAPTER_CONFIG).is_file()
         )
-        if self.adapter_files or ours:
-            return read_adapter(fetch(task.adapter, progress, task.id))
-        return tiny_adapter(task.injection, seed=zlib.crc32(task.id.encode())).state_dict()
+
+    def resolve(self, task: Task, parts: Collection[str]) -> int:
+        """Only an adapter read from a file has anything to check (as the real source checks it)."""
+        if "adapter" not in parts or not self._reads_file(task):
+            return 0
+        files = adapter_files(task.adapter, task.id)
+        if files is None:
+            fetch(task.adapter, task_id=task.id)  # a local file: checks it is there
+            return 0
+        return check(files)
 
     def cached(self, task: Task) -> dict[str, bool]:
         return {"adapter": is_cached(task.adapter) if self.adapter_files else True, "lm": True, "encoder": True}

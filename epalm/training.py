@@ -53,8 +53,9 @@ from .metrics import caption_scores, exact_match, vqa_accuracy
 from .model import EPALM, Adapter
 from .publish import check_push, push_to_hub
 from .recipe import MIN_GAIN, MIN_IMPROVEMENT, ConfigError, Plan, TrainConfig, parameter_groups, plan, set_lr, settings
+from .refs import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from .run_folder import LOG_FILE, RunFolder
-from .tasks import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterConfig
+from .tasks import AdapterConfig
 from .training_card import model_card, summary
 
 log = logging.getLogger(__name__)

@@ -12,6 +12,7 @@ import re
 import shutil
 import tempfile
 import threading
+import time
 import urllib.parse
 from pathlib import Path
 
@@ -106,12 +107,20 @@ class FakeHub:
     commit and ETag headers huggingface_hub reads), so the real `hf_hub_download` path runs; and
     like its upload API (repo creation, model card check, preupload, commit), so the real
     `create_repo` + `upload_folder` path runs too: each file is a "regular" one, sent base64 in the
-    commit, then served by the resolve endpoint. Uploads need `Authorization: Bearer TOKEN`."""
+    commit, then served by the resolve endpoint. Uploads need `Authorization: Bearer TOKEN`.
+
+    Slow downloads: `bytes_per_s` throttles every GET body; `paused[path]` (an Event) stops that file's
+    body halfway until it is set. `commit` is what every branch points at (set another to move them); `not_a_hub`
+    answers every file request with a bare 404, as a web server that is not a Hub does."""
 
     COMMIT = "0123456789abcdef0123456789abcdef01234567"
     TOKEN = "hf_fake_write_token"
 
     def __init__(self) -> None:
+        self.commit = self.COMMIT
+        self.bytes_per_s: float | None = None
+        self.paused: dict[str, threading.Event] = {}
+        self.not_a_hub = False
         self.files: dict[str, bytes] = {}
         self.downloads: list[str] = []  # GET paths served with a body
         self.requests: list[str] = []  # "HEAD /path" / "GET /path" / "POST /path", every request
@@ -127,6 +136,11 @@ class FakeHub:
             def _answer(self, body: bool) -> None:
                 path = self.path.split("?")[0]
                 hub.requests.append(f"{self.command} {path}")
+                if hub.not_a_hub:
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if body and hub.too_many.get(path):
                     hub.too_many[path] -= 1
                     self.send_response(429)
@@ -136,20 +150,36 @@ class FakeHub:
                 data = hub.files.get(path)
                 if data is None:  # as the Hub answers for a file a repo lacks, with the commit (cached as absent)
                     self.send_response(404)
-                    self.send_header("X-Repo-Commit", hub.COMMIT)
+                    self.send_header("X-Repo-Commit", hub.commit)
                     self.send_header("X-Error-Code", "EntryNotFound")
                     self.send_header("X-Error-Message", "Entry not found")
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
                 self.send_response(200)
-                self.send_header("X-Repo-Commit", hub.COMMIT)
+                self.send_header("X-Repo-Commit", hub.commit)
                 self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 if body:
                     hub.downloads.append(path)
-                    self.wfile.write(data)
+                    self._send(data, hub.paused.get(path))
+
+            def _send(self, data: bytes, pause: threading.Event | None) -> None:
+                """The body, at `bytes_per_s` if set (in 20 pieces a second), held halfway until `pause` is set."""
+                step = max(1, int(hub.bytes_per_s / 20)) if hub.bytes_per_s else len(data)
+                halfway = len(data) // 2
+                for start in range(0, len(data), step):
+                    if pause is not None and start <= halfway < start + step:
+                        self.wfile.write(data[start:halfway])
+                        self.wfile.flush()
+                        pause.wait(60)
+                        self.wfile.write(data[halfway : start + step])
+                    else:
+                        self.wfile.write(data[start : start + step])
+                    if hub.bytes_per_s:
+                        self.wfile.flush()
+                        time.sleep(step / hub.bytes_per_s)
 
             def do_HEAD(self) -> None:
                 self._answer(body=False)
@@ -207,7 +237,7 @@ class FakeHub:
                 hub.commits.append((repo, lines[0]["value"]["summary"], files))
                 for name, data in files.items():
                     hub.add(repo, name, data, revision=revision)
-                self._reply(200, {"commitUrl": f"{hub.url}/{repo}/commit/{hub.COMMIT}", "commitOid": hub.COMMIT})
+                self._reply(200, {"commitUrl": f"{hub.url}/{repo}/commit/{hub.commit}", "commitOid": hub.commit})
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -215,11 +245,11 @@ class FakeHub:
         threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
 
     def add(self, repo_id: str, filename: str, data: bytes, repo_type: str = "model", revision: str = "main") -> None:
-        """A file at `revision`; on `main`, also at the commit `main` is now (`COMMIT`), as the Hub resolves it."""
+        """A file at `revision`; on `main`, also at the commit `main` is now (`commit`), as the Hub resolves it."""
         prefix = {"model": "", "space": "spaces/", "dataset": "datasets/"}[repo_type]
         self.files[f"/{prefix}{repo_id}/resolve/{revision}/{filename}"] = data
         if revision == "main":
-            self.files[f"/{prefix}{repo_id}/resolve/{self.COMMIT}/{filename}"] = data
+            self.files[f"/{prefix}{repo_id}/resolve/{self.commit}/{filename}"] = data
 
 
 @pytest.fixture()
@@ -241,6 +271,7 @@ def fake_hub(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
+    monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 16 * 1024)  # small files report progress as large ones do
     yield hub
     hub.server.shutdown()
 
@@ -534,7 +565,7 @@ def reduced_registry(folder: Path) -> Path:
     """The project's registry, with the ViT sizes of the reduced timm checkpoints."""
     import yaml
 
-    from epalm.tasks import DEFAULT_REGISTRY
+    from epalm.refs import DEFAULT_REGISTRY
 
     registry = yaml.safe_load(DEFAULT_REGISTRY.read_text())
     for task in registry["tasks"].values():

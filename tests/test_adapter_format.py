@@ -13,7 +13,8 @@ import torch
 from epalm.adapter_format import convert, load_adapter, read_adapter
 from epalm.errors import AdapterError
 from epalm.parity import load_case
-from epalm.tasks import ADAPTER_CONFIG, load_registry
+from epalm.refs import ADAPTER_CONFIG
+from epalm.tasks import load_registry
 
 from conftest import PARITY_CASES, save_numpy1_checkpoint
 

@@ -219,11 +219,11 @@ def test_a_re_pushed_hub_adapter_is_served_as_its_branch_is_now(fake_hub, tmp_pa
     settings = dict(preset="fast", max_new_tokens=6)
     before = pipe.caption(media_files["image"], adapter="someone/moving", **settings).text
     _other_weights(folder, seed=4)
-    fake_hub.COMMIT = "fedcba9876543210fedcba9876543210fedcba98"  # the branch moves to a new commit
+    fake_hub.commit = "fedcba9876543210fedcba9876543210fedcba98"  # the branch moves to a new commit
     _publish(fake_hub, "someone/moving", folder)
     after = pipe.caption(media_files["image"], adapter="someone/moving", **settings).text
     assert after != before and after == pipe.caption(media_files["image"], adapter=str(folder), **settings).text
-    assert f"/someone/moving/resolve/{fake_hub.COMMIT}/adapter.safetensors" in fake_hub.downloads
+    assert f"/someone/moving/resolve/{fake_hub.commit}/adapter.safetensors" in fake_hub.downloads
 
 
 def test_users_adapters_are_bounded_and_a_full_house_is_busy_not_bigger(fake_hub, tmp_path, media_files):
@@ -254,6 +254,6 @@ def test_hub_adapter_weights_over_the_limit_are_refused_before_they_download(fak
     folder = saved_tiny_adapter(tmp_path / "mine", pipe)
     _publish(fake_hub, "someone/big", folder)
     pipe.users.max_download = 1000
-    with pytest.raises(AdapterError, match=r"someone/big's weights are \d+ KB; this app takes adapters of up to"):
+    with pytest.raises(AdapterError, match=r"someone/big's weights are \d+ KiB; this app takes adapters of up to"):
         pipe.caption(media_files["image"], adapter="someone/big")
     assert not any(path.endswith("adapter.safetensors") for path in fake_hub.downloads)

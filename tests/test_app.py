@@ -343,10 +343,10 @@ def test_a_load_that_fails_still_ends_the_request_with_its_message(media_files, 
         media=str(media_files["image"]), task="image-caption", preset="fast", max_new_tokens=2, temperature=0.7
     )
     outputs = []
-    with pytest.raises(demo_app.gr.Error, match="facebook/opt-2.7b") as ended:
+    with pytest.raises(demo_app.gr.Error, match="the adapter of image-caption") as ended:
         for output in demo_app.respond(Pipeline(device="cpu"), "image", {**request, "top_p": 0.9, "adapter": ""}):
             outputs.append(output)
-    assert outputs[-1][0] == "" and outputs[-1][1].startswith("⚠️ Cannot get") and "facebook/opt-2.7b" in outputs[-1][1]
+    assert outputs[-1][0] == "" and outputs[-1][1].startswith("⚠️ Cannot get the adapter of image-caption")
     assert "`" not in ended.value.message, "the toast shows no raw Markdown"
 
 
@@ -364,7 +364,9 @@ def test_the_status_line_names_models_for_people_and_reports_preloads(media_file
     real = Pipeline(device="cpu")
     real.start_preload(["image-caption"]).join(timeout=120)
     assert demo_app.status(real).endswith("preload of `image-caption`: failed"), "the details are the request's"
-    assert re.match(r"failed: Cannot get .*facebook/opt-2.7b", real.preloading["image-caption"])
+    failure = real.preloading["image-caption"]
+    assert re.match(r"failed: Cannot get the adapter of image-caption: .* is not downloaded", failure), failure
+    assert str(tmp_path) not in failure, "where the server keeps its files is not shown"
 
 
 def test_missing_weights_offline_name_the_repo(media_files, tmp_path, monkeypatch):
@@ -376,7 +378,9 @@ def test_missing_weights_offline_name_the_repo(media_files, tmp_path, monkeypatc
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     blocks, url = serve(Pipeline(device="cpu"))
     try:
-        with pytest.raises(AppError, match="facebook/opt-2.7b.*not in the local Hugging Face cache"):
+        with pytest.raises(
+            AppError, match="ePALM_caption/checkpoint_best.pth in the Space mshukor/eP-ALM is not downloaded"
+        ):
             job = Client(url, verbose=False).submit(handle_file(str(media_files["image"])), api_name="/caption_image")
             job.result(timeout=120)
     finally:

@@ -148,7 +148,7 @@ def test_cold_start_parts_come_from_the_app_log():
     stamp = lambda s: datetime.fromtimestamp(launched + s).strftime("%Y-%m-%d %H:%M:%S,%f")[:-3]  # noqa: E731
     log = [
         f"{stamp(6.5)} epalm.store: Loading OPT-2.7B language model…",
-        f"{stamp(6.6)} epalm.pretrained: Reading the weights of facebook/opt-2.7b (5.3 GB)",
+        f"{stamp(6.6)} epalm.store: Mapping the bfloat16 weights of facebook/opt-2.7b kept from an earlier start",
         f"{stamp(10.3)} epalm.store: Packing the weights of OPT-2.7B for this CPU's matrix kernels…",
         f"{stamp(13.1)} epalm.store: packed 193 linear layers of facebook/opt-2.7b",
         f"{stamp(13.2)} epalm.store: Loading ViT-B/16 image encoder…",
@@ -165,10 +165,13 @@ def test_cold_start_parts_come_from_the_app_log():
         "encoder": {"start": 13.2, "end": 14.0},
         "adapter": {"start": 14.0, "end": 14.1},
     }
-    run = {"dtype": "bfloat16", "server_s": 7.0, "first_token_s": 14.7, "answer_s": 17.4, "parts": parts}
+    run = {"dtype": "bfloat16", "weights": "kept", "load_average": "1.50", "server_s": 7.0, "first_token_s": 14.7}
+    run.update(answer_s=17.4, parts=parts)
     results = {"date": "d", "command": "c", "machine": {}, "threads": 2, "layers": 32, "new_tokens": 12}
+    results.update(load_average="1.20", kept_gb={"bfloat16": 5.3})
     table = cold_start.markdown({**results, "cache_gb": 5.7, "runs": [run]})
-    assert "| bfloat16 | 7.0 | 6.6–10.3 | 10.3–13.1 | 13.2–14.0 | 14.0–14.1 | 14.7 | **17.4** |" in table
+    row = "| bfloat16 | kept | 1.50 | 7.0 | 6.6–10.3 | 10.3–13.1 | 13.2–14.0 | 14.0–14.1 | 14.7 | **17.4** |"
+    assert row in table and "bfloat16 5.3 GB on disk" in table and "load average 1.20 at the start" in table
 
 
 def test_the_join_gap_bench_runs_and_reports_its_numbers(capsys):

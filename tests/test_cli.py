@@ -40,6 +40,49 @@ def test_help_answers_without_importing_the_library(command, flag):
     assert flag in out.stdout and out.stdout.rstrip().endswith("[]"), out.stdout
 
 
+@pytest.mark.parametrize(
+    "argv, status, shown",
+    [
+        (["caption", "--help"], 0, "--max-new-tokens"),
+        (["tasks"], 0, "image-caption    image     caption  facebook/opt-2.7b"),
+        (["caption", "photo.jpg"], 2, "name a task (--task) or a trained adapter (--adapter)"),
+        (["ask", "-q", "what?", "--task", "nope", "photo.jpg"], 2, "unknown task 'nope'"),
+    ],
+    ids=["help", "tasks", "caption-without-task", "unknown-task"],
+)
+def test_answers_that_need_no_model_come_without_importing_the_library(argv, status, shown):
+    """`--help`, `tasks` and usage errors must not wait for torch, transformers, timm or gradio (seconds)."""
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = ['epalm', *{argv!r}]\n"
+        "try:\n    runpy.run_module('epalm', run_name='__main__', alter_sys=True)\n"
+        "except SystemExit as exc:\n    print('status', exc.code)\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'timm', 'gradio') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert f"status {status}" in out.stdout and shown in out.stdout + out.stderr, out.stdout + out.stderr
+    assert out.stdout.rstrip().endswith("[]"), out.stdout
+
+
+def test_tiny_answers_print_no_control_characters_and_the_log_says_what_loads(media_files, monkeypatch, capsys, caplog):
+    """Random weights can decode to any bytes, escape sequences included: the terminal gets them escaped."""
+    from epalm.pipeline import Answer, Pipeline
+
+    stream = Pipeline.stream
+
+    def control_bytes(self, *args, **kwargs):
+        *partial, final = stream(self, *args, **kwargs)
+        yield Answer("a \x1b[2Jcat\x00 on\x07 a mat\u200b", final.task, True, final.timings)
+
+    monkeypatch.setattr(Pipeline, "stream", control_bytes)
+    caplog.set_level(logging.INFO)
+    assert main(["-v", "caption", "--tiny", "--task", "image-caption", str(media_files["image"])]) == 0
+    out = capsys.readouterr().out
+    assert out == f"{media_files['image']}\ta \\x1b[2Jcat\\x00 on\\x07 a mat\\u200b\n"
+    stages = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Loading")]
+    assert stages[0] == "Loading OPT-2.7B language model (tiny random stand-in)…", stages
+
+
 def test_help_describes_every_decoding_flag_and_shows_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["ask", "--help"])

@@ -11,7 +11,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from epalm import tasks
+from epalm import refs, tasks
 
 from conftest import ROOT
 
@@ -80,10 +80,10 @@ def test_console_script_is_the_cli():
 
 def test_installed_package_finds_its_registry(tmp_path, monkeypatch):
     """A wheel has no checkpoints/ folder: the build copies the registry into the package (the
-    force-include below), and epalm.tasks falls back to that copy. Laid out here as pip installs it
+    force-include below), and epalm.refs falls back to that copy. Laid out here as pip installs it
     and imported under another name (the torch and transformers already imported are reused)."""
     ((source, target),) = PROJECT["tool"]["hatch"]["build"]["targets"]["wheel"]["force-include"].items()
-    assert (ROOT / source).resolve() == tasks.DEFAULT_REGISTRY
+    assert (ROOT / source).resolve() == refs.DEFAULT_REGISTRY
     package = tmp_path / "site-packages" / "epalm"
     shutil.copytree(ROOT / "epalm", package, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / source, package.parent / target)
@@ -94,10 +94,11 @@ def test_installed_package_finds_its_registry(tmp_path, monkeypatch):
     try:
         spec.loader.exec_module(sys.modules["installed_epalm"])
         installed = importlib.import_module("installed_epalm.tasks")
+        installed_refs = importlib.import_module("installed_epalm.refs")
     finally:
         for name in [m for m in sys.modules if m.partition(".")[0] == "installed_epalm"]:
             del sys.modules[name]
-    assert installed.DEFAULT_REGISTRY == package.parent / target
+    assert installed_refs.DEFAULT_REGISTRY == package.parent / target
     monkeypatch.delenv("EPALM_TASKS", raising=False)
     assert installed.load_registry().keys() == tasks.load_registry(ROOT / source).keys()
 

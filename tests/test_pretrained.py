@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from epalm import pretrained
+from epalm import pretrained, weight_files
 
 
 def test_a_sharded_checkpoint_is_located_with_its_shards_and_read_into_the_dtype(fake_hub):
@@ -40,11 +40,11 @@ def test_weights_are_cast_from_the_file_and_own_their_memory(tmp_path, monkeypat
     the same tensors either way, none left backed by the file (which may change in the cache)."""
     released: list[int] = []
     if madvise:
-        release = pretrained._page_release()
+        release = weight_files.page_release()
         assert release is not None, "this machine's C library has madvise"
-        monkeypatch.setattr(pretrained, "_page_release", lambda: lambda t: (released.append(t.numel()), release(t)))
+        monkeypatch.setattr(weight_files, "page_release", lambda: lambda t: (released.append(t.numel()), release(t)))
     else:
-        monkeypatch.setattr(pretrained, "_page_release", lambda: None)
+        monkeypatch.setattr(weight_files, "page_release", lambda: None)
     generator = torch.Generator().manual_seed(0)
     original = {f"w{i}": torch.randn(300, 700 + i, generator=generator).half() for i in range(4)}
     original["same"] = torch.randn(5000, generator=generator).half()

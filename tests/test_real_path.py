@@ -79,8 +79,9 @@ def test_pipeline_fetches_each_needed_file_once_loads_every_weight_and_reruns_of
     assert not [r for r in reports if "LOAD REPORT" in r.getMessage()], "every key of every checkpoint is used"
     assert all(isinstance(text, str) for text in first)
     assert collections.Counter(real_hub.downloads) == dict.fromkeys(NEEDED, 1), "each needed file once, nothing else"
-    assert f"Downloading pytorch_model.bin in {OPT}: 307 KB of 307 KB (100%)" in messages
-    assert f"Reading the weights of {OPT} (307 KB)" in messages and "Loading OPT-2.7B language model…" in messages
+    assert [m for m in messages if m.startswith(f"Downloading pytorch_model.bin in {OPT}: 307 KiB of 307 KiB (100%), ")]
+    assert f"Reading the weights of {OPT} (307 KiB)" in messages and "Loading OPT-2.7B language model…" in messages
+    assert all(messages.count(m) == 1 for m in messages if m.startswith(("Loading", "Loaded", "Reading"))), "once each"
     assert not [t for t in threading.enumerate() if "conversion" in t.name], "no background safetensors conversion"
     api = [r for r in real_hub.requests if "/resolve/main/" not in r and r != "GET /api/agent-harnesses"]
     assert api == [], "file requests only (huggingface_hub itself fetches its agent list once a day)"
@@ -126,16 +127,32 @@ def test_cli_download_fetches_exactly_the_tasks_files_then_captions_offline(
     out, err = capfd.readouterr()
     needed = {path for path in NEEDED if OPT in path or VIT in path or "ePALM_caption" in path}
     assert collections.Counter(real_hub.downloads) == dict.fromkeys(needed, 1)
-    assert f"{OPT}: config.json, tokenizer_config.json, vocab.json, merges.txt, pytorch_model.bin (" in out
+    commit = real_hub.COMMIT
+    assert f"{OPT}@{commit}: config.json, tokenizer_config.json, vocab.json, merges.txt, pytorch_model.bin (" in out
     assert err.count("Retrying in") == 1, "huggingface_hub's retry line is printed once"
     assert not [r for r in caplog.records if "Retrying in" in r.getMessage()], "and not again through our logging"
 
+    # the Space's main branch moves: a new adapter file; `download` asks for the branch's commit and fetches it
+    adapter = f"/spaces/mshukor/eP-ALM/resolve/main/{load_registry(registry)['image-caption'].adapter.filename}"
+    real_hub.files[adapter] = real_hub.files[adapter] + b"\0"  # a new file of the same archive (zip ignores the tail)
+    real_hub.commit = "fedcba9876543210fedcba9876543210fedcba98"
+    real_hub.downloads.clear()
+    assert main(["download", "image-caption", "--registry", registry]) == 0
+    out = capfd.readouterr().out
+    assert real_hub.downloads == [adapter], "the changed file only"
+    assert f"mshukor/eP-ALM@{real_hub.commit}: " in out and "changed since the last download: checkpoints/" in out
+    assert f"{OPT}@{real_hub.commit}: " in out and out.count("changed since") == 1
+
     go_offline(real_hub, monkeypatch)
     args = ["--task", "image-caption", "--registry", registry, "--preset", "fast", "--max-new-tokens", "4"]
-    assert main(["caption", *args, str(media_files["image"])]) == 0
+    with caplog.at_level(logging.INFO):
+        assert main(["-v", "caption", *args, str(media_files["image"])]) == 0
     out = capfd.readouterr().out
     assert out.startswith(f"{media_files['image']}\t") and out.count("\n") == 1, "nothing else on stdout"
     assert real_hub.requests == []
+    logged = [r.getMessage() for r in caplog.records if r.name.startswith("epalm")]
+    stages = [m for m in logged if m.startswith(("Loading", "Loaded", "Reading the weights", "Building"))]
+    assert len(stages) == len(set(stages)) == 8, f"-v logs each load stage once: {stages}"
 
 
 def test_an_unreachable_hub_fails_in_one_attempt_with_the_fix(real_hub, media_files, caplog):
@@ -144,9 +161,11 @@ def test_an_unreachable_hub_fails_in_one_attempt_with_the_fix(real_hub, media_fi
     pipe = Pipeline(device="cpu", registry=load_registry(real_hub.registry))
     with caplog.at_level(logging.WARNING, logger="huggingface_hub"), pytest.raises(WeightsUnavailable) as error:
         pipe.caption(media_files["image"], "image-caption")
-    message = str(error.value)
-    assert message.startswith(f"Cannot get the language model {OPT}: config.json in {OPT} is not in the local Hugging")
-    assert f"the Hub ({real_hub.url}) cannot be reached" in message
-    assert "`python -m epalm download image-caption` fetches" in message
-    assert f"'{OPT}' from {OPT}" not in message
+    message, detail = str(error.value), error.value.detail
+    assert message == (  # the first file the task needs, checked before any loads
+        "Cannot get the adapter of image-caption: checkpoints/float32/ePALM_caption/checkpoint_best.pth in the Space "
+        "mshukor/eP-ALM is not downloaded, and cannot be downloaded now."
+    )
+    assert f"the Hub ({real_hub.url}) cannot be reached" in detail and real_hub.url not in message
+    assert "`python -m epalm download image-caption` fetches" in detail
     assert not [r for r in caplog.records if "Retry" in r.getMessage()], "no retries: fails at once"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from epalm.refs import DEFAULT_REGISTRY
 from epalm.tasks import RegistryError, TextFormat, answer_tokens, get_task, load_registry
 
 TASK_IDS = [
@@ -48,7 +49,7 @@ def test_text_formats_follow_the_original():
 
 
 def test_a_user_registry_adds_a_task_with_a_local_adapter(tmp_path):
-    source = (load_registry.__globals__["DEFAULT_REGISTRY"]).read_text()
+    source = (DEFAULT_REGISTRY).read_text()
     extra = (
         source
         + """

@@ -186,7 +186,7 @@ def test_train_pushes_to_the_hub_and_the_adapter_is_used_back_from_there(pipe, f
     assert main(["caption", str(image), "--adapter", "someone/colours", "--tiny", *fast]) == 0
     from_cli = capsys.readouterr().out.strip().split("\t")[1]
     # read at the commit `main` points at now: a re-push is seen, and config and weights are of one version
-    assert {f"/someone/colours/resolve/{fake_hub.COMMIT}/adapter.safetensors"} <= set(fake_hub.downloads)
+    assert {f"/someone/colours/resolve/{fake_hub.commit}/adapter.safetensors"} <= set(fake_hub.downloads)
     from_hub, from_folder = (
         pipe.caption(image, adapter=adapter, preset="fast", max_new_tokens=6).text
         for adapter in ("someone/colours", str(out))
