@@ -15,6 +15,7 @@ import ctypes.util
 import io
 import itertools
 import os
+import stat
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -96,10 +97,26 @@ def check_file(path: str | os.PathLike, limits: MediaLimits) -> Path:
     path = Path(path).expanduser() if limits.folders is None else check_in_folders(path, limits.folders)
     if not path.exists():
         raise MediaError(f"File not found: {path}")
-    if not path.is_file():
-        raise MediaError(f"This is a folder, not a file: {path}")
+    kind = not_a_file(path)
+    if kind:
+        raise MediaError(f"This is {kind}, not a file: {path}")
     _check_size(path.stat().st_size, limits)
     return path
+
+
+def not_a_file(path: Path) -> str | None:
+    """What an existing path is when it is not a regular file ("a folder", "a character device"...), else None."""
+    mode = path.stat().st_mode
+    kinds = [
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a named pipe"),
+        (stat.S_ISSOCK, "a socket"),
+    ]
+    if stat.S_ISREG(mode):
+        return None
+    return next((kind for test, kind in kinds if test(mode)), "a special file")
 
 
 def check_in_folders(path: str | os.PathLike, folders: tuple[str, ...]) -> Path:
