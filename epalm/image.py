@@ -8,9 +8,10 @@ were trained on CLIP-normalised pixels).
 
 Memory: a decoded image costs 3-4 bytes a pixel, 300-400 MB at the 100-megapixel limit, and its
 conversions as much again. So that a few large uploads cannot take a server:
-- An image of more than `REDUCE_ABOVE_PIXELS` is decoded reduced, each side by a whole factor that
-  keeps it at least `MIN_REDUCED_SIDE` pixels (a JPEG by libjpeg's DCT scaling while it is read, so
-  that only the reduced pixels are ever held; other formats by `Image.reduce` right after decoding).
+- An image of more than `REDUCE_ABOVE_PIXELS` is decoded reduced, each side by the largest factor that
+  divides it and keeps it at least `MIN_REDUCED_SIDE` pixels (a JPEG by libjpeg's DCT scaling while
+  it is read, so that only the reduced pixels are ever held; other formats by `Image.reduce` right
+  after decoding). A side with no such factor (a prime number of pixels) is not reduced.
   The bicubic resize to 224 then starts from at least 9× its size; `bench/decode_memory.py` measures
   what that changes (a level or two of 255 at most, mostly none). Smaller images are read exactly as
   the original read them.
@@ -118,7 +119,8 @@ def _decode(image: Image.Image, limits: MediaLimits, opened: bool) -> Image.Imag
     here so that its memory is handed back to the system before the budget is."""
     width, height = image.size
     if opened and _reduction(width, height) != (1, 1):
-        image.draft(image.mode, (MIN_REDUCED_SIDE, MIN_REDUCED_SIDE))  # JPEG: read at 1/2, 1/4 or 1/8 scale
+        scale = _draft_scale(width, height)
+        image.draft(image.mode, (width // scale, height // scale))  # JPEG: read at 1/2, 1/4 or 1/8 scale
     with decoding_budget(limits).hold(image.width * image.height * BYTES_PER_PIXEL):
         try:
             image.load()  # truncated or damaged data fails here, before the orientation is read
@@ -143,8 +145,21 @@ def _reduction(width: int, height: int) -> tuple[int, int]:
 
 
 def _gap(width: int, height: int) -> tuple[int, int]:
-    """The largest whole factors that keep each side at least `MIN_REDUCED_SIDE` (1 where it is shorter)."""
-    return max(1, width // MIN_REDUCED_SIDE), max(1, height // MIN_REDUCED_SIDE)
+    """Per side, the largest factor that divides it and keeps it at least `MIN_REDUCED_SIDE` (1 if
+    none does). Whole blocks only: a partial block at the edge would be a whole pixel of the reduced
+    image and stretch it by a fraction of a pixel, which sharp detail turns into several levels."""
+    return _divisor(width, width // MIN_REDUCED_SIDE), _divisor(height, height // MIN_REDUCED_SIDE)
+
+
+def _divisor(side: int, most: int) -> int:
+    return next(factor for factor in range(max(most, 1), 0, -1) if side % factor == 0)
+
+
+def _draft_scale(width: int, height: int) -> int:
+    """libjpeg's scale (8, 4, 2 or 1) for a JPEG: the largest that divides both sides (whole blocks,
+    as in `_gap`) and keeps them at least `MIN_REDUCED_SIDE`."""
+    most = min(width, height) // MIN_REDUCED_SIDE
+    return next(s for s in (8, 4, 2, 1) if s <= max(most, 1) and width % s == 0 and height % s == 0)
 
 
 def _reduce(image: Image.Image, factors: tuple[int, int]) -> Image.Image:
