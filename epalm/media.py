@@ -245,7 +245,7 @@ class DecodingBudget:
                 self._changed.notify_all()
 
 
-TRIM_ABOVE_BYTES = 64 * 2**20  # after a decode this large, the memory it freed goes back to the system at once
+TRIM_ABOVE_BYTES = 32 * 2**20  # after a decode this large, the memory it freed goes back to the system at once
 _BUDGETS: dict[int, DecodingBudget] = {}
 _BUDGETS_LOCK = threading.Lock()
 

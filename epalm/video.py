@@ -218,15 +218,16 @@ def _read_decord(
     if vlen < 1:
         raise RuntimeError("decord found no frames")
     indices = frame_indices(num_frames, vlen)
-    picked = {}
-    for index in sorted(set(indices)):
-        frame = reader.get_batch([index]).asnumpy()[0]
-        if frame.shape != (track.height, track.width, 3):
-            raise RuntimeError(
-                f"decord returned a frame of shape {frame.shape}, expected {track.height}×{track.width}×3"
-            )
-        picked[index] = keep(frame)
-    return np.stack([picked[i] for i in indices]), tuple(indices)
+
+    def decoded() -> Iterator[np.ndarray]:
+        for index in sorted(set(indices)):
+            frame = reader.get_batch([index]).asnumpy()[0]
+            if frame.shape != (track.height, track.width, 3):
+                expected = f"{track.height}×{track.width}×3"
+                raise RuntimeError(f"decord returned a frame of shape {frame.shape}, expected {expected}")
+            yield frame
+
+    return _gather(indices, decoded(), keep), tuple(indices)
 
 
 def _read_pyav(
@@ -234,12 +235,23 @@ def _read_pyav(
 ) -> tuple[np.ndarray, tuple[int, ...]]:
     vlen = track.frames or _count_frames(path, track.index)
     indices = frame_indices(num_frames, vlen)
-    wanted = sorted(set(indices))
     with open_container(path, "a video") as container:
         stream = container.streams[track.index]
         stream.thread_type = "AUTO"
-        picked = {index: keep(frame) for index, frame in zip(wanted, _frames_at(container, stream, wanted, track))}
-    return np.stack([picked[i] for i in indices]), tuple(indices)
+        frames = _gather(indices, _frames_at(container, stream, sorted(set(indices)), track), keep)
+    return frames, tuple(indices)
+
+
+def _gather(indices: list[int], frames: Iterator[np.ndarray], keep: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """[len(indices), ...] of `keep(frame)` for the frames of the distinct sorted indices, in the order and
+    with the repeats of `indices`, written into one array as they come (no second copy of them all)."""
+    out = None
+    for index, frame in zip(sorted(set(indices)), frames):
+        kept = keep(frame)
+        if out is None:
+            out = np.empty((len(indices), *kept.shape), kept.dtype)
+        out[[j for j, i in enumerate(indices) if i == index]] = kept
+    return out
 
 
 def _count_frames(path: str, index: int) -> int:
