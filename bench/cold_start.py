@@ -68,7 +68,28 @@ def snapshot(cache: Path, repo_type: str, repo_id: str) -> Path:
     return path
 
 
-def write_cache(cache: Path, layers: int) -> float:
+def registry_at_depth(folder: Path, layers: int) -> Path | None:
+    """For an LM shallower than OPT-2.7B's 32 layers (a quick run), a copy of the registry in `folder`
+    whose OPT-2.7B tasks inject into the layers it has (`bench.models.at_depth`), for the app to read
+    (EPALM_TASKS); None at 32 layers, where the registry is used as it is."""
+    import yaml
+
+    from bench.models import at_depth
+    from epalm.tasks import DEFAULT_REGISTRY, InjectionConfig
+
+    if layers == 32:
+        return None
+    registry = yaml.safe_load(DEFAULT_REGISTRY.read_text())
+    for entry in registry["tasks"].values():
+        if entry["lm"]["id"] == "facebook/opt-2.7b":
+            moved = at_depth(InjectionConfig(**entry["injection"]), 32, layers)
+            entry["injection"] = {**entry["injection"], "start_layer": moved.start_layer, "end_layer": moved.end_layer}
+    path = folder / "tasks.yaml"
+    path.write_text(yaml.safe_dump(registry, sort_keys=False))
+    return path
+
+
+def write_cache(cache: Path, layers: int, registry: Path | None = None) -> float:
     """The files `image-caption` needs, in their repos' layouts; returns their size in GB."""
     import safetensors.torch
     import timm
@@ -78,7 +99,7 @@ def write_cache(cache: Path, layers: int) -> float:
     from epalm.tasks import load_registry
     from epalm.tiny import tiny_tokenizer
 
-    task = load_registry()[TASK]
+    task = load_registry(registry)[TASK]
     lm = snapshot(cache, "model", task.lm.id)
     if not (lm / "pytorch_model.bin").exists():
         write_repo(lm, layers)
@@ -127,17 +148,20 @@ def _wait_for_server(url: str, process: subprocess.Popen, timeout: float) -> Non
     raise TimeoutError(f"the app did not answer at {url} in {timeout:.0f} s")
 
 
-def start_to_answer(cache: Path, dtype: str, new_tokens: int, threads: int) -> dict:
+def start_to_answer(
+    cache: Path, dtype: str, new_tokens: int, threads: int, device: str = "cpu", registry: Path | None = None
+) -> dict:
     """One `python app.py` from launch to the first answer; seconds since launch."""
     from gradio_client import Client, handle_file
 
     port = _free_port()
     env = {
         **os.environ,
+        **({"EPALM_TASKS": str(registry)} if registry else {}),
         "HF_HUB_CACHE": str(cache),
         "HF_HUB_OFFLINE": "1",
         "EPALM_DTYPE": dtype,
-        "EPALM_DEVICE": "cpu",
+        "EPALM_DEVICE": device,
         "GRADIO_SERVER_PORT": str(port),
         "GRADIO_ANALYTICS_ENABLED": "False",
         "OMP_NUM_THREADS": str(threads),
@@ -197,7 +221,8 @@ def markdown(results: dict) -> str:
         "## Cold start: `python app.py` to the first answer (bench/cold_start.py)",
         "",
         f"Run on {results['date']}: `{results['command']}`. Machine: {results['machine'].get('cpu', '?')}, "
-        f"{results['machine'].get('cpu_count', '?')} cores, torch threads {results['threads']}. A Hub cache of "
+        f"{results['machine'].get('cpu_count', '?')} cores, torch threads {results['threads']}{_gpu(results)}. "
+        "A Hub cache of "
         f"{results['cache_gb']:.1f} GB with `{TASK}`'s files at the real shapes ({results['layers']} OPT layers; "
         "float16 `pytorch_model.bin`), random weights, read offline with the page cache warm. One image caption "
         f"submitted through the API as soon as the server answers, greedy, {results['new_tokens']} new tokens. "
@@ -215,10 +240,20 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _gpu(results: dict) -> str:
+    info = results["machine"]
+    return f", the app on {info['gpu']} (`--device cuda`)" if results.get("device") == "cuda" and "gpu" in info else ""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dtype", nargs="+", default=["bfloat16", "float32"], choices=["bfloat16", "float32"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument(
+        "--dtype",
+        nargs="+",
+        choices=["bfloat16", "float32", "float16"],
+        help="default: bfloat16 float32 (cpu), float16 bfloat16 (cuda)",
+    )
     p.add_argument("--layers", type=int, default=32, help="OPT layers (32: OPT-2.7B)")
     p.add_argument("--new-tokens", type=int, default=12)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -227,17 +262,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "bench" / "cold_start.json"))
     p.add_argument("--markdown", help="write the section into this file (e.g. bench/RESULTS.md)")
     args = p.parse_args(argv)
+    args.dtype = args.dtype or (["float16", "bfloat16"] if args.device == "cuda" else ["bfloat16", "float32"])
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
     cache = Path(args.cache or tempfile.mkdtemp(prefix="epalm-hub-"))
     try:
-        cache_gb = write_cache(cache, args.layers)
-        runs = [start_to_answer(cache, dtype, args.new_tokens, args.threads) for dtype in args.dtype]
+        registry = registry_at_depth(cache, args.layers)
+        cache_gb = write_cache(cache, args.layers, registry)
+        runs = [
+            start_to_answer(cache, dtype, args.new_tokens, args.threads, args.device, registry) for dtype in args.dtype
+        ]
     finally:
         if not args.keep:
             shutil.rmtree(cache, ignore_errors=True)
     results = {
         "command": "python -m bench.cold_start " + " ".join(argv),
         "date": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": machine.machine_info(torch.device("cpu")),
+        "machine": machine.machine_info(torch.device(args.device)),
+        "device": args.device,
         "threads": args.threads,
         "layers": args.layers,
         "new_tokens": args.new_tokens,
