@@ -52,6 +52,9 @@ class MediaLimits:
     # examples), every other path refused with one message, whatever is or is not there
     folders: tuple[str, ...] | None = None
 
+    def __post_init__(self) -> None:
+        bounded("max_decoding_bytes", self.max_decoding_bytes, 2**20, 2**50)  # at least 1 MiB: a budget of 0 waits
+
 
 def describe_bytes(size: float) -> str:
     """'1.5 GB', '250 MB', '12 KB' (binary units, as file managers and upload limits use)."""
@@ -216,7 +219,6 @@ class DecodingBudget:
     the memory a large decode freed is handed back to the system before the budget is."""
 
     def __init__(self, total: int) -> None:
-        bounded("max_decoding_bytes", total, 2**20, 2**50)
         self.total = total
         self.used = 0
         self._changed = threading.Condition()
