@@ -50,8 +50,8 @@ log = logging.getLogger(__name__)
 
 MAX_FRAMES = 64  # frames sampled from one clip: each is 224×224×3 floats in memory and 196 tokens in TimeSformer
 # a decoding video's memory for each pixel of its frames (decord and FFmpeg's reference frames and threads,
-# the float copy of the frame being resized): 0.47-0.66 GB for a 4K clip, measured by bench/decode_memory.py
-BYTES_PER_FRAME_PIXEL = 64
+# the float copy of the frame being resized): 0.43-0.64 GB for a 4K clip, measured by bench/decode_memory.py
+BYTES_PER_FRAME_PIXEL = 80
 SEEK_AHEAD_S = 2.0  # PyAV: decode forward to a frame at most this far ahead, seek to farther ones
 
 

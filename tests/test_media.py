@@ -822,8 +822,8 @@ def test_sample_video_gives_the_tensor_of_the_full_frames(tmp_path, rotation):
 
 
 def test_video_decodes_share_the_memory_budget(tmp_path, monkeypatch):
-    """A 320×176 clip is estimated at 64 bytes a frame pixel (3.6 MB): in a 4 MiB budget three clips
-    decode one at a time."""
+    """A 320×176 clip is estimated at 80 bytes a frame pixel (4.5 MB): in a budget one and a half times
+    that, three clips decode one at a time."""
     path = write_video(tmp_path / "clip.mp4", frames=20, size=(320, 176))
     inside, most, lock = set(), [0], threading.Lock()
     read = video_module._read_decord
@@ -840,7 +840,7 @@ def test_video_decodes_share_the_memory_budget(tmp_path, monkeypatch):
                 inside.discard(threading.get_ident())
 
     monkeypatch.setattr(video_module, "_read_decord", counted)
-    limits = MediaLimits(max_decoding_bytes=4 * 2**20)
+    limits = MediaLimits(max_decoding_bytes=320 * 176 * video_module.BYTES_PER_FRAME_PIXEL * 3 // 2)
     threads = [threading.Thread(target=prepare_video, args=(path, VideoTransform(), limits)) for _ in range(3)]
     for thread in threads:
         thread.start()
