@@ -262,6 +262,7 @@ def section(results: dict) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--baseline", type=Path, help="another checkout (a folder holding epalm/) measured beside this one")
+    p.add_argument("--baseline-name", help="what the report calls it (default: its path), e.g. a commit")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 8], help="threads decoding at once (default: 1 8)")
     p.add_argument(
         "--quick", action="store_true", help="a 4 MP JPEG, a small clip; fidelity of a 25 MP JPEG (what the test runs)"
@@ -286,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             "argv": "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:])),
             "date": time.strftime("%Y-%m-%d %H:%M"),
             "machine": f"{os.cpu_count()} cores, torch {torch.__version__}, Pillow {Image.__version__}",
-            "checkouts": {k: str(v) for k, v in roots.items()},
+            "checkouts": {k: args.baseline_name or str(v) if k == "baseline" else str(v) for k, v in roots.items()},
             "fidelity": fidelity(sizes, kinds, ["JPEG"] if args.quick else ["JPEG", "PNG"], folder),
             "memory": memory(roots, write_inputs(folder, args.quick), args.clients),
         }
