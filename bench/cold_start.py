@@ -71,7 +71,29 @@ def snapshot(cache: Path, repo_type: str, repo_id: str) -> Path:
     return path
 
 
-def write_cache(cache: Path, layers: int) -> float:
+def registry_at_depth(folder: Path, layers: int) -> Path | None:
+    """For an LM shallower than OPT-2.7B's 32 layers (a quick run), a copy of the registry in `folder`
+    whose OPT-2.7B tasks inject into the layers it has (`bench.models.at_depth`), for the app to read
+    (EPALM_TASKS); None at 32 layers, where the registry is used as it is."""
+    import yaml
+
+    from bench.models import at_depth
+    from epalm.model import InjectionConfig
+    from epalm.refs import DEFAULT_REGISTRY
+
+    if layers == 32:
+        return None
+    registry = yaml.safe_load(DEFAULT_REGISTRY.read_text())
+    for entry in registry["tasks"].values():
+        if entry["lm"]["id"] == "facebook/opt-2.7b":
+            moved = at_depth(InjectionConfig(**entry["injection"]), 32, layers)
+            entry["injection"] = {**entry["injection"], "start_layer": moved.start_layer, "end_layer": moved.end_layer}
+    path = folder / "tasks.yaml"
+    path.write_text(yaml.safe_dump(registry, sort_keys=False))
+    return path
+
+
+def write_cache(cache: Path, layers: int, registry: Path | None = None) -> float:
     """The files `image-caption` needs, in their repos' layouts; returns their size in GB."""
     import safetensors.torch
     import timm
@@ -81,7 +103,7 @@ def write_cache(cache: Path, layers: int) -> float:
     from epalm.tasks import load_registry
     from epalm.tiny import tiny_tokenizer
 
-    task = load_registry()[TASK]
+    task = load_registry(registry)[TASK]
     lm = snapshot(cache, "model", task.lm.id)
     if not (lm / "pytorch_model.bin").exists():
         write_repo(lm, layers)
@@ -134,7 +156,7 @@ def kept_folder(cache: Path) -> Path:
     return cache.parent / f"{cache.name}-kept"
 
 
-def keep_weights(cache: Path, dtype: str) -> float:
+def keep_weights(cache: Path, dtype: str, registry: Path | None = None) -> float:
     """Write the kept weights of image-caption's LM in `dtype` as a first start would (a fresh process);
     returns their size in GB."""
     code = (
@@ -142,7 +164,7 @@ def keep_weights(cache: Path, dtype: str) -> float:
         "from epalm import weight_files\n"
         "from epalm.hub import lm_files, locate\n"
         "from epalm.tasks import load_registry\n"
-        f"ref = load_registry()[{TASK!r}].lm\n"
+        f"ref = load_registry({str(registry) if registry else None!r})[{TASK!r}].lm\n"
         "weights = [p for n, p in locate(lm_files(ref)).items() if n.endswith(('.bin', '.safetensors'))]\n"
         f"dtype = torch.{dtype}\n"
         "if weight_files.load(ref.id, weights, dtype) is None:\n"
@@ -176,7 +198,15 @@ def start_files(cache: Path, dtype: str, kept: bool) -> list[Path]:
     return [*cache.rglob("pytorch_model.bin"), *files]
 
 
-def start_to_answer(cache: Path, dtype: str, new_tokens: int, threads: int, kept: bool) -> dict:
+def start_to_answer(
+    cache: Path,
+    dtype: str,
+    new_tokens: int,
+    threads: int,
+    kept: bool,
+    device: str = "cpu",
+    registry: Path | None = None,
+) -> dict:
     """One `python app.py` from launch to the first answer (`kept`: with the kept weights), its files in
     the page cache; seconds since launch."""
     from gradio_client import Client, handle_file
@@ -185,11 +215,12 @@ def start_to_answer(cache: Path, dtype: str, new_tokens: int, threads: int, kept
     port = _free_port()
     env = {
         **os.environ,
+        **({"EPALM_TASKS": str(registry)} if registry else {}),
         "HF_HUB_CACHE": str(cache),
         "HF_HUB_OFFLINE": "1",
         "EPALM_CACHE": str(kept_folder(cache)) if kept else "off",
         "EPALM_DTYPE": dtype,
-        "EPALM_DEVICE": "cpu",
+        "EPALM_DEVICE": device,
         "GRADIO_SERVER_PORT": str(port),
         "GRADIO_ANALYTICS_ENABLED": "False",
         "OMP_NUM_THREADS": str(threads),
@@ -252,11 +283,11 @@ def markdown(results: dict) -> str:
         "## Cold start: `python app.py` to the first answer (bench/cold_start.py)",
         "",
         f"Run on {results['date']}: `{results['command']}`. Machine: {results['machine'].get('cpu', '?')}, "
-        f"{results['machine'].get('cpu_count', '?')} cores, torch threads {results['threads']}, load average "
-        f"{results['load_average']} at the start. A Hub cache of {results['cache_gb']:.1f} GB with `{TASK}`'s files "
-        f"at the real shapes ({results['layers']} OPT layers; float16 `pytorch_model.bin`), random weights, read "
-        "offline with the page cache warm. `read`: the checkpoint read and cast at each start (EPALM_CACHE=off); "
-        "`kept`: the weights kept by an earlier start, mapped ("
+        f"{results['machine'].get('cpu_count', '?')} cores, torch threads {results['threads']}{_gpu(results)}, "
+        f"load average {results['load_average']} at the start. A Hub cache of {results['cache_gb']:.1f} GB with "
+        f"`{TASK}`'s files at the real shapes ({results['layers']} OPT layers; float16 `pytorch_model.bin`), random "
+        "weights, read offline with the page cache warm. `read`: the checkpoint read and cast at each start "
+        "(EPALM_CACHE=off); `kept`: the weights kept by an earlier start, mapped ("
         + ", ".join(f"{dtype} {size:.1f} GB on disk" for dtype, size in results["kept_gb"].items())
         + "). One image caption submitted through the API as soon as the server answers, greedy, "
         f"{results['new_tokens']} new tokens. Seconds since launch; runs in the order they ran (load average at "
@@ -276,10 +307,20 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _gpu(results: dict) -> str:
+    info = results["machine"]
+    return f", the app on {info['gpu']} (`--device cuda`)" if results.get("device") == "cuda" and "gpu" in info else ""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dtype", nargs="+", default=["bfloat16", "float32"], choices=["bfloat16", "float32"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument(
+        "--dtype",
+        nargs="+",
+        choices=["bfloat16", "float32", "float16"],
+        help="default: bfloat16 float32 (cpu), float16 bfloat16 (cuda)",
+    )
     p.add_argument("--layers", type=int, default=32, help="OPT layers (32: OPT-2.7B)")
     p.add_argument("--new-tokens", type=int, default=12)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -289,16 +330,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "bench" / "cold_start.json"))
     p.add_argument("--markdown", help="write the section into this file (e.g. bench/RESULTS.md)")
     args = p.parse_args(argv)
+    args.dtype = args.dtype or (["float16", "bfloat16"] if args.device == "cuda" else ["bfloat16", "float32"])
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
     cache = Path(args.cache or tempfile.mkdtemp(prefix="epalm-hub-"))
     load_average = f"{os.getloadavg()[0]:.2f}"
     try:
-        cache_gb = write_cache(cache, args.layers)
+        registry = registry_at_depth(cache, args.layers)
+        cache_gb = write_cache(cache, args.layers, registry)
         runs, kept_gb = [], {}
         for dtype in args.dtype:
-            kept_gb[dtype] = keep_weights(cache, dtype)
+            kept_gb[dtype] = keep_weights(cache, dtype, registry)
             for _ in range(args.repeats):
                 for kept in (False, True):  # interleaved: a change in the machine's load hits both ways
-                    runs.append(start_to_answer(cache, dtype, args.new_tokens, args.threads, kept))
+                    runs.append(
+                        start_to_answer(cache, dtype, args.new_tokens, args.threads, kept, args.device, registry)
+                    )
     finally:
         if not args.keep:
             shutil.rmtree(cache, ignore_errors=True)
@@ -306,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {
         "command": "python -m bench.cold_start " + " ".join(argv),
         "date": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": machine.machine_info(torch.device("cpu")),
+        "machine": machine.machine_info(torch.device(args.device)),
+        "device": args.device,
         "threads": args.threads,
         "layers": args.layers,
         "new_tokens": args.new_tokens,

@@ -58,7 +58,7 @@ from bench import machine, models, report  # noqa: E402
 from epalm.pipeline import Pipeline  # noqa: E402
 from epalm.store import DTYPES  # noqa: E402
 
-CPU_DTYPES = [name for name in DTYPES if name != "float16"]  # float16 is for GPUs
+CPU_DTYPES = [name for name in DTYPES if name != "float16"]  # float16 is for GPUs (the default there, with bf16)
 REQUESTS = [  # (task, example file): image, video and audio captioning, cycled through
     ("image-caption", "examples/image/cat.jpg"),
     ("video-caption", "examples/video/cat_zoom.mp4"),
@@ -277,7 +277,7 @@ def run_dtype(args: argparse.Namespace, dtype: str) -> dict:
         media_s = time.perf_counter() - started
         started = time.perf_counter()
         source = models.RandomSource(args.lm, args.encoders)
-        pipe = Pipeline(device="cpu", dtype=dtype, source=source, max_batch_rows=args.max_rows)
+        pipe = Pipeline(device=args.device, dtype=dtype, source=source, max_batch_rows=args.max_rows)
         pipe.preload([task for task, _ in mix])
         load_s = time.perf_counter() - started
         warm_up(pipe, mix, args.frames)
@@ -298,9 +298,10 @@ def markdown(results: dict) -> str:
         "",
         f"Run on {results['date']} ({results['wall_s'] / 60:.0f} min): `{results['command']}`. "
         f"Machine: {results['machine'].get('cpu', '?')}, {results['machine'].get('cpu_count', '?')} cores, load "
-        f"average {results.get('load_average', '?')} at the start, torch threads {args['threads']}. "
-        f"LM shape {args['lm']}, encoders {args['encoders']}, random "
-        f"weights, packed (oneDNN) as the pipeline does on CPU. Requests cycle {' / '.join(args['modalities'])} "
+        f"average {results.get('load_average', '?')} at the start, torch threads {args['threads']}"
+        f"{_gpu(results['machine'])}. LM shape {args['lm']}, encoders {args['encoders']}, random "
+        f"weights{', packed (oneDNN) as the pipeline does on CPU' if args.get('device', 'cpu') == 'cpu' else ''}. "
+        f"Requests cycle {' / '.join(args['modalities'])} "
         f"captioning (video: {args['frames'] or 16} frames), {args['new_tokens']} new tokens "
         f"each, {args['requests']} per client in a closed loop. Latency = submission to final answer (queueing "
         f"included). Rows limit {args['max_rows']}. What the requests send:",
@@ -370,6 +371,11 @@ def _table(block: dict, media: str, runs: list[dict]) -> list[str]:
     return [*lines, ""]
 
 
+def _gpu(info: dict) -> str:
+    """', on <GPU name> (<memory> GB)' for a CUDA run, else nothing."""
+    return f", on {info['gpu']} ({info['gpu_memory_bytes'] / 1e9:.0f} GB)" if "gpu" in info else ""
+
+
 def _f(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
@@ -378,7 +384,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lm", default="opt-2.7b", choices=list(models.LM_SHAPES))
     p.add_argument("--encoders", default="real", choices=models.ENCODER_FAMILIES)
-    p.add_argument("--dtype", nargs="+", default=CPU_DTYPES, choices=CPU_DTYPES)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument(
+        "--dtype", nargs="+", choices=list(DTYPES), help="default: float32 bfloat16 (cpu), float16 bfloat16 (cuda)"
+    )
     p.add_argument(
         "--media",
         nargs="+",
@@ -410,6 +419,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.examples_clients and "examples" not in args.media:
         p.error("--examples-clients is for --media examples, which this run leaves out")
+    if args.dtype is None:
+        args.dtype = ["float16", "bfloat16"] if args.device == "cuda" else CPU_DTYPES
     return args
 
 
@@ -438,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {
         "command": "python bench/serving.py " + " ".join(argv),
         "date": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": machine.machine_info(torch.device("cpu")),
+        "machine": machine.machine_info(torch.device(args.device)),
         "args": vars(args),
         "load_average": f"{os.getloadavg()[0]:.2f}",
         "dtypes": [pick(dtype) for dtype in args.dtype],

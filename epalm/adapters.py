@@ -193,7 +193,7 @@ class UsersAdapters:
         """The task id of the adapter `source` names, read (again, if its files changed) and kept;
         `accept(config)` refuses an adapter by raising (a refused one is not kept)."""
         task_id = self.task_id(source, allow_local)
-        name = task_id.removeprefix("adapter:")
+        name = task_id.removeprefix(ADAPTER_PREFIX)
         with self._lock:
             served = self._served.get(task_id)
             if served is not None and time.monotonic() - served.checked < self.recheck_s and served.stamp[0] == "hub":

@@ -26,11 +26,11 @@ from PIL import Image
 
 from .audio import FRAME_LENGTH_MS, FRAME_SHIFT_MS, AudioTransform, audio_fbank, load_window, window_seconds
 from .decoding import DecodingOptions, stopped
-from .image import ImageTransform, image_tensor, load_image
+from .image import ImageTransform, image_tensor, load_image, source_size
 from .media import MediaLimits, container_duration, local_path, open_container
 from .model import InjectionConfig
 from .tasks import Task
-from .video import VideoTransform, sample_frames, video_tensor
+from .video import VideoTransform, sample_video, video_tensor
 
 SPECTROGRAM_ROW_PX = 2  # each mel bin is drawn two pixels tall: 128 bins -> 256 px
 
@@ -266,10 +266,10 @@ class Inspector:
             image = load_image(media, limits)
             pixels = image_tensor(image, transform)
             picture = self.timed(viewable)(pixels, transform.mean, transform.std)
-            self.seen = Seen("image", [picture], [], source_size=image.size)
+            self.seen = Seen("image", [picture], [], source_size=source_size(image))
             self.seen.captions = [self.seen.summary()]
         elif isinstance(transform, VideoTransform):
-            sampled = sample_frames(media, transform.num_frames, limits)
+            sampled = sample_video(media, transform, limits)  # each frame resized as it is decoded
             pixels = video_tensor(sampled.frames, transform)
             self.seen = Seen(
                 "video",

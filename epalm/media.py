@@ -8,10 +8,16 @@ raw. `MediaLimits` bounds what one request may cost in memory and time.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import ctypes
+import ctypes.util
 import io
+import itertools
 import os
+import stat
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +25,7 @@ from typing import IO, Any
 
 import av
 
-from .errors import UserError
+from .errors import UserError, bounded
 
 MiB = 2**20  # the unit of the upload limits (`--max-file-size`), as `describe_bytes` names it
 PLAYLIST_FORMATS = {"hls", "dash", "concat"}  # FFmpeg demuxers that open further files named inside the file
@@ -38,11 +44,17 @@ class MediaLimits:
 
     max_file_bytes: int = 200 * MiB
     max_pixels: int = 100_000_000  # an image's width × height, checked before its pixels are decoded
+    # memory of the images and videos being decoded at once, by every request that shares these limits (estimated
+    # from their pixels): a decode that would pass it waits for others to finish (see DecodingBudget)
+    max_decoding_bytes: int = 2**30
     max_frame_pixels: int = 4096 * 2304  # a video frame's width × height (4K fits; the sampled frames stay in memory)
     max_clip_seconds: float = 1800.0  # a video's or audio clip's length (the app's --max-duration)
     # None: any path (a local user named it); else only files inside these folders (a public app: its uploads and
     # examples), every other path refused with one message, whatever is or is not there
     folders: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        bounded("max_decoding_bytes", self.max_decoding_bytes, 2**20, 2**50)  # at least 1 MiB: a budget of 0 waits
 
 
 def describe_bytes(size: float) -> str:
@@ -91,10 +103,26 @@ def check_file(path: str | os.PathLike, limits: MediaLimits) -> Path:
     path = Path(path).expanduser() if limits.folders is None else check_in_folders(path, limits.folders)
     if not path.exists():
         raise MediaError(f"File not found: {path}")
-    if not path.is_file():
-        raise MediaError(f"This is a folder, not a file: {path}")
+    kind = not_a_file(path)
+    if kind:
+        raise MediaError(f"This is {kind}, not a file: {path}")
     _check_size(path.stat().st_size, limits)
     return path
+
+
+def not_a_file(path: Path) -> str | None:
+    """What an existing path is when it is not a regular file ("a folder", "a character device"...), else None."""
+    mode = path.stat().st_mode
+    kinds = [
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a named pipe"),
+        (stat.S_ISSOCK, "a socket"),
+    ]
+    if stat.S_ISREG(mode):
+        return None
+    return next((kind for test, kind in kinds if test(mode)), "a special file")
 
 
 def check_in_folders(path: str | os.PathLike, folders: tuple[str, ...]) -> Path:
@@ -185,3 +213,70 @@ def container_duration(container: av.container.InputContainer) -> float | None:
         return container.duration / av.time_base
     durations = [float(s.duration * s.time_base) for s in container.streams if s.duration and s.time_base]
     return max(durations) if durations else None
+
+
+class DecodingBudget:
+    """At most `total` bytes of media being decoded at once, across threads: `hold(n)` waits, first come
+    first served, until n more bytes fit (a decode larger than `total` waits to run alone). Each decoder
+    estimates its n from the pixels it holds (`image.BYTES_PER_PIXEL`, `video.BYTES_PER_FRAME_PIXEL`);
+    the memory a large decode freed is handed back to the system before the budget is."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.used = 0
+        self._changed = threading.Condition()
+        self._line: collections.deque[int] = collections.deque()
+        self._tickets = itertools.count()
+
+    @contextlib.contextmanager
+    def hold(self, nbytes: int) -> Iterator[None]:
+        nbytes = min(max(nbytes, 0), self.total)
+        with self._changed:
+            ticket = next(self._tickets)
+            self._line.append(ticket)
+            try:
+                self._changed.wait_for(lambda: self._line[0] == ticket and self.used + nbytes <= self.total)
+            finally:
+                self._line.remove(ticket)
+                self._changed.notify_all()  # the next in line may fit as well
+            self.used += nbytes
+        try:
+            yield
+        finally:
+            if nbytes >= TRIM_ABOVE_BYTES:
+                hand_back_memory()
+            with self._changed:
+                self.used -= nbytes
+                self._changed.notify_all()
+
+
+TRIM_ABOVE_BYTES = 32 * 2**20  # after a decode this large, the memory it freed goes back to the system at once
+_BUDGETS: dict[int, DecodingBudget] = {}
+_BUDGETS_LOCK = threading.Lock()
+
+
+def decoding_budget(limits: MediaLimits) -> DecodingBudget:
+    """This process's budget for `limits.max_decoding_bytes`, shared by every pipeline with that value."""
+    with _BUDGETS_LOCK:
+        if limits.max_decoding_bytes not in _BUDGETS:
+            _BUDGETS[limits.max_decoding_bytes] = DecodingBudget(limits.max_decoding_bytes)
+        return _BUDGETS[limits.max_decoding_bytes]
+
+
+def _malloc_trim() -> Any:
+    """glibc's malloc_trim, or None (macOS, musl: their allocators hand memory back by themselves)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def hand_back_memory() -> None:
+    """Return the memory freed by a large decode to the system now. glibc keeps freed blocks in the
+    arena of the thread that freed them (a server's worker threads have one each), so without this a
+    few large uploads leave the process gigabytes larger for good (bench/decode_memory.py)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)

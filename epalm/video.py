@@ -18,7 +18,7 @@ then /255 and CLIP normalisation.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +30,16 @@ from torchvision.transforms import InterpolationMode
 
 from .errors import bounded
 from .image import CLIP_MEAN, CLIP_STD, check_pixel_transform
-from .media import MediaError, MediaLimits, Source, check_duration, container_duration, local_path, open_container
+from .media import (
+    MediaError,
+    MediaLimits,
+    Source,
+    check_duration,
+    container_duration,
+    decoding_budget,
+    local_path,
+    open_container,
+)
 
 try:
     import decord
@@ -40,6 +49,9 @@ except ImportError:  # no wheels for this platform: PyAV decodes every video
 log = logging.getLogger(__name__)
 
 MAX_FRAMES = 64  # frames sampled from one clip: each is 224×224×3 floats in memory and 196 tokens in TimeSformer
+# a decoding video's memory for each pixel of its frames (decord and FFmpeg's reference frames and threads,
+# the float copy of the frame being resized): 0.43-0.64 GB for a 4K clip, measured by bench/decode_memory.py
+BYTES_PER_FRAME_PIXEL = 80
 SEEK_AHEAD_S = 2.0  # PyAV: decode forward to a frame at most this far ahead, seek to farther ones
 
 
@@ -104,19 +116,44 @@ def load_video_frames(src: Source, num_frames: int = 8, limits: MediaLimits = Me
 
 
 def sample_frames(src: Source, num_frames: int = 8, limits: MediaLimits = MediaLimits()) -> SampledFrames:
-    """`load_video_frames` with the frame numbers, frame rate and duration of the clip."""
+    """`load_video_frames` with the frame numbers, frame rate and duration of the clip. Every sampled
+    frame is held at full size (16 frames of a 4K clip: 0.5 GB); `sample_video` holds one."""
+    return _sample(src, num_frames, limits, None)
+
+
+def sample_video(
+    src: Source, transform: VideoTransform = VideoTransform(), limits: MediaLimits = MediaLimits()
+) -> SampledFrames:
+    """`sample_frames` with each frame resized to `transform.size` (as `video_tensor` resizes it) as soon
+    as it is decoded: frames [num_frames, size, size, 3], of which `video_tensor` makes the tensor it makes
+    of the full-size frames, while at most one full-size frame is held at a time."""
+    return _sample(src, transform.num_frames, limits, transform.size)
+
+
+def _sample(src: Source, num_frames: int, limits: MediaLimits, size: int | None) -> SampledFrames:
     with local_path(src, limits) as path:
         track = _probe(path, limits)
-        if decord is not None and track.rotation == 0:  # decord ignores rotation and breaks on such files
-            try:
-                return SampledFrames(*_read_decord(path, num_frames, track), track.fps, track.duration)
-            except Exception as exc:  # decord raises its own errors (and worse) on files it cannot handle
-                log.info(
-                    "decord could not decode this video (%s); decoding it with PyAV", str(exc).splitlines()[0][:200]
-                )
-        frames, indices = _read_pyav(path, num_frames, track)
-    upright = np.ascontiguousarray(np.rot90(frames, k=track.rotation // 90, axes=(1, 2)))
-    return SampledFrames(upright, indices, track.fps, track.duration)
+        held = BYTES_PER_FRAME_PIXEL + (0 if size else 3 * num_frames)  # sample_frames keeps every frame too
+        with decoding_budget(limits).hold(track.width * track.height * held):
+            return _decode(path, num_frames, track, size)
+
+
+def _decode(path: str, num_frames: int, track: _Track, size: int | None) -> SampledFrames:
+    """The sampled frames, upright, each resized to size × size as soon as it is decoded when `size` is given."""
+
+    def keep(frame: np.ndarray) -> np.ndarray:  # a decoded [H, W, 3] frame
+        upright = np.ascontiguousarray(np.rot90(frame, k=track.rotation // 90))
+        if size is None:
+            return upright
+        return _resize_frame(torch.from_numpy(upright).permute(2, 0, 1), size).permute(1, 2, 0).numpy()
+
+    if decord is not None and track.rotation == 0:  # decord ignores rotation and breaks on such files
+        try:
+            return SampledFrames(*_read_decord(path, num_frames, track, keep), track.fps, track.duration)
+        except Exception as exc:  # decord raises its own errors (and worse) on files it cannot handle
+            log.info("decord could not decode this video (%s); decoding it with PyAV", str(exc).splitlines()[0][:200])
+    frames, indices = _read_pyav(path, num_frames, track, keep)
+    return SampledFrames(frames, indices, track.fps, track.duration)
 
 
 def _probe(path: str, limits: MediaLimits) -> _Track:
@@ -172,26 +209,49 @@ def _check_frame_size(width: int, height: int, limits: MediaLimits) -> None:
         raise MediaError(f"The video is {width}×{height} pixels; the limit is {limit:.1f} megapixels per frame.")
 
 
-def _read_decord(path: str, num_frames: int, track: _Track) -> tuple[np.ndarray, tuple[int, ...]]:
+def _read_decord(
+    path: str, num_frames: int, track: _Track, keep: Callable[[np.ndarray], np.ndarray]
+) -> tuple[np.ndarray, tuple[int, ...]]:
+    """The sampled frames, each decoded (seeking as decord's get_batch does) and passed to `keep` in turn."""
     reader = decord.VideoReader(path, num_threads=1)
     vlen = len(reader)
     if vlen < 1:
         raise RuntimeError("decord found no frames")
     indices = frame_indices(num_frames, vlen)
-    frames = reader.get_batch(indices).asnumpy()
-    if frames.shape != (num_frames, track.height, track.width, 3):
-        raise RuntimeError(f"decord returned frames of shape {frames.shape}, expected {track.height}×{track.width}×3")
-    return frames, tuple(indices)
+
+    def decoded() -> Iterator[np.ndarray]:
+        for index in sorted(set(indices)):
+            frame = reader.get_batch([index]).asnumpy()[0]
+            if frame.shape != (track.height, track.width, 3):
+                expected = f"{track.height}×{track.width}×3"
+                raise RuntimeError(f"decord returned a frame of shape {frame.shape}, expected {expected}")
+            yield frame
+
+    return _gather(indices, decoded(), keep), tuple(indices)
 
 
-def _read_pyav(path: str, num_frames: int, track: _Track) -> tuple[np.ndarray, tuple[int, ...]]:
+def _read_pyav(
+    path: str, num_frames: int, track: _Track, keep: Callable[[np.ndarray], np.ndarray]
+) -> tuple[np.ndarray, tuple[int, ...]]:
     vlen = track.frames or _count_frames(path, track.index)
     indices = frame_indices(num_frames, vlen)
     with open_container(path, "a video") as container:
         stream = container.streams[track.index]
         stream.thread_type = "AUTO"
-        picked = dict(zip(sorted(set(indices)), _frames_at(container, stream, sorted(set(indices)), track)))
-    return np.stack([picked[i] for i in indices]), tuple(indices)
+        frames = _gather(indices, _frames_at(container, stream, sorted(set(indices)), track), keep)
+    return frames, tuple(indices)
+
+
+def _gather(indices: list[int], frames: Iterator[np.ndarray], keep: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """[len(indices), ...] of `keep(frame)` for the frames of the distinct sorted indices, in the order and
+    with the repeats of `indices`, written into one array as they come (no second copy of them all)."""
+    out = None
+    for index, frame in zip(sorted(set(indices)), frames):
+        kept = keep(frame)
+        if out is None:
+            out = np.empty((len(indices), *kept.shape), kept.dtype)
+        out[[j for j, i in enumerate(indices) if i == index]] = kept
+    return out
 
 
 def _count_frames(path: str, index: int) -> int:
@@ -240,23 +300,23 @@ def video_tensor(frames: np.ndarray | torch.Tensor, transform: VideoTransform = 
     """[T, 3, size, size] float32 from [T, H, W, 3] uint8 frames: the original test transform
     (non-antialiased bicubic resize of the uint8 frames, rounded back to uint8, /255, normalise).
     Frames are resized one at a time, which gives the same result as the whole batch at once
-    with a fraction of the memory."""
+    with a fraction of the memory; frames already at size × size (`sample_video`'s) are kept as they are."""
     video = torch.as_tensor(np.asarray(frames)) if not isinstance(frames, torch.Tensor) else frames
     if video.dtype != torch.uint8 or video.ndim != 4 or video.shape[-1] != 3:
         raise ValueError(f"expected uint8 frames [T, H, W, 3], got {video.dtype} {tuple(video.shape)}")
-    size = [transform.size, transform.size]
-    resized = torch.stack(
-        [
-            TF.resize(frame, size, interpolation=InterpolationMode.BICUBIC, antialias=False)
-            for frame in video.permute(0, 3, 1, 2)
-        ]
-    )
+    resized = torch.stack([_resize_frame(frame, transform.size) for frame in video.permute(0, 3, 1, 2)])
     return TF.normalize(resized.float().div(255.0), transform.mean, transform.std)
+
+
+def _resize_frame(frame: torch.Tensor, size: int) -> torch.Tensor:
+    """The original's resize of one [3, H, W] uint8 frame to [3, size, size] (both callers view it
+    from [H, W, 3] memory: the same layout, so the same kernel and the same numbers)."""
+    return TF.resize(frame, [size, size], interpolation=InterpolationMode.BICUBIC, antialias=False)
 
 
 def prepare_video(
     src: Source, transform: VideoTransform = VideoTransform(), limits: MediaLimits = MediaLimits()
 ) -> torch.Tensor:
-    """`load_video_frames` then `video_tensor`: TimeSformer input [T, 3, size, size] for one clip
-    (add the batch dimension for `pixel_values` [B, T, 3, H, W])."""
-    return video_tensor(load_video_frames(src, transform.num_frames, limits), transform)
+    """`sample_video` then `video_tensor`: TimeSformer input [T, 3, size, size] for one clip (add the
+    batch dimension for `pixel_values` [B, T, 3, H, W]), the same as from the full-size frames."""
+    return video_tensor(sample_video(src, transform, limits).frames, transform)

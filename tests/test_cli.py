@@ -196,17 +196,53 @@ def test_tasks_table_lists_every_task_and_cache_state(fake_hub, capsys):
 
 
 def test_convert_writes_our_format(tmp_path):
-    case = PARITY_CASES[0]
-    out_dir = tmp_path / "converted"
-    # the fixtures' shapes are not the registry's: conversion keeps tensors as they are
-    assert main(["convert", str(case / "adapters.pth"), str(out_dir), "--task", "image-caption"]) == 0
-    assert (out_dir / "adapter.safetensors").is_file() and (out_dir / "adapter_config.json").is_file()
-    card = (out_dir / "README.md").read_text()
-    assert "facebook/opt-2.7b" in card and "image-caption" in card
+    """A checkpoint at the task's real shapes (image-caption-L: ViT-L/16 into OPT-6.7B), tensors kept as they are."""
     from safetensors.torch import load_file
 
-    original = torch.load(case / "adapters.pth", weights_only=True)["model"]
+    from epalm.adapter_format import ENCODER_SHAPES, LM_SHAPES
+    from epalm.model import Adapter
+    from epalm.tasks import load_registry
+
+    task = load_registry()["image-caption-L"]
+    widths = ENCODER_SHAPES[task.encoder.id][0], *LM_SHAPES[task.lm.id][:2]
+    original = {k: torch.randn_like(v) for k, v in Adapter(task.injection, *widths).state_dict().items()}
+    torch.save({"model": original, "epoch": 3}, tmp_path / "checkpoint_best.pth")
+    out_dir = tmp_path / "converted"
+    assert main(["convert", str(tmp_path / "checkpoint_best.pth"), str(out_dir), "--task", "image-caption-L"]) == 0
+    assert (out_dir / "adapter.safetensors").is_file() and (out_dir / "adapter_config.json").is_file()
+    card = (out_dir / "README.md").read_text()
+    assert "facebook/opt-6.7b" in card and "image-caption-L" in card
     assert all(torch.equal(load_file(out_dir / "adapter.safetensors")[k], v) for k, v in original.items())
+
+
+def test_convert_refuses_what_does_not_fit_and_says_why(tmp_path, capsys):
+    """The issue's cases, through the CLI: an empty file, a device, tensors of other models, NaN weights."""
+    (tmp_path / "empty.pth").write_bytes(b"")
+    case = ROOT / "tests" / "fixtures" / "parity" / "audio_caption" / "adapters.pth"  # the registry's injection
+    state = torch.load(case, weights_only=True)
+    state["model"]["connector.0.bias"][0] = float("nan")
+    torch.save(state, tmp_path / "nan.pth")
+    registry = tmp_path / "tasks.yaml"  # the fixture's own models: checked against its own widths
+    text = (ROOT / "checkpoints" / "tasks.yaml").read_text()
+    registry.write_text(text.replace("id: facebook/opt-2.7b", "id: test/fixture-opt"))
+    fixture_task = ["--task", "audio-caption", "--registry", str(registry)]
+    for src, flags, message in [
+        (tmp_path / "empty.pth", ["--task", "image-caption"], "empty.pth is empty (0 bytes): not a checkpoint."),
+        ("/dev/zero", ["--task", "image-caption"], "/dev/zero is a character device, not a checkpoint file."),
+        (case, ["--task", "image-caption"], "adapters.pth does not fit the task 'image-caption': its tensors are"),
+        (tmp_path / "nan.pth", fixture_task, "connector.0.bias holds NaN or infinite values."),
+    ]:
+        code, out, err = run(capsys, "convert", str(src), str(tmp_path / "out"), *flags)
+        assert code == 2 and out == "" and err.startswith("error: ") and message in err, err
+        assert "Traceback" not in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+    code, out, err = run(capsys, "convert", str(case), str(tmp_path / "out"), *fixture_task)
+    assert code == 0 and (tmp_path / "out" / "adapter.safetensors").is_file(), err
+
+
+def test_media_paths_that_are_not_files_say_what_they_are(tmp_path, capsys):
+    code, out, err = run(capsys, "caption", "--tiny", "--task", "image-caption", "/dev/zero")
+    assert code == 2 and out == "/dev/zero\tERROR: This is a character device, not a file: /dev/zero\n", err
 
 
 def test_an_unknown_task_is_one_usage_error_before_any_file(media_files, capsys):

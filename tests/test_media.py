@@ -8,6 +8,8 @@ import importlib.util
 import io
 import struct
 import sys
+import threading
+import time
 import wave
 import zlib
 from collections.abc import Callable
@@ -23,10 +25,19 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
+from epalm import video as video_module
 from epalm.audio import AudioTransform, audio_fbank, load_audio, prepare_audio, window_seconds
 from epalm.image import CLIP_MEAN, CLIP_STD, ImageTransform, load_image, prepare_image
-from epalm.media import MediaError, MediaLimits
-from epalm.video import VideoTransform, frame_indices, load_video_frames, prepare_video, video_tensor
+from epalm.media import DecodingBudget, MediaError, MediaLimits, decoding_budget
+from epalm.video import (
+    VideoTransform,
+    frame_indices,
+    load_video_frames,
+    prepare_video,
+    sample_frames,
+    sample_video,
+    video_tensor,
+)
 
 from conftest import ROOT
 
@@ -765,3 +776,81 @@ def test_corpus_decodes_or_says_why(tmp_path, name, modality, build, expected, l
 
 def test_corpus_is_large_enough():
     assert len(CORPUS) >= 30 and {c[1] for c in CORPUS} == {"image", "video", "audio"}
+
+
+# -- memory: the decoding budget, video frames one at a time -------------------------------------
+
+
+def test_the_decoding_budget_is_first_come_first_served_and_never_exceeded():
+    """A 10-byte budget: 6 then 6 wait for each other; a 20 waits to run alone; a 1 that comes after
+    a waiting 6 does not jump the line; an error inside gives the bytes back."""
+    budget = DecodingBudget(10)  # bytes here; MediaLimits holds real budgets to 1 MiB or more
+    order, most, lock = [], [0], threading.Lock()
+
+    def decode(name: str, size: int, seconds: float) -> None:
+        with budget.hold(size):
+            with lock:
+                order.append(name)
+                most[0] = max(most[0], budget.used)
+            time.sleep(seconds)
+
+    first = threading.Thread(target=decode, args=("a6", 6, 0.3))
+    first.start()
+    time.sleep(0.05)
+    waiting = [threading.Thread(target=decode, args=args) for args in (("b6", 6, 0.1), ("c1", 1, 0), ("d20", 20, 0))]
+    for thread in waiting:
+        thread.start()
+        time.sleep(0.05)  # in this order
+    for thread in [first, *waiting]:
+        thread.join()
+    assert order == ["a6", "b6", "c1", "d20"] and most[0] <= 10
+    with pytest.raises(RuntimeError), budget.hold(8):
+        raise RuntimeError("a damaged file")
+    assert budget.used == 0
+    with pytest.raises(ValueError, match="max_decoding_bytes must be a whole number from"):
+        MediaLimits(max_decoding_bytes=0)
+    assert decoding_budget(MediaLimits()) is decoding_budget(MediaLimits(max_pixels=5))  # one per value
+
+
+@pytest.mark.parametrize("rotation", [None, 90])
+def test_sample_video_gives_the_tensor_of_the_full_frames(tmp_path, rotation):
+    """Frames resized as they are decoded (decord, and PyAV for a rotated file) make exactly the
+    tensor that the full-size frames make, with the same frame numbers and times."""
+    path = write_video(tmp_path / "clip.mp4", frames=40, fps=10, size=(320, 176), rotation=rotation)
+    transform = VideoTransform(num_frames=8)
+    full = sample_frames(path, 8)
+    small = sample_video(path, transform)
+    assert small.frames.shape == (8, 224, 224, 3) and small.frames.dtype == np.uint8
+    assert (small.indices, small.fps, small.duration) == (full.indices, full.fps, full.duration)
+    expected = video_tensor(full.frames, transform)
+    assert torch.equal(video_tensor(small.frames, transform), expected)
+    assert torch.equal(prepare_video(path, transform), expected)
+    assert prepare_video(path, transform).stride() == expected.stride()
+
+
+def test_video_decodes_share_the_memory_budget(tmp_path, monkeypatch):
+    """A 320×176 clip is estimated at 80 bytes a frame pixel (4.5 MB): in a budget one and a half times
+    that, three clips decode one at a time."""
+    path = write_video(tmp_path / "clip.mp4", frames=20, size=(320, 176))
+    inside, most, lock = set(), [0], threading.Lock()
+    read = video_module._read_decord
+
+    def counted(*args):
+        with lock:
+            inside.add(threading.get_ident())
+            most[0] = max(most[0], len(inside))
+        time.sleep(0.2)
+        try:
+            return read(*args)
+        finally:
+            with lock:
+                inside.discard(threading.get_ident())
+
+    monkeypatch.setattr(video_module, "_read_decord", counted)
+    limits = MediaLimits(max_decoding_bytes=320 * 176 * video_module.BYTES_PER_FRAME_PIXEL * 3 // 2)
+    threads = [threading.Thread(target=prepare_video, args=(path, VideoTransform(), limits)) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert most[0] == 1

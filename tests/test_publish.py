@@ -9,7 +9,7 @@ from epalm.adapter_format import ADAPTER_FILES
 from epalm.errors import UserError, WeightsUnavailable
 from epalm.publish import push_to_hub
 
-from conftest import PARITY_CASES, FakeHub
+from conftest import PARITY_CASES, ROOT, FakeHub
 
 
 def test_push_uploads_only_the_adapter_files_or_says_why_it_cannot(fake_hub, tmp_path, monkeypatch):
@@ -20,9 +20,14 @@ def test_push_uploads_only_the_adapter_files_or_says_why_it_cannot(fake_hub, tmp
 
     out = tmp_path / "converted"
     out.mkdir()
-    shutil.copy(PARITY_CASES[0] / "adapters.pth", out)  # converted next to the original, which stays local
+    case = next(case for case in PARITY_CASES if case.name == "audio_caption")  # the registry's injection
+    shutil.copy(case / "adapters.pth", out)  # converted next to the original, which stays local
+    registry = tmp_path / "tasks.yaml"  # the fixture's own tiny LM, which convert checks the file against
+    text = (ROOT / "checkpoints" / "tasks.yaml").read_text()
+    registry.write_text(text.replace("id: facebook/opt-2.7b", "id: test/opt"))
     monkeypatch.setenv("HF_TOKEN", FakeHub.TOKEN)
-    argv = ["convert", str(out / "adapters.pth"), str(out), "--task", "image-caption", "--push-to-hub", "someone/conv"]
+    argv = ["convert", str(out / "adapters.pth"), str(out), "--task", "audio-caption", "--registry", str(registry)]
+    argv += ["--push-to-hub", "someone/conv"]
     assert main(argv) == 0
     [(repo, _, files)] = fake_hub.commits
     assert repo == "someone/conv" and sorted(files) == sorted(ADAPTER_FILES) and (out / "adapters.pth").is_file()
