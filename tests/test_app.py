@@ -810,3 +810,34 @@ def test_identical_answers_never_rewrite_a_picture_being_sent(client, media_file
         results = [job.result(timeout=120) for job in jobs]
     (first, *_), (second, *_) = (seen for _, _, seen, _, _ in results)
     assert Image.open(first["image"]).tobytes() == Image.open(second["image"]).tobytes()
+
+
+def test_a_request_made_while_the_preload_downloads_shows_its_bytes_and_stages(real_hub, media_files):
+    """A first visitor who clicks at once waits on the start-up preload: the info box (and the API's
+    intermediate outputs) show that load's stages and download bytes, whoever started it."""
+    import threading
+
+    from epalm.tasks import load_registry
+
+    weights = threading.Event()  # the LM's weights stop halfway until the request has joined the download
+    real_hub.paused["/facebook/opt-2.7b/resolve/main/pytorch_model.bin"] = weights
+    pipeline = Pipeline(device="cpu", registry=load_registry(real_hub.registry), pack_weights=False)
+    pipeline.start_preload(["image-caption"])
+    blocks, url = serve(pipeline)
+    try:
+        job = Client(url, verbose=False).submit(
+            handle_file(str(media_files["image"])), preset="fast", max_new_tokens=2, api_name="/caption_image"
+        )
+        deadline = time.time() + 60
+        while not any("pytorch_model.bin" in info for _, info, *_ in job.outputs()) and time.time() < deadline:
+            time.sleep(0.05)
+        weights.set()
+        answer, final, *_ = job.result(timeout=300)
+        shown = [info for _, info, *_ in job.outputs()]
+        downloading = [info for info in shown if "Downloading pytorch_model.bin" in info]
+        assert downloading and re.search(r"\d+(\.\d+)? [KMG]iB of \d+(\.\d+)? [KMG]iB \(\d+%\)", downloading[0])
+        assert any(info.startswith("⏳ Loaded OPT-2.7B language model") for info in shown), "and its stages"
+        assert shown.index(downloading[0]) < len(shown) - 1 and "tokens/s" in final
+    finally:
+        weights.set()
+        blocks.close()
