@@ -250,7 +250,7 @@ class Pipeline:
                 self.preload([task_id])
                 self.preloading[task_id] = "ready"
             except UserError as exc:
-                log.warning("preload of %s failed: %s", task_id, exc)
+                log.warning("preload of %s failed: %s%s", task_id, exc, f" ({exc.detail})" if exc.detail else "")
                 self.preloading[task_id] = f"failed: {exc}"
             except Exception as exc:
                 log.exception("preload of %s failed", task_id)

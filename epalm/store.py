@@ -223,7 +223,8 @@ class ModelStore:
         else:
             hint = (
                 f"With network access, `python -m epalm download {task.id}` fetches the files '{task.id}' needs "
-                "(and only those) into the cache; HF_HOME chooses where."
+                "(and only those) into the cache; HF_HOME chooses where. Without any, --tiny runs the demo on "
+                "tiny random models."
             )
         exc.detail = f"{exc.detail} {hint}".strip()
 
