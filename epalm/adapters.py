@@ -22,18 +22,12 @@ from pathlib import Path
 from .errors import AdapterError, UserError
 from .hub import YOU_GAVE, RepoFiles, is_repo_id, locate, remote
 from .media import describe_bytes
-from .refs import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterSource, RegistryError
+from .refs import ADAPTER_CONFIG, ADAPTER_PREFIX, ADAPTER_WEIGHTS, AdapterSource, RegistryError, adapter_task_id
 from .tasks import KIND_WORDS, AdapterConfig, Task
 
 MAX_SOURCE = 1024  # characters of an adapter's name: a Hub repo id (at most 96) or a folder's path
 # the preprocessing an encoder's input shape depends on (num_frames is free: TimeSformer takes any count)
 _FIXED_SHAPE = {"image": ("size",), "video": ("size",), "audio": ("sample_rate", "mel_bins", "target_length")}
-ADAPTER_PREFIX = "adapter:"  # the task ids of users' adapters start with it
-
-
-def adapter_task_id(source: str) -> str:
-    """The task id a user's adapter is served under (answers and timings name it)."""
-    return ADAPTER_PREFIX + source
 
 
 def shown(source: str) -> str:
@@ -189,8 +183,8 @@ class UsersAdapters:
                 return adapter_task_id(os.path.realpath(path))
         return adapter_task_id(source)
 
-    def serve(self, source: str, allow_local: bool, accept: Callable[[AdapterConfig], None]) -> str:
-        """The task id of the adapter `source` names, read (again, if its files changed) and kept;
+    def serve(self, source: str, allow_local: bool, accept: Callable[[AdapterConfig], None]) -> Task:
+        """The task of the adapter `source` names, read (again, if its files changed) and kept;
         `accept(config)` refuses an adapter by raising (a refused one is not kept)."""
         task_id = self.task_id(source, allow_local)
         name = task_id.removeprefix(ADAPTER_PREFIX)
@@ -198,13 +192,13 @@ class UsersAdapters:
             served = self._served.get(task_id)
             if served is not None and time.monotonic() - served.checked < self.recheck_s and served.stamp[0] == "hub":
                 self._served.move_to_end(task_id)
-                return task_id
+                return served.task
         stamp, revision, size = self._stamp(name, allow_local)
         if served is not None and served.stamp == stamp:
             with self._lock:
                 served.checked = time.monotonic()
                 self._served.move_to_end(task_id)
-            return task_id
+            return served.task
         config = read_adapter_config(name, allow_local, revision)
         accept(config)
         task = config.task
@@ -214,7 +208,7 @@ class UsersAdapters:
             self._served[task_id] = _Served(task, stamp, size, time.monotonic(), old.users if old else 0)
         if old is not None:
             self.unload(task_id)  # its files changed: the next request loads the new weights
-        return task_id
+        return task
 
     @contextlib.contextmanager
     def using(self, task_id: str) -> Iterator[None]:

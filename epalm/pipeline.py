@@ -186,8 +186,12 @@ class Pipeline:
         return self.store.adapter(task, progress)
 
     def use_adapter(self, source: str, modality: str | None = None, kind: str | None = None) -> str:
+        """The task id of `_serve_adapter`'s task."""
+        return self._serve_adapter(source, modality, kind).id
+
+    def _serve_adapter(self, source: str, modality: str | None, kind: str | None) -> Task:
         """Serve a trained adapter (a folder, or a Hub repo id) with the models its config names, shared
-        with every other task; returns its task id. Its config is read alone (a Hub adapter's weights come
+        with every other task; returns its task. Its config is read alone (a Hub adapter's weights come
         when it loads) and refused, before anything loads, when it does not fit its models, when it is not
         for `modality`/`kind` (if given), or, unless `any_adapter_models`, when its models are not the
         registry's. A refused adapter is not served; the checks that depend on the caller run on every
@@ -202,9 +206,9 @@ class Pipeline:
             check_fits(config.task, self.tasks.values())
             self._check_use(config.task, source, modality, kind)
 
-        task_id = self.users.serve(source, self.allow_local_adapters, accept)
-        self._check_use(self.users.get(task_id), source, modality, kind)  # this caller's rules, served or not
-        return task_id
+        task = self.users.serve(source, self.allow_local_adapters, accept)
+        self._check_use(task, source, modality, kind)  # this caller's rules, served before or not
+        return task
 
     def _check_use(self, task: Task, source: str, modality: str | None, kind: str | None) -> None:
         if kind is not None:
@@ -323,11 +327,11 @@ class Pipeline:
         check_texts(task=task, adapter=adapter, question=question, modality=modality)
         adapter = adapter.strip() or None if adapter is not None else None  # an empty field: the task's own
         if adapter is not None:
-            kind = "caption" if question is None else "qa"
-            task = self.use_adapter(adapter, modality, kind)
-        if not task:
+            spec = self._serve_adapter(adapter, modality, "caption" if question is None else "qa")
+        elif task:
+            spec = self.task(task)
+        else:
             raise InputError("Name a task or an adapter.")
-        spec = self.task(task)
         if modality is not None and spec.modality != modality:
             raise InputError(f"'{spec.title}' takes {spec.modality}, not {modality}.")
         options = decoding_options(spec, preset, overrides)

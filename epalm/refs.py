@@ -30,6 +30,7 @@ _CHECKOUT_REGISTRY = Path(__file__).resolve().parents[1] / "checkpoints" / "task
 DEFAULT_REGISTRY = _CHECKOUT_REGISTRY if _CHECKOUT_REGISTRY.is_file() else Path(__file__).with_name("tasks.yaml")
 ADAPTER_CONFIG = "adapter_config.json"  # an adapter folder: its task's settings (`tasks.AdapterConfig`)
 ADAPTER_WEIGHTS = "adapter.safetensors"  # and its tensors (`adapter_format`)
+ADAPTER_PREFIX = "adapter:"  # the task ids of users' adapters start with it
 MAX_CONFIG_BYTES = 1 << 20  # an adapter_config.json is ~2 KB
 _EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # a number in exponent form
 MAX_TEXT = 200  # characters of any id, name, title or prompt in a registry entry or an adapter config
@@ -37,6 +38,11 @@ MODALITIES = ("image", "video", "audio")
 KINDS = ("caption", "qa")
 # what an adapter config holds of its task: all but the id (the caller's) and where the weights are (beside it)
 TASK_KEYS = ("title", "label", "modality", "kind", "lm", "encoder", "preprocess", "injection", "text", "generation")
+
+
+def adapter_task_id(source: str) -> str:
+    """The task id a user's adapter is served under (answers and timings name it)."""
+    return ADAPTER_PREFIX + source
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,11 @@ import torch
 from transformers import OPTForCausalLM, PreTrainedTokenizerBase
 
 from .adapter_format import check_injection, load_adapter
-from .adapters import ADAPTER_PREFIX
 from .encoders import Encoder
 from .errors import InputError, Progress, Transfer, WeightsUnavailable
 from .media import describe_bytes
 from .model import EPALM, Adapter, pack_linear_weights, packs
+from .refs import ADAPTER_PREFIX
 from .tasks import EncoderRef, ModelRef, Task
 from .weight_files import mapped_release
 

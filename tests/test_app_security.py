@@ -14,6 +14,7 @@ import io
 import json
 import os
 import re
+import threading
 import time
 import urllib.request
 import uuid
@@ -227,14 +228,17 @@ def test_hundreds_of_visitors_adapters_keep_the_server_flat(app, fake_hub, tmp_p
     from test_adapters import _publish, saved_tiny_adapter
 
     blocks, url, pipeline = app
-    client = Client(url, verbose=False)
     folder = saved_tiny_adapter(tmp_path / "mine", Pipeline(device="cpu", tiny=True))
     image = handle_file(str(media_files["image"]))
     for number in range(200):
         _publish(fake_hub, f"visitor/adapter-{number}", folder)
 
+    visitor = threading.local()  # each visitor has a browser session of its own, like people do
+
     def visit(number: int) -> str:
-        answer, *_ = client.predict(
+        if not hasattr(visitor, "client"):
+            visitor.client = Client(url, verbose=False)
+        answer, *_ = visitor.client.predict(
             image, adapter=f"visitor/adapter-{number}", preset="fast", max_new_tokens=2, api_name="/caption_image"
         )
         return answer
