@@ -9,7 +9,9 @@ streams a greedy image caption; once it is under way, another thread asks for a 
 Reported: the running answer's median gap between tokens before the video arrives, its longest gap
 from the video's arrival to the video's first answer, and that answer's time. With the encoder run on the
 scheduler's thread the running answer waits for the whole encoding; run on the caller's thread, it
-keeps its steps. It uses only `Pipeline.stream`, so the same script measures any version of the library.
+keeps its steps. A token is a decode step of the batch (the scheduler's step callback): random weights decode
+to ids the tiny tokenizer cannot spell, so the streamed text cannot mark them. It uses only `Pipeline.caption`
+and that callback, which the versions before and after the one-engine change both have.
 """
 
 from __future__ import annotations
