@@ -15,7 +15,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import astuple, dataclass, replace
 from pathlib import Path
 
@@ -185,19 +185,23 @@ class UsersAdapters:
 
     def serve(self, source: str, allow_local: bool, accept: Callable[[AdapterConfig], None]) -> Task:
         """The task of the adapter `source` names, read (again, if its files changed) and kept;
-        `accept(config)` refuses an adapter by raising (a refused one is not kept)."""
+        `accept(config)` refuses an adapter by raising (a refused one is not kept). It comes held for the
+        caller: not unloaded to make room for another until `release(task.id)`, so that no other visitor's
+        adapter can take its place between its serving and its request's end."""
         task_id = self.task_id(source, allow_local)
         name = task_id.removeprefix(ADAPTER_PREFIX)
         with self._lock:
             served = self._served.get(task_id)
             if served is not None and time.monotonic() - served.checked < self.recheck_s and served.stamp[0] == "hub":
                 self._served.move_to_end(task_id)
+                served.users += 1
                 return served.task
         stamp, revision, size = self._stamp(name, allow_local)
         if served is not None and served.stamp == stamp:
             with self._lock:
                 served.checked = time.monotonic()
                 self._served.move_to_end(task_id)
+                served.users += 1
             return served.task
         config = read_adapter_config(name, allow_local, revision)
         accept(config)
@@ -205,24 +209,17 @@ class UsersAdapters:
         with self._lock:
             old = self._served.pop(task_id, None)
             self._make_room(size)
-            self._served[task_id] = _Served(task, stamp, size, time.monotonic(), old.users if old else 0)
+            self._served[task_id] = _Served(task, stamp, size, time.monotonic(), (old.users if old else 0) + 1)
         if old is not None:
             self.unload(task_id)  # its files changed: the next request loads the new weights
         return task
 
-    @contextlib.contextmanager
-    def using(self, task_id: str) -> Iterator[None]:
-        """While a request uses this adapter, it is not unloaded to make room for another."""
+    def release(self, task_id: str) -> None:
+        """Let go of an adapter `serve` held (any other task id: nothing to do)."""
         with self._lock:
             served = self._served.get(task_id)
-            if served is not None:
-                served.users += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                if served is not None:
-                    served.users -= 1
+            if served is not None and served.users > 0:
+                served.users -= 1
 
     def _stamp(self, name: str, allow_local: bool) -> tuple[tuple, str, int]:
         """The identity of the adapter's files now, the revision to read them at, and its weights' size."""

@@ -186,8 +186,10 @@ class Pipeline:
         return self.store.adapter(task, progress)
 
     def use_adapter(self, source: str, modality: str | None = None, kind: str | None = None) -> str:
-        """The task id of `_serve_adapter`'s task."""
-        return self._serve_adapter(source, modality, kind).id
+        """Serve a trained adapter now (see `_serve_adapter`) and return its task id."""
+        task = self._serve_adapter(source, modality, kind)
+        self.users.release(task.id)
+        return task.id
 
     def _serve_adapter(self, source: str, modality: str | None, kind: str | None) -> Task:
         """Serve a trained adapter (a folder, or a Hub repo id) with the models its config names, shared
@@ -195,7 +197,8 @@ class Pipeline:
         when it loads) and refused, before anything loads, when it does not fit its models, when it is not
         for `modality`/`kind` (if given), or, unless `any_adapter_models`, when its models are not the
         registry's. A refused adapter is not served; the checks that depend on the caller run on every
-        call. A few are kept ready, as their files are now (`adapters.UsersAdapters`)."""
+        call. A few are kept ready, as their files are now (`adapters.UsersAdapters`). The adapter comes
+        held: the caller releases it (`self.users.release`)."""
 
         def accept(config: AdapterConfig) -> None:
             if config.tiny != self.random_weights:
@@ -207,7 +210,11 @@ class Pipeline:
             self._check_use(config.task, source, modality, kind)
 
         task = self.users.serve(source, self.allow_local_adapters, accept)
-        self._check_use(task, source, modality, kind)  # this caller's rules, served before or not
+        try:
+            self._check_use(task, source, modality, kind)  # this caller's rules, served before or not
+        except BaseException:
+            self.users.release(task.id)
+            raise
         return task
 
     def _check_use(self, task: Task, source: str, modality: str | None, kind: str | None) -> None:
@@ -323,7 +330,8 @@ class Pipeline:
         modality: Any,
         overrides: dict[str, Any],
     ) -> _Plan:
-        """Every check of a request's own values, before anything loads; each refusal names the value."""
+        """Every check of a request's own values, before anything loads; each refusal names the value. A
+        user's adapter comes held (see `_serve_adapter`); the caller releases it."""
         check_texts(task=task, adapter=adapter, question=question, modality=modality)
         adapter = adapter.strip() or None if adapter is not None else None  # an empty field: the task's own
         if adapter is not None:
@@ -332,10 +340,14 @@ class Pipeline:
             spec = self.task(task)
         else:
             raise InputError("Name a task or an adapter.")
-        if modality is not None and spec.modality != modality:
-            raise InputError(f"'{spec.title}' takes {spec.modality}, not {modality}.")
-        options = decoding_options(spec, preset, overrides)
-        return _Plan(spec, check_question(spec, question), options, transform(spec, num_frames))
+        try:
+            if modality is not None and spec.modality != modality:
+                raise InputError(f"'{spec.title}' takes {spec.modality}, not {modality}.")
+            options = decoding_options(spec, preset, overrides)
+            return _Plan(spec, check_question(spec, question), options, transform(spec, num_frames))
+        except BaseException:
+            self.users.release(spec.id)  # (a registry task: nothing to release)
+            raise
 
     def stream(
         self,
@@ -363,10 +375,12 @@ class Pipeline:
         if isinstance(adapter, str) and adapter.strip() and not self.is_adapter_served(adapter.strip()):
             yield Status("loading", "Reading the adapter's settings…")
         plan = self._plan(task, question, preset, num_frames, adapter, modality, overrides)
-        if media is None or (isinstance(media, str) and not media.strip()):
-            raise InputError(f"Please upload {MEDIA_NAMES[plan.task.modality]} first.")
-        with self.users.using(plan.task.id):  # a user's adapter stays loaded while it answers
+        try:  # a user's adapter, held since it was served, stays loaded until the request ends
+            if media is None or (isinstance(media, str) and not media.strip()):
+                raise InputError(f"Please upload {MEDIA_NAMES[plan.task.modality]} first.")
             yield from self._answer(plan, media, inspect, progress, clock)
+        finally:
+            self.users.release(plan.task.id)
 
     def _answer(
         self, plan: _Plan, media: Any, inspect: bool, progress: Progress | None, clock: Clock

@@ -10,7 +10,7 @@ import torch
 from epalm.adapter_format import save_adapter
 from epalm.adapters import read_adapter_config, resolve_adapter
 from epalm.answers import Status
-from epalm.errors import AdapterError, WeightsUnavailable
+from epalm.errors import AdapterError, InputError, WeightsUnavailable
 from epalm.pipeline import Pipeline
 from epalm.tasks import AdapterConfig
 from epalm.tiny import tiny_adapter
@@ -247,6 +247,30 @@ def test_users_adapters_are_bounded_and_a_full_house_is_busy_not_bigger(fake_hub
     for stream in held:
         stream.close()
     assert pipe.caption(media_files["image"], adapter="someone/a", **settings).done
+
+
+def test_a_served_adapter_is_held_until_its_request_ends_and_refusals_hold_nothing(fake_hub, tmp_path, media_files):
+    """Between an adapter's serving and its request's start, another visitor's adapter cannot unload it;
+    a request refused after its adapter was served lets go of it."""
+    from epalm.adapters import Busy
+
+    pipe = Pipeline(device="cpu", tiny=True)
+    pipe.users.max_count = 1
+    folder = saved_tiny_adapter(tmp_path / "mine", pipe)
+    for name in ("a", "b"):
+        _publish(fake_hub, f"someone/{name}", folder)
+    task = pipe.users.serve("someone/a", False, lambda config: None)  # served; its request has not begun yet
+    with pytest.raises(Busy):
+        pipe.users.serve("someone/b", False, lambda config: None)
+    pipe.users.release(task.id)
+    settings = dict(preset="fast", max_new_tokens=2)
+    with pytest.raises(InputError, match="Please upload"):  # refused after its adapter was served
+        pipe.caption(None, adapter="someone/b", **settings)
+    with pytest.raises(AdapterError, match="trained for image captioning, not audio"):  # this caller's rules
+        next(pipe.stream(media_files["audio"], None, adapter="someone/b", modality="audio", **settings))
+    pipe.use_adapter("someone/b")
+    assert pipe.caption(media_files["image"], adapter="someone/a", **settings).done, "nothing is left held"
+    assert not pipe.is_adapter_served("someone/b")
 
 
 def test_hub_adapter_weights_over_the_limit_are_refused_before_they_download(fake_hub, tmp_path, media_files):
