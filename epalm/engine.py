@@ -11,7 +11,7 @@ tasks, adapters, decoding settings and text lengths share a step (each row keeps
 features and soft prompt), so each request gets the ids it would get alone; rows whose injection
 layouts differ (another start/end layer, prompt length or feature count) step as separate groups.
 
-A request alone is a batch of one (`decoding.generate`, run inline); `epalm.serving.Scheduler` is a
+A request alone is a batch of one (`decode_alone`, run inline; `generate` collects its ids); `epalm.serving.Scheduler` is a
 thread and an admission policy around the same engine. A failure reaches the requests it concerns
 (a bad rule: its request; a failed forward: its group), never the others.
 """
@@ -276,20 +276,6 @@ def generate(
         if callback is not None:
             callback(tokens)
     return request.result()
-
-
-def stream_tokens(
-    model: EPALM,
-    prefix: Prefix,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    options: DecodingOptions,
-    trace: Trace | None = None,
-) -> Iterator[torch.Tensor]:
-    """Greedy or sampling alone, one step at a time: yields the new token of every row ([B])."""
-    if not options.streams:
-        raise ValueError("beam search does not stream; use generate()")
-    yield from decode_alone(model, Request(prefix, input_ids, options, attention_mask, trace))
 
 
 def _choose(request: Request, logits: torch.Tensor) -> bool:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from epalm.decoding import DecodingOptions, stream_text
-from epalm.engine import generate, stream_tokens
+from epalm.engine import Request, decode_alone, generate
 from epalm.model import InjectionConfig
 from epalm.presets import DEFAULT_PRESET, PRESETS
 
@@ -74,7 +74,7 @@ def test_streaming_yields_growing_prefixes_that_end_in_the_final_text(tokenizer)
     ids = torch.tensor([[2, 40]])
     options = DecodingOptions(num_beams=1, max_new_tokens=12)
     with torch.inference_mode():
-        parts = list(stream_text(stream_tokens(lm, prefix, ids, torch.ones_like(ids), options), tokenizer))
+        parts = list(stream_text(decode_alone(lm, Request(prefix, ids, options, torch.ones_like(ids))), tokenizer))
         final = generate(lm, prefix, ids, torch.ones_like(ids), options).sequences[0, 2:]
     assert len(parts) >= 2
     assert all(b.startswith(a) and len(b) > len(a) for a, b in zip(parts, parts[1:]))
@@ -91,8 +91,6 @@ def test_options_are_validated():
     assert DecodingOptions(temperature=0, top_p=0).temperature == 0, "ignored (and accepted) when nothing samples"
     with pytest.raises(ValueError):
         DecodingOptions(min_answer_tokens=0)
-    with pytest.raises(ValueError):
-        next(stream_tokens(None, None, torch.zeros(1, 1), torch.zeros(1, 1), DecodingOptions()))
 
 
 def test_presets_are_rules_over_the_task_settings():
