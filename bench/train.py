@@ -38,7 +38,7 @@ from bench.models import build_encoder_for as build_encoder  # noqa: E402
 from bench.models import build_lm, encoder_input, injection_for  # noqa: E402
 from bench.report import write_section  # noqa: E402
 from bench.timing import CpuMonitor, reset_rss_peak, rss_bytes, rss_peak_bytes, wait_for_quiet  # noqa: E402
-from epalm.data import MAX_HELD_OUT  # noqa: E402
+from epalm.data import MAX_HELD_OUT, held_out_count  # noqa: E402
 from epalm.engine import generate  # noqa: E402
 from epalm.model import EPALM, Adapter  # noqa: E402
 from epalm.recipe import TrainConfig, plan  # noqa: E402
@@ -162,7 +162,7 @@ def schedule(results: dict, args: argparse.Namespace) -> list[dict]:
         ]
         widest = max(runs, key=lambda r: r["batch"])
         for files in FILES:
-            validation = min(max(1, round(files * TrainConfig.validation_fraction)), MAX_HELD_OUT)
+            validation = held_out_count(files, TrainConfig.validation_fraction)
             recipe = plan(TrainConfig(), task, files - validation)
             per_sample = widest["step_s"] / widest["batch"]  # steps at the plan's batch: scaled per sample
             validations = sum(recipe.validates(epoch) for epoch in range(recipe.epochs)) + 1  # and one before

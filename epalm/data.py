@@ -409,11 +409,16 @@ def _text(split: _Rows, row: dict, column: str) -> str:
     return str(value).strip() if value is not None else ""
 
 
+def held_out_count(files: int, fraction: float) -> int:
+    """How many of `files` are held out for validation (at least one, at most `MAX_HELD_OUT`)."""
+    return min(max(1, round(files * fraction)), MAX_HELD_OUT)
+
+
 def _hold_out(train: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
     """Whole files are held out: a file's other captions or questions in train would leak its answers."""
     files = list(dict.fromkeys(e.key for e in train))
     random.Random(seed).shuffle(files)
-    held = set(files[: min(max(1, round(len(files) * fraction)), MAX_HELD_OUT)]) if len(files) > 1 else set()
+    held = set(files[: held_out_count(len(files), fraction)]) if len(files) > 1 else set()
     return [e for e in train if e.key not in held], [e for e in train if e.key in held]
 
 

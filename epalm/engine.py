@@ -11,9 +11,9 @@ tasks, adapters, decoding settings and text lengths share a step (each row keeps
 features and soft prompt), so each request gets the ids it would get alone; rows whose injection
 layouts differ (another start/end layer, prompt length or feature count) step as separate groups.
 
-A request alone is a batch of one (`decode_alone`, run inline; `generate` collects its ids); `epalm.serving.Scheduler` is a
-thread and an admission policy around the same engine. A failure reaches the requests it concerns
-(a bad rule: its request; a failed forward: its group), never the others.
+A request alone is a batch of one (`decode_alone`, run inline; `generate` collects its ids);
+`epalm.serving.Scheduler` is a thread and an admission policy around the same engine. A failure
+reaches the requests it concerns (a bad rule: its request; a failed forward: its group), never the others.
 """
 
 from __future__ import annotations

@@ -202,7 +202,8 @@ def evaluate(
         )
     for _ in _progress(predictions.add(runner.run(task, todo, decoding)), len(todo), progress):
         pass
-    texts = {i.key: predictions.done[i.key] for i in benchmark.items if i.key in predictions.done}
+    done = predictions.done  # (built on each read: once here, not per item)
+    texts = {i.key: done[i.key] for i in benchmark.items if i.key in done}
     failed = {}
     for item in benchmark.items:
         if item.key not in texts:

@@ -254,10 +254,10 @@ class Trainer:
     def _answers(self, adapter: Adapter, examples: list[Example]) -> list[str]:
         """The inference path's answers to `examples`: the task's prompt and decoding, all decoded together
         by the engine (at most the batch's rows a step), each the answer it gets alone."""
-        requests = []
-        for example in examples:
+        requests, features = [], self._media_features(examples)  # [blocks, examples, dim], encoded together
+        for i, example in enumerate(examples):
             ids = torch.tensor([self.task.text.prompt_ids(self.tokenizer, example.question)], device=self.device)
-            requests.append(Request(adapter.prefix(self._media_features([example])), ids, self.decoding))
+            requests.append(Request(adapter.prefix(features[:, i : i + 1]), ids, self.decoding))
         decode_together(self.lm, requests)
         outputs = [request.result().sequences[0, request.input_ids.shape[1] :] for request in requests]
         return [self.tokenizer.decode(output, skip_special_tokens=True).strip() for output in outputs]

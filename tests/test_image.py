@@ -193,12 +193,15 @@ MEASURE = textwrap.dedent(
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM := VmRSS
     start = status("VmRSS")
-    threads = [threading.Thread(target=lambda: image_tensor(load_image(path))) for _ in range(clients)]
+    decoded = []  # the shapes only (no pixels stay held); a thread that raised adds none
+    threads = [
+        threading.Thread(target=lambda: decoded.append(image_tensor(load_image(path)).shape)) for _ in range(clients)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    print(json.dumps({"peak": status("VmHWM") - start, "after": status("VmRSS") - start}))
+    print(json.dumps({"peak": status("VmHWM") - start, "after": status("VmRSS") - start, "decoded": len(decoded)}))
     """
 )
 
@@ -217,6 +220,7 @@ def test_four_near_limit_images_at_once_cost_one_and_the_memory_comes_back(tmp_p
     )
     assert result.returncode == 0, result.stderr
     used = json.loads(result.stdout)
+    assert used["decoded"] == 4, result.stderr  # every client got its image: the peak below is theirs
     assert used["peak"] < 0.9 * 2**30, used
     assert used["after"] < 100 * 2**20, used
     assert time.perf_counter() - started < 120
