@@ -206,6 +206,7 @@ class BeamRule:
         self.beam_scores = beam_scores.view(-1)
         self.hyps = [_Hypotheses(self.k, options.length_penalty) for _ in range(self.batch)]
         self.finished = [False] * self.batch
+        self._result: GenerationOutput | None = None
         self.order: torch.Tensor | None = None
         self.done = False
 
@@ -247,8 +248,12 @@ class BeamRule:
         return tokens
 
     def result(self) -> GenerationOutput:
-        eos, pad = self.options.eos_token_id, self.options.pad_token_id
-        return _finalize(self.hyps, self.finished, self.ids, self.beam_scores, self.limit, eos, pad, self.k)
+        """The best beams, finalized once (finalizing adds the unfinished beams to the hypotheses: a second
+        pass would add them again)."""
+        if self._result is None:
+            eos, pad = self.options.eos_token_id, self.options.pad_token_id
+            self._result = _finalize(self.hyps, self.finished, self.ids, self.beam_scores, self.limit, eos, pad, self.k)
+        return self._result
 
 
 StepRule = TokenRule | BeamRule

@@ -421,14 +421,15 @@ class Pipeline:
                 finally:
                     tokens.close()  # a consumer that stops early (Stop, closed tab) frees the rows now
                     request.cancel()  # (and one that never read a token: a no-op once finished)
-            output = request.result().sequences[0, input_ids.shape[1] :].tolist()
+            generated = request.result()
+            output = generated.sequences[0, input_ids.shape[1] :].tolist()
         if not options.streams:
             timings.new_tokens = sum(token != options.pad_token_id for token in output)
         text = tokenizer.decode(output, skip_special_tokens=True).strip()
         inspected = None
         if inspector:
             with clock("inspect_decode"):
-                hypotheses = request.rule.result().hypotheses
+                hypotheses = generated.hypotheses
                 stopped = output[: timings.new_tokens] if options.streams else output
                 inspected = inspector.result(
                     tokenizer, input_ids, options, stopped, hypotheses[0] if hypotheses else None

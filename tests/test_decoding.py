@@ -37,6 +37,24 @@ def test_at_least_one_token_even_past_max_length():
     assert out.sequences.shape == (1, 6)
 
 
+def test_a_beam_search_result_reads_the_same_twice():
+    """Finalizing adds the unfinished beams to the hypotheses; the answer and the inspection both read
+    the result, and the second read once listed those beams again in place of the worst real one."""
+    lm, prefix = make(END_IS_LAST, seed=5)
+    ids = torch.tensor([[2, 40, 41]])
+    request = Request(prefix, ids, DecodingOptions(num_beams=3, max_new_tokens=4))
+    with torch.inference_mode():
+        for _ in decode_alone(lm, request):
+            pass
+    first, second = request.result(), request.result()
+
+    def listed(output):
+        return [[(score, hypothesis.tolist()) for score, hypothesis in item] for item in output.hypotheses]
+
+    assert listed(second) == listed(first) and len(listed(first)[0]) == 3
+    assert len({tuple(ids) for _, ids in listed(first)[0]}) == 3, "three distinct beams"
+
+
 def test_beam_length_normalisation_counts_input_ids():
     """4.24 divides a hypothesis' log-prob sum by its whole length, input ids included.
     (end = L, so one forward of the hypothesis gives the logits each step saw.)"""
