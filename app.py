@@ -11,6 +11,7 @@ endpoints are built from the task registry (`checkpoints/tasks.yaml`, or EPALM_T
 
 from __future__ import annotations
 
+import base64
 import inspect
 import json
 import logging
@@ -68,6 +69,7 @@ if __name__ == "__main__":  # the models start loading now, so that gradio's imp
     STARTED = start(CONFIG)
 
 import gradio as gr  # noqa: E402  (after `start`, see above; every use of it below is inside a function)
+from gradio.processing_utils import extract_base64_data  # noqa: E402
 from gradio.utils import get_upload_folder  # noqa: E402
 
 
@@ -142,7 +144,11 @@ def _checked(component: Any, name: str, limits: Callable[[], MediaLimits] | None
 
     def preprocess(payload: Any) -> Any:
         try:
-            if limits is None or payload is None or payload.path is None:  # no file, or a data: URL's bytes
+            image = isinstance(component, gr.Image) and payload is not None
+            if image and not payload.path and (payload.url or "").startswith("data:"):  # a pasted image: its
+                # bytes as the file itself, for epalm's checks (size, pixels from the header), not Gradio's decode
+                return base64.b64decode(extract_base64_data(payload.url), validate=True)
+            if limits is None or payload is None or payload.path is None:  # no file, or a clip in a data: URL
                 return gradio_preprocess(payload)
             checked = check_in_folders(payload.path, limits().folders)  # the rest (size, format) is the handler's
             return str(checked) if isinstance(component, gr.Image) else gradio_preprocess(payload)

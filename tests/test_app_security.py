@@ -156,6 +156,12 @@ def test_an_uploaded_file_a_pasted_image_and_an_example_still_answer(app, media_
     pasted = queue_call(url, fn_index, data)
     assert pasted["success"] is True, pasted
     assert pasted["output"]["data"][0], "a pasted (data: URL) image is the caller's own"
+    huge = io.BytesIO()  # 144 megapixels in a small PNG: refused from its header, as an upload is
+    Image.new("L", (12000, 12000)).save(huge, format="PNG")
+    data[position] = {"url": "data:image/png;base64," + base64.b64encode(huge.getvalue()).decode()}
+    refused = queue_call(url, fn_index, data)
+    assert refused["success"] is False, refused
+    assert refused["output"]["error"] == "Image is 12000×12000 pixels; the limit is 100 megapixels."
     upload = Path(get_upload_folder()) / uuid.uuid4().hex / "cat.png"
     upload.parent.mkdir(parents=True)
     upload.write_bytes(png.getvalue())
