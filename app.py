@@ -16,7 +16,6 @@ import inspect
 import json
 import logging
 import sys
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -33,6 +32,7 @@ if __name__ == "__main__":
         sys.exit(f"error: {exc}")
 
 from epalm import DEFAULT_PRESET, MAX_QUESTION_CHARS, PRESETS, Answer, Inspection, Pipeline, Status
+from epalm.inspection import response_folder
 from epalm.tasks import KIND_WORDS, Task, tasks_by_modality
 from epalm.video import MAX_FRAMES
 
@@ -58,7 +58,7 @@ def start(config: ServingConfig) -> Pipeline:
     """The pipeline the flags ask for, its start-up tasks loading in the background (exits on a bad flag)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        pipeline = Pipeline.from_config(config, any_adapter_models=False)
+        pipeline = Pipeline.from_config(config)  # (`build` keeps users' adapters on the app's models)
         pipeline.start_preload(None if config.preload is None else list(config.preload))
     except UserError as exc:
         sys.exit(f"error: {exc}")
@@ -77,15 +77,15 @@ def status(pipeline: Pipeline) -> str:
     loaded = ", ".join(pipeline.loaded(users_adapters=False)) or "nothing yet (models load on first use)"
     parts = [f"Device **{pipeline.device.type}** · **{pipeline.dtype_name}**"]
     parts.append(f"**tiny random stand-ins** loaded for: {loaded}" if pipeline.random_weights else f"loaded: {loaded}")
-    preloads = [f"preload of `{task}`: {state.split(':')[0]}" for task, state in pipeline.preloading.items()]
-    return " · ".join(parts + [line for line in preloads if not line.endswith("ready")])
+    preloading = [(task, state.split(":")[0]) for task, state in pipeline.preloading.items()]
+    return " · ".join(parts + [f"preload of `{task}`: {state}" for task, state in preloading if state != "ready"])
 
 
 def respond(pipeline: Pipeline, modality: str, values: dict[str, Any]) -> Iterator[tuple]:
     """Stream (answer, info, *what the model saw) for one request: what it is doing in the info box, then
     the answer. A refused or failed request leaves its message in the info box and raises a `gr.Error`."""
     try:
-        shown = False
+        shown, pictures = False, None
         events = pipeline.stream(
             values["media"],
             values["task"],
@@ -102,10 +102,10 @@ def respond(pipeline: Pipeline, modality: str, values: dict[str, Any]) -> Iterat
         for event in events:
             if isinstance(event, Status):
                 yield gr.skip(), f"⏳ {event}", *((gr.skip(),) * 3 if shown else NOTHING_SEEN)
-            elif not event.done:  # the media and the prompt once, while the tokens stream
-                yield event.text, "generating…", *((gr.skip(),) * 3 if shown else seen_outputs(event.inspection))
-            else:
-                yield event.text, info_line(event), *seen_outputs(event.inspection)
+            else:  # the media and the prompt once while the tokens stream, then with the final answer
+                pictures = pictures or seen_pictures(event.inspection)
+                seen = seen_outputs(event.inspection, pictures) if event.done or not shown else (gr.skip(),) * 3
+                yield event.text, info_line(event) if event.done else "generating…", *seen
             shown = shown or isinstance(event, Answer)
     except UserError as exc:
         log.info("refused a request (%s): %s", modality, f"{exc} ({exc.detail})" if exc.detail else exc)
@@ -124,11 +124,15 @@ def info_line(answer: Answer) -> str:
     return info + (f"  \n{answer.notice} (Advanced › Max new tokens)" if answer.notice else "")
 
 
-def seen_outputs(inspection: Inspection) -> tuple[list, list, str]:
-    """The panel's values: the encoder's input as (picture file, caption) pairs, in files of each response's own
-    (Gradio writes an array's PNG in place, at one path for identical pictures), the tokens, the rest in words."""
-    files = inspection.save(Path(get_upload_folder()) / "epalm-seen" / uuid.uuid4().hex)[:-1]  # not its JSON
-    pictures = [(str(path), caption) for path, caption in zip(files, inspection.seen.captions)]
+def seen_pictures(inspection: Inspection) -> list[tuple[str, str]]:
+    """The encoder's input as (picture file, caption) pairs, written once per response into a folder of its own
+    (Gradio writes an array's PNG in place, at one path for identical pictures), kept as long as uploads are."""
+    files = inspection.save_pictures(response_folder(Path(get_upload_folder()) / "epalm-seen", DELETE_CACHE[1]))
+    return [(str(path), caption) for path, caption in zip(files, inspection.seen.captions)]
+
+
+def seen_outputs(inspection: Inspection, pictures: list[tuple[str, str]]) -> tuple[list, list, str]:
+    """The panel's values: the pictures (`seen_pictures`), the tokens, the rest in words."""
     tokens = [(token.text, round(token.prob, 4)) for token in inspection.tokens]
     return pictures, tokens, inspection.describe(tokens=False)
 

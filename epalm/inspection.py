@@ -15,6 +15,9 @@ import html
 import json
 import math
 import re
+import shutil
+import time
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -154,8 +157,8 @@ class Inspection:
             parts.append("\n".join([heading, "", "| # | beam | score | p |", "|---|---|---|---|", *rows]))
         return "\n\n".join(parts)
 
-    def save(self, folder: str | Path, answer: str | None = None) -> list[Path]:
-        """Write the seen images as PNG files and `inspection.json` into `folder`; returns the paths."""
+    def save_pictures(self, folder: str | Path) -> list[Path]:
+        """Write the seen images as PNG files into `folder`; returns their paths."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         names = {"image": ["input.png"], "audio": ["spectrogram.png"]}.get(
@@ -164,10 +167,26 @@ class Inspection:
         paths = [folder / name for name in names]
         for path, pixels in zip(paths, self.seen.images):
             Image.fromarray(pixels).save(path)
+        return paths
+
+    def save(self, folder: str | Path, answer: str | None = None) -> list[Path]:
+        """Write the seen images as PNG files and `inspection.json` into `folder`; returns the paths."""
+        paths = self.save_pictures(folder)
         data = {"answer": answer, **self.to_dict()} if answer is not None else self.to_dict()
-        data["seen"]["files"] = names
-        (folder / "inspection.json").write_text(json.dumps(data, indent=2, ensure_ascii=False))
-        return paths + [folder / "inspection.json"]
+        data["seen"]["files"] = [path.name for path in paths]
+        (Path(folder) / "inspection.json").write_text(json.dumps(data, indent=2, ensure_ascii=False))
+        return paths + [Path(folder) / "inspection.json"]
+
+
+def response_folder(root: Path, keep_s: float) -> Path:
+    """A new folder under `root` for one response's files; the folders of responses older than `keep_s`
+    seconds are deleted (a server writes one per answer)."""
+    too_old = time.time() - keep_s
+    for folder in root.glob("*"):
+        with contextlib.suppress(OSError):
+            if folder.stat().st_mtime < too_old:
+                shutil.rmtree(folder)
+    return root / uuid.uuid4().hex
 
 
 def _escape(text: str) -> str:

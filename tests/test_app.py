@@ -116,6 +116,23 @@ def test_endpoints_return_what_the_model_saw_after_the_answer(client, media_file
     assert "padded with silence" in spectrogram[0]["caption"]
 
 
+def test_a_streamed_answer_writes_what_the_model_saw_once(client, media_files, monkeypatch):
+    """The pictures of a response are written once (they were again with every partial answer's first and
+    the final one, and beside them a JSON nobody reads), in a folder that is deleted in time."""
+    folders = []
+
+    def recorded(root: Path, keep_s: float) -> Path:
+        folders.append(demo_app.response_folder.__wrapped__(root, keep_s))
+        return folders[-1]
+
+    recorded.__wrapped__ = demo_app.response_folder
+    monkeypatch.setattr(demo_app, "response_folder", recorded)
+    image = handle_file(str(media_files["image"]))
+    answer, *_ = client.predict(image, preset="fast", max_new_tokens=6, api_name="/caption_image")
+    assert len(folders) == 1 and [path.name for path in folders[0].iterdir()] == ["input.png"]
+    assert folders[0].parent == Path(get_upload_folder()) / "epalm-seen"
+
+
 def test_api_lists_the_documented_parameters_and_named_outputs(client):
     api = client.view_api(print_info=False, return_format="dict")
     assert set(api["named_endpoints"]) == ENDPOINTS and not api["unnamed_endpoints"]

@@ -201,3 +201,19 @@ def test_describe_says_it_all_in_markdown_that_shows_text_as_typed(pipe, media_f
     table = [line for line in text.splitlines() if line.startswith("| ")]
     assert len(table) == 1 + 3 and table[1].startswith(f"| 1 | {answer.text.split()[0]}")
     assert text.count("<code>") == 2 + len(answer.inspection.tokens)
+
+
+def test_each_response_gets_a_new_folder_and_old_ones_are_deleted(tmp_path):
+    import os
+    import time
+
+    from epalm.inspection import response_folder
+
+    old, recent = tmp_path / "old", tmp_path / "recent"
+    for folder in (old, recent):
+        folder.mkdir()
+        (folder / "input.png").write_bytes(b"png")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    first, second = response_folder(tmp_path, 3600), response_folder(tmp_path, 3600)
+    assert not old.exists() and recent.exists(), "only folders older than an hour go"
+    assert first != second and first.parent == tmp_path and not first.exists(), "a new, unused path each time"
