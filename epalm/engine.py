@@ -137,7 +137,7 @@ class Engine:
         fits = shapes[:3] == wanted and request.attention_mask.shape == request.input_ids.shape
         if fits and prefix.injection.end_layer <= config.num_hidden_layers:
             return True
-        _fail([request], ValueError(f"the request does not fit the language model (prefix, ids: {shapes})"))
+        fail([request], ValueError(f"the request does not fit the language model (prefix, ids: {shapes})"))
         return False
 
     def _prefill(self, requests: list[Request]) -> list[tuple[list[Request], DecodeState]]:
@@ -155,7 +155,7 @@ class Engine:
                     state.reorder(rows)
                 keep = self._advance(batch, state, logits)
             except Exception as exc:
-                _fail(batch, exc)
+                fail(batch, exc)
                 continue
             if keep:
                 units.append((keep, state))
@@ -179,7 +179,7 @@ class Engine:
                 self.callback(len(tokens))
             keep = self._advance(requests, state, logits)
         except Exception as exc:
-            _fail(requests, exc)
+            fail(requests, exc)
             return
         if keep:
             self._groups[layout] = _Group(keep, state)
@@ -285,7 +285,7 @@ def _choose(request: Request, logits: torch.Tensor) -> bool:
     try:
         tokens = request.rule.choose(logits)
     except Exception as exc:
-        _fail([request], exc)
+        fail([request], exc)
         return False
     request._tell(tokens)
     if request.rule.done:
@@ -302,7 +302,8 @@ def _left(request: Request) -> bool:
     return request.cancelled.is_set()
 
 
-def _fail(requests: list[Request], exc: BaseException) -> None:
+def fail(requests: list[Request], exc: BaseException) -> None:
+    """Give `exc` to each of `requests` that has not finished."""
     log.debug("decoding failed for %d request(s): %s", len(requests), exc)
     for request in requests:
         if not request.finished:

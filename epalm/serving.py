@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from .config import MAX_BATCH_ROWS
-from .engine import Engine, Request, admit
+from .engine import Engine, Request, admit, fail
 from .model import EPALM
 
 log = logging.getLogger(__name__)
@@ -82,12 +82,11 @@ class Scheduler:
                 while self._admit():
                     self.engine.step()
         except BaseException as exc:  # a bug outside a group's step: nobody may wait forever
-            with self._lock:
+            with self._lock:  # (a new engine before a newcomer can start a thread on the old one)
                 stranded, self._waiting, self._thread = self._waiting + self.engine.requests, [], None
-            self.engine = Engine(self.engine.model, self.engine.callback)
+                self.engine = Engine(self.engine.model, self.engine.callback)
             log.exception("the batch scheduler failed; its %d request(s) get the error", len(stranded))
-            for request in stranded:
-                request._tell(exc)
+            fail(stranded, exc)  # (those that finished keep their answers)
 
     def _admit(self) -> bool:
         """Move the waiting requests that fit into the engine; False (the thread ends) when there is
