@@ -193,26 +193,37 @@ class UsersAdapters:
         with self._lock:
             served = self._served.get(task_id)
             if served is not None and time.monotonic() - served.checked < self.recheck_s and served.stamp[0] == "hub":
-                self._served.move_to_end(task_id)
-                served.users += 1
-                return served.task
+                return self._hold(task_id, served)
         stamp, revision, size = self._stamp(name, allow_local)
-        if served is not None and served.stamp == stamp:
-            with self._lock:
-                served.checked = time.monotonic()
-                self._served.move_to_end(task_id)
-                served.users += 1
-            return served.task
+        with self._lock:  # (read again: another request may have replaced or unloaded it meanwhile)
+            served = self._served.get(task_id)
+            unanswered = stamp == ("hub", None) and served is not None and served.stamp[0] == "hub"
+            if served is not None and (served.stamp == stamp or unanswered):  # unchanged, or the Hub did not
+                served.checked = time.monotonic()  # answer (offline, an error): served as it is
+                return self._hold(task_id, served)
         config = read_adapter_config(name, allow_local, revision)
         accept(config)
-        task = config.task
         with self._lock:
             old = self._served.pop(task_id, None)
-            self._make_room(size)
-            self._served[task_id] = _Served(task, stamp, size, time.monotonic(), (old.users if old else 0) + 1)
+            if old is not None and old.stamp == stamp:  # another request read the same files meanwhile
+                self._served[task_id] = old
+                return self._hold(task_id, old)
+            try:
+                self._make_room(size)
+            except Busy:
+                if old is not None:
+                    self._served[task_id] = old  # still loaded, still counted
+                raise
+            self._served[task_id] = _Served(config.task, stamp, size, time.monotonic(), (old.users if old else 0) + 1)
         if old is not None:
             self.unload(task_id)  # its files changed: the next request loads the new weights
-        return task
+        return config.task
+
+    def _hold(self, task_id: str, served: _Served) -> Task:
+        """Hold a kept adapter for one more request (the lock held)."""
+        self._served.move_to_end(task_id)
+        served.users += 1
+        return served.task
 
     def release(self, task_id: str) -> None:
         """Let go of an adapter `serve` held (any other task id: nothing to do)."""
@@ -241,7 +252,7 @@ class UsersAdapters:
                 f"The adapter {shown(name)}'s weights are {describe_bytes(size)}; this app takes adapters of "
                 f"up to {describe_bytes(self.max_download)}."
             )
-        return ("hub", revision), revision, size
+        return ("hub", now.commit if now else None), revision, size  # None: the Hub did not answer
 
     def _make_room(self, size: int) -> None:
         """Unload the least recently used idle adapters until one more of `size` bytes fits (the lock held)."""

@@ -226,6 +226,26 @@ def test_a_re_pushed_hub_adapter_is_served_as_its_branch_is_now(fake_hub, tmp_pa
     assert f"/someone/moving/resolve/{fake_hub.commit}/adapter.safetensors" in fake_hub.downloads
 
 
+def test_a_hub_that_does_not_answer_leaves_a_served_adapter_as_it_is(fake_hub, tmp_path, media_files, monkeypatch):
+    """A failed check of the branch (a timeout, a 5xx, offline) is no new commit: the adapter is not read
+    again nor unloaded (it was, and again once the Hub answered)."""
+    import epalm.adapters
+
+    pipe = Pipeline(device="cpu", tiny=True)
+    pipe.users.recheck_s = 0
+    folder = saved_tiny_adapter(tmp_path / "mine", pipe)
+    _publish(fake_hub, "someone/steady", folder)
+    settings = dict(preset="fast", max_new_tokens=6)
+    before = pipe.caption(media_files["image"], adapter="someone/steady", **settings).text
+    unloaded = []
+    monkeypatch.setattr(pipe.users, "unload", unloaded.append)
+    with monkeypatch.context() as blip:
+        blip.setattr(epalm.adapters, "remote", lambda *args: None)  # the Hub does not answer
+        assert pipe.caption(media_files["image"], adapter="someone/steady", **settings).text == before
+    assert pipe.caption(media_files["image"], adapter="someone/steady", **settings).text == before
+    assert unloaded == [], "served as it was, through the blip and after it"
+
+
 def test_users_adapters_are_bounded_and_a_full_house_is_busy_not_bigger(fake_hub, tmp_path, media_files):
     from epalm.adapters import Busy
 
