@@ -196,10 +196,23 @@ class FeatureCache:
                     self._changed.wait()
                 if wanted.done:
                     break
+                batch = []
+                for waiting in self._waiting.pop(number, []):  # those encoded meanwhile (the same media) are kept
+                    if self.size and waiting.key in self._entries:
+                        waiting.features, waiting.cached, waiting.done = self._entries[waiting.key], True, True
+                    else:
+                        batch.append(waiting)
+                if not batch:
+                    self._changed.notify_all()
+                    break
                 self._busy.add(number)  # this thread runs the encoder, for all that wait for it now
-                batch, self._waiting[number] = self._waiting[number], []
             try:
                 self._encode(encoder, batch)
+            except BaseException as exc:  # (an interrupt: every input of the batch hears it, none waits on)
+                for waiting in batch:
+                    if not waiting.done:
+                        waiting.error, waiting.done = exc, True
+                raise
             finally:
                 with self._changed:
                     self._busy.discard(number)

@@ -143,6 +143,36 @@ def test_inputs_waiting_for_one_encoder_are_encoded_together_by_one_of_their_thr
             torch.testing.assert_close(results[i][0], encoder(x[None], 3)[:, 0])
 
 
+def test_an_input_asked_for_while_it_is_being_encoded_is_not_encoded_again(encoder_calls):
+    """A second user clicks the example the first one's request is encoding: it waits for those features."""
+    encoder = tiny_encoder("image")
+    calls = encoder_calls(encoder)
+    running, release = threading.Event(), threading.Event()
+    forward = encoder.forward
+
+    def held(x, num_blocks):
+        running.set()
+        assert release.wait(10)
+        return forward(x, num_blocks)
+
+    encoder.forward = held
+    cache = FeatureCache(8)
+    [image] = _inputs(4, 1)
+    results: dict[int, tuple] = {}
+    first = threading.Thread(target=lambda: results.__setitem__(0, cache.features(encoder, image, 3)))
+    first.start()
+    assert running.wait(10)
+    second = threading.Thread(target=lambda: results.__setitem__(1, cache.features(encoder, image.clone(), 3)))
+    second.start()
+    while not any(cache._waiting.values()):
+        time.sleep(0.01)
+    release.set()
+    for thread in (first, second):
+        thread.join(10)
+    assert calls == [1], "encoded once"
+    assert results[1][1] is True and torch.equal(results[1][0], results[0][0]) and results[0][1] is False
+
+
 def test_an_encoder_failure_reaches_the_inputs_encoded_with_it_only():
     encoder = tiny_encoder("image")
     cache = FeatureCache(8)
