@@ -232,6 +232,3 @@ class RandomSource:
 
     def resolve(self, task: Task, parts: Any) -> int:
         return 0  # nothing to download
-
-    def cached(self, task: Task) -> dict[str, bool]:
-        return {"adapter": True, "lm": True, "encoder": True}

@@ -16,7 +16,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import astuple, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import AdapterError, UserError
@@ -99,9 +99,9 @@ def check_served_models(task: Task, served: Iterable[Task]) -> None:
     """Refuse an adapter whose LM or encoder no `served` task uses: an app serves users' adapters on
     the models it already has, rather than download whatever a stranger's adapter config names."""
     served = list(served)
-    lms = {astuple(t.lm)[:2] for t in served}
+    lms = {(t.lm.id, t.lm.revision) for t in served}
     encoders = {(t.encoder.id, t.encoder.revision) for t in served}
-    if astuple(task.lm)[:2] in lms and (task.encoder.id, task.encoder.revision) in encoders:
+    if (task.lm.id, task.lm.revision) in lms and (task.encoder.id, task.encoder.revision) in encoders:
         return
     models = sorted({f"{t.lm.display_name} + {t.encoder.display_name}" for t in served if t.modality == task.modality})
     raise AdapterError(

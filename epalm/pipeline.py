@@ -168,8 +168,9 @@ class Pipeline:
 
     def task(self, task_id: str) -> Task:
         """A registry task, or a user's adapter served now (`use_adapter`)."""
-        if task_id in self.users:
-            return self.users.get(task_id)
+        served = self.users.get(task_id)
+        if served is not None:
+            return served
         try:
             return get_task(task_id, self.tasks)
         except KeyError as exc:

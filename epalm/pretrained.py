@@ -22,7 +22,7 @@ from . import weight_files
 from .adapter_format import read_adapter
 from .encoders import Encoder, attention_kernel, wrap_encoder
 from .errors import Progress, WeightsUnavailable
-from .hub import cached_parts, check, encoder_files, fetch, fetch_and_read, lm_files, locate, task_files
+from .hub import check, encoder_files, fetch, fetch_and_read, lm_files, locate, task_files
 from .media import describe_bytes
 from .tasks import EncoderRef, ModelRef, Task
 from .weight_files import open_checkpoint
@@ -86,9 +86,6 @@ class HubModels:
                 size += check(files)
         return size
 
-    def cached(self, task: Task) -> dict[str, bool]:
-        return cached_parts(task)
-
 
 def load_lm(
     name: str,
@@ -104,16 +101,14 @@ def load_lm(
     `keep`: map the weights kept from an earlier start if there are some (`weight_files`: the same
     files, dtype and torch), else read them and keep them, in the background, for the next start."""
     kept = weight_files.load(name, weights, dtype) if keep else None
-    dtype_name = str(dtype).removeprefix("torch.")
     if kept is None:
         _say(
             progress, f"Reading the weights of {name} ({describe_bytes(sum(path.stat().st_size for path in weights))})"
         )
     else:
-        size = sum(tensor.numel() for tensor in kept.values()) * dtype.itemsize
-        _say(
-            progress, f"Mapping the {dtype_name} weights of {name} kept from an earlier start ({describe_bytes(size)})"
-        )
+        size = describe_bytes(sum(tensor.numel() for tensor in kept.values()) * dtype.itemsize)
+        kind = weight_files.dtype_name(dtype)
+        _say(progress, f"Mapping the {kind} weights of {name} kept from an earlier start ({size})")
     try:
         config = OPTConfig.from_pretrained(folder)
         state = kept if kept is not None else read_weights(weights, dtype)

@@ -24,7 +24,7 @@ from .media import describe_bytes
 from .model import EPALM, Adapter, pack_linear_weights, packs
 from .refs import ADAPTER_PREFIX
 from .tasks import EncoderRef, ModelRef, Task
-from .weight_files import mapped_release
+from .weight_files import dtype_name, mapped_release
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +57,6 @@ class ModelSource(Protocol):
         """Make sure the files of these `parts` of `task` ("lm", "encoder", "adapter") can be had, without
         downloading them (a WeightsUnavailable if one cannot); the bytes still to download."""
 
-    def cached(self, task: Task) -> dict[str, bool]:
-        """Whether the adapter, LM and encoder of `task` are available without a download."""
-
 
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
@@ -83,11 +80,6 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if DTYPES[dtype] is torch.float16 and device.type == "cpu":
         raise InputError("float16 is for GPUs; on CPU use float32 or bfloat16")
     return DTYPES[dtype]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """'float32', 'bfloat16', ... (the names `resolve_dtype` accepts)."""
-    return str(dtype).removeprefix("torch.")
 
 
 class _Load:
@@ -315,8 +307,7 @@ class ModelStore:
 
     def has(self, task: Task) -> bool:
         """Whether the task's LM, encoder and adapter are all in memory (nothing to wait for)."""
-        keys = (("lm", task.lm), ("encoder", task.encoder, task.modality), ("adapter", task.id))
-        return all(key in self._loaded for key in keys)
+        return all(key in self._loaded for key in self._keys(task).values())
 
     def loaded(self, hidden: Collection[str] = ()) -> list[str]:
         """What is in memory now, in load order, named for people ("OPT-2.7B language model"); the

@@ -32,7 +32,7 @@ from transformers import (
 from .adapter_format import read_adapter
 from .encoders import Encoder, wrap_encoder
 from .errors import Progress
-from .hub import adapter_files, check, fetch, fetch_and_read, is_cached
+from .hub import adapter_files, check, fetch, fetch_and_read
 from .model import Adapter, InjectionConfig
 from .refs import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EncoderRef, ModelRef
 from .tasks import Task
@@ -285,6 +285,3 @@ class TinyModels:
             fetch(task.adapter, task_id=task.id)  # a local file: checks it is there
             return 0
         return check(files)
-
-    def cached(self, task: Task) -> dict[str, bool]:
-        return {"adapter": is_cached(task.adapter) if self.adapter_files else True, "lm": True, "encoder": True}

@@ -64,12 +64,17 @@ def folder() -> Path | None:
     return Path(named).expanduser() if named else Path(hub_constants.HF_HUB_CACHE).parent / "epalm"
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """'float32', 'bfloat16', ... (the names `store.resolve_dtype` accepts)."""
+    return str(dtype).removeprefix("torch.")
+
+
 def entry_path(repo_id: str, dtype: torch.dtype) -> Path | None:
     """The entry of this LM in this dtype (whether or not it exists)."""
     root = folder()
     if root is None:
         return None
-    return root / "weights" / repo_id.replace("/", "--") / f"{str(dtype).removeprefix('torch.')}.safetensors"
+    return root / "weights" / repo_id.replace("/", "--") / f"{dtype_name(dtype)}.safetensors"
 
 
 def _metadata(repo_id: str, sources: list[Path], dtype: torch.dtype) -> dict[str, str]:
@@ -82,9 +87,14 @@ def _metadata(repo_id: str, sources: list[Path], dtype: torch.dtype) -> dict[str
             identities.append(f"{real.name}:{stat.st_size}")
         else:
             identities.append(f"{real}:{stat.st_size}:{stat.st_mtime_ns}")
-    dtype_name = str(dtype).removeprefix("torch.")
     sources_text = json.dumps(identities)
-    return {"format": FORMAT, "repo": repo_id, "dtype": dtype_name, "torch": torch.__version__, "sources": sources_text}
+    return {
+        "format": FORMAT,
+        "repo": repo_id,
+        "dtype": dtype_name(dtype),
+        "torch": torch.__version__,
+        "sources": sources_text,
+    }
 
 
 def load(repo_id: str, sources: list[Path], dtype: torch.dtype) -> dict[str, torch.Tensor] | None:

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from epalm.errors import InputError, WeightsUnavailable
-from epalm.store import ModelStore, dtype_name, resolve_device, resolve_dtype
+from epalm.store import ModelStore, resolve_device, resolve_dtype
 from epalm.tasks import load_registry
 from epalm.tiny import TinyModels
+from epalm.weight_files import dtype_name
 
 
 class SlowTinyModels(TinyModels):
