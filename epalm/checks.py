@@ -9,7 +9,7 @@ from dataclasses import replace
 from typing import Any
 
 from .decoding import DecodingOptions
-from .errors import InputError
+from .errors import InputError, bounded
 from .presets import DEFAULT_PRESET, PRESETS
 from .tasks import Task, Transform
 from .video import MAX_FRAMES
@@ -54,8 +54,10 @@ def transform(task: Task, num_frames: Any) -> Transform:
     if num_frames is None or task.modality != "video":
         return task.preprocess
     frames = whole(num_frames)
-    if not isinstance(frames, int) or not 1 <= frames <= MAX_FRAMES:
-        raise InputError(f"frames to sample must be a whole number from 1 to {MAX_FRAMES}, not {num_frames!r}")
+    try:
+        bounded("frames to sample", frames, 1, MAX_FRAMES)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
     return replace(task.preprocess, num_frames=frames)
 
 

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any
 
-from .errors import InputError
+from .errors import InputError, bounded
 from .media import MediaLimits
 
 MAX_BATCH_ROWS = 24  # rows per decode step by default: eight paper (3-beam) requests
@@ -99,7 +99,7 @@ class ServingConfig:
     def __post_init__(self) -> None:
         for name, setting in SETTINGS.items():
             if setting.bounds:
-                _check(setting.flag or "--" + name.replace("_", "-"), getattr(self, name), setting.bounds)
+                _check(setting.flag or "--" + name.replace("_", "-"), getattr(self, name), setting)
 
     @property
     def limits(self) -> MediaLimits:
@@ -122,7 +122,7 @@ class ServingConfig:
             elif setting.env in environ:
                 values[name] = _read(setting.env, environ[setting.env], setting.kind)
                 if setting.bounds:
-                    _check(setting.env, values[name], setting.bounds)
+                    _check(setting.env, values[name], setting)
         if values.get("preload") is not None:
             values["preload"] = tuple(values["preload"])
         return cls(**values)
@@ -150,17 +150,18 @@ def _flag_type(flag: str, setting: Setting) -> Any:
     def read(text: str) -> Any:
         value = _read(flag, text, setting.kind, error=argparse.ArgumentTypeError)
         if setting.bounds:
-            _check(flag, value, setting.bounds, error=argparse.ArgumentTypeError)
+            _check(flag, value, setting, error=argparse.ArgumentTypeError)
         return value
 
     read.__name__ = setting.kind.__name__  # argparse names the type in its messages
     return read
 
 
-def _check(name: str, value: Any, bounds: tuple[float, float], error: type[Exception] = InputError) -> None:
-    low, high = bounds
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high):
-        raise error(f"{name} must be a number from {low:g} to {high:g}, not {value!r}")
+def _check(name: str, value: Any, setting: Setting, error: type[Exception] = InputError) -> None:
+    try:
+        bounded(name, value, *setting.bounds, whole=setting.kind is int)
+    except ValueError as exc:
+        raise error(str(exc)) from None
 
 
 def _read(name: str, text: str | None, kind: type, error: type[Exception] = InputError) -> Any:

@@ -65,7 +65,7 @@ def test_bad_flags_are_refused_at_start_naming_the_flag(flags, capsys):
     [
         ("EPALM_MAX_FILE_SIZE", "nan", "EPALM_MAX_FILE_SIZE must be a finite number, not 'nan'"),
         ("EPALM_MAX_DURATION", "-1", "EPALM_MAX_DURATION must be a number from 0.1 to 1e+06, not -1.0"),
-        ("EPALM_CONCURRENCY", "-1", "EPALM_CONCURRENCY must be a number from 0 to 1024, not -1"),
+        ("EPALM_CONCURRENCY", "-1", "EPALM_CONCURRENCY must be a whole number from 0 to 1024, not -1"),
         ("EPALM_MAX_BATCH_ROWS", "many", "EPALM_MAX_BATCH_ROWS must be a whole number, not 'many'"),
         ("EPALM_BATCHING", "maybe", "EPALM_BATCHING must be 1 or 0, not 'maybe'"),
     ],
