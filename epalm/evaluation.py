@@ -246,6 +246,14 @@ def _check_fits(spec: Any, benchmark: Benchmark) -> None:
         )
 
 
+def _models(registry: dict[str, Any] | None, task: str) -> list[str] | None:
+    """The LM, encoder and adapter a registry task predicts with, as the run records them."""
+    spec = (registry or {}).get(task)
+    if spec is None:
+        return None
+    return [f"{spec.lm.id}@{spec.lm.revision}", f"{spec.encoder.id}@{spec.encoder.revision}", repr(spec.adapter)]
+
+
 def _check_run(
     out: Path, task: str, annotations: Any, questions: Any, pattern: Any, split: Any, decoding: dict, runner: Runner
 ) -> None:
@@ -258,6 +266,8 @@ def _check_run(
         "split": split,
         "decoding": decoding,
         "tiny": bool(runner.pipeline.get("tiny")),
+        "dtype": runner.pipeline.get("dtype"),  # the models: predictions of another dtype or model do not mix
+        "models": _models(runner.pipeline.get("registry"), task),
     }
     path = out / RUN_FILE
     if path.is_file() and (out / PREDICTIONS_LOG).is_file():

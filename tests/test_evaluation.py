@@ -131,6 +131,8 @@ def test_a_rerun_with_other_settings_or_a_task_that_does_not_fit_is_refused(vqa,
     assert run(capsys, *args("image-vqa", "run", "--max-new-tokens", "2", "--limit", "1"))[0] == 0
     code, _, err = run(capsys, *args("image-vqa", "run", "--max-new-tokens", "3"))
     assert code == 2 and "made with other settings (decoding)" in err
+    code, _, err = run(capsys, *args("image-vqa", "run", "--max-new-tokens", "2", "--dtype", "bfloat16"))
+    assert code == 2 and "made with other settings (dtype)" in err
     code, _, err = run(capsys, *args("video-qa-msrvtt", "other"))
     assert code == 2 and "holds VQAv2 (answers to questions about image); 'video-qa-msrvtt' writes answers" in err
     code, _, err = run(capsys, *args("image-vqa", "third", "--limit", "0"))
