@@ -118,15 +118,14 @@ class Engine:
         """Every request the engine holds: added or running (a copy: other threads read it)."""
         return list(self._held)
 
-    def step(self) -> bool:
+    def step(self) -> None:
         """Prefill the newcomers and choose their first tokens, then one decode step of every running
-        row; False when nothing is left to decode."""
+        row; the finished requests leave."""
         new, self._new = self._new, []
         units = self._prefill([request for request in new if not _left(request) and self._fits(request)])
         for layout in {requests[0].layout for requests, _ in units} | set(self._groups):
             self._step(layout, [unit for unit in units if unit[0][0].layout == layout])
         self._held = [request for request in self._held if not request.finished]
-        return bool(self._held)
 
     def _fits(self, request: Request) -> bool:
         """Whether the request's prefix and ids fit this LM; one that does not fails alone, before it could
