@@ -462,7 +462,7 @@ def test_feature_cache_setting_comes_from_the_environment(monkeypatch, media_fil
     with pytest.raises(InputError, match="EPALM_FEATURE_CACHE must be a whole number, not 'lots'"):
         Pipeline(device="cpu", tiny=True)
     monkeypatch.setenv("EPALM_FEATURE_CACHE", "-1")
-    with pytest.raises(InputError, match="EPALM_FEATURE_CACHE must be a number from 0 to 1e\\+06, not -1"):
+    with pytest.raises(InputError, match="EPALM_FEATURE_CACHE must be a whole number from 0 to 1e\\+06, not -1"):
         Pipeline(device="cpu", tiny=True)
 
 
